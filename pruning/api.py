@@ -1,0 +1,325 @@
+"""One-shot pruning for plain PyTorch users: ``pruning.prune(model, calibration, method=..., sparsity=...)``."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from . import allocation as alloc
+from .gradients import collect_gradients
+from .importance import ScoreContext, get_criterion
+from .masks import MaskSet, SparsityReport
+from .sequential import run_layerwise
+from .stats import ActivationCollector, GradientCollector
+from .structure import GroupSet, ModelStructure
+
+Granularity = Literal["unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer"]
+Allocation = Literal["uniform", "global", "owl", "rates"]
+GRANULARITIES = ("unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer")
+STRUCTURED = ("mlp_neuron", "attention_head", "query_head", "layer")
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` did: the masks (already applied to the model), the sparsity report and a record of the
+    method, the sparsity definition, per-layer outcome and the calibration data (count and sha256 of the ids)."""
+
+    masks: MaskSet
+    report: SparsityReport
+    info: dict = field(default_factory=dict)
+
+
+def calibration_fingerprint(batches: Sequence[torch.Tensor]) -> dict:
+    h = hashlib.sha256()
+    tokens = 0
+    for b in batches:
+        h.update(b.detach().to(torch.int64).cpu().contiguous().numpy().tobytes())
+        tokens += b.numel()
+    return {"batches": len(batches), "sequences": sum(b.shape[0] for b in batches), "tokens": tokens,
+            "sha256": h.hexdigest()}
+
+
+def _parse_nm(granularity: str) -> tuple[int, int] | None:
+    if ":" not in granularity:
+        return None
+    n, m = (int(x) for x in granularity.split(":"))
+    return n, m
+
+
+def _check_args(sparsity, granularity, allocation, scope, sparsity_basis, layer_rates, nm) -> None:
+    if granularity not in GRANULARITIES and nm is None:
+        raise ValueError(f"granularity={granularity!r} is not one of {list(GRANULARITIES)}")
+    if nm is not None:
+        n, m = nm
+        if not 0 < n < m:
+            raise ValueError(f"granularity={granularity!r}: N:M needs 0 < N < M")
+        if not math.isclose(sparsity, 1 - n / m):
+            raise ValueError(
+                f"sparsity={sparsity} contradicts granularity={granularity!r}, which prunes exactly {1 - n / m:g}"
+                f". HINT: pass sparsity={1 - n / m:g} or leave the default."
+            )
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
+    if allocation not in ("uniform", "global", "owl", "rates"):
+        raise ValueError(f"allocation={allocation!r} must be 'uniform', 'global', 'owl' or 'rates'")
+    if allocation == "rates" and layer_rates is None:
+        raise ValueError("allocation='rates' needs layer_rates=[...] (one sparsity per decoder layer)")
+    if scope not in (None, "row", "layer", "global"):
+        raise ValueError(f"scope={scope!r} must be 'row', 'layer' or 'global'")
+    if sparsity_basis not in ("targets", "model"):
+        raise ValueError(f"sparsity_basis={sparsity_basis!r} must be 'targets' or 'model'")
+    if nm is not None and allocation != "uniform":
+        raise ValueError(f"granularity={granularity!r} fixes the pattern of every row: use allocation='uniform'")
+
+
+def prune(
+    model: nn.Module,
+    calibration: Iterable[torch.Tensor] | None = None,
+    method: str = "wanda",
+    sparsity: float = 0.5,
+    granularity: Granularity = "unstructured",
+    *,
+    allocation: Allocation = "uniform",
+    scope: Literal["row", "layer", "global"] | None = None,
+    sparsity_basis: Literal["targets", "model"] = "targets",
+    layer_rates: Sequence[float] | None = None,
+    min_keep: float = 0.0,
+    max_keep: float = 1.0,
+    owl_m: float = 5.0,
+    owl_lambda: float = 0.08,
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    criterion_options: dict | None = None,
+    gradients: GradientCollector | None = None,
+    masks: MaskSet | None = None,
+    monotone: bool = True,
+    keep_original: bool = False,
+    include_embeddings: bool = False,
+    include_lm_head: bool = False,
+    sequential: bool = True,
+    device: torch.device | str | None = None,
+    store: Literal["device", "cpu"] = "device",
+    progress: bool = True,
+) -> PruneResult:
+    """Score, select and apply masks in one call; afterwards ``model`` computes as the pruned model.
+
+    - ``calibration``: iterable of token-id tensors ``[batch, seq]`` (needed by activation and gradient methods).
+    - ``method``: a registered criterion (``magnitude``, ``wanda``, ``taylor``, ``gblm``, ``sdm``, ...);
+      ``criterion_options`` are its own knobs (e.g. ``{"alpha": 100, "gradient_norm": "l1"}`` for gblm).
+    - ``granularity``: ``unstructured``, ``2:4``/``4:8`` (N:M over consecutive input columns), ``mlp_neuron``,
+      ``attention_head`` (whole KV groups), ``query_head`` (same count per KV group) or ``layer``.
+    - ``sparsity`` is a fraction of the targeted weights, or of all model parameters with
+      ``sparsity_basis='model'`` (SDMPrune's definition); ``result.info`` says which.
+    - ``allocation``: ``uniform`` (same fraction, and the same count kept, in every layer), ``global`` (one ranking
+      across layers with ``min_keep``/``max_keep`` bounds), ``owl`` (outlier-weighted, ``owl_m``, ``owl_lambda``),
+      ``rates`` (``layer_rates`` given, e.g. by a search).
+    - ``scope`` (unstructured): the comparison group, ``row`` (default, Wanda's) / ``layer`` / ``global``.
+    - Gradient methods compute their statistics from ``calibration`` (one backward per sequence) unless
+      ``gradients`` is given; ``sdm`` uses ``alpha`` and ``temperature`` for its distillation loss, the teacher
+      being the same model with the masks lifted.
+    - Activation methods run one decoder layer at a time (``sequential``), calibration activations passing through
+      the already-pruned layers; ``device`` may differ from where the model lives (layers visit it one by one).
+    """
+    nm = _parse_nm(granularity)
+    _check_args(sparsity, granularity, allocation, scope, sparsity_basis, layer_rates, nm)
+    structure = ModelStructure(model)
+    opts = dict(criterion_options or {})
+    criterion = get_criterion(method, **opts)
+    criterion.check_granularity(granularity)
+    structured = granularity in STRUCTURED
+    scope = scope or ("row" if not structured else None)
+    calib = [] if calibration is None else [c if c.dim() == 2 else c.unsqueeze(0) for c in calibration]
+    if (criterion.needs_activations or (criterion.needs_gradients and gradients is None)) and not calib:
+        raise ValueError(f"method={method!r} needs calibration data: pass calibration=[token-id tensors]")
+    for c in calib:
+        if c.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"calibration tensors must hold token ids (int64), got {c.dtype}")
+    if method != "sdm" and alpha != 0:
+        raise ValueError(f"alpha={alpha} is the distillation weight of method='sdm'; {method!r} scores with CE")
+    if criterion.needs_activations and (include_embeddings or include_lm_head):
+        raise ValueError(f"method={method!r} needs Linear inputs: embeddings/lm_head can only be targeted by "
+                         "gradient or magnitude criteria")
+    masks = masks if masks is not None else MaskSet()
+    info: dict = {
+        "method": method, "criterion_options": opts, "granularity": granularity, "sparsity": sparsity,
+        "sparsity_basis": sparsity_basis, "allocation": allocation, "scope": scope,
+        "calibration": calibration_fingerprint(calib) if calib else None,
+    }
+    if method == "sdm":
+        info.update(alpha=alpha, temperature=temperature)
+
+    # ---- what is targeted
+    if structured:
+        group_sets = structure.group_sets(granularity)  # type: ignore[arg-type]
+        target_names = sorted({m.name for gs in group_sets for m in gs.members})
+        targeted = sum(sum(gs.numels) for gs in group_sets)
+        modules = {m.name.rsplit(".", 1)[0]: None for gs in group_sets for m in gs.members}
+        act_modules = {n: model.get_submodule(n) for n in modules}
+    else:
+        group_sets = []
+        tmods = structure.targets(include_embeddings, include_lm_head)
+        target_names = [n + ".weight" for n in tmods]
+        targeted = sum(model.get_parameter(n).numel() for n in target_names)
+        act_modules = dict(tmods)
+    total = structure.num_parameters()
+    frac = sparsity
+    if sparsity_basis == "model":
+        frac = sparsity * total / targeted
+        if frac >= 1:
+            raise ValueError(
+                f"sparsity={sparsity} of all {total} parameters exceeds the {targeted} targeted ones. "
+                "HINT: lower sparsity or use sparsity_basis='targets'"
+            )
+    info["targeted_fraction"] = frac
+    info["targeted_parameters"] = targeted
+
+    # ---- gradients (whole model, dense or as currently masked)
+    ctx_grad, ctx_group = {}, {}
+    if criterion.needs_gradients:
+        if gradients is None:
+            gradients = GradientCollector(
+                model,
+                param_names=target_names if criterion.grad_kinds else (),
+                grad_kinds=criterion.grad_kinds or ("sum",),
+                group_sets=group_sets if criterion.group_kinds else (),
+                group_kinds=criterion.group_kinds or ("coupled",),
+            )
+            collect_gradients(model, calib, gradients, alpha=alpha, temperature=temperature, masks=masks,
+                              device=device, progress=progress)
+            gradients.reduce()
+        ctx_grad, ctx_group = gradients.stats, gradients.group_stats
+
+    weights = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+
+    def context(acts=None) -> ScoreContext:
+        return ScoreContext(weights=weights, act=acts or {}, grad=ctx_grad, group=ctx_group)
+
+    def prev(name):
+        return masks.keep_mask(name, weights[name]) if name in masks.names() else None
+
+    layered = sequential and criterion.needs_activations and granularity != "layer" and allocation != "global" \
+        and scope != "global"
+    rates: list[float] | None = None
+    if allocation == "rates":
+        rates = [float(r) for r in layer_rates]  # type: ignore[union-attr]
+        if len(rates) != structure.num_layers or not all(0 <= r < 1 for r in rates):
+            raise ValueError(f"layer_rates needs {structure.num_layers} values in [0, 1), got {rates}")
+
+    def layer_modules(i):
+        return {n: m for n, m in act_modules.items() if structure.layer_of(n) == i}
+
+    if allocation == "owl":
+        ratios: list[float] = []
+
+        def owl_layer(i, forward_all):
+            coll = ActivationCollector(layer_modules(i)).attach() if criterion.needs_activations else None
+            if coll:
+                forward_all()
+                coll.detach()
+                coll.reduce()
+            ctx = context(coll.stats if coll else None)
+            names = [n + ".weight" for n in layer_modules(i)]
+            ratios.append(alloc.outlier_ratio([criterion.element_scores(n, ctx) for n in names], owl_m))
+
+        if criterion.needs_activations:
+            run_layerwise(model, structure, calib, owl_layer, device=device, store=store, progress=progress)
+        else:
+            for i in range(structure.num_layers):
+                owl_layer(i, lambda: None)
+        rates = alloc.owl_rates(ratios, frac, owl_lambda)
+        info["owl_outlier_ratios"] = ratios
+    if rates is not None:
+        info["layer_rates"] = rates
+
+    kept: dict[int, int] = {}
+
+    def select_layer(i: int, ctx: ScoreContext) -> None:
+        """Masks for decoder layer ``i`` (uniform, rates or OWL allocations)."""
+        rate = frac if rates is None else rates[i]
+        if structured:
+            gs = group_sets[i]
+            scores = alloc._exclude_pruned(criterion.group_scores(gs, ctx).float(), masks.groups.get(gs.key))
+            keep_n = (alloc.keep_counts_uniform([gs.count], rate, gs.partitions)[0])
+            masks.set_groups(gs, alloc.topk_keep(scores, keep_n, gs.partitions), monotone)
+            kept[i] = int(masks.groups[gs.key].sum())
+            return
+        for name in target_names:
+            if structure.layer_of(name) != i:
+                continue
+            scores = criterion.element_scores(name, ctx)
+            keep = alloc.select_nm(scores, *nm, prev(name)) if nm else alloc.select_unstructured(
+                scores, rate, scope, prev(name))
+            masks.set_element(name, keep, monotone)
+
+    if layered:
+        def on_layer(i, forward_all):
+            coll = ActivationCollector(layer_modules(i)).attach()
+            forward_all()
+            coll.detach()
+            coll.reduce()
+            select_layer(i, context(coll.stats))
+            masks.apply(model, keep_original, only=[n for n in masks.names() if structure.layer_of(n) == i])
+
+        run_layerwise(model, structure, calib, on_layer, device=device, store=store, progress=progress)
+    else:
+        acts = None
+        if criterion.needs_activations:
+            coll = ActivationCollector(act_modules).attach()
+            dev = torch.device(device) if device is not None else next(model.parameters()).device
+            was = model.training
+            model.eval()
+            with torch.no_grad():
+                for ids in calib:
+                    model(input_ids=ids.to(dev), use_cache=False)
+            model.train(was)
+            coll.detach()
+            coll.reduce()
+            acts = coll.stats
+        ctx = context(acts)
+        if granularity == "layer":
+            _select_layers(structure, group_sets, criterion, ctx, frac, masks, monotone, kept)
+        elif structured and allocation == "global":
+            scores = [criterion.group_scores(gs, ctx) for gs in group_sets]
+            counts = alloc.keep_counts_global(scores, frac, min_keep, max_keep,
+                                              [masks.groups.get(gs.key) for gs in group_sets])
+            for gs, s, k in zip(group_sets, scores, counts):
+                s = alloc._exclude_pruned(s.float(), masks.groups.get(gs.key))
+                masks.set_groups(gs, alloc.topk_keep(s, k, gs.partitions), monotone)
+                kept[gs.layer] = int(masks.groups[gs.key].sum())
+        elif not structured and (allocation == "global" or scope == "global"):
+            scores = {n: criterion.element_scores(n, ctx) for n in target_names}
+            for n, keep in alloc.select_global_unstructured(scores, frac, {n: prev(n) for n in scores}).items():
+                masks.set_element(n, keep, monotone)
+        else:
+            outside = [n for n in target_names if structure.layer_of(n) is None]
+            for i in range(structure.num_layers):
+                select_layer(i, ctx)
+            for name in outside:  # embeddings / lm_head: their own comparison group
+                keep = alloc.select_unstructured(criterion.element_scores(name, ctx), frac, scope, prev(name))
+                masks.set_element(name, keep, monotone)
+        masks.apply(model, keep_original=keep_original)
+
+    if kept:
+        info["kept_groups_per_layer"] = kept
+    report = masks.report(model, targets=target_names)
+    info["report"] = {"targeted": report.targeted.as_dict(), "model": report.model.as_dict()}
+    return PruneResult(masks=masks, report=report, info=info)
+
+
+def _select_layers(structure, group_sets: list[GroupSet], criterion, ctx, frac, masks, monotone, kept) -> None:
+    """Whole decoder layers: the ``round(frac · L)`` lowest-scoring layers go."""
+    scores = torch.stack([criterion.group_scores(gs, ctx).float().cpu().reshape(()) for gs in group_sets])
+    prev = torch.stack([masks.groups.get(gs.key, torch.ones(1, dtype=torch.bool)).cpu().reshape(()) for gs in
+                        group_sets])
+    scores = scores.masked_fill(~prev, float("-inf"))
+    n_drop = int(math.floor(frac * len(group_sets) + 1e-9))
+    drop = set(torch.topk(scores, n_drop, largest=False).indices.tolist()) if n_drop else set()
+    for gs in group_sets:
+        masks.set_groups(gs, torch.tensor([gs.layer not in drop]), monotone)
+        kept[gs.layer] = int(masks.groups[gs.key].sum())

@@ -1,0 +1,96 @@
+"""The criterion interface: statistics in, scores out. One criterion per file, registered by name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..stats import ActivationStats, GradientStats, GroupGradientStats
+from ..structure import GroupSet
+
+CRITERIA: dict[str, type[Criterion]] = {}
+
+
+def register(cls: type[Criterion]) -> type[Criterion]:
+    """Class decorator: make a criterion available by its ``name``."""
+    CRITERIA[cls.name] = cls
+    return cls
+
+
+def get_criterion(name: str, **options) -> Criterion:
+    if name not in CRITERIA:
+        raise ValueError(f"method={name!r} is not a known criterion; choose from {sorted(CRITERIA)}")
+    cls = CRITERIA[name]
+    fields = set(cls.__dataclass_fields__)
+    unknown = set(options) - fields
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {sorted(unknown)}; it takes {sorted(fields) or 'none'}")
+    return cls(**options)
+
+
+@dataclass
+class ScoreContext:
+    """What a criterion may read: weights, activation statistics by module name, gradient statistics by parameter
+    name and group statistics by group-set key."""
+
+    weights: dict[str, torch.Tensor]
+    act: dict[str, ActivationStats] = field(default_factory=dict)
+    grad: dict[str, GradientStats] = field(default_factory=dict)
+    group: dict[str, GroupGradientStats] = field(default_factory=dict)
+
+    def act_norm(self, weight_name: str) -> torch.Tensor:
+        """‖X_j‖₂ over calibration tokens for the Linear owning ``weight_name``."""
+        module = weight_name.rsplit(".", 1)[0]
+        if module not in self.act:
+            raise KeyError(f"no activation statistics for {module}")
+        return self.act[module].sums["sum_sq"].sqrt()
+
+    def grad_stat(self, weight_name: str, kind: str) -> torch.Tensor:
+        if weight_name not in self.grad or kind not in self.grad[weight_name].sums:
+            raise KeyError(f"no gradient statistic {kind!r} for {weight_name}")
+        return self.grad[weight_name].sums[kind]
+
+
+@dataclass
+class Criterion:
+    """Turns statistics into scores; higher = more important = kept.
+
+    Subclasses implement :meth:`element_scores` (one score per weight, for unstructured, N:M and the default
+    group aggregation) and may override :meth:`group_scores`. The default group score is the sum of the element
+    scores of the group's 2-D members (biases carry no activation or gradient context and are left out).
+    """
+
+    name: ClassVar[str]
+    needs_activations: ClassVar[bool] = False
+    grad_kinds: ClassVar[tuple[str, ...]] = ()
+    group_kinds: ClassVar[tuple[str, ...]] = ()
+    granularities: ClassVar[tuple[str, ...]] = (
+        "unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer",
+    )
+
+    @property
+    def needs_gradients(self) -> bool:
+        return bool(self.grad_kinds or self.group_kinds)
+
+    def element_scores(self, name: str, ctx: ScoreContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def group_scores(self, gs: GroupSet, ctx: ScoreContext) -> torch.Tensor:
+        total = torch.zeros(gs.count, dtype=torch.float32)
+        for m in gs.members:
+            if ctx.weights[m.name].dim() != 2:
+                continue
+            s = self.element_scores(m.name, ctx).float()
+            s = (s.movedim(m.dim, 0) if m.dim else s).reshape(gs.count, -1).sum(1)
+            total = total.to(s.device) + s
+        return total
+
+    def check_granularity(self, granularity: str) -> None:
+        gran = "n:m" if ":" in granularity and granularity not in self.granularities else granularity
+        if gran not in self.granularities:
+            raise ValueError(
+                f"method={self.name!r} does not support granularity={granularity!r}; "
+                f"it supports {list(self.granularities)}"
+            )

@@ -1,0 +1,35 @@
+"""SDMPrune (2025): self-distillation gradients on coupled MLP neurons."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..structure import GroupSet
+from .base import Criterion, ScoreContext, register
+
+
+@register
+@dataclass
+class SDM(Criterion):
+    """``score[i] = mean_j Σ_n | G_gate[i,j]·W_gate[i,j] + G_up[i,j]·W_up[i,j] + G_down[j,i]·W_down[j,i] |``
+
+    with ``g_n`` the per-sequence gradient of ``(1−α)·CE + α·KL(softmax(z_teacher/t) ‖ softmax(z_student))``, the
+    teacher being the original model. The sum over the coupled weights comes before the absolute value. The
+    statistic is accumulated by :class:`~pruning.stats.GroupGradientStats` (``'coupled'``) in fp32 (the authors'
+    ×100 scaling only kept bf16 in range). Attention KV groups use the same form, aligned on the hidden axis.
+    The loss that produces the gradients belongs to the caller (``pruning.gradients`` or the Lightning module).
+    """
+
+    name = "sdm"
+    group_kinds = ("coupled",)
+    granularities = ("mlp_neuron", "attention_head", "query_head")
+
+    def element_scores(self, name: str, ctx: ScoreContext) -> torch.Tensor:
+        raise ValueError("sdm scores coupled groups only; use granularity='mlp_neuron' (the paper's)")
+
+    def group_scores(self, gs: GroupSet, ctx: ScoreContext) -> torch.Tensor:
+        if gs.key not in ctx.group or "coupled" not in ctx.group[gs.key].sums:
+            raise KeyError(f"no coupled gradient statistics for {gs.key}")
+        return ctx.group[gs.key].sums["coupled"]

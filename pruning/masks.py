@@ -1,0 +1,333 @@
+"""Masks: how they are stored, applied and kept applied.
+
+A :class:`MaskSet` holds *keep* masks (True = kept) by parameter name, in two forms:
+
+- element masks, the full shape of the parameter (unstructured and N:M pruning);
+- group keep-vectors, one per :class:`~pruning.structure.GroupSet` (neurons, heads, layers), stored as the
+  vector and applied as a broadcastable row or column factor, so structured masks cost O(groups) memory.
+
+Applying a mask zeroes the weights **in place**: the parameter tensors keep their storage, so optimisers, hooks and
+DDP buckets keep pointing at the same memory (the rule torch.ao's ``FakeSparsity`` states for its buffer). Once
+:meth:`MaskSet.attach` is called, pruned weights stay exactly zero: gradients are masked by a tensor hook, and a
+global optimiser post-step hook re-zeroes the weights and the optimiser state (momentum, second moments) at pruned
+positions after every step of any optimiser, so AdamW's weight decay and a momentum that predates the mask cannot
+revive them. Masks are monotone (a pruned weight stays pruned) unless ``monotone=False`` is passed.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .structure import GroupSet, Member
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest of every ``m`` consecutive input columns of each row (2:4, 4:8)."""
+    out_f, in_f = scores.shape
+    if in_f % m:
+        raise ValueError(f"N:M {n}:{m} needs in_features divisible by {m}, got {in_f}")
+    blocks = scores.reshape(out_f, in_f // m, m)
+    idx = blocks.topk(n, dim=-1).indices
+    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, idx, True)
+    return keep.reshape(out_f, in_f)
+
+
+def _group_factor(member: Member, keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Broadcastable keep factor for one member tensor from a group keep-vector."""
+    vec = keep.repeat_interleave(member.size)
+    view = [1] * len(shape)
+    view[member.dim] = shape[member.dim]
+    return vec.view(view)
+
+
+@dataclass
+class Counts:
+    pruned: int = 0
+    total: int = 0
+
+    @property
+    def fraction(self) -> float:
+        return self.pruned / self.total if self.total else 0.0
+
+    def add(self, pruned: int, total: int) -> None:
+        self.pruned += pruned
+        self.total += total
+
+    def as_dict(self) -> dict:
+        return {"pruned": self.pruned, "total": self.total, "fraction": self.fraction}
+
+
+@dataclass
+class SparsityReport:
+    """Pruned counts per tensor, per decoder layer, per granularity, of the targeted weights and of the model.
+
+    ``targeted`` counts the weights the pruning was asked to consider; ``model`` counts all parameters (the
+    definition SDMPrune uses when it says "20 % pruned"). Granularity counts are *groups* (neurons, heads, layers);
+    ``element`` counts weights masked element-wise.
+    """
+
+    tensors: dict[str, Counts] = field(default_factory=dict)
+    layers: dict[int, Counts] = field(default_factory=dict)
+    granularity: dict[str, Counts] = field(default_factory=dict)
+    targeted: Counts = field(default_factory=Counts)
+    model: Counts = field(default_factory=Counts)
+
+    def as_dict(self) -> dict:
+        return {
+            "tensors": {k: v.as_dict() for k, v in self.tensors.items()},
+            "layers": {k: v.as_dict() for k, v in self.layers.items()},
+            "granularity": {k: v.as_dict() for k, v in self.granularity.items()},
+            "targeted": self.targeted.as_dict(),
+            "model": self.model.as_dict(),
+        }
+
+    def format(self) -> str:
+        lines = ["| scope | pruned | total | fraction |", "|---|---:|---:|---:|"]
+        for k, c in self.granularity.items():
+            lines.append(f"| {k} (groups) | {c.pruned} | {c.total} | {c.fraction:.4f} |")
+        for i, c in sorted(self.layers.items()):
+            lines.append(f"| layer {i} | {c.pruned} | {c.total} | {c.fraction:.4f} |")
+        lines.append(f"| targeted weights | {self.targeted.pruned} | {self.targeted.total} | "
+                     f"{self.targeted.fraction:.4f} |")
+        lines.append(f"| all parameters | {self.model.pruned} | {self.model.total} | {self.model.fraction:.4f} |")
+        return "\n".join(lines)
+
+
+class MaskSet:
+    """Keep masks for a model's parameters, applied in place and kept applied. See the module docstring."""
+
+    def __init__(self) -> None:
+        self.element: dict[str, torch.Tensor] = {}
+        self.groups: dict[str, torch.Tensor] = {}
+        self.group_sets: dict[str, GroupSet] = {}
+        self._stash: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._handles: list = []
+        self._by_id: dict[int, str] = {}
+        self._params: dict[str, nn.Parameter] = {}
+
+    # ------------------------------------------------------------------ building
+    def set_element(self, name: str, keep: torch.Tensor, monotone: bool = True) -> None:
+        keep = keep.to(torch.bool)
+        old = self.element.get(name)
+        if monotone and old is not None:
+            keep = keep.to(old.device) & old
+        self.element[name] = keep
+
+    def set_groups(self, gs: GroupSet, keep: torch.Tensor, monotone: bool = True) -> None:
+        keep = keep.to(torch.bool).flatten()
+        if keep.numel() != gs.count:
+            raise ValueError(f"{gs.key}: keep vector has {keep.numel()} entries, the set has {gs.count} groups")
+        old = self.groups.get(gs.key)
+        if monotone and old is not None:
+            keep = keep.to(old.device) & old
+        self.groups[gs.key] = keep
+        self.group_sets[gs.key] = gs
+
+    def names(self) -> set[str]:
+        out = set(self.element)
+        for key in self.groups:
+            out.update(m.name for m in self.group_sets[key].members)
+        return out
+
+    def factors(self, name: str, like: torch.Tensor) -> list[torch.Tensor]:
+        """Broadcastable keep factors (bool, on ``like``'s device) whose product is the parameter's keep mask."""
+        out = []
+        if name in self.element:
+            out.append(self.element[name].to(like.device))
+        for key, keep in self.groups.items():
+            for m in self.group_sets[key].members:
+                if m.name == name:
+                    out.append(_group_factor(m, keep.to(like.device), like.shape))
+        return out
+
+    def keep_mask(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The full boolean keep mask of one parameter."""
+        mask = torch.ones_like(like, dtype=torch.bool)
+        for f in self.factors(name, like):
+            mask &= f
+        return mask
+
+    def __len__(self) -> int:
+        return len(self.names())
+
+    # ------------------------------------------------------------------ applying
+    def _resolve(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        missing = [n for n in self.names() if n not in params]
+        if missing:
+            raise KeyError(f"masks name parameters the model does not have: {missing[:5]}")
+        return {n: params[n] for n in self.names()}
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, keep_original: bool = False, only: Iterable[str] | None = None) -> None:
+        """Zero the pruned weights in place (of the parameters named in ``only``, default all). With
+        ``keep_original`` the values being zeroed are stashed (on CPU) so that :meth:`lifted` can run the original
+        model with the same parameters (the distillation teacher)."""
+        params = self._resolve(model)
+        if only is not None:
+            only = set(only)
+            params = {n: p for n, p in params.items() if n in only}
+        for name, p in params.items():
+            keep = self.keep_mask(name, p)
+            if keep_original:
+                full = p.detach().clone()
+                if name in self._stash:
+                    old_keep, old_vals = self._stash[name]
+                    full[~old_keep.to(full.device)] = old_vals.to(full.device, full.dtype)
+                self._stash[name] = (keep.cpu(), full[~keep].cpu())
+            p.mul_(keep)
+        if self._handles:
+            self._params = self._resolve(model)
+
+    @torch.no_grad()
+    def reapply(self) -> None:
+        """Re-zero pruned weights of the attached model (after a LoRA merge, a load, a foreign optimiser)."""
+        for name, p in self._params.items():
+            for f in self.factors(name, p):
+                p.mul_(f)
+
+    @contextmanager
+    def lifted(self, model: nn.Module) -> Iterator[None]:
+        """Temporarily restore the original values of pruned weights (those stashed by ``apply(keep_original=True)``).
+
+        The frozen teacher of self-distillation is then the same parameters with the masks lifted: no second copy
+        of the model is held on the device, only the pruned values are brought back for the teacher's forward.
+        """
+        params = dict(model.named_parameters(remove_duplicate=False))
+        with torch.no_grad():
+            for name, (keep, vals) in self._stash.items():
+                p = params[name]
+                p[~keep.to(p.device)] = vals.to(p.device, p.dtype)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name in self._stash:
+                    p = params[name]
+                    for f in self.factors(name, p):
+                        p.mul_(f)
+
+    @property
+    def has_original(self) -> bool:
+        return bool(self._stash)
+
+    def attach(self, model: nn.Module) -> MaskSet:
+        """Keep the masks applied through training: mask gradients and re-zero after every optimiser step."""
+        self.detach()
+        self.apply(model)
+        self._params = self._resolve(model)
+        self._by_id = {id(p): n for n, p in self._params.items()}
+        for name, p in self._params.items():
+            if p.requires_grad:
+                self._handles.append(p.register_hook(self._grad_hook(name)))
+        ref = weakref.ref(self)
+
+        def post_step(optimizer, args, kwargs):
+            masks = ref()
+            if masks is not None:
+                masks._after_step(optimizer)
+
+        self._handles.append(torch.optim.optimizer.register_optimizer_step_post_hook(post_step))
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _grad_hook(self, name: str):
+        ref = weakref.ref(self)
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            masks = ref()
+            if masks is None:
+                return grad
+            for f in masks.factors(name, grad):
+                grad = grad * f
+            return grad
+
+        return hook
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                name = self._by_id.get(id(p))
+                if name is None:
+                    continue
+                fs = self.factors(name, p)
+                state = optimizer.state.get(p, {})
+                for f in fs:
+                    p.mul_(f)
+                    for v in state.values():
+                        if torch.is_tensor(v) and v.shape == p.shape:
+                            v.mul_(f)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        return {
+            "element": {k: v.cpu() for k, v in self.element.items()},
+            "groups": {k: v.cpu() for k, v in self.groups.items()},
+            "group_sets": {
+                k: {
+                    "kind": gs.kind,
+                    "layer": gs.layer,
+                    "count": gs.count,
+                    "partitions": gs.partitions,
+                    "numels": list(gs.numels),
+                    "members": [[m.name, m.dim, m.size] for m in gs.members],
+                }
+                for k, gs in self.group_sets.items()
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.element = {k: v.to(torch.bool) for k, v in state["element"].items()}
+        self.groups = {k: v.to(torch.bool) for k, v in state["groups"].items()}
+        self.group_sets = {
+            k: GroupSet(
+                d["kind"], d["layer"], d["count"], tuple(Member(*m) for m in d["members"]), d["partitions"],
+                tuple(d["numels"]),
+            )
+            for k, d in state["group_sets"].items()
+        }
+
+    # ------------------------------------------------------------------ reporting
+    def report(self, model: nn.Module, targets: Iterable[str] | None = None) -> SparsityReport:
+        """Sparsity of the masks (entries masked out, not natural zeros). ``targets``: the parameter names the
+        pruning considered (default: the masked parameters)."""
+        from .structure import ModelStructure, UnsupportedModelError
+
+        try:
+            structure: ModelStructure | None = ModelStructure(model)
+        except (UnsupportedModelError, AttributeError):
+            structure = None
+        target_names = set(targets) if targets is not None else set()
+        target_names |= self.names()
+        rep = SparsityReport()
+        masked = self.names()
+        for name, p in model.named_parameters():
+            pruned = 0
+            if name in masked:
+                pruned = int((~self.keep_mask(name, p)).sum())
+            rep.model.add(pruned, p.numel())
+            if name in target_names:
+                rep.targeted.add(pruned, p.numel())
+                rep.tensors[name] = Counts(pruned, p.numel())
+                layer = structure.layer_of(name) if structure else None
+                if layer is not None:
+                    rep.layers.setdefault(layer, Counts()).add(pruned, p.numel())
+        if self.element:
+            c = rep.granularity.setdefault("element", Counts())
+            for name, m in self.element.items():
+                c.add(int((~m).sum()), m.numel())
+        for key, keep in self.groups.items():
+            kind = self.group_sets[key].kind
+            rep.granularity.setdefault(kind, Counts()).add(int((~keep).sum()), keep.numel())
+        return rep

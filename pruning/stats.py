@@ -1,0 +1,277 @@
+"""Statistics that criteria turn into scores, kept apart from the criteria.
+
+Each accumulator has ``update / compute / reset / state_dict / load_state_dict / reduce``. Everything is a *sum*
+(plus a count) held in fp32 whatever the model dtype, so that a data-parallel ``reduce`` (all-reduce SUM of sums
+and counts) over ranks gives exactly the statistics of one process that saw all the samples, and a checkpoint
+resumes them. "A sample" for gradient statistics is one sequence: the caller runs backward once per sequence
+(micro-batches of one) and calls ``update`` after each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .structure import GroupSet
+
+GradStat = str  # "sum" | "sum_sq" | "sum_abs" | "sum_abs_gw"
+GRAD_STATS = ("sum", "sum_sq", "sum_abs", "sum_abs_gw")
+GROUP_STATS = ("coupled", "vector")
+
+
+class Accumulator:
+    """Named fp32 sum tensors plus a count; the shared machinery of every statistic."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def reset(self) -> None:
+        for t in self.sums.values():
+            t.zero_()
+        self.count = 0
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.detach().cpu().clone() for k, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state["sums"].items():
+            if k in self.sums:
+                self.sums[k].copy_(v)
+            else:
+                self.sums[k] = v.clone().float()
+        self.count = int(state["count"])
+
+    def reduce(self, group=None) -> None:
+        """All-reduce (SUM) sums and counts over data-parallel ranks; a no-op without torch.distributed."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        for t in self.sums.values():
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        c = torch.tensor([float(self.count)], dtype=torch.float64, device=_comm_device(group))
+        dist.all_reduce(c, op=dist.ReduceOp.SUM, group=group)
+        self.count = int(c.item())
+
+    def _buf(self, key: str, shape, device) -> torch.Tensor:
+        t = self.sums.get(key)
+        if t is None:
+            t = self.sums[key] = torch.zeros(shape, dtype=torch.float32, device=device)
+        return t
+
+
+def _comm_device(group=None) -> torch.device:
+    backend = dist.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+class ActivationStats(Accumulator):
+    """Statistics of one Linear's input per input feature: Σx² (and Σx when ``with_mean``), over tokens.
+
+    ``compute()`` returns ``sum_sq`` (Σ_t x², Wanda's squared column norm ‖X_j‖²), ``count`` (tokens) and, with
+    ``with_mean``, the per-feature ``mean`` and ``var``.
+    """
+
+    def __init__(self, with_mean: bool = False) -> None:
+        super().__init__()
+        self.with_mean = with_mean
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """``x``: [..., in_features]; ``mask`` (optional, [...]): which tokens count (padding excluded)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        if mask is not None:
+            x = x[mask.reshape(-1).to(x.device).bool()]
+        self._buf("sum_sq", x.shape[-1], x.device).add_((x * x).sum(0))
+        if self.with_mean:
+            self._buf("sum", x.shape[-1], x.device).add_(x.sum(0))
+        self.count += x.shape[0]
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out = {"sum_sq": self.sums["sum_sq"], "count": torch.tensor(self.count)}
+        if self.with_mean and self.count:
+            mean = self.sums["sum"] / self.count
+            out["mean"] = mean
+            out["var"] = (self.sums["sum_sq"] / self.count - mean * mean).clamp_min(0)
+        return out
+
+
+class GradientStats(Accumulator):
+    """Per-weight statistics of per-sample gradients ``g_n``: Σg, Σg², Σ|g|, Σ|g⊙w| (any subset)."""
+
+    def __init__(self, kinds: Iterable[GradStat] = ("sum_sq",)) -> None:
+        super().__init__()
+        self.kinds = tuple(kinds)
+        bad = set(self.kinds) - set(GRAD_STATS)
+        if bad:
+            raise ValueError(f"gradient statistics {sorted(bad)} unknown; choose from {GRAD_STATS}")
+
+    @torch.no_grad()
+    def update(self, grad: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        g = grad.float()
+        for k in self.kinds:
+            buf = self._buf(k, g.shape, g.device)
+            if k == "sum":
+                buf.add_(g)
+            elif k == "sum_sq":
+                buf.addcmul_(g, g)
+            elif k == "sum_abs":
+                buf.add_(g.abs())
+            else:
+                buf.add_((g * weight.float()).abs())
+        self.count += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return dict(self.sums, count=torch.tensor(self.count))
+
+
+def _aligned(t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
+    """[count, other] view of a 2-D member: sum over the group's own rows/columns, keep the other axis."""
+    t = t.movedim(dim, 0) if dim else t
+    return t.reshape(count, -1, t.shape[-1]).sum(1)
+
+
+class GroupGradientStats(Accumulator):
+    """Per-sample statistics of the coupled weights of a :class:`GroupSet`.
+
+    - ``coupled`` (SDMPrune): ``Σ_n mean_j | Σ_members g_n⊙w [group, j] |``. Each 2-D member is aligned on its
+      hidden-size axis (gate/up rows ``[i, j]`` and down columns ``[j, i]`` for an MLP neuron; q/k/v rows and o
+      columns for a KV group, summed over the group's own rows first). The sum over the coupled weights comes
+      *before* the absolute value, as in the paper; since ``mean_j`` is linear and the outer sum is over samples,
+      accumulating the per-sample row means gives exactly ``mean_j Σ_n |s_n[i, j]|``. Biases are left out.
+    - ``vector`` (LLM-Pruner / SAAP vector-wise): ``Σ_n | Σ_{all weights of the group} g_n⊙w |``.
+    """
+
+    def __init__(self, group_set: GroupSet, kinds: Iterable[str] = ("coupled",)) -> None:
+        super().__init__()
+        self.group_set = group_set
+        self.kinds = tuple(kinds)
+        bad = set(self.kinds) - set(GROUP_STATS)
+        if bad:
+            raise ValueError(f"group statistics {sorted(bad)} unknown; choose from {GROUP_STATS}")
+
+    @torch.no_grad()
+    def update(self, grads: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+        gs = self.group_set
+        n = gs.count
+        if "coupled" in self.kinds:
+            acc = None
+            for m in gs.members:
+                if weights[m.name].dim() != 2:
+                    continue
+                gw = _aligned(grads[m.name].float() * weights[m.name].float(), m.dim, n)
+                if acc is not None and acc.shape != gw.shape:
+                    raise ValueError(
+                        f"'coupled' statistics need members aligned on one axis; {m.name} gives {tuple(gw.shape)}"
+                        f" but earlier members gave {tuple(acc.shape)} (use 'vector' for {gs.kind} groups)"
+                    )
+                acc = gw if acc is None else acc + gw
+            self._buf("coupled", n, acc.device).add_(acc.abs().mean(1))
+        if "vector" in self.kinds:
+            total = None
+            for m in gs.members:
+                gw = grads[m.name].float() * weights[m.name].float()
+                gw = (gw.movedim(m.dim, 0) if m.dim else gw).reshape(n, -1).sum(1)
+                total = gw if total is None else total + gw
+            self._buf("vector", n, total.device).add_(total.abs())
+        self.count += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return dict(self.sums, count=torch.tensor(self.count))
+
+
+class ActivationCollector:
+    """Forward pre-hooks that feed :class:`ActivationStats` for a set of Linear modules (by module name)."""
+
+    def __init__(self, modules: dict[str, nn.Module], with_mean: bool = False) -> None:
+        self.modules = modules
+        self.stats = {name: ActivationStats(with_mean) for name in modules}
+        self._handles: list = []
+        self.token_mask: torch.Tensor | None = None  # set by the caller to exclude padding
+
+    def attach(self) -> ActivationCollector:
+        self.detach()
+        for name, mod in self.modules.items():
+            stat = self.stats[name]
+            self._handles.append(
+                mod.register_forward_pre_hook(lambda m, args, s=stat: s.update(args[0], self.token_mask))
+            )
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def reduce(self, group=None) -> None:
+        for s in self.stats.values():
+            s.reduce(group)
+
+    def state_dict(self) -> dict:
+        return {k: s.state_dict() for k, s in self.stats.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            self.stats[k].load_state_dict(v)
+
+    def reset(self) -> None:
+        for s in self.stats.values():
+            s.reset()
+
+
+class GradientCollector:
+    """Reads ``.grad`` of chosen parameters after each per-sample backward and feeds the gradient statistics.
+
+    ``params``: parameter name -> parameter (element statistics); ``group_sets``: structured sets whose coupled
+    statistics are wanted. Call :meth:`update` once per sample, after its backward and before zeroing gradients.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        param_names: Iterable[str] = (),
+        grad_kinds: Iterable[GradStat] = ("sum_sq",),
+        group_sets: Iterable[GroupSet] = (),
+        group_kinds: Iterable[str] = ("coupled",),
+    ) -> None:
+        self.model = model
+        named = dict(model.named_parameters(remove_duplicate=False))
+        self.params = {n: named[n] for n in param_names}
+        self.stats = {n: GradientStats(grad_kinds) for n in self.params}
+        self.group_stats = {gs.key: GroupGradientStats(gs, group_kinds) for gs in group_sets}
+        needed = {m.name for gs in group_sets for m in gs.members}
+        self._group_params = {n: named[n] for n in needed}
+
+    def update(self) -> None:
+        for n, p in self.params.items():
+            if p.grad is not None:
+                self.stats[n].update(p.grad, p)
+        if self.group_stats:
+            grads = {n: p.grad for n, p in self._group_params.items()}
+            missing = [n for n, g in grads.items() if g is None]
+            if missing:
+                raise RuntimeError(f"no gradient for {missing[:3]}: are these parameters trainable?")
+            weights = {n: p.detach() for n, p in self._group_params.items()}
+            for s in self.group_stats.values():
+                s.update(grads, weights)
+
+    def _all(self):
+        return list(self.stats.items()) + list(self.group_stats.items())
+
+    def reduce(self, group=None) -> None:
+        for _, s in self._all():
+            s.reduce(group)
+
+    def reset(self) -> None:
+        for _, s in self._all():
+            s.reset()
+
+    def state_dict(self) -> dict:
+        return {k: s.state_dict() for k, s in self._all()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, s in self._all():
+            if k in state:
+                s.load_state_dict(state[k])

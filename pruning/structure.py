@@ -1,0 +1,313 @@
+"""What a decoder-only causal LM offers to prune: linear weights, MLP neurons, attention groups, layers.
+
+Each supported architecture family is declared by one :class:`FamilySpec` table: where the decoder layers live
+and which projections make up attention and the MLP. Criteria, masks and surgery never walk attribute chains of
+their own; they read the :class:`ModelStructure` built from the table. Adding a family is one
+:func:`register_family` call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+import torch
+from torch import nn
+
+GroupKind = Literal["mlp_neuron", "attention_head", "query_head", "layer"]
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Where an architecture keeps its prunable parts. Paths are dotted attribute paths.
+
+    ``layers`` is relative to the causal-LM object; the projection paths are relative to one decoder layer.
+    ``mlp_in`` are the projections whose *rows* are the MLP neurons (gate and up, or fc1); ``mlp_out`` is the one
+    whose *columns* are (down, or fc2).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    q: str
+    k: str
+    v: str
+    o: str
+    mlp_in: tuple[str, ...]
+    mlp_out: str
+    embeddings: tuple[str, ...]
+    lm_head: str = "lm_head"
+    # config attribute that says the block is pre-norm (None: always pre-norm). Removing a whole layer is only an
+    # identity for pre-norm blocks, where the residual stream bypasses the block.
+    pre_norm_attr: str | None = None
+    # config attributes holding the per-layer widths, used by surgery when it rewrites the config
+    intermediate_attr: str = "intermediate_size"
+
+
+FAMILIES: dict[str, FamilySpec] = {}
+
+
+def register_family(spec: FamilySpec) -> FamilySpec:
+    """Declare a new architecture family. ``spec.model_types`` are matched against ``config.model_type``."""
+    FAMILIES[spec.name] = spec
+    return spec
+
+
+def _llama_like(name: str, model_types: tuple[str, ...]) -> FamilySpec:
+    return FamilySpec(
+        name=name,
+        model_types=model_types,
+        layers="model.layers",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.o_proj",
+        mlp_in=("mlp.gate_proj", "mlp.up_proj"),
+        mlp_out="mlp.down_proj",
+        embeddings=("model.embed_tokens",),
+    )
+
+
+register_family(_llama_like("llama", ("llama",)))
+register_family(_llama_like("mistral", ("mistral",)))
+register_family(_llama_like("qwen2", ("qwen2",)))
+# Qwen3's q_norm/k_norm act on head_dim and are shared by all heads, so removing heads leaves them untouched.
+register_family(_llama_like("qwen3", ("qwen3",)))
+register_family(
+    FamilySpec(
+        name="opt",
+        model_types=("opt",),
+        layers="model.decoder.layers",
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+        o="self_attn.out_proj",
+        mlp_in=("fc1",),
+        mlp_out="fc2",
+        embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
+        pre_norm_attr="do_layer_norm_before",
+        intermediate_attr="ffn_dim",
+    )
+)
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+def family_of(model: nn.Module) -> FamilySpec:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for spec in FAMILIES.values():
+        if model_type in spec.model_types:
+            return spec
+    supported = ", ".join(sorted(t for s in FAMILIES.values() for t in s.model_types))
+    raise UnsupportedModelError(
+        f"model_type={model_type!r} is not a supported architecture family (supported: {supported}). "
+        "HINT: declare it with pruning.structure.register_family(FamilySpec(name=..., model_types=(...,), "
+        "layers='model.layers', q=..., k=..., v=..., o=..., mlp_in=(...), mlp_out=..., embeddings=(...))) "
+        "giving the dotted paths of its decoder layers and projections."
+    )
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor of a group set: group ``g`` owns ``[g*size, (g+1)*size)`` along ``dim`` of parameter ``name``."""
+
+    name: str
+    dim: int
+    size: int
+
+
+@dataclass(frozen=True)
+class GroupSet:
+    """The ``count`` coupled groups of one kind in one decoder layer (e.g. its 8192 MLP neurons).
+
+    ``partitions`` > 1 means groups come in that many equal consecutive partitions that must keep the same count
+    each (query heads sharing KV groups: the model can only express the same number of query heads per group).
+    """
+
+    kind: GroupKind
+    layer: int
+    count: int
+    members: tuple[Member, ...]
+    partitions: int = 1
+    numels: tuple[int, ...] = ()  # total element count of each member tensor
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}.{self.layer}"
+
+    @property
+    def params_per_group(self) -> int:
+        """Parameters removed with one group."""
+        return sum(self.numels) // self.count
+
+
+@dataclass
+class LayerInfo:
+    index: int
+    module: nn.Module
+    prefix: str  # parameter-name prefix, e.g. "model.layers.3."
+    linears: dict[str, nn.Linear] = field(default_factory=dict)  # full module name -> Linear
+
+
+class ModelStructure:
+    """The prunable parts of one model, discovered from its family table.
+
+    ``targets()`` are the unstructured targets (every ``nn.Linear`` inside the decoder layers; embeddings and the
+    LM head on request). ``group_sets(kind)`` are the structured groups, one :class:`GroupSet` per layer.
+    """
+
+    def __init__(self, model: nn.Module, family: FamilySpec | None = None):
+        self.model = model
+        self.family = family or family_of(model)
+        self.config = model.config
+        self.layers: nn.ModuleList = get_submodule(model, self.family.layers)  # type: ignore[assignment]
+        self.num_layers = len(self.layers)
+        cfg = self.config
+        self.num_heads = int(cfg.num_attention_heads)
+        self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.num_heads)
+        self._names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        self.layer_infos: list[LayerInfo] = []
+        for i, layer in enumerate(self.layers):
+            prefix = f"{self.family.layers}.{i}."
+            linears = {
+                prefix + n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and n
+            }
+            self.layer_infos.append(LayerInfo(i, layer, prefix, linears))
+        self._check_family()
+
+    def _check_family(self) -> None:
+        fam = self.family
+        for path in (fam.q, fam.k, fam.v, fam.o, *fam.mlp_in, fam.mlp_out):
+            try:
+                mod = self.layers[0].get_submodule(path)
+            except AttributeError as err:
+                raise UnsupportedModelError(
+                    f"family {fam.name!r} expects a Linear at '<layer>.{path}' but "
+                    f"{type(self.layers[0]).__name__} has none. HINT: the model's code changed or the family "
+                    "table is wrong; fix the path in its FamilySpec."
+                ) from err
+            if not isinstance(mod, nn.Linear):
+                raise UnsupportedModelError(f"'<layer>.{path}' is {type(mod).__name__}, expected nn.Linear")
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    # ------------------------------------------------------------------ names and lookups
+    def param(self, name: str) -> nn.Parameter:
+        return self.model.get_parameter(name)
+
+    def linear(self, layer: int, path: str) -> nn.Linear:
+        return self.layers[layer].get_submodule(path)  # type: ignore[return-value]
+
+    def lname(self, layer: int, path: str) -> str:
+        return f"{self.family.layers}.{layer}.{path}"
+
+    def layer_of(self, name: str) -> int | None:
+        prefix = self.family.layers + "."
+        if not name.startswith(prefix):
+            return None
+        return int(name[len(prefix) :].split(".", 1)[0])
+
+    @property
+    def pre_norm(self) -> bool:
+        attr = self.family.pre_norm_attr
+        return True if attr is None else bool(getattr(self.config, attr, True))
+
+    # ------------------------------------------------------------------ unstructured targets
+    def targets(self, include_embeddings: bool = False, include_lm_head: bool = False) -> dict[str, nn.Module]:
+        """Modules whose ``.weight`` is an unstructured target, by module name (weights are ``name + '.weight'``)."""
+        out: dict[str, nn.Module] = {}
+        for info in self.layer_infos:
+            out.update(info.linears)
+        if include_embeddings:
+            for path in self.family.embeddings:
+                out[path] = get_submodule(self.model, path)
+        if include_lm_head:
+            head = get_submodule(self.model, self.family.lm_head)
+            tied = any(head.weight is get_submodule(self.model, p).weight for p in self.family.embeddings)
+            if not (tied and include_embeddings):
+                out[self.family.lm_head] = head
+        return out
+
+    # ------------------------------------------------------------------ structured groups
+    def _members_rows(self, layer: int, path: str, size: int) -> list[Member]:
+        lin = self.linear(layer, path)
+        base = self.lname(layer, path)
+        out = [Member(base + ".weight", 0, size)]
+        if lin.bias is not None:
+            out.append(Member(base + ".bias", 0, size))
+        return out
+
+    def _finish(self, gs: GroupSet) -> GroupSet:
+        return replace(gs, numels=tuple(self.param(m.name).numel() for m in gs.members))
+
+    def group_sets(self, kind: GroupKind) -> list[GroupSet]:
+        """One :class:`GroupSet` of ``kind`` per decoder layer.
+
+        - ``mlp_neuron``: neuron i = row i of every ``mlp_in`` projection (weight and bias) and column i of
+          ``mlp_out``.
+        - ``attention_head``: a KV group = its k and v rows, the q rows of the query heads that share it and the
+          matching o columns. For models without GQA this is exactly one attention head.
+        - ``query_head``: one query head = its q rows and o columns; heads come in ``num_kv_heads`` partitions
+          that must keep equal counts, so the pruned model still has a whole number of heads per KV group.
+        - ``layer``: the whole decoder block (all its Linear weights and biases), one group per layer.
+        """
+        fam = self.family
+        sets = []
+        rep = self.num_heads // self.num_kv_heads
+        hd = self.head_dim
+        for layer in range(self.num_layers):
+            if kind == "mlp_neuron":
+                members = [m for p in fam.mlp_in for m in self._members_rows(layer, p, 1)]
+                members.append(Member(self.lname(layer, fam.mlp_out) + ".weight", 1, 1))
+                count = self.linear(layer, fam.mlp_out).in_features
+                sets.append(GroupSet("mlp_neuron", layer, count, tuple(members)))
+            elif kind == "attention_head":
+                members = self._members_rows(layer, fam.q, rep * hd)
+                members += self._members_rows(layer, fam.k, hd)
+                members += self._members_rows(layer, fam.v, hd)
+                members.append(Member(self.lname(layer, fam.o) + ".weight", 1, rep * hd))
+                sets.append(GroupSet("attention_head", layer, self.num_kv_heads, tuple(members)))
+            elif kind == "query_head":
+                if rep == 1:
+                    raise ValueError(
+                        "granularity='query_head' needs grouped-query attention (several query heads per KV head);"
+                        f" this model has {self.num_heads} heads and {self.num_kv_heads} KV heads. "
+                        "HINT: use granularity='attention_head'."
+                    )
+                members = self._members_rows(layer, fam.q, hd)
+                members.append(Member(self.lname(layer, fam.o) + ".weight", 1, hd))
+                sets.append(
+                    GroupSet("query_head", layer, self.num_heads, tuple(members), partitions=self.num_kv_heads)
+                )
+            elif kind == "layer":
+                if not self.pre_norm:
+                    raise ValueError(
+                        "granularity='layer' needs pre-norm decoder blocks (a removed block must be an identity); "
+                        f"this {fam.name} model is post-norm ({fam.pre_norm_attr}=False)."
+                    )
+                members = []
+                for name, lin in self.layer_infos[layer].linears.items():
+                    members.append(Member(name + ".weight", 0, lin.out_features))
+                    if lin.bias is not None:
+                        members.append(Member(name + ".bias", 0, lin.out_features))
+                sets.append(GroupSet("layer", layer, 1, tuple(members)))
+            else:
+                raise ValueError(
+                    f"group kind={kind!r} is not one of 'mlp_neuron', 'attention_head', 'query_head', 'layer'"
+                )
+        return [self._finish(gs) for gs in sets]
+
+    def group_view(self, tensor: torch.Tensor, member: Member, count: int) -> torch.Tensor:
+        """View ``tensor`` (shaped like the member's parameter) as ``[count, size * rest]``: one row per group."""
+        t = tensor.movedim(member.dim, 0) if member.dim else tensor
+        return t.reshape(count, -1)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
