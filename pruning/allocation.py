@@ -112,33 +112,44 @@ def keep_counts_global(
     min_keep: float = 0.0,
     max_keep: float = 1.0,
     prev: Sequence[torch.Tensor | None] | None = None,
+    partitions: int = 1,
 ) -> list[int]:
     """Global ranking of groups across layers, each layer keeping between ``min_keep`` and ``max_keep`` of its
-    groups. Scores are compared raw: use a criterion whose scale is comparable across layers."""
+    groups. Scores are compared raw: use a criterion whose scale is comparable across layers.
+
+    With ``partitions`` > 1 (query heads sharing KV heads) a layer's count moves in steps of one group per
+    partition and keeps at least one per partition, as :func:`topk_keep` needs; step ``r`` of a layer scores the
+    mean of its partitions' ``r``-th best groups."""
+    p = max(1, partitions)
     counts = [s.numel() for s in scores]
     total_keep = sum(counts) - int(math.floor(sparsity * sum(counts) + 1e-9))
-    lo = [int(math.ceil(min_keep * n)) for n in counts]
-    hi = [int(math.floor(max_keep * n)) for n in counts]
-    if sum(lo) > total_keep or sum(hi) < total_keep:
+    units = [n // p for n in counts]
+    total_units = total_keep // p
+    lo = [int(math.ceil(min_keep * u)) for u in units]
+    if p > 1:
+        lo = [max(1, x) for x in lo]
+    hi = [int(math.floor(max_keep * u)) for u in units]
+    if sum(lo) > total_units or sum(hi) < total_units or any(a > b for a, b in zip(lo, hi)):
         raise ValueError(
             f"min_keep={min_keep}/max_keep={max_keep} cannot be met at sparsity={sparsity}: the bounds allow "
-            f"keeping {sum(lo)}..{sum(hi)} groups, the target keeps {total_keep}"
+            f"keeping {sum(lo) * p}..{sum(hi) * p} groups, the target keeps {total_keep}"
+            + (f" (whole steps of {p} groups, at least one per partition)" if p > 1 else "")
         )
     keep = list(lo)
     cand = []
     for li, s in enumerate(scores):
         s = _exclude_pruned(s.float().cpu(), None if prev is None else prev[li])
-        order = torch.argsort(s, descending=True)
-        cand += [(float(s[j]), li, rank) for rank, j in enumerate(order.tolist()) if rank >= lo[li]]
+        step = s.view(p, -1).sort(dim=1, descending=True).values.mean(0)
+        cand += [(float(v), li, rank) for rank, v in enumerate(step.tolist()) if rank >= lo[li]]
     cand.sort(key=lambda t: (-t[0], t[1], t[2]))
-    budget = total_keep - sum(keep)
+    budget = total_units - sum(keep)
     for _, li, _ in cand:
         if budget == 0:
             break
         if keep[li] < hi[li]:
             keep[li] += 1
             budget -= 1
-    return keep
+    return [k * p for k in keep]
 
 
 def owl_rates(outlier_ratios: Sequence[float], sparsity: float, lam: float = 0.08) -> list[float]:

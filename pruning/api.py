@@ -220,7 +220,7 @@ def prune(
         def owl_layer(i, forward_all):
             coll = ActivationCollector(layer_modules(i)).attach() if criterion.needs_activations else None
             if coll:
-                forward_all()
+                forward_all(stop_at=structure.linear(i, structure.family.mlp_out))
                 coll.detach()
                 coll.reduce()
             ctx = context(coll.stats if coll else None)
@@ -260,7 +260,8 @@ def prune(
     if layered:
         def on_layer(i, forward_all):
             coll = ActivationCollector(layer_modules(i)).attach()
-            forward_all()
+            # the statistics pass ends at the MLP output projection's input: its output is recomputed after pruning
+            forward_all(stop_at=structure.linear(i, structure.family.mlp_out))
             coll.detach()
             coll.reduce()
             select_layer(i, context(coll.stats))
@@ -287,7 +288,8 @@ def prune(
         elif structured and allocation == "global":
             scores = [criterion.group_scores(gs, ctx) for gs in group_sets]
             counts = alloc.keep_counts_global(scores, frac, min_keep, max_keep,
-                                              [masks.groups.get(gs.key) for gs in group_sets])
+                                              [masks.groups.get(gs.key) for gs in group_sets],
+                                              partitions=group_sets[0].partitions)
             for gs, s, k in zip(group_sets, scores, counts):
                 s = alloc._exclude_pruned(s.float(), masks.groups.get(gs.key))
                 masks.set_groups(gs, alloc.topk_keep(s, k, gs.partitions), monotone)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .structure import GroupSet, Member
 
@@ -233,7 +234,7 @@ class MaskSet:
             if masks is not None:
                 masks._after_step(optimizer)
 
-        self._handles.append(torch.optim.optimizer.register_optimizer_step_post_hook(post_step))
+        self._handles.append(register_optimizer_step_post_hook(post_step))
         return self
 
     def detach(self) -> None:
@@ -325,7 +326,7 @@ class MaskSet:
                     rep.layers.setdefault(layer, Counts()).add(pruned, p.numel())
         if self.element:
             c = rep.granularity.setdefault("element", Counts())
-            for name, m in self.element.items():
+            for m in self.element.values():
                 c.add(int((~m).sum()), m.numel())
         for key, keep in self.groups.items():
             kind = self.group_sets[key].kind

@@ -42,12 +42,16 @@ def _move_except(module: nn.Module, skip: nn.Module, device: torch.device) -> No
     for child in module.children():
         if child is not skip:
             _move_except(child, skip, device)
-    for key, p in module._parameters.items():
+    for _key, p in module._parameters.items():
         if p is not None and p.device != device:
             p.data = p.data.to(device)
     for key, b in module._buffers.items():
         if b is not None and b.device != device:
             module._buffers[key] = b.to(device)
+
+
+def _raise_stop(module, args):
+    raise _StopForward
 
 
 def layer_output(out) -> torch.Tensor:
@@ -92,8 +96,8 @@ def run_layerwise(
 ) -> None:
     """Call ``on_layer(index, forward_all)`` for each decoder layer in order.
 
-    ``forward_all()`` runs every calibration batch through that layer (with the inputs produced by the already
-    processed layers); ``on_layer`` typically attaches statistics hooks, calls it, and prunes the layer. Then the
+    ``forward_all(stop_at=None)`` runs every calibration batch through that layer (with the inputs produced by the
+    already processed layers); ``on_layer`` typically attaches statistics hooks, calls it, and prunes the layer. Then the
     layer's outputs are recomputed with its pruned weights and fed to the next layer. ``device``: where layers are
     computed (default: where the model is); layers found elsewhere are moved there one at a time and back.
     """
@@ -112,10 +116,22 @@ def run_layerwise(
             layer_home = next(layer.parameters()).device
             layer.to(dev)
 
-            def forward_all(layer=layer, inputs=inputs):
-                with torch.no_grad():
-                    for hidden, kwargs in inputs:
-                        layer(hidden.to(dev), **_to(kwargs, dev))
+            def forward_all(stop_at: nn.Module | None = None, layer=layer, inputs=inputs):
+                # stop_at: a module whose inputs are the last thing wanted (e.g. the MLP's output projection, once
+                # its input statistics are taken): its pre-hook ends the pass, saving that matmul.
+                handle = None
+                if stop_at is not None:
+                    handle = stop_at.register_forward_pre_hook(_raise_stop)
+                try:
+                    with torch.no_grad():
+                        for hidden, kwargs in inputs:
+                            try:
+                                layer(hidden.to(dev), **_to(kwargs, dev))
+                            except _StopForward:
+                                pass
+                finally:
+                    if handle is not None:
+                        handle.remove()
 
             on_layer(i, forward_all)
             with torch.no_grad():
