@@ -97,9 +97,10 @@ def run_layerwise(
     """Call ``on_layer(index, forward_all)`` for each decoder layer in order.
 
     ``forward_all(stop_at=None)`` runs every calibration batch through that layer (with the inputs produced by the
-    already processed layers); ``on_layer`` typically attaches statistics hooks, calls it, and prunes the layer. Then the
-    layer's outputs are recomputed with its pruned weights and fed to the next layer. ``device``: where layers are
-    computed (default: where the model is); layers found elsewhere are moved there one at a time and back.
+    already processed layers); ``on_layer`` typically attaches statistics hooks, calls it, and prunes the layer.
+    Then the layer's outputs are recomputed with its pruned weights and fed to the next layer. ``device``: where
+    layers are computed (default: where the model is); layers found elsewhere are moved there one at a time and
+    back.
     """
     home = next(model.parameters()).device
     dev = torch.device(device) if device is not None else home
