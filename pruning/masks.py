@@ -154,6 +154,15 @@ class MaskSet:
             mask &= f
         return mask
 
+    def pruned_count(self, name: str, like: torch.Tensor) -> int:
+        """Entries of one parameter that the masks remove (without building the full mask when one factor does)."""
+        fs = self.factors(name, like)
+        if not fs:
+            return 0
+        if len(fs) == 1:
+            return int((~fs[0]).sum()) * (like.numel() // fs[0].numel())
+        return int((~self.keep_mask(name, like)).sum())
+
     def __len__(self) -> int:
         return len(self.names())
 
@@ -316,7 +325,7 @@ class MaskSet:
         for name, p in model.named_parameters():
             pruned = 0
             if name in masked:
-                pruned = int((~self.keep_mask(name, p)).sum())
+                pruned = self.pruned_count(name, p)
             rep.model.add(pruned, p.numel())
             if name in target_names:
                 rep.targeted.add(pruned, p.numel())

@@ -135,6 +135,9 @@ def run_layerwise(
                         handle.remove()
 
             on_layer(i, forward_all)
+            if i == structure.num_layers - 1:  # nothing reads the last layer's outputs
+                layer.to(layer_home)
+                break
             with torch.no_grad():
                 inputs = [
                     (layer_output(layer(h.to(dev), **_to(kw, dev))).to(store_dev), kw) for h, kw in inputs

@@ -84,7 +84,7 @@ class ActivationStats(Accumulator):
         x = x.reshape(-1, x.shape[-1]).float()
         if mask is not None:
             x = x[mask.reshape(-1).to(x.device).bool()]
-        self._buf("sum_sq", x.shape[-1], x.device).add_((x * x).sum(0))
+        self._buf("sum_sq", x.shape[-1], x.device).add_(x.square().sum(0))
         if self.with_mean:
             self._buf("sum", x.shape[-1], x.device).add_(x.sum(0))
         self.count += x.shape[0]

@@ -1,0 +1,119 @@
+"""One-shot Wanda cost: time against a plain forward pass over the same calibration tokens, and peak memory with
+8 vs 2 decoder layers of the same width (it must not grow with depth beyond the weights).
+
+    .venv/bin/python benchmarks/oneshot.py [--quick]
+
+Each measurement runs in a fresh subprocess (peak RSS is per process); times are medians of interleaved repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+
+def build(layers: int, hidden: int, inter: int, vocab: int):
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
+                      max_position_embeddings=4096)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def child(args) -> None:
+    import pruning
+
+    torch.set_num_threads(args.threads)
+    rss0 = rss_now()
+    model = build(args.layers, args.hidden, args.inter, args.vocab)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, args.vocab, (args.batch, args.seq), generator=g) for _ in range(args.batches)]
+    out = {"params": sum(p.numel() for p in model.parameters()), "weights_bytes": weights}
+    if args.mode == "memory":
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        pruning.prune(model, calib, method="wanda", sparsity=0.5, progress=False)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        out.update(rss_before_model=rss0, peak_before=base, peak=peak)
+    else:
+        fwd, shot = [], []
+        with torch.no_grad():  # warm-up: first calls pay one-off allocation and kernel selection
+            model(input_ids=calib[0], use_cache=False)
+        pruning.prune(build(args.layers, args.hidden, args.inter, args.vocab), calib[:1], method="wanda",
+                      progress=False)
+        for _ in range(args.repeats):
+            m = build(args.layers, args.hidden, args.inter, args.vocab)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                for ids in calib:
+                    m(input_ids=ids, use_cache=False)
+            fwd.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            pruning.prune(m, calib, method="wanda", sparsity=0.5, progress=False)
+            shot.append(time.perf_counter() - t0)
+        out.update(forward_s=statistics.median(fwd), oneshot_s=statistics.median(shot),
+                   ratios=[s / f for s, f in zip(shot, fwd)])
+    print(json.dumps(out))
+
+
+def run_child(**kw) -> dict:
+    cmd = [sys.executable, __file__, "--child"] + [f"--{k}={v}" for k, v in kw.items()]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--mode", default="time")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--inter", type=int, default=1408)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    if args.quick:
+        args.hidden, args.inter, args.vocab, args.seq, args.batches, args.repeats = 128, 352, 1024, 128, 2, 1
+    common = dict(hidden=args.hidden, inter=args.inter, vocab=args.vocab, seq=args.seq, batch=args.batch,
+                  batches=args.batches, threads=args.threads)
+    t = run_child(mode="time", layers=args.layers, repeats=args.repeats, **common)
+    tokens = args.seq * args.batch * args.batches
+    print(f"## One-shot Wanda (50 % unstructured, per row) vs a plain forward, {t['params'] / 1e6:.1f}M-parameter "
+          f"Llama, {tokens} calibration tokens, {args.threads} CPU threads\n")
+    print("| plain forward (s) | one-shot Wanda (s) | ratio (median) | ratios per repeat | target |")
+    print("|---:|---:|---:|---|---|")
+    ratio = t["oneshot_s"] / t["forward_s"]
+    per = ", ".join(f"{r:.2f}" for r in t["ratios"])
+    print(f"| {t['forward_s']:.2f} | {t['oneshot_s']:.2f} | {ratio:.2f}× | {per} | ≤ 1.5× |\n")
+    print("## Peak memory (RSS) of one-shot Wanda vs depth, same width\n")
+    print("| layers | params | weights (MB) | peak RSS (MB) | peak − weights − interpreter (MB) |")
+    print("|---:|---:|---:|---:|---:|")
+    for layers in (2, args.layers):
+        m = run_child(mode="memory", layers=layers, **common)
+        over = (m["peak"] - m["weights_bytes"] - m["rss_before_model"]) / 2**20
+        print(f"| {layers} | {m['params'] / 1e6:.1f}M | {m['weights_bytes'] / 2**20:.0f} | {m['peak'] / 2**20:.0f} "
+              f"| {over:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

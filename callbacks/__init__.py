@@ -1,0 +1,1 @@
+"""Lightning callbacks over the pruning core (they arrive with the Lightning layer)."""
