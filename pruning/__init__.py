@@ -22,5 +22,6 @@ __all__ = [
     "GradientCollector", "GradientStats", "GroupGradientStats", "GroupSet", "MaskSet", "ModelStructure",
     "PruneResult", "ScoreContext", "SparsityReport", "UnsupportedModelError", "calibration_fingerprint",
     "collect_gradients", "distillation_loss", "get_criterion", "nm_mask", "prune", "register", "register_family",
-    "run_layerwise",
+    "run_layerwise", "compact", "load_pretrained", "save_pretrained",
 ]
+from .surgery import compact, load_pretrained, save_pretrained  # noqa: E402
