@@ -1,1 +1,5 @@
-"""Lightning callbacks over the pruning core (they arrive with the Lightning layer)."""
+"""Lightning callbacks: thin adapters over the pruning core (``callbacks`` decide *when*, ``pruning`` *what*)."""
+
+from .export import ExportOnFitEnd
+
+__all__ = ["ExportOnFitEnd"]
