@@ -46,6 +46,9 @@ class ExportOnFitEnd(pl.Callback):
         self.manifest = dict(manifest or {})
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        merge = getattr(pl_module, "merge_lora", None)
+        if callable(merge):  # LoRA adapters merged (and masks re-applied) before anything is written
+            merge()
         model = find_hf_model(pl_module, self.model_attr)
         masks = find_masks(trainer, pl_module)
         if self.compact and masks is not None and masks.groups:

@@ -1,1 +1,5 @@
-"""Lightning DataModules for calibration and recovery text (they arrive with the Lightning layer)."""
+"""Lightning DataModules for calibration and recovery text (this package may import lightning; ``pruning`` never)."""
+
+from .text import ResumableDataLoader, TextDataModule, alpaca_prompt
+
+__all__ = ["ResumableDataLoader", "TextDataModule", "alpaca_prompt"]

@@ -16,7 +16,7 @@ from .gradients import collect_gradients
 from .importance import ScoreContext, get_criterion
 from .masks import MaskSet, SparsityReport
 from .sequential import run_layerwise
-from .stats import ActivationCollector, GradientCollector
+from .stats import ActivationCollector, ActivationStats, GradientCollector
 from .structure import GroupSet, ModelStructure
 
 Granularity = Literal["unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer"]
@@ -97,6 +97,7 @@ def prune(
     temperature: float = 1.0,
     criterion_options: dict | None = None,
     gradients: GradientCollector | None = None,
+    activations: ActivationCollector | dict[str, ActivationStats] | None = None,
     masks: MaskSet | None = None,
     monotone: bool = True,
     keep_original: bool = False,
@@ -123,6 +124,8 @@ def prune(
     - Gradient methods compute their statistics from ``calibration`` (one backward per sequence) unless
       ``gradients`` is given; ``sdm`` uses ``alpha`` and ``temperature`` for its distillation loss, the teacher
       being the same model with the masks lifted.
+    - ``activations``: activation statistics already accumulated (e.g. by the Lightning importance callback over
+      training steps, whole model at once); then no calibration pass is run and selection is not layer-sequential.
     - Activation methods run one decoder layer at a time (``sequential``), calibration activations passing through
       the already-pruned layers; ``device`` may differ from where the model lives (layers visit it one by one).
     """
@@ -135,7 +138,10 @@ def prune(
     structured = granularity in STRUCTURED
     scope = scope or ("row" if not structured else None)
     calib = [] if calibration is None else [c if c.dim() == 2 else c.unsqueeze(0) for c in calibration]
-    if (criterion.needs_activations or (criterion.needs_gradients and gradients is None)) and not calib:
+    if isinstance(activations, ActivationCollector):
+        activations = activations.stats
+    if ((criterion.needs_activations and activations is None) or (criterion.needs_gradients and gradients is None)) \
+            and not calib:
         raise ValueError(f"method={method!r} needs calibration data: pass calibration=[token-id tensors]")
     for c in calib:
         if c.dtype not in (torch.int64, torch.int32):
@@ -203,8 +209,8 @@ def prune(
     def prev(name):
         return masks.keep_mask(name, weights[name]) if name in masks.names() else None
 
-    layered = sequential and criterion.needs_activations and granularity != "layer" and allocation != "global" \
-        and scope != "global"
+    layered = sequential and criterion.needs_activations and activations is None and granularity != "layer" \
+        and allocation != "global" and scope != "global"
     rates: list[float] | None = None
     if allocation == "rates":
         rates = [float(r) for r in layer_rates]  # type: ignore[union-attr]
@@ -218,16 +224,17 @@ def prune(
         ratios: list[float] = []
 
         def owl_layer(i, forward_all):
-            coll = ActivationCollector(layer_modules(i)).attach() if criterion.needs_activations else None
+            use = criterion.needs_activations and activations is None
+            coll = ActivationCollector(layer_modules(i)).attach() if use else None
             if coll:
                 forward_all(stop_at=structure.linear(i, structure.family.mlp_out))
                 coll.detach()
                 coll.reduce()
-            ctx = context(coll.stats if coll else None)
+            ctx = context(coll.stats if coll else activations)
             names = [n + ".weight" for n in layer_modules(i)]
             ratios.append(alloc.outlier_ratio([criterion.element_scores(n, ctx) for n in names], owl_m))
 
-        if criterion.needs_activations:
+        if criterion.needs_activations and activations is None:
             run_layerwise(model, structure, calib, owl_layer, device=device, store=store, progress=progress)
         else:
             for i in range(structure.num_layers):
@@ -269,8 +276,8 @@ def prune(
 
         run_layerwise(model, structure, calib, on_layer, device=device, store=store, progress=progress)
     else:
-        acts = None
-        if criterion.needs_activations:
+        acts = activations
+        if criterion.needs_activations and acts is None:
             coll = ActivationCollector(act_modules).attach()
             dev = torch.device(device) if device is not None else next(model.parameters()).device
             was = model.training

@@ -1,9 +1,45 @@
-"""The ``pruning`` console script. ``pruning demo`` runs the offline demo; the LightningCLI subcommands
-(``fit``, ``validate``, ...) arrive with the Lightning layer."""
+"""The ``pruning`` console script.
+
+- ``pruning fit --config configs/<recipe>.yaml`` (and ``validate``, ``test``, ``--print_config``): LightningCLI over
+  :class:`pruning.module.DistillationModule` and :class:`datamodules.TextDataModule`; callbacks come from the
+  config's ``trainer.callbacks``.
+- ``pruning demo-model``: train (or reuse) the small Llama that the offline demo config prunes.
+- ``pruning demo``: the one-shot comparison of every criterion on that model (no training loop).
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+
+
+def _threads() -> None:
+    # torchrun leaves OMP_NUM_THREADS unset with one process per node, and DDP processes on one host would each
+    # take every core: honour the variable when set, else share the cores between the local processes.
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        return
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True):
+    """Build the LightningCLI (``run=False`` only parses and instantiates: used by the config tests)."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from datamodules import TextDataModule
+
+    from .module import DistillationModule
+
+    return LightningCLI(
+        DistillationModule,
+        TextDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -13,9 +49,13 @@ def main(argv: list[str] | None = None) -> None:
 
         demo(argv[1:])
         return
-    print("usage: pruning demo [--steps N]\n(the LightningCLI subcommands fit/validate/test are not there yet)",
-          file=sys.stderr)
-    sys.exit(2)
+    if argv and argv[0] == "demo-model":
+        from .demo import prepare
+
+        prepare(argv[1:])
+        return
+    _threads()
+    lightning_cli(argv)
 
 
 if __name__ == "__main__":

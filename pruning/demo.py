@@ -64,6 +64,15 @@ def load_or_train(cache: Path, steps: int, log=print):
     return model
 
 
+def prepare(argv: list[str] | None = None) -> None:
+    """``pruning demo-model``: make sure the demo model is cached (train it if not)."""
+    ap = argparse.ArgumentParser(prog="pruning demo-model", description=prepare.__doc__)
+    ap.add_argument("--steps", type=int, default=800, help="training steps of the demo model")
+    ap.add_argument("--cache", type=Path, default=Path(".cache/demo-model"))
+    args = ap.parse_args(argv)
+    load_or_train(args.cache, args.steps)
+
+
 def nonzero_params(model) -> int:
     return sum(int((p != 0).sum()) for p in model.parameters())
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .structure import GroupSet, Member
+from .structure import GroupSet, Member, named_parameters
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -37,6 +37,14 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     idx = blocks.topk(n, dim=-1).indices
     keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(-1, idx, True)
     return keep.reshape(out_f, in_f)
+
+
+def _product(factors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The full keep mask from broadcastable factors, on ``like``'s device."""
+    mask = torch.ones_like(like, dtype=torch.bool)
+    for f in factors:
+        mask &= f.to(like.device)
+    return mask
 
 
 def _group_factor(member: Member, keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -168,7 +176,7 @@ class MaskSet:
 
     # ------------------------------------------------------------------ applying
     def _resolve(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        params = dict(model.named_parameters(remove_duplicate=False))
+        params = named_parameters(model)
         missing = [n for n in self.names() if n not in params]
         if missing:
             raise KeyError(f"masks name parameters the model does not have: {missing[:5]}")
@@ -188,9 +196,11 @@ class MaskSet:
             if keep_original:
                 full = p.detach().clone()
                 if name in self._stash:
-                    old_keep, old_vals = self._stash[name]
-                    full[~old_keep.to(full.device)] = old_vals.to(full.device, full.dtype)
-                self._stash[name] = (keep.cpu(), full[~keep].cpu())
+                    old_factors, old_vals = self._stash[name]
+                    full[~_product(old_factors, full)] = old_vals.to(full.device, full.dtype)
+                # the mask is kept as its compact factors (a group keep-vector costs O(groups)), the values as the
+                # pruned entries only, on the host: the stash is the pruned fraction of the weights, no more
+                self._stash[name] = ([f.cpu() for f in self.factors(name, p)], full[~keep].cpu())
             p.mul_(keep)
         if self._handles:
             self._params = self._resolve(model)
@@ -209,11 +219,11 @@ class MaskSet:
         The frozen teacher of self-distillation is then the same parameters with the masks lifted: no second copy
         of the model is held on the device, only the pruned values are brought back for the teacher's forward.
         """
-        params = dict(model.named_parameters(remove_duplicate=False))
+        params = named_parameters(model)
         with torch.no_grad():
-            for name, (keep, vals) in self._stash.items():
+            for name, (factors, vals) in self._stash.items():
                 p = params[name]
-                p[~keep.to(p.device)] = vals.to(p.device, p.dtype)
+                p[~_product(factors, p)] = vals.to(p.device, p.dtype)
         try:
             yield
         finally:
@@ -279,8 +289,27 @@ class MaskSet:
                         if torch.is_tensor(v) and v.shape == p.shape:
                             v.mul_(f)
 
+    @classmethod
+    @torch.no_grad()
+    def from_zeros(cls, model: nn.Module, names: Iterable[str]) -> MaskSet:
+        """Element masks that keep exactly the nonzero entries of the named parameters (e.g. the weights of an
+        unstructured export, so that recovery training and LoRA merges cannot revive them)."""
+        params = named_parameters(model)
+        out = cls()
+        for name in names:
+            out.set_element(name, params[name] != 0)
+        return out
+
     # ------------------------------------------------------------------ persistence
-    def state_dict(self) -> dict:
+    def state_dict(self, with_original: bool = False) -> dict:
+        """Masks and group definitions; ``with_original`` adds the stashed original values of pruned weights (what
+        the lifted teacher needs after a resume: the checkpointed weights are already zero there)."""
+        out = self._state()
+        if with_original and self._stash:
+            out["original"] = {k: ([f.clone() for f in fs], vals.clone()) for k, (fs, vals) in self._stash.items()}
+        return out
+
+    def _state(self) -> dict:
         return {
             "element": {k: v.cpu() for k, v in self.element.items()},
             "groups": {k: v.cpu() for k, v in self.groups.items()},
@@ -298,6 +327,8 @@ class MaskSet:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if "original" in state:
+            self._stash = {k: ([f.to(torch.bool) for f in fs], vals) for k, (fs, vals) in state["original"].items()}
         self.element = {k: v.to(torch.bool) for k, v in state["element"].items()}
         self.groups = {k: v.to(torch.bool) for k, v in state["groups"].items()}
         self.group_sets = {
@@ -323,6 +354,7 @@ class MaskSet:
         rep = SparsityReport()
         masked = self.names()
         for name, p in model.named_parameters():
+            name = name.replace(".base_layer.", ".")  # PEFT-wrapped weights report under their own names
             pruned = 0
             if name in masked:
                 pruned = self.pruned_count(name, p)

@@ -59,6 +59,8 @@ class Accumulator:
         t = self.sums.get(key)
         if t is None:
             t = self.sums[key] = torch.zeros(shape, dtype=torch.float32, device=device)
+        elif t.device != torch.device(device):  # restored from a checkpoint onto the host
+            t = self.sums[key] = t.to(device)
         return t
 
 
@@ -148,6 +150,7 @@ class GroupGradientStats(Accumulator):
         super().__init__()
         self.group_set = group_set
         self.kinds = tuple(kinds)
+        self._parts: dict[str, torch.Tensor] = {}  # the open sample's partial sums (hook mode)
         bad = set(self.kinds) - set(GROUP_STATS)
         if bad:
             raise ValueError(f"group statistics {sorted(bad)} unknown; choose from {GROUP_STATS}")
@@ -181,24 +184,71 @@ class GroupGradientStats(Accumulator):
     def compute(self) -> dict[str, torch.Tensor]:
         return dict(self.sums, count=torch.tensor(self.count))
 
+    # ---- member by member (tensor hooks during training: each gradient is seen once, then freed)
+    @torch.no_grad()
+    def add_member(self, name: str, grad: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add one member's ``g⊙w`` of the current sample to the open partial sums; :meth:`close_sample` ends it."""
+        gs = self.group_set
+        n = gs.count
+        m = next(m for m in gs.members if m.name == name)
+        gw = grad.float() * weight.float()
+        if "coupled" in self.kinds and weight.dim() == 2:
+            aligned = _aligned(gw, m.dim, n)
+            if "coupled" in self._parts:
+                self._parts["coupled"].add_(aligned)
+            else:
+                self._parts["coupled"] = aligned
+        if "vector" in self.kinds:
+            total = (gw.movedim(m.dim, 0) if m.dim else gw).reshape(n, -1).sum(1)
+            if "vector" in self._parts:
+                self._parts["vector"].add_(total)
+            else:
+                self._parts["vector"] = total
+
+    @torch.no_grad()
+    def close_sample(self) -> None:
+        """Turn the partial sums of the sample into statistics (abs after the coupled sum) and count it."""
+        parts = self._parts
+        if not parts:
+            return
+        if "coupled" in parts:
+            self._buf("coupled", self.group_set.count, parts["coupled"].device).add_(parts["coupled"].abs().mean(1))
+        if "vector" in parts:
+            self._buf("vector", self.group_set.count, parts["vector"].device).add_(parts["vector"].abs())
+        self._parts = {}
+        self.count += 1
+
 
 class ActivationCollector:
     """Forward pre-hooks that feed :class:`ActivationStats` for a set of Linear modules (by module name)."""
 
-    def __init__(self, modules: dict[str, nn.Module], with_mean: bool = False) -> None:
+    def __init__(self, modules: dict[str, nn.Module], with_mean: bool = False, grad_enabled_only: bool = False) -> None:
+        """``grad_enabled_only``: count only forwards run with autograd on (training steps), not the no-grad
+        forwards of validation or of a teacher sharing the weights."""
         self.modules = modules
         self.stats = {name: ActivationStats(with_mean) for name in modules}
         self._handles: list = []
         self.token_mask: torch.Tensor | None = None  # set by the caller to exclude padding
+        self.grad_enabled_only = grad_enabled_only
 
     def attach(self) -> ActivationCollector:
         self.detach()
         for name, mod in self.modules.items():
-            stat = self.stats[name]
-            self._handles.append(
-                mod.register_forward_pre_hook(lambda m, args, s=stat: s.update(args[0], self.token_mask))
-            )
+            self._handles.append(mod.register_forward_pre_hook(self._hook(self.stats[name])))
         return self
+
+    def _hook(self, stat: ActivationStats):
+        def hook(module, args) -> None:
+            if self.grad_enabled_only and not torch.is_grad_enabled():
+                return
+            # FIX: with gradient checkpointing the layer's forward runs again inside backward (grad enabled), and
+            # every token was counted twice (Σx² and the count doubled: GBLM's activation term off by √2). A forward
+            # run by the autograd engine (a graph task is current) is a recomputation, not a new sample.
+            if self.grad_enabled_only and torch._C._current_graph_task_id() != -1:
+                return
+            stat.update(args[0], self.token_mask)
+
+        return hook
 
     def detach(self) -> None:
         for h in self._handles:
@@ -243,6 +293,10 @@ class GradientCollector:
         self.group_stats = {gs.key: GroupGradientStats(gs, group_kinds) for gs in group_sets}
         needed = {m.name for gs in group_sets for m in gs.members}
         self._group_params = {n: named[n] for n in needed}
+        self._handles: list = []
+        # hook mode: factor that turns the gradient backward produced into the gradient of the sample's own loss
+        # (a trainer may have divided the loss by its accumulation count or multiplied it by an fp16 loss scale)
+        self.grad_scale = 1.0
 
     def update(self) -> None:
         for n, p in self.params.items():
@@ -256,6 +310,53 @@ class GradientCollector:
             weights = {n: p.detach() for n, p in self._group_params.items()}
             for s in self.group_stats.values():
                 s.update(grads, weights)
+
+    # ---- hook mode: per-backward gradients during training
+    def attach(self) -> GradientCollector:
+        """Read every backward's gradient of the chosen parameters through tensor hooks, as it is produced.
+
+        A parameter's tensor hook sees the gradient of *this* backward only, before it is added into ``.grad``:
+        under gradient accumulation it is the micro-batch's gradient (not the running sum ``.grad`` holds), and
+        under DDP it is the rank's local gradient (before the all-reduce), so :meth:`reduce` later sums samples
+        exactly once. Call :meth:`close_sample` after each backward (one backward = one sample). Element
+        statistics are updated inside the hook; group statistics keep one partial sum per group set until the
+        sample is closed, so no gradient is held longer than autograd holds it.
+        """
+        self.detach()
+        handles = []
+        members: dict[str, list[GroupGradientStats]] = {}
+        for s in self.group_stats.values():
+            for m in s.group_set.members:
+                members.setdefault(m.name, []).append(s)
+        for name in sorted(set(self.params) | set(members)):
+            p = self.params.get(name, self._group_params.get(name))
+            if not p.requires_grad:
+                raise RuntimeError(f"{name} does not require grad: its gradient statistics cannot be collected")
+            handles.append(p.register_hook(self._hook(name, p, members.get(name, []))))
+        self._handles = handles
+        return self
+
+    def _hook(self, name: str, p: torch.Tensor, group_stats: list[GroupGradientStats]):
+        stat = self.stats.get(name)
+
+        def hook(grad: torch.Tensor) -> None:
+            if self.grad_scale != 1.0:
+                grad = grad * self.grad_scale
+            if stat is not None:
+                stat.update(grad, p.detach())
+            for s in group_stats:
+                s.add_member(name, grad, p.detach())
+
+        return hook
+
+    def close_sample(self) -> None:
+        for s in self.group_stats.values():
+            s.close_sample()
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def _all(self):
         return list(self.stats.items()) + list(self.group_stats.items())

@@ -155,6 +155,17 @@ class LayerInfo:
     linears: dict[str, nn.Linear] = field(default_factory=dict)  # full module name -> Linear
 
 
+def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters by name, with PEFT's wrapped names also reachable by their original ones: after LoRA injection
+    ``...q_proj.weight`` lives at ``...q_proj.base_layer.weight`` (the same Parameter object), so masks and
+    statistics named before the injection keep resolving."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name in list(params):
+        if ".base_layer." in name:
+            params.setdefault(name.replace(".base_layer.", "."), params[name])
+    return params
+
+
 class ModelStructure:
     """The prunable parts of one model, discovered from its family table.
 

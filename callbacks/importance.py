@@ -1,0 +1,197 @@
+"""Accumulate importance statistics during training steps (a thin adapter over ``pruning.stats``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning.pytorch as pl
+
+from pruning.schedule import Event
+from pruning.stats import ActivationCollector, GradientCollector
+
+
+class ImportanceCallback(pl.Callback):
+    """Collects, during the training steps that lead up to each pruning event, the statistics the
+    :class:`~callbacks.PruningCallback`'s criterion needs (it tells this callback what to collect and when).
+
+    Which hooks, and what "a sample" is:
+
+    - activations: forward pre-hooks on the targeted Linear modules, every token of every training micro-batch
+      (forwards run without autograd — validation, a teacher sharing the weights — are not counted; padding is
+      excluded through the batch's ``attention_mask``);
+    - gradients: tensor hooks on the targeted parameters. A tensor hook sees the gradient of *one* backward, before
+      it is added into ``.grad``: under gradient accumulation that is the micro-batch's gradient (``on_after_backward``
+      would see the running sum), and under DDP it is the rank's own gradient, before the all-reduce, so the later
+      cross-rank reduction counts every sample once. ``on_after_backward`` closes the sample. **A sample is one
+      micro-batch**: with ``per_sample='sequence'`` (default, the papers' definition: one gradient per sequence)
+      every scoring micro-batch must hold one sequence — set the data's ``batch_size: 1`` and use
+      ``accumulate_grad_batches`` for larger optimiser batches; ``per_sample='micro_batch'`` accepts any size.
+    - with ``precision: 16-mixed`` the hooks see gradients multiplied by the loss scale (and an overflowing step's
+      infinities): use bf16 or fp32 for scoring, where gradients are unscaled;
+    - statistics are fp32 sums; they are all-reduced over ranks (SUM) once, when the pruning callback uses them,
+      then reset for the next event.
+
+    Args:
+        window: collect during the last ``window`` optimiser steps before each event (default: every step since
+            the previous event).
+        freeze_weights: scoring steps change no weight: gradients are dropped before the optimiser step
+            (``on_before_optimizer_step``), so no update, no weight decay, no momentum change happens.
+        per_sample: ``sequence`` or ``micro_batch`` (see above).
+    """
+
+    def __init__(self, window: int | None = None, freeze_weights: bool = True,
+                 per_sample: Literal["sequence", "micro_batch"] = "sequence") -> None:
+        if window is not None and window < 1:
+            raise ValueError(f"window={window} must be >= 1 (or null for every step since the previous event)")
+        if per_sample not in ("sequence", "micro_batch"):
+            raise ValueError(f"per_sample={per_sample!r} must be 'sequence' or 'micro_batch'")
+        self.window = window
+        self.freeze_weights = freeze_weights
+        self.per_sample = per_sample
+        self.activations: ActivationCollector | None = None
+        self.gradients: GradientCollector | None = None
+        self.events: list[Event] = []
+        self.samples = 0
+        self._active = False
+        self._saved_loss: tuple | None = None
+        self._pending_state: dict | None = None
+
+    # ------------------------------------------------------------------ set up by the pruning callback
+    def configure(self, activations: ActivationCollector | None, gradients: GradientCollector | None,
+                  events: list[Event]) -> None:
+        self.activations = activations
+        self.gradients = gradients
+        if activations is not None:
+            activations.grad_enabled_only = True
+        self.events = list(events)
+        if self._pending_state is not None:
+            self._load(self._pending_state)
+            self._pending_state = None
+
+    def window_of(self, index: int) -> tuple[int, int]:
+        """Optimiser steps ``[start, end)`` whose micro-batches feed event ``index``."""
+        end = self.events[index].step
+        start = self.events[index - 1].step if index > 0 else 0
+        if self.window is not None:
+            start = max(start, end - self.window)
+        return start, end
+
+    def _event_for(self, step: int) -> Event | None:
+        for i, e in enumerate(self.events):
+            start, end = self.window_of(i)
+            if start <= step < end:
+                return e
+        return None
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if self.activations is None and self.gradients is None:
+            return
+        event = self._event_for(trainer.global_step)
+        if event is None:
+            self._deactivate(pl_module)
+            return
+        if not self._active:
+            self._activate(pl_module, event)
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+        if self.gradients is not None and self.per_sample == "sequence" and ids.shape[0] != 1:
+            raise ValueError(
+                f"per-sample gradient statistics need micro-batches of one sequence; this one has {ids.shape[0]}."
+                " HINT: set data.init_args.batch_size: 1 (with trainer.accumulate_grad_batches for bigger optimiser"
+                " batches), or ImportanceCallback per_sample: micro_batch to treat a micro-batch as a sample."
+            )
+        if self.activations is not None:
+            self.activations.token_mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss) -> None:
+        # FIX: the tensor hooks see the gradient of the loss *as backpropagated*: under automatic optimisation
+        # Lightning divides it by accumulate_grad_batches, and fp16 AMP multiplies it by the GradScaler's scale, so
+        # with accumulate_grad_batches=2 every per-sample gradient statistic came out halved (Σg², Σ|g|: quartered
+        # / halved), not the per-sequence gradients of the core path. Undo both, per backward.
+        if not (self._active and self.gradients is not None):
+            return
+        scale = float(trainer.accumulate_grad_batches) if pl_module.automatic_optimization else 1.0
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale /= float(scaler.get_scale())
+        self.gradients.grad_scale = scale
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active and self.gradients is not None:
+            self.gradients.close_sample()
+        if self._active:
+            self.samples += 1
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if self._active and self.freeze_weights:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # optimisers skip parameters without a gradient: no update, no decay
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._deactivate(pl_module)
+
+    def _activate(self, pl_module: pl.LightningModule, event: Event) -> None:
+        if self.activations is not None:
+            self.activations.attach()
+        if self.gradients is not None:
+            self.gradients.attach()
+        if event.alpha is not None or event.temperature is not None:
+            self._saved_loss = (pl_module.alpha, pl_module.temperature)
+            if event.alpha is not None:
+                pl_module.alpha = event.alpha
+            if event.temperature is not None:
+                pl_module.temperature = event.temperature
+        if self.freeze_weights and hasattr(pl_module, "weights_frozen"):
+            pl_module.weights_frozen = True
+        self._active = True
+
+    def _deactivate(self, pl_module: pl.LightningModule) -> None:
+        if not self._active:
+            return
+        if self.activations is not None:
+            self.activations.detach()
+        if self.gradients is not None:
+            self.gradients.detach()
+        if self._saved_loss is not None:
+            pl_module.alpha, pl_module.temperature = self._saved_loss
+            self._saved_loss = None
+        if hasattr(pl_module, "weights_frozen"):
+            pl_module.weights_frozen = False
+        self._active = False
+
+    # ------------------------------------------------------------------ used by the pruning callback
+    def collected(self) -> tuple[ActivationCollector | None, GradientCollector | None]:
+        """The statistics summed over ranks (call on every rank, once per event)."""
+        for c in (self.activations, self.gradients):
+            if c is not None:
+                c.reduce()
+        return self.activations, self.gradients
+
+    def reset(self) -> None:
+        for c in (self.activations, self.gradients):
+            if c is not None:
+                c.reset()
+        self.samples = 0
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "activations": self.activations.state_dict() if self.activations is not None else None,
+            "gradients": self.gradients.state_dict() if self.gradients is not None else None,
+            "samples": self.samples,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.activations is None and self.gradients is None:
+            self._pending_state = state_dict  # restored before configure(): applied there
+        else:
+            self._load(state_dict)
+
+    def _load(self, state: dict) -> None:
+        if state.get("activations") is not None and self.activations is not None:
+            self.activations.load_state_dict(state["activations"])
+        if state.get("gradients") is not None and self.gradients is not None:
+            self.gradients.load_state_dict(state["gradients"])
+        self.samples = int(state.get("samples", 0))
+

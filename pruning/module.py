@@ -1,0 +1,379 @@
+"""The LightningModule: a student that is pruned and trained, and its frozen original as the distillation teacher.
+
+Loss per token, over positions whose label is not -100: ``(1−α)·CE + α·KL(softmax(z_t/τ) ‖ softmax(z_s))``.
+
+Where the teacher's logits come from (``teacher``):
+
+- ``lifted`` (default): the student's own parameters with the masks lifted (the pruned values are stashed on the
+  host when a mask is applied and written back for the teacher's forward). No second copy of the model exists.
+  This is exact only while weights are frozen, i.e. during scoring steps; a weight-changing step with ``α > 0``
+  is refused with a hint.
+- ``copy``: a frozen copy rebuilt from the same source (``pretrained`` path or ``config`` + ``seed``), optionally in
+  a lower precision (``teacher_dtype``). It is never in the optimiser and never written into checkpoints; a
+  resumed run rebuilds it from its source.
+- ``none``: no teacher; ``α`` must stay 0.
+
+Models load from a hub name or a local path with ``from_pretrained`` (safetensors only, never unpickled; remote
+code only with ``trust_remote_code: true``) or are built from ``config`` (random init, seeded) for tests and demos.
+Recovery with LoRA (``lora``): adapters are injected when the module is built (so DDP sees them from the start) and
+merged at the end of fit; masks are re-applied after the merge, so pruned weights stay exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from .gradients import distillation_loss, next_token_ce
+from .masks import MaskSet
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA recovery (PEFT). SDMPrune's: r=8, alpha=16, dropout=0.05 on q,k,v,o,gate,up,down."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    merge_at_end: bool = True
+
+
+def _dtype(name: str | None, key: str) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ValueError(f"{key}={name!r} must be one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def build_model(
+    pretrained: str | None,
+    config: dict | None,
+    *,
+    dtype: str = "float32",
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A causal LM from a hub name or local path (``from_pretrained``, safetensors only) or from a config dict
+    (``{"model_type": "llama", ...}``, random init seeded by ``seed``)."""
+    if (pretrained is None) == (config is None):
+        raise ValueError("give exactly one of pretrained= (hub name or path) and config= (dict with model_type). "
+                         "HINT: set model.pretrained or model.config")
+    torch_dtype = _dtype(dtype, "dtype")
+    kwargs: dict[str, Any] = {}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if pretrained is not None:
+        return AutoModelForCausalLM.from_pretrained(
+            pretrained, dtype=torch_dtype, trust_remote_code=trust_remote_code, revision=revision, use_safetensors=True,
+            **kwargs)
+    cfg = dict(config)
+    if "model_type" not in cfg:
+        raise ValueError(f"config={config} has no model_type. HINT: e.g. config: {{model_type: llama, ...}}")
+    model_type = cfg.pop("model_type")
+    hf_config = AutoConfig.for_model(model_type, **cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
+                                               **kwargs)
+    return out
+
+
+class DistillationModule(pl.LightningModule):
+    """Teacher + student self-distillation for pruning and recovery (see the module docstring).
+
+    The callbacks in ``callbacks/`` find the Hugging Face model at ``.student`` and read and write ``alpha``,
+    ``temperature``, ``masks`` and ``weights_frozen`` (the contract a user-written module may also follow).
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: dict | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        seed: int = 0,
+        tokenizer: str | None = None,
+        alpha: float = 0.0,
+        temperature: float = 1.0,
+        teacher: Literal["lifted", "copy", "none"] = "lifted",
+        teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        scheduler: Literal["constant", "cosine"] = "constant",
+        min_lr_ratio: float = 0.0,
+        gradient_checkpointing: bool = False,
+        lora: LoraSettings | None = None,
+        keep_zeros: bool = False,
+    ) -> None:
+        """
+        Args:
+            pretrained: hub name or local path of the model to prune (``from_pretrained``).
+            config: instead of ``pretrained``: a config dict with ``model_type`` for a randomly initialised model.
+            dtype: parameter dtype of the student.
+            attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2`` (default: transformers' choice).
+            trust_remote_code: allow modeling code shipped with the checkpoint (off: never run code from a hub).
+            revision: hub revision (branch, tag or commit) of ``model``.
+            seed: seed of the random initialisation when ``config`` is given.
+            tokenizer: tokenizer name or path, exposed as ``.tokenizer`` (default: ``pretrained``'s, if any).
+            alpha: distillation weight α (0 = plain cross-entropy).
+            temperature: τ, dividing the teacher logits only (τ < 1 sharpens the teacher, SDMPrune's choice).
+            teacher: ``lifted`` (same weights, masks lifted; frozen steps only), ``copy`` or ``none``.
+            teacher_dtype: dtype of the teacher copy (default: ``dtype``).
+            lr: peak learning rate (AdamW).
+            weight_decay: AdamW weight decay.
+            betas: AdamW betas.
+            warmup_steps: linear warm-up steps.
+            scheduler: ``constant`` or ``cosine`` (to ``min_lr_ratio``·lr at the last step) after the warm-up.
+            min_lr_ratio: final learning rate of the cosine schedule as a fraction of ``lr``.
+            gradient_checkpointing: recompute activations in backward (less memory, ~30 % more compute).
+            lora: LoRA recovery settings; base weights are frozen and the adapters merged at the end of fit.
+            keep_zeros: the exact zeros of the decoder layers' Linear weights become masks (recovering an
+                unstructured export: training and LoRA merges cannot revive them).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha={alpha} must be in [0, 1]. HINT: model.alpha")
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be > 0. HINT: model.temperature")
+        if teacher not in ("lifted", "copy", "none"):
+            raise ValueError(f"teacher={teacher!r} must be 'lifted', 'copy' or 'none'")
+        if teacher == "none" and alpha > 0:
+            raise ValueError(f"alpha={alpha} needs a teacher. HINT: set teacher: lifted or copy, or alpha: 0")
+        if scheduler not in ("constant", "cosine"):
+            raise ValueError(f"scheduler={scheduler!r} must be 'constant' or 'cosine'")
+        _dtype(teacher_dtype, "teacher_dtype")
+        self.alpha = alpha
+        self.temperature = temperature
+        self.teacher_mode = teacher
+        self.masks: MaskSet | None = None  # set by the pruning callback; the lifted teacher reads it
+        self.weights_frozen = False  # set by the importance callback during scoring steps
+        self.student = build_model(pretrained, config, dtype=dtype, attn_implementation=attn_implementation,
+                                   trust_remote_code=trust_remote_code, revision=revision, seed=seed)
+        if gradient_checkpointing:
+            self.student.gradient_checkpointing_enable()
+        self.tokenizer = self._load_tokenizer(tokenizer or pretrained, trust_remote_code,
+                                              required=tokenizer is not None)
+        if keep_zeros:
+            from .structure import ModelStructure
+
+            names = [n + ".weight" for n in ModelStructure(self.student).targets()]
+            self.masks = MaskSet.from_zeros(self.student, names)
+        self._teacher: list[PreTrainedModel] = []  # a list keeps the copy out of children, state_dict, optimiser
+        self._peft = None
+        if lora is not None:
+            self._inject_lora(lora)
+        self.val_nll = torchmetrics.SumMetric()
+        self.val_tokens = torchmetrics.SumMetric()
+
+    # ------------------------------------------------------------------ building
+    @staticmethod
+    def _load_tokenizer(name: str | None, trust_remote_code: bool, required: bool):
+        if name is None:
+            return None
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError, TypeError):
+            if required:
+                raise
+            return None  # a model directory without tokenizer files (e.g. the byte-level demo model)
+
+    def _inject_lora(self, lora: LoraSettings) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+        # get_peft_model wraps the modules of self.student in place; the base weights stay the same Parameter
+        # objects (renamed ...base_layer.weight), so masks attached to them keep holding
+        self._peft = get_peft_model(self.student, cfg)
+        for name, mod in self.student.named_modules():
+            if hasattr(mod, "lora_A") and hasattr(mod, "base_layer"):
+                for adapter in mod.lora_A:
+                    self._mask_adapter(name + ".weight", mod.base_layer.weight, mod.lora_A[adapter],
+                                       mod.lora_B[adapter])
+
+    def _mask_adapter(self, weight_name: str, weight: torch.Tensor, lora_a: torch.nn.Module,
+                      lora_b: torch.nn.Module) -> None:
+        """Make the adapter's update obey the masks of the weight it adapts: the layer computes ``(W + s·BA) ⊙ M``.
+
+        FIX: masks zero ``W`` (frozen under LoRA) but the adapter path ``s·B·A·x`` is dense, so during recovery the
+        pruned weights were effectively revived, and the model trained and validated was not the one written after
+        the merge (``merge_lora`` adds ``s·BA`` and re-zeroes the pruned entries): on a tiny Llama with 50 %
+        unstructured masks the logits moved by 0.2 at the merge. Row factors of the mask (pruned outputs: MLP
+        neurons' gate/up rows, heads' q/k/v rows) scale the adapter's output, column factors (down/o columns) its
+        input, at no cost; element masks (unstructured, N:M) need the dense ``(B·A) ⊙ M``, computed per forward from
+        the adapter's input. The masks are read at every forward (``self.masks``, set by the pruning callback), so
+        later events are followed; without masks on this weight the adapter runs untouched.
+        """
+        state: dict[str, torch.Tensor] = {}
+
+        def factors() -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+            masks = self.masks
+            if masks is None or weight_name not in masks.names():
+                return None, None, None
+            rows = cols = elem = None
+            for f in masks.factors(weight_name, weight):
+                if f.shape == weight.shape:
+                    elem = f if elem is None else elem & f
+                elif f.shape[0] == weight.shape[0]:
+                    rows = f.reshape(-1) if rows is None else rows & f.reshape(-1)
+                else:
+                    cols = f.reshape(-1) if cols is None else cols & f.reshape(-1)
+            return rows, cols, elem
+
+        def before_a(module, args):
+            state.clear()
+            rows, cols, elem = factors()
+            x = args[0]
+            if cols is not None:
+                x = x * cols.to(x.dtype)
+            if elem is not None:
+                state["x"] = x
+            state["rows"], state["elem"] = rows, elem
+            return (x, *args[1:]) if cols is not None else None
+
+        def after_b(module, args, out):
+            rows, elem, x = state.pop("rows", None), state.pop("elem", None), state.pop("x", None)
+            if elem is not None:
+                delta = lora_b.weight @ lora_a.weight  # [out, in]: the update the merge will add (before scaling)
+                out = torch.nn.functional.linear(x.to(delta.dtype), delta * elem.to(delta.dtype))
+            if rows is not None:
+                out = out * rows.to(out.dtype)
+            return out
+
+        lora_a.register_forward_pre_hook(before_a)
+        lora_b.register_forward_hook(after_b)
+
+    def merge_lora(self) -> None:
+        """Merge the adapters into the base weights and drop them, then re-apply the masks (a merge adds B·A to
+        every entry, pruned ones included)."""
+        if self._peft is None:
+            return
+        self.student = self._peft.merge_and_unload()
+        self._peft = None
+        if self.masks is not None:
+            self.masks.reapply() if self.masks._params else self.masks.apply(self.student)
+
+    @property
+    def teacher(self) -> PreTrainedModel | None:
+        return self._teacher[0] if self._teacher else None
+
+    def setup(self, stage: str) -> None:
+        if self.teacher_mode == "copy" and not self._teacher:
+            hp = self.hparams
+            t = build_model(hp.pretrained, hp.config, dtype=hp.teacher_dtype or hp.dtype,
+                            attn_implementation=hp.attn_implementation, trust_remote_code=hp.trust_remote_code,
+                            revision=hp.revision, seed=hp.seed)
+            t.requires_grad_(False)
+            t.eval()
+            self._teacher.append(t)
+
+    def on_fit_start(self) -> None:
+        record = getattr(self.trainer.datamodule, "record", None) if self._trainer is not None else None
+        if record:  # the data's seed and the sha256 of the token ids used, in the run's output and logs
+            from lightning.pytorch.utilities import rank_zero_info
+
+            digest = record.get("sha256_all", record.get("sha256"))
+            rank_zero_info(f"data: source={record.get('source')} seed={record.get('seed')} "
+                           f"sequences={record.get('sequences')} sha256={digest}")
+            if self.logger is not None:
+                self.logger.log_hyperparams({"data": record})
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+        if self.masks is not None and len(self.masks) and not self.masks._handles:
+            self.masks.attach(self.student)  # keep_zeros: held through every optimiser step
+
+    def on_fit_end(self) -> None:
+        if self.hparams.lora is not None and self.hparams.lora.merge_at_end:
+            self.merge_lora()
+
+    # ------------------------------------------------------------------ loss
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    @torch.no_grad()
+    def teacher_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.teacher_mode == "copy":
+            return self.teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        if not self.weights_frozen:
+            raise RuntimeError(
+                f"alpha={self.alpha} with teacher='lifted' on a step that changes weights: the lifted teacher is "
+                "the original model only while weights are frozen (scoring steps). HINT: set teacher: copy for "
+                "distillation during recovery, or alpha: 0 outside scoring windows."
+            )
+        masks = self.masks
+        ctx = masks.lifted(self.student) if masks is not None and masks.has_original else nullcontext()
+        with ctx:
+            return self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        ids, labels = batch["input_ids"], batch.get("labels", batch["input_ids"])
+        mask = batch.get("attention_mask")
+        teacher = None
+        if self.alpha > 0:
+            # before the student's forward: lifting writes into the weights that backward will read
+            teacher = self.teacher_logits(ids, mask)
+        logits = self(ids, mask)
+        if self.alpha > 0 and self.masks is None and self.teacher_mode == "lifted":
+            teacher = logits.detach()  # nothing pruned yet: the teacher is the student itself
+        loss = distillation_loss(logits, labels, teacher, self.alpha, self.temperature)
+        self.log("train/loss", loss, prog_bar=True, batch_size=ids.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        ids, labels = batch["input_ids"], batch.get("labels", batch["input_ids"])
+        logits = self(ids, batch.get("attention_mask"))
+        nll = next_token_ce(logits, labels, reduction="sum")
+        tokens = (labels[:, 1:] != -100).sum()
+        self.val_nll.update(nll.detach().double())
+        self.val_tokens.update(tokens.double())
+
+    def on_validation_epoch_end(self) -> None:
+        nll, tokens = self.val_nll.compute(), self.val_tokens.compute()
+        self.val_nll.reset()
+        self.val_tokens.reset()
+        if tokens > 0:
+            self.log("val/loss", nll / tokens, sync_dist=False)
+            self.log("val/ppl", torch.exp(nll / tokens), sync_dist=False, prog_bar=True)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        warm, floor = hp.warmup_steps, hp.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            if hp.scheduler == "constant":
+                return 1.0
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

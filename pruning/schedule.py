@@ -1,0 +1,93 @@
+"""When to prune and to what sparsity: schedules as data (YAML can express every one; no lambdas).
+
+A schedule is a list of *events* ``(step, sparsity)``: at optimiser step ``step`` the masks are recomputed so that
+``sparsity`` of the targets is pruned (monotone: what an earlier event pruned stays pruned). An event may carry the
+loss its scores are computed with (``alpha``, ``temperature``: SDMPrune's two stages are two events).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class Event:
+    """One pruning event: at optimiser step ``step``, prune to ``sparsity``.
+
+    ``alpha``/``temperature`` (optional): the distillation loss of the scoring steps that lead to this event
+    (``(1−α)·CE + α·KL(softmax(z_t/τ) ‖ softmax(z_s))``); ``None`` leaves the module's own loss unchanged.
+    """
+
+    step: int
+    sparsity: float
+    alpha: float | None = None
+    temperature: float | None = None
+
+
+@dataclass
+class Schedule:
+    """Pruning schedule. ``kind``:
+
+    - ``one_shot``: prune to ``sparsity`` at ``step``;
+    - ``steps``: the explicit list ``events`` (each ``{step, sparsity[, alpha, temperature]}``);
+    - ``cubic`` (Zhu & Gupta 2017, "To prune, or not to prune"): from ``initial_sparsity`` at ``start_step`` to
+      ``sparsity`` at ``end_step``, an event every ``every`` steps, ``s_t = s_f + (s_0 − s_f)(1 − (t − t_0)/(t_1 −
+      t_0))³`` (fast early, gentle at the end).
+    """
+
+    kind: Literal["one_shot", "steps", "cubic"] = "one_shot"
+    step: int = 0
+    sparsity: float = 0.5
+    events: list[Event] = field(default_factory=list)
+    initial_sparsity: float = 0.0
+    start_step: int = 0
+    end_step: int = 0
+    every: int = 1
+    alpha: float | None = None
+    temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        self.events = [e if isinstance(e, Event) else Event(**e) for e in self.events]
+        if self.kind not in ("one_shot", "steps", "cubic"):
+            raise ValueError(f"schedule.kind={self.kind!r} must be 'one_shot', 'steps' or 'cubic'")
+        if self.kind == "steps" and not self.events:
+            raise ValueError("schedule.kind='steps' needs schedule.events: [{step: 10, sparsity: 0.3}, ...]")
+        if self.kind == "cubic":
+            if self.end_step <= self.start_step:
+                raise ValueError(f"schedule.end_step={self.end_step} must be > schedule.start_step={self.start_step}")
+            if self.every < 1:
+                raise ValueError(f"schedule.every={self.every} must be >= 1")
+        plan = self.plan()
+        for e in plan:
+            if not 0 <= e.sparsity < 1:
+                raise ValueError(f"schedule: sparsity={e.sparsity} at step {e.step} must be in [0, 1)")
+            if e.step < 0:
+                raise ValueError(f"schedule: step={e.step} must be >= 0")
+        steps = [e.step for e in plan]
+        if steps != sorted(set(steps)):
+            raise ValueError(f"schedule: event steps {steps} must be strictly increasing")
+
+    @staticmethod
+    def cubic_sparsity(t: int, s0: float, sf: float, t0: int, t1: int) -> float:
+        """Zhu & Gupta's cubic sparsity at step ``t`` (clamped to ``[t0, t1]``)."""
+        frac = min(max((t - t0) / (t1 - t0), 0.0), 1.0)
+        return sf + (s0 - sf) * (1.0 - frac) ** 3
+
+    def plan(self) -> list[Event]:
+        """Every event, in step order."""
+        if self.kind == "one_shot":
+            return [Event(self.step, self.sparsity, self.alpha, self.temperature)]
+        if self.kind == "steps":
+            return sorted(self.events, key=lambda e: e.step)
+        n = math.ceil((self.end_step - self.start_step) / self.every)
+        steps = [min(self.start_step + k * self.every, self.end_step) for k in range(n + 1)]
+        return [
+            Event(t, self.cubic_sparsity(t, self.initial_sparsity, self.sparsity, self.start_step, self.end_step),
+                  self.alpha, self.temperature)
+            for t in steps
+        ]
+
+    def final_sparsity(self) -> float:
+        return self.plan()[-1].sparsity
