@@ -111,8 +111,13 @@ def prune(
     """Score, select and apply masks in one call; afterwards ``model`` computes as the pruned model.
 
     - ``calibration``: iterable of token-id tensors ``[batch, seq]`` (needed by activation and gradient methods).
-    - ``method``: a registered criterion (``magnitude``, ``wanda``, ``taylor``, ``gblm``, ``sdm``, ...);
-      ``criterion_options`` are its own knobs (e.g. ``{"alpha": 100, "gradient_norm": "l1"}`` for gblm).
+    - ``method``: a registered criterion (``magnitude``, ``wanda``, ``taylor``, ``gblm``, ``sdm``, ``sparsegpt``,
+      ``mutual_info``, ...); ``criterion_options`` are its own knobs (e.g. ``{"alpha": 100, "gradient_norm": "l1"}``
+      for gblm, ``{"percdamp": 0.01, "blocksize": 128}`` for sparsegpt, ``{"samples": 256, "cluster_size": 128}``
+      for mutual_info).
+    - ``sparsegpt`` also rewrites the weights it keeps (OBS reconstruction from each Linear's ``H = 2XXᵀ``):
+      unstructured and N:M only, per layer (``uniform``, ``owl`` — outlier ratios from Wanda's scores — or
+      ``rates``); its damping and Cholesky retries per weight are in ``result.info["diagnostics"]``.
     - ``granularity``: ``unstructured``, ``2:4``/``4:8`` (N:M over consecutive input columns), ``mlp_neuron``,
       ``attention_head`` (whole KV groups), ``query_head`` (same count per KV group) or ``layer``.
     - ``sparsity`` is a fraction of the targeted weights, or of all model parameters with
@@ -151,6 +156,13 @@ def prune(
     if criterion.needs_activations and (include_embeddings or include_lm_head):
         raise ValueError(f"method={method!r} needs Linear inputs: embeddings/lm_head can only be targeted by "
                          "gradient or magnitude criteria")
+    if not criterion.global_ranking and (allocation == "global" or scope == "global"):
+        raise ValueError(f"method={method!r} scores each layer on its own terms (per-layer reconstruction or ranks): "
+                         "there is no global ranking. HINT: use allocation='uniform', 'owl' or 'rates'"
+                         + (", scope='row' or 'layer'" if not structured else ""))
+    if criterion.reconstructs and keep_original:
+        raise ValueError(f"method={method!r} also changes the weights it keeps, so the lifted teacher "
+                         "(keep_original=True) would not be the original model. HINT: keep a separate teacher")
     masks = masks if masks is not None else MaskSet()
     info: dict = {
         "method": method, "criterion_options": opts, "granularity": granularity, "sparsity": sparsity,
@@ -253,11 +265,18 @@ def prune(
             gs = group_sets[i]
             scores = alloc._exclude_pruned(criterion.group_scores(gs, ctx).float(), masks.groups.get(gs.key))
             keep_n = (alloc.keep_counts_uniform([gs.count], rate, gs.partitions)[0])
+            keep_n = max(keep_n, criterion.min_keep_count(gs))  # a criterion's own stopping rule (MI threshold)
             masks.set_groups(gs, alloc.topk_keep(scores, keep_n, gs.partitions), monotone)
             kept[i] = int(masks.groups[gs.key].sum())
             return
         for name in target_names:
             if structure.layer_of(name) != i:
+                continue
+            if criterion.reconstructs:  # SparseGPT: the mask and the new values of the kept weights together
+                keep, new, _ = criterion.prune_weight(name, ctx, rate, nm, scope, prev(name))
+                with torch.no_grad():
+                    weights[name].copy_(new.to(weights[name].device, weights[name].dtype))
+                masks.set_element(name, keep, monotone)
                 continue
             scores = criterion.element_scores(name, ctx)
             keep = alloc.select_nm(scores, *nm, prev(name)) if nm else alloc.select_unstructured(
@@ -266,7 +285,7 @@ def prune(
 
     if layered:
         def on_layer(i, forward_all):
-            coll = ActivationCollector(layer_modules(i)).attach()
+            coll = ActivationCollector(layer_modules(i), **criterion.collector_options()).attach()
             # the statistics pass ends at the MLP output projection's input: its output is recomputed after pruning
             forward_all(stop_at=structure.linear(i, structure.family.mlp_out))
             coll.detach()
@@ -278,7 +297,7 @@ def prune(
     else:
         acts = activations
         if criterion.needs_activations and acts is None:
-            coll = ActivationCollector(act_modules).attach()
+            coll = ActivationCollector(act_modules, **criterion.collector_options()).attach()
             dev = torch.device(device) if device is not None else next(model.parameters()).device
             was = model.training
             model.eval()
@@ -316,6 +335,8 @@ def prune(
 
     if kept:
         info["kept_groups_per_layer"] = kept
+    if getattr(criterion, "diagnostics", None):  # e.g. SparseGPT's damping/retries, MI's clusters and timings
+        info["diagnostics"] = dict(criterion.diagnostics)
     report = masks.report(model, targets=target_names)
     info["report"] = {"targeted": report.targeted.as_dict(), "model": report.model.as_dict()}
     return PruneResult(masks=masks, report=report, info=info)

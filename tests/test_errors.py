@@ -29,7 +29,7 @@ def test_sparsity_out_of_range(llama, sparsity):
 
 def test_unknown_method_lists_known(llama):
     with pytest.raises(ValueError, match=r"method='obs' is not a known criterion; choose from \[.*'gblm', "
-                                         r"'magnitude', 'sdm', 'taylor', 'wanda'\]"):
+                                         r".*'magnitude', .*'sdm', .*'taylor', .*'wanda'\]"):
         pruning.prune(llama, method="obs", progress=False)
 
 

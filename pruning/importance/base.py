@@ -64,6 +64,13 @@ class Criterion:
 
     name: ClassVar[str]
     needs_activations: ClassVar[bool] = False
+    # activation statistics besides Σx² (see ActivationStats: "gram" for SparseGPT, "samples" for mutual information)
+    act_kinds: ClassVar[tuple[str, ...]] = ("sum_sq",)
+    # True when the criterion also rewrites the weights it keeps (SparseGPT): pruning then goes through prune_weight
+    reconstructs: ClassVar[bool] = False
+    # False when scores of different layers cannot be compared (per-layer ranks, per-layer reconstruction): then
+    # allocation='global' and scope='global' are refused
+    global_ranking: ClassVar[bool] = True
     grad_kinds: ClassVar[tuple[str, ...]] = ()
     group_kinds: ClassVar[tuple[str, ...]] = ()
     granularities: ClassVar[tuple[str, ...]] = (
@@ -74,8 +81,25 @@ class Criterion:
     def needs_gradients(self) -> bool:
         return bool(self.grad_kinds or self.group_kinds)
 
+    def collector_options(self) -> dict:
+        """Keyword arguments for the :class:`~pruning.stats.ActivationCollector` that gathers this criterion's
+        activation statistics (``kinds``, and for ``samples`` their number and seed)."""
+        return {"kinds": self.act_kinds}
+
     def element_scores(self, name: str, ctx: ScoreContext) -> torch.Tensor:
         raise NotImplementedError
+
+    def prune_weight(
+        self, name: str, ctx: ScoreContext, sparsity: float, nm: tuple[int, int] | None, scope: str,
+        prev_keep: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """For ``reconstructs`` criteria: ``(keep mask, new weight, info)`` of one weight at ``sparsity`` (or N:M)."""
+        raise NotImplementedError(f"{self.name} selects by scores; it does not reconstruct weights")
+
+    def min_keep_count(self, gs: GroupSet) -> int:
+        """Groups of ``gs`` that must stay whatever the sparsity (after :meth:`group_scores` ran on it); a criterion
+        with its own stopping rule (mutual information's threshold) raises it. Default 0."""
+        return 0
 
     def group_scores(self, gs: GroupSet, ctx: ScoreContext) -> torch.Tensor:
         total = torch.zeros(gs.count, dtype=torch.float32)

@@ -1,0 +1,280 @@
+"""SAAP: the fused criterion by hand, σ learned on a planted problem, the fluctuation ranking and its repair, and
+group fine-tuning in a Lightning run (only the active group of layers changes)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from tiny import calib, tiny_model
+from torch.utils.data import DataLoader
+
+import pruning
+from callbacks.group_finetune import GroupFinetuneCallback
+from pruning import ranking
+from pruning.importance import ScoreContext, get_criterion
+from pruning.importance.saap import SAAPEstimate, fuse, learn_uncertainty_weights, normalise, saap_scores
+from pruning.stats import GradientStats, GroupGradientStats
+from pruning.structure import GroupSet, Member
+
+torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
+
+T = torch.tensor
+
+
+# ------------------------------------------------------------------------------------------------- the criterion
+def _stats_case():
+    """Two groups: row g of a.weight [2, 2] and column g of b.weight [2, 2]."""
+    gs = GroupSet("mlp_neuron", 0, 2, (Member("a.weight", 0, 1), Member("b.weight", 1, 1)), numels=(4, 4))
+    weights = {"a.weight": torch.ones(2, 2), "b.weight": torch.ones(2, 2)}
+    vec = GroupGradientStats(gs, ("vector",))
+    vec.sums["vector"] = T([1.0, 3.0])  # mean 2 -> normalised [0.5, 1.5]
+    grads = {}
+    for name, v in (("a.weight", [[1.0, 1.0], [2.0, 2.0]]), ("b.weight", [[1.0, 0.0], [1.0, 2.0]])):
+        s = GradientStats(("sum_abs_gw",))
+        s.sums["sum_abs_gw"] = T(v)
+        grads[name] = s
+    # element: group 0 = (1+1) + (1+1) = 4, group 1 = (2+2) + (0+2) = 6 -> mean 5 -> [0.8, 1.2]
+    return gs, ScoreContext(weights=weights, grad=grads, group={gs.key: vec})
+
+
+def test_saap_fusion_hand_computed():
+    gs, ctx = _stats_case()
+    crit = get_criterion("saap", sigma=[1.0, 2.0])
+    assert crit.grad_kinds == ("sum_abs_gw",) and crit.group_kinds == ("vector",)
+    # I = vec/(2·1) + elem/(2·4) + log 2
+    expected = T([0.5, 1.5]) / 2 + T([0.8, 1.2]) / 8 + math.log(2.0)
+    torch.testing.assert_close(crit.group_scores(gs, ctx), expected)
+    # per-layer σ overrides the global one; default σ = (1, 1): equal weights ½
+    crit = get_criterion("saap", sigma=[1.0, 2.0], sigmas={"mlp_neuron.0": [3.0, 1.0]})
+    torch.testing.assert_close(crit.group_scores(gs, ctx), T([0.5, 1.5]) / 18 + T([0.8, 1.2]) / 2 + math.log(3.0))
+    torch.testing.assert_close(get_criterion("saap").group_scores(gs, ctx), (T([0.5, 1.5]) + T([0.8, 1.2])) / 2)
+    mm = get_criterion("saap", normalise="minmax").group_scores(gs, ctx)
+    torch.testing.assert_close(mm, T([0.0, 1.0]))
+
+
+def test_saap_bad_options_and_granularity():
+    with pytest.raises(ValueError, match="two positive numbers"):
+        get_criterion("saap", sigma=[1.0, 0.0])
+    with pytest.raises(ValueError, match="'mean' or 'minmax'"):
+        get_criterion("saap", normalise="zscore")
+    with pytest.raises(ValueError, match="does not support granularity='unstructured'"):
+        get_criterion("saap").check_granularity("unstructured")
+
+
+# ------------------------------------------------------------------------------------------------- learning σ
+def _planted(batches: int, groups: int = 256, seed: int = 0) -> tuple[torch.Tensor, list[tuple]]:
+    """The vector term measures the true importance with 5 % noise; the element term is pure noise."""
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.randn(groups, generator=g).exp()
+    terms = []
+    for _ in range(batches):
+        vec = truth * (1 + 0.05 * torch.randn(groups, generator=g))
+        elem = torch.rand(groups, generator=g)
+        terms.append((vec, elem))
+    return truth, terms
+
+
+def test_sigma_learning_downweights_the_noise_term():
+    truth, terms = _planted(16)
+    history: list[tuple[float, float]] = []
+    s1, s2 = learn_uncertainty_weights(terms, history=history)
+    assert history[0] == (1.0, 1.0)
+    w = [(1 / (2 * a * a), 1 / (2 * b * b)) for a, b in history]
+    assert w[-1][1] < w[0][1] / 2  # the noise term's weight went down from ½ ...
+    assert w[-1][0] > w[0][0] * 10  # ... and the informative term's went up
+    assert w[-1][0] > 100 * w[-1][1]
+    # converged: the last iterations no longer move σ, and the fixed point does not depend on more iterations
+    assert abs(history[-1][0] - history[-2][0]) < 1e-6 and abs(history[-1][1] - history[-2][1]) < 1e-6
+    assert learn_uncertainty_weights(terms, iterations=1000) == pytest.approx((s1, s2), rel=1e-5)
+    # and σ is stable in the data: other batches of the same problem give nearly the same values
+    s1b, s2b = learn_uncertainty_weights(_planted(16, seed=1)[1])
+    assert s1b == pytest.approx(s1, rel=0.2) and s2b == pytest.approx(s2, rel=0.2)
+    # the fused score recovers the truth better than equal weights do
+    vec = normalise(torch.stack([v for v, _ in terms]).sum(0))
+    elem = normalise(torch.stack([e for _, e in terms]).sum(0))
+
+    def rank_corr(a, b):
+        ra, rb = a.argsort().argsort().float(), b.argsort().argsort().float()
+        return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+    assert rank_corr(fuse(vec, elem, (s1, s2)), truth) > 0.99
+    assert rank_corr(fuse(vec, elem, (s1, s2)), truth) > rank_corr(fuse(vec, elem, (1.0, 1.0)), truth) + 0.02
+
+
+def test_sigma_learning_needs_two_batches():
+    with pytest.raises(ValueError, match="at least 2 calibration batches"):
+        learn_uncertainty_weights([(torch.ones(3), torch.ones(3))])
+
+
+def test_saap_scores_on_a_model_match_prune():
+    """σ from per-batch statistics; the fused scores of the whole set are the criterion's in pruning.prune."""
+    model = tiny_model("llama", 2)
+    data = calib(6, seq=12, batch=2)
+    est = saap_scores(model, data, "mlp_neuron", progress=False)
+    s1, s2 = est.sigmas["mlp_neuron.0"]
+    assert s1 > 0 and s2 > 0 and est.sigma_history[0] == (1.0, 1.0)
+    assert len(est.batch_scores["mlp_neuron.1"]) == 3
+    opts = est.criterion_options()
+    assert opts["sigma"] == [s1, s2]
+    result = pruning.prune(model, data, "saap", 0.25, "mlp_neuron", criterion_options=opts, progress=False)
+    for i, key in enumerate(est.keys):
+        keep = result.masks.groups[key]
+        assert int(keep.sum()) == 48
+        expected = torch.zeros(64, dtype=torch.bool)
+        expected[torch.topk(est.scores[key], 48).indices] = True
+        assert torch.equal(keep.cpu(), expected), f"layer {i}"
+    # attention groups (KV groups) are scored too
+    res = pruning.prune(tiny_model("llama", 2), data, "saap", 0.5, "attention_head", progress=False)
+    assert res.info["kept_groups_per_layer"] == {0: 1, 1: 1}
+
+
+# ------------------------------------------------------------------------------------------------- the ranking
+def test_project_rates_mean_bounds_and_whole_groups():
+    counts = [64] * 8
+    rates = ranking.project_rates([0.9, 0.8, 0.0, 0.1, 0.3, 0.5, 0.2, 0.95], 0.25, counts, max_rate=0.5)
+    assert sum(rates) / 8 == 0.25
+    assert all(0 <= r <= 0.5 and (r * 64).is_integer() for r in rates)
+    # the order of the layers' rates is kept (clip-and-shift)
+    assert rates[2] <= rates[3] <= rates[6] <= rates[4] <= rates[5]
+    # query heads: steps of one head per KV group, mean exact when reachable
+    q = ranking.project_rates([0.1, 0.6, 0.3, 0.2], 0.25, [32] * 4, partitions=4, max_rate=0.9)
+    assert sum(q) / 4 == 0.25 and all((r * 8).is_integer() for r in q)
+    with pytest.raises(ValueError, match="cannot be met with max_rate=0.2"):
+        ranking.project_rates([0.3] * 4, 0.3, [64] * 4, max_rate=0.2)
+
+
+def test_ranked_rates_nonuniform_with_target_mean():
+    indicator = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4]
+    rates = ranking.ranked_rates(indicator, 0.25, [64] * 8, spread=0.15)
+    assert sum(rates) / 8 == 0.25 and len(set(rates)) > 4
+    order = sorted(range(8), key=lambda i: indicator[i])
+    assert [rates[i] for i in order] == sorted(rates, reverse=True)  # more stable -> pruned more
+    # a spread beyond the target leaves the most fluctuating layers unpruned; skipped layers are never pruned
+    rates = ranking.ranked_rates(indicator, 0.25, [64] * 8, spread=0.4, skip_layers=[0])
+    assert rates[0] == 0.0 and rates[2] == 0.0 and sum(rates) / 8 == 0.25
+    # a target that is not a whole number of groups: the nearest reachable mean (102 of 512 groups)
+    rates = ranking.ranked_rates(indicator, 0.2, [64] * 8)
+    assert sum(rates) * 64 == 102
+
+
+def test_saap_layer_rates_from_fluctuation():
+    """Planted: layer 0's importances jump from batch to batch, layer 2's are stable -> layer 2 loses most."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(64, generator=g) + 0.5
+    noise = [0.6, 0.3, 0.01, 0.1]
+    batch_scores = {f"mlp_neuron.{i}": [base * (1 + n * torch.randn(64, generator=g)).abs() for _ in range(5)]
+                    for i, n in enumerate(noise)}
+    keys = list(batch_scores)
+    est = SAAPEstimate(granularity="mlp_neuron", keys=keys, per_batch={}, sigmas={k: (1.0, 1.0) for k in keys},
+                       scores={k: torch.stack(v).sum(0) for k, v in batch_scores.items()}, batch_scores=batch_scores,
+                       counts=[64] * 4)
+    rates, ind = ranking.saap_layer_rates(est, 0.25, spread=0.2)
+    assert ind[2] < ind[3] < ind[1] < ind[0]
+    assert rates[2] > rates[3] > rates[1] > rates[0]
+    assert sum(rates) / 4 == 0.25
+    # the rates drive pruning.prune directly
+    model = tiny_model("llama", 4)
+    res = pruning.prune(model, None, "magnitude", 0.25, "mlp_neuron", allocation="rates", layer_rates=rates,
+                        progress=False)
+    assert [64 - res.info["kept_groups_per_layer"][i] for i in range(4)] == [round(r * 64) for r in rates]
+
+
+def test_saap_end_to_end_rates_on_a_model():
+    model = tiny_model("llama", 4)
+    est = saap_scores(model, calib(8, seq=12, batch=2), "mlp_neuron", progress=False)
+    rates, ind = ranking.saap_layer_rates(est, 0.25)
+    assert len(set(rates)) > 1 and sum(rates) / 4 == 0.25
+    rates, ind = ranking.saap_layer_rates(est, 0.25, fluctuation="groups", spread=0.2)
+    assert len(set(rates)) > 1 and sum(rates) / 4 == 0.25
+    with pytest.raises(ValueError, match="'batches' or 'groups'"):
+        ranking.saap_layer_rates(est, 0.25, fluctuation="layers")
+
+
+def test_saap_through_the_callbacks_equals_core():
+    """ImportanceCallback + PruningCallback(criterion='saap', allocation='rates') give the core's masks."""
+    import copy
+
+    from callbacks import ImportanceCallback, PruningCallback
+    from pruning.module import DistillationModule
+    from pruning.schedule import Schedule
+
+    cfg = dict(CFG, num_hidden_layers=2)
+    module = DistillationModule(config=cfg, attn_implementation="eager")
+    ref = copy.deepcopy(module.student).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 128, (16,), generator=g) for _ in range(4)]
+    opts = {"sigma": [0.5, 2.0]}
+    pc = PruningCallback("saap", "mlp_neuron", Schedule(step=4, sparsity=0.25), allocation="rates",
+                         layer_rates=[0.125, 0.375], criterion_options=opts)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_steps=5, callbacks=[ImportanceCallback(), pc])
+    trainer.fit(module, DataLoader([{"input_ids": s} for s in seqs] * 2, batch_size=1))
+    res = pruning.prune(ref, [s[None] for s in seqs], "saap", 0.25, "mlp_neuron", allocation="rates",
+                        layer_rates=[0.125, 0.375], criterion_options=opts, progress=False)
+    assert [int(pc.masks.groups[f"mlp_neuron.{i}"].sum()) for i in range(2)] == [56, 40]
+    for k in res.masks.groups:
+        assert torch.equal(pc.masks.groups[k], res.masks.groups[k]), k
+
+
+# ------------------------------------------------------------------------------------------------- group fine-tuning
+CFG = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+class Snapshots(pl.Callback):
+    def __init__(self) -> None:
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def _take(self, pl_module) -> None:
+        self.states.append({n: p.detach().clone() for n, p in pl_module.student.named_parameters()})
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._take(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._take(pl_module)
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    out = set()
+    for n in before:
+        if not torch.equal(before[n], after[n]):
+            out.add(n.split(".")[2] if n.startswith("model.layers.") else "outside")
+    return out
+
+
+@pytest.mark.parametrize("mode", ["drop_grads", "requires_grad"])
+def test_group_finetune_trains_one_group_at_a_time(mode):
+    from pruning.module import DistillationModule
+
+    pl.seed_everything(0, verbose=False)
+    module = DistillationModule(config=CFG, attn_implementation="eager", lr=1e-2, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 128, (16,), generator=g)} for _ in range(8)]
+    snaps = Snapshots()
+    cb = GroupFinetuneCallback(groups=2, steps_per_group=2, start_step=1, mode=mode)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_steps=6, callbacks=[cb, snaps])
+    trainer.fit(module, DataLoader(data, batch_size=1))
+    assert cb.layer_groups == [[0, 1], [2, 3]]
+    s = snaps.states
+    assert len(s) == 7
+    assert _changed(s[0], s[1]) == {"0", "1", "2", "3", "outside"}  # step 0 < start_step: everything trains
+    for step in (1, 2):
+        assert _changed(s[step], s[step + 1]) == {"0", "1"}, step
+    for step in (3, 4):
+        assert _changed(s[step], s[step + 1]) == {"2", "3"}, step
+    assert _changed(s[5], s[6]) == {"0", "1"}  # cycles back to the first group
+    assert all(p.requires_grad for p in module.student.parameters())  # flags restored
+
+
+def test_group_finetune_validates():
+    with pytest.raises(ValueError, match="steps_per_group=0"):
+        GroupFinetuneCallback(groups=2, steps_per_group=0)
+    with pytest.raises(ValueError, match="mode='freeze'"):
+        GroupFinetuneCallback(mode="freeze")
+    cb = GroupFinetuneCallback(groups=3, steps_per_group=10, start_step=5, cycle=False)
+    assert [cb.turn(s) for s in (0, 5, 14, 15, 34, 35)] == [None, 0, 0, 1, 2, None]
