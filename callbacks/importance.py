@@ -107,7 +107,8 @@ class ImportanceCallback(pl.Callback):
         # FIX: the tensor hooks see the gradient of the loss *as backpropagated*: under automatic optimisation
         # Lightning divides it by accumulate_grad_batches, and fp16 AMP multiplies it by the GradScaler's scale, so
         # with accumulate_grad_batches=2 every per-sample gradient statistic came out halved (Σg², Σ|g|: quartered
-        # / halved), not the per-sequence gradients of the core path. Undo both, per backward.
+        # / halved), not the per-sequence gradients of the core path. Undo both, per backward (PruningCallback
+        # refuses fp16 for gradient criteria, for its overflowing steps; the loss-scale division is a safety net).
         if not (self._active and self.gradients is not None):
             return
         scale = float(trainer.accumulate_grad_batches) if pl_module.automatic_optimization else 1.0

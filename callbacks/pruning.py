@@ -143,7 +143,8 @@ class PruningCallback(pl.Callback):
             return
         model = self._model = find_hf_model(pl_module, self.model_attr)
         if self.keep_original is None:
-            self.keep_original = getattr(pl_module, "teacher_mode", None) == "lifted"
+            self.keep_original = getattr(pl_module, "teacher_mode", None) == "lifted" \
+                and not self.criterion.reconstructs
         if isinstance(getattr(pl_module, "masks", None), MaskSet) and pl_module.masks is not self.masks:
             self.masks = pl_module.masks  # the module's masks (e.g. keep_zeros) are continued, monotonically
         if hasattr(pl_module, "masks"):
@@ -181,7 +182,7 @@ class PruningCallback(pl.Callback):
             act_modules = structure.targets(self.options["include_embeddings"], self.options["include_lm_head"])
             params = [n + ".weight" for n in act_modules]
         if crit.needs_activations:
-            act = ActivationCollector(act_modules)
+            act = ActivationCollector(act_modules, **crit.collector_options())  # e.g. Gram matrices for sparsegpt
         if crit.needs_gradients:
             try:
                 grads = GradientCollector(
@@ -276,6 +277,13 @@ class PruningCallback(pl.Callback):
                 store[k] = new
         if changed:
             self.masks.apply(model)
+        if self.criterion.reconstructs:  # SparseGPT rewrote the kept weights: rank 0's values everywhere too
+            params = dict(model.named_parameters())
+            for k in sorted(self.masks.element):
+                p = params[k]
+                t = p.data.to(device)
+                dist.broadcast(t, src=0)
+                p.data.copy_(t)
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:

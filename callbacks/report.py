@@ -96,7 +96,9 @@ class PruningReport(pl.Callback):
             base = self._dense.to(pl_module.device)
             calib = None
             if pruner.criterion.needs_activations or self.baseline != "magnitude":
-                calib = [b["input_ids"] for _, b in zip(range(8), trainer.datamodule.train_dataloader())]
+                dm = trainer.datamodule
+                calib = dm.calibration_batches(32) if hasattr(dm, "calibration_batches") else \
+                    [b["input_ids"] for _, b in zip(range(32), dm.train_dataloader())]
             opts = {k: v for k, v in pruner.options.items() if k != "layer_rates" or v is not None}
             res = prune(base, calib, self.baseline, pruner.schedule.final_sparsity(), pruner.granularity,
                         progress=False, **opts)

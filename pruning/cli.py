@@ -5,6 +5,10 @@
   config's ``trainer.callbacks``.
 - ``pruning demo-model``: train (or reuse) the small Llama that the offline demo config prunes.
 - ``pruning demo``: the one-shot comparison of every criterion on that model (no training loop).
+- ``pruning eval PATH``: held-out perplexity (recorded protocol) and lm-eval tasks of an export, a checkpoint or a
+  hub model, in-process (:mod:`pruning.eval_cli`).
+- ``pruning search``: Self-Pruner's evolutionary search of per-layer rates (:mod:`pruning.search`).
+- ``pruning rank``: SAAP's importance-fluctuation ranking into per-layer rates (:mod:`pruning.ranking`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,23 @@ def main(argv: list[str] | None = None) -> None:
         from .demo import prepare
 
         prepare(argv[1:])
+        return
+    if argv and argv[0] == "eval":
+        _threads()
+        from .eval_cli import main as eval_main
+
+        eval_main(argv[1:])
+        return
+    if argv and argv[0] in ("search", "rank"):
+        _threads()
+        if argv[0] == "search":
+            from .search import main as search
+
+            search(argv[1:])
+        else:
+            from .ranking import main as rank
+
+            rank(argv[1:])
         return
     _threads()
     lightning_cli(argv)

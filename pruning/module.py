@@ -8,9 +8,9 @@ Where the teacher's logits come from (``teacher``):
   host when a mask is applied and written back for the teacher's forward). No second copy of the model exists.
   This is exact only while weights are frozen, i.e. during scoring steps; a weight-changing step with ``α > 0``
   is refused with a hint.
-- ``copy``: a frozen copy rebuilt from the same source (``pretrained`` path or ``config`` + ``seed``), optionally in
-  a lower precision (``teacher_dtype``). It is never in the optimiser and never written into checkpoints; a
-  resumed run rebuilds it from its source.
+- ``copy``: a frozen copy rebuilt from the same source (``pretrained`` path or ``config`` + ``init_seed``),
+  optionally in a lower precision (``teacher_dtype``). It is never in the optimiser and never written into
+  checkpoints; a resumed run rebuilds it from its source.
 - ``none``: no teacher; ``α`` must stay 0.
 
 Models load from a hub name or a local path with ``from_pretrained`` (safetensors only, never unpickled; remote
@@ -107,8 +107,8 @@ class DistillationModule(pl.LightningModule):
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         revision: str | None = None,
-        seed: int = 0,
-        tokenizer: str | None = None,
+        init_seed: int = 0,
+        tokenizer_path: str | None = None,
         alpha: float = 0.0,
         temperature: float = 1.0,
         teacher: Literal["lifted", "copy", "none"] = "lifted",
@@ -131,8 +131,8 @@ class DistillationModule(pl.LightningModule):
             attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2`` (default: transformers' choice).
             trust_remote_code: allow modeling code shipped with the checkpoint (off: never run code from a hub).
             revision: hub revision (branch, tag or commit) of ``model``.
-            seed: seed of the random initialisation when ``config`` is given.
-            tokenizer: tokenizer name or path, exposed as ``.tokenizer`` (default: ``pretrained``'s, if any).
+            init_seed: seed of the random initialisation when ``config`` is given.
+            tokenizer_path: tokenizer name or path, exposed as ``.tokenizer`` (default: ``pretrained``'s, if any).
             alpha: distillation weight α (0 = plain cross-entropy).
             temperature: τ, dividing the teacher logits only (τ < 1 sharpens the teacher, SDMPrune's choice).
             teacher: ``lifted`` (same weights, masks lifted; frozen steps only), ``copy`` or ``none``.
@@ -167,11 +167,11 @@ class DistillationModule(pl.LightningModule):
         self.masks: MaskSet | None = None  # set by the pruning callback; the lifted teacher reads it
         self.weights_frozen = False  # set by the importance callback during scoring steps
         self.student = build_model(pretrained, config, dtype=dtype, attn_implementation=attn_implementation,
-                                   trust_remote_code=trust_remote_code, revision=revision, seed=seed)
+                                   trust_remote_code=trust_remote_code, revision=revision, seed=init_seed)
         if gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
-        self.tokenizer = self._load_tokenizer(tokenizer or pretrained, trust_remote_code,
-                                              required=tokenizer is not None)
+        self.tokenizer = self._load_tokenizer(tokenizer_path or pretrained, trust_remote_code,
+                                              required=tokenizer_path is not None)
         if keep_zeros:
             from .structure import ModelStructure
 
@@ -283,7 +283,7 @@ class DistillationModule(pl.LightningModule):
             hp = self.hparams
             t = build_model(hp.pretrained, hp.config, dtype=hp.teacher_dtype or hp.dtype,
                             attn_implementation=hp.attn_implementation, trust_remote_code=hp.trust_remote_code,
-                            revision=hp.revision, seed=hp.seed)
+                            revision=hp.revision, seed=hp.init_seed)
             t.requires_grad_(False)
             t.eval()
             self._teacher.append(t)
@@ -322,6 +322,12 @@ class DistillationModule(pl.LightningModule):
                 "distillation during recovery, or alpha: 0 outside scoring windows."
             )
         masks = self.masks
+        if masks is not None and len(masks) and not masks.has_original:
+            raise RuntimeError(
+                "teacher='lifted' needs the original values of the pruned weights, but the masks were applied "
+                "without them (keep_original off, keep_zeros, or a reconstructing criterion such as sparsegpt). "
+                "HINT: set teacher: copy, or PruningCallback keep_original: true."
+            )
         ctx = masks.lifted(self.student) if masks is not None and masks.has_original else nullcontext()
         with ctx:
             return self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

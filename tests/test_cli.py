@@ -31,6 +31,7 @@ def tiny_demo_config(tmp_path: Path) -> Path:
     cfg["data"].update(max_bytes=60_000, val_samples=8, seq_len=32)
     cfg["trainer"]["max_steps"] = 12
     cfg["trainer"]["default_root_dir"] = str(tmp_path / "run")
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "logs")
     cfg["trainer"].pop("accumulate_grad_batches", None)
     for cb in cfg["trainer"]["callbacks"]:
         name = cb["class_path"].rsplit(".", 1)[1]
@@ -39,6 +40,8 @@ def tiny_demo_config(tmp_path: Path) -> Path:
             cb["init_args"]["schedule"]["events"][1]["step"] = 8
         elif name == "PruningReport":
             cb["init_args"]["path"] = str(tmp_path / "report.json")
+        elif name == "EvaluationCallback":
+            cb["init_args"].update(path=str(tmp_path / "eval.json"), limit=8)
         elif name == "ExportOnFitEnd":
             cb["init_args"]["path"] = str(tmp_path / "export")
     path = tmp_path / "demo_tiny.yaml"
@@ -57,6 +60,10 @@ def test_demo_config_end_to_end(tmp_path, capsys):
     # 30 % of the neurons: 19 of 64 per layer go (uniform width), each 3 × 32 weights
     assert dense["params"] - recovered["params"] == 2 * 19 * 3 * 32
     assert "| dense |" in capsys.readouterr().out
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated  # the evaluation callback's dense / pruned / fit-end numbers
+    logged = (next((tmp_path / "logs").rglob("metrics.csv"))).read_text()
+    assert "pruning/targeted_sparsity" in logged and "eval/" in logged
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     assert exported.config.intermediate_size == 64 - 19
     student = cli.model.student.eval()
