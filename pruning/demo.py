@@ -95,14 +95,30 @@ def main(argv: list[str] | None = None) -> None:
         ("wanda", "mlp_neuron", 0.3, {}),
         ("taylor", "mlp_neuron", 0.3, {}),
         ("sdm", "mlp_neuron", 0.3, {}),
+        ("saap", "mlp_neuron", 0.3, {}),
+        ("mutual_info", "mlp_neuron", 0.3, {}),
         ("magnitude", "unstructured", 0.5, {}),
         ("wanda", "unstructured", 0.5, {}),
         ("gblm", "unstructured", 0.5, {}),
+        ("sparsegpt", "unstructured", 0.5, {}),
+        ("wanda", "2:4", 0.5, {}),
+        ("sparsegpt", "2:4", 0.5, {}),
     ]
     for method, gran, sparsity, opts in recipes:
         model = copy.deepcopy(dense)
         t0 = time.time()
-        if method == "sdm":
+        if method == "saap":
+            # SAAP: σ of the fused importance learned on the calibration batches, then the importance-fluctuation
+            # ranking turns the target into per-layer rates (mean = target)
+            from .importance.saap import saap_scores
+            from .ranking import saap_layer_rates
+
+            est = saap_scores(model, calib, gran, progress=False)
+            rates, _ = saap_layer_rates(est, sparsity)
+            prune(model, calib, "saap", sparsity, gran, criterion_options=est.criterion_options(),
+                  allocation="rates", layer_rates=rates, progress=False)
+            gran = f"{gran} (ranked rates)"
+        elif method == "sdm":
             # SDMPrune's two stages: CE scores prune lightly, then KL+CE scores against the original model
             # (the same weights with the masks lifted) prune to the target. α, t: the paper's 30 % row.
             a = prune(model, calib, "sdm", 0.025, gran, keep_original=True, progress=False)
