@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
 
+from pruning.distributed import drop_placeholder_optimizer_state
 from pruning.schedule import Event
-from pruning.stats import ActivationCollector, GradientCollector
+from pruning.stats import ActivationCollector, GradientCollector, _comm_device
 
 
 class ImportanceCallback(pl.Callback):
@@ -30,6 +33,13 @@ class ImportanceCallback(pl.Callback):
       infinities): use bf16 or fp32 for scoring, where gradients are unscaled;
     - statistics are fp32 sums; they are all-reduced over ranks (SUM) once, when the pruning callback uses them,
       then reset for the next event.
+    - FSDP2: the hooks sit on the *unsharded* parameters FSDP all-gathers for each forward/backward, so they see the
+      rank's own full per-micro-batch gradient before the reduce-scatter — the same per-sample gradient as without
+      FSDP; statistics are held whole on every rank (not sharded) and summed over ranks as under DDP.
+    - checkpoints: Lightning writes rank 0's callback states only; a checkpoint taken inside a scoring window on
+      several ranks holds the statistics summed over ranks (kept by rank 0 on resume, the other ranks restart from
+      zero), so the resumed event counts every rank's samples once. (The ``samples`` reservoir of mutual_info is
+      rank 0's.)
 
     Args:
         window: collect during the last ``window`` optimiser steps before each event (default: every step since
@@ -129,6 +139,10 @@ class ImportanceCallback(pl.Callback):
                 for p in group["params"]:
                     p.grad = None  # optimisers skip parameters without a gradient: no update, no decay
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for opt in trainer.optimizers:  # restored from a sharded checkpoint saved before any real step
+            drop_placeholder_optimizer_state(opt)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._deactivate(pl_module)
 
@@ -183,6 +197,42 @@ class ImportanceCallback(pl.Callback):
             "samples": self.samples,
         }
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # FIX: only rank 0's callback states reach the checkpoint file (DDP and FSDP alike), so a checkpoint taken
+        # mid-window lost the other ranks' partial statistics and, on resume, every rank restarted from rank 0's:
+        # rank 0's samples were then counted once per rank. The sums (and counts) are summed over ranks here (a
+        # collective: every rank saves), flagged, and on load only rank 0 keeps them.
+        for opt in trainer.optimizers:  # after a sharded save (see drop_placeholder_optimizer_state)
+            drop_placeholder_optimizer_state(opt)
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is None:
+            return
+        dev = _comm_device()
+
+        def summed(acc: Any) -> Any:
+            if not isinstance(acc, dict) or "sums" not in acc:
+                return acc
+            out = dict(acc)
+            sums = {}
+            for k in sorted(acc["sums"]):
+                t = acc["sums"][k].to(dev, copy=True)
+                dist.all_reduce(t)
+                sums[k] = t.cpu()
+            out["sums"] = sums
+            c = torch.tensor([float(acc["count"])], dtype=torch.float64, device=dev)
+            dist.all_reduce(c)
+            out["count"] = int(c.item())
+            return out
+
+        state = dict(state)
+        for kind in ("activations", "gradients"):
+            if state.get(kind) is not None:
+                state[kind] = {k: summed(v) for k, v in sorted(state[kind].items())}
+        state["reduced_over_ranks"] = True
+        checkpoint["callbacks"][self.state_key] = state
+
     def load_state_dict(self, state_dict: dict) -> None:
         if self.activations is None and self.gradients is None:
             self._pending_state = state_dict  # restored before configure(): applied there
@@ -194,5 +244,12 @@ class ImportanceCallback(pl.Callback):
             self.activations.load_state_dict(state["activations"])
         if state.get("gradients") is not None and self.gradients is not None:
             self.gradients.load_state_dict(state["gradients"])
+        if state.get("reduced_over_ranks") and dist.is_available() and dist.is_initialized() and dist.get_rank():
+            for c in (self.activations, self.gradients):  # rank 0 holds every rank's sums (see on_save_checkpoint)
+                if c is not None:
+                    for _, acc in (c.stats.items() if isinstance(c, ActivationCollector) else c._all()):
+                        for t in acc.sums.values():
+                            t.zero_()
+                        acc.count = 0
         self.samples = int(state.get("samples", 0))
 

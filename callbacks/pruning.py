@@ -13,6 +13,7 @@ from torch import nn
 
 from pruning import MaskSet, ModelStructure, get_criterion, prune
 from pruning.api import STRUCTURED, _check_args, _parse_nm
+from pruning.distributed import is_sharded, local, local_part, unsharded
 from pruning.schedule import Schedule
 from pruning.stats import ActivationCollector, GradientCollector
 
@@ -55,6 +56,13 @@ class PruningCallback(pl.Callback):
     An event at step ``k`` fires at the end of the micro-batch whose optimiser step makes ``global_step == k``
     (``k = 0``: before the first step). Every rank computes the masks from the same all-reduced statistics; rank
     0's masks are then broadcast so that they are bit-identical everywhere.
+
+    FSDP2 (``ModelParallelStrategy`` with the module's ``configure_model`` sharding it): statistics are collected
+    from each rank's unsharded per-micro-batch gradients (see :class:`ImportanceCallback`); at an event every FSDP
+    module is unsharded (all-gathered) for the scoring, so the scores, the selection and the masks are the same
+    computation on the same numbers as a single process; the masks are then applied to each rank's rows and kept
+    there through training. The event's transient peak is therefore one full model (plus the scores) per rank;
+    between events only the shards are held.
 
     The model is the LightningModule's Hugging Face model (``model_attr``, else ``.student``, else ``.model``),
     whose forward returns HF-style outputs (``.logits``); the module's ``training_step`` computes the loss. If the
@@ -209,6 +217,13 @@ class PruningCallback(pl.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_pending()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # ModelParallelStrategy (FSDP2) restores callback states after on_fit_start (restore_checkpoint_after_setup)
+        self._restore_pending()
+
+    def _restore_pending(self) -> None:
         if self._pending_state is not None:  # resumed: masks back on the restored weights, hooks re-attached
             self.masks.load_state_dict(self._pending_state["masks"])
             self.done = int(self._pending_state["done"])
@@ -239,12 +254,24 @@ class PruningCallback(pl.Callback):
             act, grads = self.importance.collected()
         opts = dict(self.options)
         was_training = model.training
-        with _base_layers(model):  # LoRA wrappers out of the way while scoring (see _base_layers)
+        sharded = is_sharded(model)
+        rewritten: dict[str, torch.Tensor] = {}
+        # FSDP2: the full weights for the scoring (writes into them are dropped at reshard: masks and rewritten
+        # weights are put into the shards below); LoRA wrappers out of the way while scoring (see _base_layers)
+        with unsharded(model), _base_layers(model):
             result = prune(model, None, self.criterion_name, event.sparsity, self.granularity,
                            criterion_options=self.criterion_options, gradients=grads, activations=act,
                            masks=self.masks, keep_original=bool(self.keep_original), sequential=False,
                            progress=False, **opts)
+            if sharded and self.criterion.reconstructs:  # SparseGPT rewrote kept weights of the full copies
+                params = dict(model.named_parameters())
+                rewritten = {k: params[k].detach().clone() for k in sorted(self.masks.element)}
         model.train(was_training)
+        if rewritten:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for k, full in rewritten.items():
+                    local(params[k]).copy_(local_part(full, params[k]))
         self._broadcast_masks(model)
         self.masks.attach(model)
         samples = 0
@@ -277,7 +304,8 @@ class PruningCallback(pl.Callback):
                 store[k] = new
         if changed:
             self.masks.apply(model)
-        if self.criterion.reconstructs:  # SparseGPT rewrote the kept weights: rank 0's values everywhere too
+        if self.criterion.reconstructs and not is_sharded(model):
+            # SparseGPT rewrote the kept weights: rank 0's values everywhere too (sharded: each row has one owner)
             params = dict(model.named_parameters())
             for k in sorted(self.masks.element):
                 p = params[k]

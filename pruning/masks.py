@@ -12,6 +12,13 @@ DDP buckets keep pointing at the same memory (the rule torch.ao's ``FakeSparsity
 global optimiser post-step hook re-zeroes the weights and the optimiser state (momentum, second moments) at pruned
 positions after every step of any optimiser, so AdamW's weight decay and a momentum that predates the mask cannot
 revive them. Masks are monotone (a pruned weight stays pruned) unless ``monotone=False`` is passed.
+
+Sharded parameters (FSDP2 ``DTensor``s, sharded by rows): masks are stored whole (element masks at the parameter's
+global shape, group keep-vectors as they are) and applied to the rows each rank stores, in place on the local shard
+(:func:`pruning.distributed.local_part`); :meth:`MaskSet.sharded_mask` gives a mask as a ``DTensor`` with the
+parameter's placements. The re-zeroing after every optimiser step works on the local shards of the weights and
+of the optimiser state; gradients of sharded parameters are masked by an optimiser pre-step hook (FSDP2 writes the
+reduce-scattered ``.grad`` directly, so a tensor hook on the sharded parameter never fires).
 """
 
 from __future__ import annotations
@@ -23,8 +30,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from .distributed import is_dtensor, local, local_part, local_rows, shard_like
 from .structure import GroupSet, Member, named_parameters
 
 
@@ -40,8 +48,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def _product(factors: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The full keep mask from broadcastable factors, on ``like``'s device."""
-    mask = torch.ones_like(like, dtype=torch.bool)
+    """The full keep mask from broadcastable factors, on ``like``'s device (``like``'s global shape if sharded)."""
+    mask = torch.ones(like.shape, dtype=torch.bool, device=like.device)
     for f in factors:
         mask &= f.to(like.device)
     return mask
@@ -156,11 +164,16 @@ class MaskSet:
         return out
 
     def keep_mask(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """The full boolean keep mask of one parameter."""
-        mask = torch.ones_like(like, dtype=torch.bool)
+        """The full boolean keep mask of one parameter (its global shape when ``like`` is a sharded ``DTensor``)."""
+        mask = torch.ones(like.shape, dtype=torch.bool, device=like.device)
         for f in self.factors(name, like):
             mask &= f
         return mask
+
+    def sharded_mask(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The keep mask of one parameter with the parameter's placements: a ``DTensor`` holding this rank's rows
+        when ``like`` is sharded, else the full mask."""
+        return shard_like(self.keep_mask(name, like), like)
 
     def pruned_count(self, name: str, like: torch.Tensor) -> int:
         """Entries of one parameter that the masks remove (without building the full mask when one factor does)."""
@@ -194,14 +207,14 @@ class MaskSet:
         for name, p in params.items():
             keep = self.keep_mask(name, p)
             if keep_original:
-                full = p.detach().clone()
+                full = p.full_tensor() if is_dtensor(p) else p.detach().clone()
                 if name in self._stash:
                     old_factors, old_vals = self._stash[name]
                     full[~_product(old_factors, full)] = old_vals.to(full.device, full.dtype)
                 # the mask is kept as its compact factors (a group keep-vector costs O(groups)), the values as the
                 # pruned entries only, on the host: the stash is the pruned fraction of the weights, no more
                 self._stash[name] = ([f.cpu() for f in self.factors(name, p)], full[~keep].cpu())
-            p.mul_(keep)
+            local(p).mul_(local_part(keep, p))
         if self._handles:
             self._params = self._resolve(model)
 
@@ -210,7 +223,7 @@ class MaskSet:
         """Re-zero pruned weights of the attached model (after a LoRA merge, a load, a foreign optimiser)."""
         for name, p in self._params.items():
             for f in self.factors(name, p):
-                p.mul_(f)
+                local(p).mul_(local_part(f, p))
 
     @contextmanager
     def lifted(self, model: nn.Module) -> Iterator[None]:
@@ -223,7 +236,14 @@ class MaskSet:
         with torch.no_grad():
             for name, (factors, vals) in self._stash.items():
                 p = params[name]
-                p[~_product(factors, p)] = vals.to(p.device, p.dtype)
+                pruned = ~_product(factors, p)
+                if is_dtensor(p):  # the stash is in row-major order: this rank's rows are one contiguous slice
+                    first, rows = local_rows(p)
+                    start = int(pruned[:first].sum())
+                    pruned = pruned[first:first + rows]
+                    vals = vals[start:start + int(pruned.sum())]
+                lp = local(p)
+                lp[pruned.to(lp.device)] = vals.to(lp.device, lp.dtype)
         try:
             yield
         finally:
@@ -231,7 +251,7 @@ class MaskSet:
                 for name in self._stash:
                     p = params[name]
                     for f in self.factors(name, p):
-                        p.mul_(f)
+                        local(p).mul_(local_part(f, p))
 
     @property
     def has_original(self) -> bool:
@@ -243,8 +263,11 @@ class MaskSet:
         self.apply(model)
         self._params = self._resolve(model)
         self._by_id = {id(p): n for n, p in self._params.items()}
+        sharded = False
         for name, p in self._params.items():
-            if p.requires_grad:
+            if is_dtensor(p):
+                sharded = True  # FSDP2: the sharded parameter is not in the graph; see _before_step
+            elif p.requires_grad:
                 self._handles.append(p.register_hook(self._grad_hook(name)))
         ref = weakref.ref(self)
 
@@ -254,6 +277,13 @@ class MaskSet:
                 masks._after_step(optimizer)
 
         self._handles.append(register_optimizer_step_post_hook(post_step))
+        if sharded:
+            def pre_step(optimizer, args, kwargs):
+                masks = ref()
+                if masks is not None:
+                    masks._before_step(optimizer)
+
+            self._handles.append(register_optimizer_step_pre_hook(pre_step))
         return self
 
     def detach(self) -> None:
@@ -275,6 +305,17 @@ class MaskSet:
         return hook
 
     @torch.no_grad()
+    def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Mask the (reduce-scattered) gradients of sharded parameters on their local shards."""
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                name = self._by_id.get(id(p))
+                if name is None or p.grad is None or not is_dtensor(p):
+                    continue
+                for f in self.factors(name, p):
+                    local(p.grad).mul_(local_part(f, p))
+
+    @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
         for group in optimizer.param_groups:
             for p in group["params"]:
@@ -284,10 +325,11 @@ class MaskSet:
                 fs = self.factors(name, p)
                 state = optimizer.state.get(p, {})
                 for f in fs:
-                    p.mul_(f)
+                    f = local_part(f, p)
+                    local(p).mul_(f)
                     for v in state.values():
                         if torch.is_tensor(v) and v.shape == p.shape:
-                            v.mul_(f)
+                            local(v).mul_(f)
 
     @classmethod
     @torch.no_grad()
@@ -297,7 +339,8 @@ class MaskSet:
         params = named_parameters(model)
         out = cls()
         for name in names:
-            out.set_element(name, params[name] != 0)
+            p = params[name]
+            out.set_element(name, (p.full_tensor() if is_dtensor(p) else p) != 0)
         return out
 
     # ------------------------------------------------------------------ persistence

@@ -17,6 +17,11 @@ Models load from a hub name or a local path with ``from_pretrained`` (safetensor
 code only with ``trust_remote_code: true``) or are built from ``config`` (random init, seeded) for tests and demos.
 Recovery with LoRA (``lora``): adapters are injected when the module is built (so DDP sees them from the start) and
 merged at the end of fit; masks are re-applied after the merge, so pruned weights stay exactly zero.
+
+FSDP2 (Lightning's ``ModelParallelStrategy``, CPU/gloo or GPU/NCCL): :meth:`DistillationModule.configure_model`
+shards every decoder layer, then the root, over the data-parallel mesh (the ``copy`` teacher too); parameters
+become ``DTensor``s sharded by rows. The student is still built whole on every rank in ``__init__`` (host memory:
+one full model per rank until ``configure_model`` shards it); tensor parallelism is refused.
 """
 
 from __future__ import annotations
@@ -274,6 +279,42 @@ class DistillationModule(pl.LightningModule):
         if self.masks is not None:
             self.masks.reapply() if self.masks._params else self.masks.apply(self.student)
 
+    def configure_model(self) -> None:
+        """FSDP2 under ``ModelParallelStrategy``: ``fully_shard`` each decoder layer, then the root, of the student
+        (and of the ``copy`` teacher) over the data-parallel mesh. Without a device mesh (any other strategy): no-op.
+
+        FIX: with the strategy's defaults (``data_parallel_size: auto`` = number of nodes, ``tensor_parallel_size:
+        auto`` = devices per node) a one-node run builds a pure tensor-parallel mesh, on which every rank is fed the
+        same batches; there is no tensor-parallel plan here, so such a mesh would silently train one replica on a
+        fraction of the data. It is refused."""
+        mesh = self._device_mesh
+        if mesh is None:
+            return
+        from .distributed import is_sharded, shard_model
+        from .structure import ModelStructure
+
+        names = tuple(mesh.mesh_dim_names or ())
+        tp = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1
+        if tp > 1 or "data_parallel" not in names:
+            raise ValueError(
+                f"ModelParallelStrategy built a mesh {dict(zip(names, mesh.shape))}: tensor_parallel_size={tp}, "
+                "but this module only shards data-parallel (FSDP2, no tensor-parallel plan), and with a tensor-"
+                "parallel mesh every rank would train on the same batches. HINT: set strategy.init_args."
+                "data_parallel_size to the world size (num_nodes × devices) and strategy.init_args."
+                "tensor_parallel_size: 1 (the defaults, 'auto', give data_parallel_size = number of nodes and "
+                "tensor_parallel_size = devices per node)"
+            )
+        if self._peft is not None:
+            raise NotImplementedError(
+                "lora under ModelParallelStrategy (FSDP2) is not supported (the end-of-fit merge works on unsharded "
+                "weights). HINT: recover with lora under strategy: ddp, or without lora under FSDP")
+        dp = mesh["data_parallel"]
+        if not is_sharded(self.student):
+            shard_model(self.student, ModelStructure(self.student).layers, dp)
+        t = self.teacher
+        if t is not None and not is_sharded(t):
+            shard_model(t, ModelStructure(t).layers, dp)
+
     @property
     def teacher(self) -> PreTrainedModel | None:
         return self._teacher[0] if self._teacher else None
@@ -298,7 +339,7 @@ class DistillationModule(pl.LightningModule):
                            f"sequences={record.get('sequences')} sha256={digest}")
             if self.logger is not None:
                 self.logger.log_hyperparams({"data": record})
-        if self.teacher is not None:
+        if self.teacher is not None and self._device_mesh is None:  # a sharded teacher is already placed
             self.teacher.to(self.device)
         if self.masks is not None and len(self.masks) and not self.masks._handles:
             self.masks.attach(self.student)  # keep_zeros: held through every optimiser step

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .distributed import is_sharded
 from .structure import GroupSet
 
 GradStat = str  # "sum" | "sum_sq" | "sum_abs" | "sum_abs_gw"
@@ -436,6 +437,7 @@ class GradientCollector:
         needed = {m.name for gs in group_sets for m in gs.members}
         self._group_params = {n: named[n] for n in needed}
         self._handles: list = []
+        self._rebound: dict[str, list] = {}  # FSDP2: name -> [unsharded parameter hooked, its tensor-hook handle]
         # hook mode: factor that turns the gradient backward produced into the gradient of the sample's own loss
         # (a trainer may have divided the loss by its accumulation count or multiplied it by an fp16 loss scale)
         self.grad_scale = 1.0
@@ -463,6 +465,13 @@ class GradientCollector:
         exactly once. Call :meth:`close_sample` after each backward (one backward = one sample). Element
         statistics are updated inside the hook; group statistics keep one partial sum per group set until the
         sample is closed, so no gradient is held longer than autograd holds it.
+
+        FSDP2 (the model holds ``fully_shard`` modules): the sharded ``DTensor`` parameters are not in the autograd
+        graph; each forward uses an *unsharded* parameter that FSDP all-gathers and registers on the owning module,
+        whose gradient is the rank's own full gradient until FSDP reduce-scatters it after backward. A forward
+        pre-hook on the owning module puts the tensor hook on that unsharded parameter (again if FSDP replaced it),
+        so the hook sees exactly what it sees without FSDP — the rank's per-micro-batch gradient of the whole
+        parameter, before any cross-rank reduction — and :meth:`reduce` sums the ranks' statistics as under DDP.
         """
         self.detach()
         handles = []
@@ -470,13 +479,34 @@ class GradientCollector:
         for s in self.group_stats.values():
             for m in s.group_set.members:
                 members.setdefault(m.name, []).append(s)
+        sharded = is_sharded(self.model)
         for name in sorted(set(self.params) | set(members)):
             p = self.params.get(name, self._group_params.get(name))
             if not p.requires_grad:
                 raise RuntimeError(f"{name} does not require grad: its gradient statistics cannot be collected")
-            handles.append(p.register_hook(self._hook(name, p, members.get(name, []))))
+            if sharded:
+                owner, _, attr = name.rpartition(".")
+                module = self.model.get_submodule(owner)
+                handles.append(module.register_forward_pre_hook(self._rebind(name, module, attr,
+                                                                             members.get(name, []))))
+            else:
+                handles.append(p.register_hook(self._hook(name, p, members.get(name, []))))
         self._handles = handles
         return self
+
+    def _rebind(self, name: str, module: nn.Module, attr: str, group_stats: list[GroupGradientStats]):
+        def pre_hook(mod, args) -> None:
+            if not torch.is_grad_enabled():
+                return
+            p = getattr(module, attr)
+            slot = self._rebound.get(name)
+            if slot is not None and slot[0] is p:
+                return
+            if slot is not None:
+                slot[1].remove()
+            self._rebound[name] = [p, p.register_hook(self._hook(name, p, group_stats))]
+
+        return pre_hook
 
     def _hook(self, name: str, p: torch.Tensor, group_stats: list[GroupGradientStats]):
         stat = self.stats.get(name)
@@ -499,6 +529,9 @@ class GradientCollector:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for _, h in self._rebound.values():
+            h.remove()
+        self._rebound = {}
 
     def _all(self):
         return list(self.stats.items()) + list(self.group_stats.items())

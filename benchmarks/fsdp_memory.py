@@ -1,0 +1,243 @@
+"""Peak memory per rank of gradient scoring under FSDP2, 1 rank vs 2 ranks (CPU, gloo), and the one-shot path's
+layer-at-a-time peak.
+
+FSDP part: Lightning ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` on ``N`` CPU processes,
+:class:`pruning.module.DistillationModule` with a ``copy`` teacher (sharded like the student by ``configure_model``),
+SDMPrune's distillation scoring (``sdm``, ``mlp_neuron``, α=0.42, τ=0.5) for ``--steps`` optimiser steps of one
+sequence per rank, then one pruning event. ``N = 1`` is the same code on one process (FSDP over a mesh of one:
+nothing sharded). Measured in every rank (Linux ``/proc``): RSS after setup (the model sharded, freed memory
+trimmed); the peak RSS over the scoring steps (VmHWM reset just before the first step, read before the event); the
+peak RSS of the event (scoring from the statistics: every FSDP module unsharded for it); the process's lifetime
+peak (VmHWM without reset: includes the whole model built on every rank before ``configure_model`` shards it).
+
+One-shot part (``--oneshot``): ``pruning.prune(model, calib, 'wanda', device=...)`` with the model on the host,
+layers visiting ``device`` one at a time; on CPU only the host RSS can be measured (the compute device is the host).
+
+    .venv/bin/python benchmarks/fsdp_memory.py            # about 2 minutes on 2 cores
+    .venv/bin/python benchmarks/fsdp_memory.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def rss_peak() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM")
+
+
+def settle(reset: bool = True) -> int:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    if reset:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    return rss_now()
+
+
+class TensorPeak:
+    """Peak of net tensor bytes allocated at once since ``start`` (torch.profiler allocation records): what the
+    tensors need, without the host allocator's retained free memory (which RSS counts)."""
+
+    def __init__(self) -> None:
+        from torch.profiler import ProfilerActivity
+
+        self.prof = torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+    def start(self) -> None:
+        self.prof.start()
+
+    def stop(self) -> int:
+        from torch._C._profiler import _EventType
+
+        self.prof.stop()
+        peak, stack = 0, list(self.prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            n = stack.pop()
+            stack.extend(n.children)
+            if n.tag == _EventType.Allocation:
+                peak = max(peak, n.extra_fields.total_allocated)
+        return peak
+
+
+def model_config(args) -> dict:
+    return dict(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
+                num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                max_position_embeddings=max(512, args.seq))
+
+
+# ---------------------------------------------------------------------------------------------- FSDP worker
+def worker(args) -> None:
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from callbacks import ImportanceCallback, PruningCallback
+    from pruning.module import DistillationModule
+    from pruning.schedule import Event, Schedule
+
+    torch.set_num_threads(1)
+    out: dict = {"rss_imports": settle(reset=False)}
+    steps = args.steps
+
+    class Probe(pl.Callback):
+        def __init__(self, role: str) -> None:
+            self.role = role
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            if self.role == "first":
+                out["rss_setup"] = settle()
+                out["param_bytes_local"] = sum(
+                    (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+                    for p in pl_module.student.parameters())
+                out["teacher_bytes_local"] = sum(
+                    (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+                    for p in pl_module.teacher.parameters())
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if self.role == "first" and trainer.global_step == 0:
+                out["t0"] = time.perf_counter()
+                settle()
+                self.tp = TensorPeak()
+                self.tp.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step != steps:
+                return
+            if self.role == "first":  # before the pruning callback's event
+                out["peak_scoring"] = rss_peak()
+                out["tensor_peak_scoring"] = self.tp.stop()
+                out["scoring_s"] = time.perf_counter() - out.pop("t0")
+                settle()
+            else:  # after it
+                out["peak_event"] = rss_peak()
+
+    m = DistillationModule(config=model_config(args), teacher="copy", alpha=0.0, attn_implementation="sdpa")
+    ic = ImportanceCallback()
+    pc = PruningCallback("sdm", "mlp_neuron", Schedule(kind="steps", events=[Event(steps, 0.2, alpha=0.42,
+                                                                                   temperature=0.5)]))
+    tr = pl.Trainer(accelerator="cpu", devices=args.world, max_steps=steps,
+                    strategy=ModelParallelStrategy(data_parallel_size=args.world, tensor_parallel_size=1),
+                    callbacks=[Probe("first"), ic, pc, Probe("last")], logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, args.vocab, (args.seq,), generator=g)} for _ in range(2 * steps)]
+    sampler = DistributedSampler(data, num_replicas=args.world, rank=tr.global_rank, shuffle=False)
+    tr.fit(m, DataLoader(data, batch_size=1, sampler=sampler))
+    out["peak_lifetime"] = rss_peak()  # VmHWM was reset above: this is the last window's; lifetime below
+    with open("/proc/self/status") as f:
+        out["vm_peak_lifetime"] = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmPeak:"))
+    out["params"] = sum(p.numel() for p in m.student.parameters())
+    out["rank"], out["world"] = tr.global_rank, args.world
+    Path(f"{args.out}.rank{tr.global_rank}.json").write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------------------------------------- one-shot worker
+def oneshot_worker(args) -> None:
+    from pruning import prune
+    from pruning.module import build_model
+
+    torch.set_num_threads(1)
+    out = {"rss_imports": settle()}
+    model = build_model(None, model_config(args), attn_implementation="sdpa")
+    out["params"] = sum(p.numel() for p in model.parameters())
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, args.vocab, (1, args.seq), generator=g) for _ in range(args.calib)]
+    out["rss_model"] = settle()
+    t = time.perf_counter()
+    prune(model, calib, "wanda", 0.5, "unstructured", device="cpu", store="cpu", progress=False)
+    out["prune_s"] = time.perf_counter() - t
+    out["peak_prune"] = rss_peak()
+    Path(f"{args.out}.oneshot.json").write_text(json.dumps(out))
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--worker", action="store_true")
+    ap.add_argument("--oneshot-worker", action="store_true")
+    ap.add_argument("--world", type=int, default=1)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--inter", type=int, default=1536)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--calib", type=int, default=8)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.oneshot_worker:
+        return oneshot_worker(args)
+    if args.quick:
+        args.hidden, args.inter, args.layers, args.vocab, args.steps = 128, 256, 2, 1024, 2
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"fsdp_memory_{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    shape = ["--hidden", str(args.hidden), "--inter", str(args.inter), "--layers", str(args.layers), "--heads",
+             str(args.heads), "--vocab", str(args.vocab), "--seq", str(args.seq), "--steps", str(args.steps),
+             "--calib", str(args.calib)]
+    results = {}
+    for world in (1, 2):
+        out = tmp / f"w{world}"
+        proc = subprocess.run([sys.executable, __file__, "--worker", "--world", str(world), "--out", str(out),
+                               *shape], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        if proc.returncode:
+            raise SystemExit(proc.stdout[-2000:] + proc.stderr[-4000:])
+        results[world] = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
+    proc = subprocess.run([sys.executable, __file__, "--oneshot-worker", "--out", str(tmp / "o"), *shape], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=1200)
+    if proc.returncode:
+        raise SystemExit(proc.stderr[-4000:])
+    oneshot = json.loads((tmp / "o.oneshot.json").read_text())
+
+    mib = 1 / 2**20
+    params = results[1][0]["params"]
+    print(f"model: llama hidden={args.hidden} inter={args.inter} layers={args.layers} vocab={args.vocab}: "
+          f"{params / 1e6:.1f}M parameters ({params * 4 * mib:.0f} MiB fp32); student + teacher copy; "
+          f"sdm scoring, α=0.42, {args.steps} steps of one {args.seq}-token sequence per rank\n")
+    print("| ranks | rank | student params held (MiB) | teacher params held (MiB) | RSS after setup (MiB) | "
+          "peak RSS scoring (MiB) | peak tensor bytes scoring (MiB) | peak RSS event (MiB) | scoring time (s) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for world, ranks in results.items():
+        for r in ranks:
+            cells = [world, r["rank"], f"{r['param_bytes_local'] * mib:.0f}", f"{r['teacher_bytes_local'] * mib:.0f}",
+                     f"{r['rss_setup'] * mib:.0f}", f"{r['peak_scoring'] * mib:.0f}",
+                     f"{r['tensor_peak_scoring'] * mib:.0f}", f"{r['peak_event'] * mib:.0f}",
+                     f"{r['scoring_s']:.1f}"]
+            print("| " + " | ".join(map(str, cells)) + " |")
+    print(f"\none-shot wanda (device=cpu, store=cpu, {args.calib} x {args.seq} tokens): RSS with the model "
+          f"{oneshot['rss_model'] * mib:.0f} MiB, peak while pruning {oneshot['peak_prune'] * mib:.0f} MiB, "
+          f"{oneshot['prune_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

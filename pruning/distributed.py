@@ -1,0 +1,145 @@
+"""FSDP2 / DTensor helpers: what the masks, the statistics and the callbacks need to work on sharded parameters.
+
+Under FSDP2 (``torch.distributed.fsdp.fully_shard``, what Lightning's ``ModelParallelStrategy`` runs) every parameter
+of a sharded module is a ``DTensor`` sharded by rows (``Shard(0)``) over the data-parallel mesh; each rank stores
+its rows only (``p.to_local()``). During a module's forward and backward FSDP all-gathers the rows into a plain,
+*unsharded* parameter registered on the module in place of the sharded one, and after backward it reduce-scatters
+that parameter's gradient into the sharded ``.grad``.
+
+- :func:`local_part` cuts a full tensor (a mask, a broadcastable keep factor) down to the rows a rank stores, so a
+  mask is applied in place on the local shard; :func:`shard_like` turns a full mask into a ``DTensor`` with the
+  parameter's placements.
+- :func:`unsharded` all-gathers every FSDP module of a model for the duration of a block (the pruning event scores
+  the full weights: the same code and the same numbers as a single process); writes into the unsharded parameters
+  are *not* written back (FSDP2 frees them on reshard), so callers apply masks to the shards afterwards.
+- :func:`full_state_dict` gathers the full, unsharded state (on CPU) for export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+try:  # torch >= 2.4
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - old torch: nothing is ever sharded
+    FSDPModule = ()  # type: ignore[assignment,misc]
+    DTensor = ()  # type: ignore[assignment,misc]
+
+
+def is_dtensor(t) -> bool:
+    return bool(DTensor) and isinstance(t, DTensor)
+
+
+def fsdp_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules ``fully_shard`` was applied to (the root last, as ``named_modules`` lists it first)."""
+    if not FSDPModule:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return bool(fsdp_modules(model)) or any(is_dtensor(p) for p in model.parameters())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank's own shard of a ``DTensor`` (a view of its storage: in-place writes land in the parameter), or the
+    tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def local_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The part of ``full`` (``like``'s global shape, or broadcastable to it with size-1 dims) that lives in this
+    rank's shard of ``like``, on the shard's device. ``like`` not a ``DTensor``: ``full`` on ``like``'s device."""
+    if not is_dtensor(like):
+        return full.to(like.device)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    out = full
+    for d, (n, o) in enumerate(zip(shape, offset)):
+        if d < out.dim() and out.shape[d] != 1 and n != like.shape[d]:
+            out = out.narrow(d, o, n)
+    return out.to(like.to_local().device)
+
+
+def local_rows(like: torch.Tensor) -> tuple[int, int]:
+    """``(first row, row count)`` of this rank's shard of ``like`` along dim 0 (all rows when not sharded)."""
+    if not is_dtensor(like):
+        return 0, like.shape[0]
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(like.shape, like.device_mesh, like.placements)
+    return offset[0], shape[0]
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` (e.g. a boolean keep mask of ``like``'s global shape) as a ``DTensor`` with ``like``'s mesh and
+    placements, built from the local rows (no communication); a plain tensor when ``like`` is not sharded."""
+    if not is_dtensor(like):
+        return full.to(like.device)
+    part = local_part(full.expand(like.shape), like).contiguous()
+    return DTensor.from_local(part, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
+
+
+@contextmanager
+def unsharded(model: nn.Module) -> Iterator[None]:
+    """All FSDP modules of ``model`` unsharded (full parameters registered on the modules) inside the block; resharded
+    on exit. Writes into the unsharded parameters are discarded on exit. A no-op for an unsharded model."""
+    mods = fsdp_modules(model)
+    try:
+        for m in mods:
+            m.unshard()
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of a sharded model, on CPU, on rank 0 (empty elsewhere). Collective: every
+    rank must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def shard_model(model: nn.Module, layers, mesh, reshard_after_forward: bool = True) -> nn.Module:
+    """``fully_shard`` each decoder layer of ``layers``, then the root, over the 1-D data-parallel ``mesh``."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+@torch.no_grad()
+def drop_placeholder_optimizer_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Remove the optimiser state that ``torch.distributed.checkpoint`` invents for an optimiser that never stepped.
+
+    FIX: saving (and loading) a sharded checkpoint goes through ``get_optimizer_state_dict``, which, when the
+    optimiser has no state yet, runs one ``step()`` with zero gradients and lr 0 to create it (``_init_optim_state``):
+    AdamW then holds ``step=1`` with zero moments. Scoring windows freeze the weights (no real step), so a checkpoint
+    taken before recovery left this placeholder in the live optimiser and in the checkpoint, and the first real
+    update after it used step 2's bias correction (0.74·lr instead of lr per weight on a sign-like first step): the
+    run that saved a checkpoint, and the run resumed from it, diverged from an uninterrupted one. A state is a
+    placeholder when *every* parameter's state has ``step == 1`` and all-zero tensors (a real step of an exactly zero
+    gradient for every parameter); it is dropped, leaving the optimiser as it was. Returns whether it dropped."""
+    states = [optimizer.state[p] for g in optimizer.param_groups for p in g["params"] if p in optimizer.state]
+    if not states:
+        return False
+    for st in states:
+        step = st.get("step")
+        if step is None or float(local(step) if torch.is_tensor(step) else step) != 1.0:
+            return False
+        for k, v in st.items():
+            if k != "step" and torch.is_tensor(v) and local(v).count_nonzero() != 0:
+                return False
+    optimizer.state.clear()
+    return True

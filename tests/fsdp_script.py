@@ -1,0 +1,91 @@
+"""The 2-rank FSDP2 runs of ``tests/test_fsdp.py`` (``python tests/fsdp_script.py OUT CRITERION MODE``).
+
+Lightning's ``ModelParallelStrategy`` (CPU, gloo, ``data_parallel_size=2``) starts rank 1 by re-running this command.
+``MODE``: ``full`` (one run of ``MAX_STEPS`` with an export at the end) or ``resume`` (a run stopped at step 3, inside
+the second event's scoring window, saved as a sharded checkpoint, then resumed to ``MAX_STEPS`` in a new trainer).
+Each rank writes ``OUT/<mode>_rank<r>.pt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from test_lightning import SEQS, Recording, Resumable, module, samples  # noqa: E402
+
+from callbacks import ExportOnFitEnd, PruningCallback  # noqa: E402
+from pruning.distributed import full_state_dict, is_dtensor  # noqa: E402
+from pruning.schedule import Event, Schedule  # noqa: E402
+
+SCHEDULES = {
+    # SDMPrune's two stages: group (coupled) gradient statistics, the lifted teacher on sharded weights
+    "sdm": ("mlp_neuron", [Event(2, 0.1), Event(4, 0.3, alpha=0.42, temperature=0.5)]),
+    # GBLM: activation statistics and per-weight gradient statistics (Σg²) together
+    "gblm": ("unstructured", [Event(2, 0.5)]),
+}
+MAX_STEPS = 6
+
+
+def trainer(max_steps: int, callbacks: list, world: int):
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    kw = dict(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2) \
+        if world == 2 else dict(devices=1, accumulate_grad_batches=2)
+    return pl.Trainer(accelerator="cpu", max_steps=max_steps, callbacks=callbacks, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      use_distributed_sampler=False, **kw)
+
+
+def loader(tr, world: int):
+    from torch.utils.data import DistributedSampler
+
+    data = samples(SEQS)
+    # rank r sees sequences r, r + 2, ... (as in tests/test_lightning_ddp.py); one process sees them in order
+    sampler = DistributedSampler(data, num_replicas=2, rank=tr.global_rank, shuffle=False) if world == 2 else None
+    return Resumable(data, batch_size=1, sampler=sampler, shuffle=False)
+
+
+def run(criterion: str, world: int, max_steps: int = MAX_STEPS, export: Path | None = None, ckpt: str | None = None,
+        save: str | None = None) -> dict:
+    granularity, events = SCHEDULES[criterion]
+    m = module(lr=1e-2, weight_decay=0.1)
+    ic = Recording()
+    pc = PruningCallback(criterion, granularity, Schedule(kind="steps", events=events))
+    cbs = [ic, pc] + ([ExportOnFitEnd(export)] if export is not None else [])
+    tr = trainer(max_steps, cbs, world)
+    tr.fit(m, loader(tr, world), ckpt_path=ckpt)
+    if save is not None:
+        tr.save_checkpoint(save)
+    params = dict(m.student.named_parameters())
+    name = "model.layers.0.mlp.down_proj.weight"
+    p = params[name]
+    info = {"dtensor": is_dtensor(p), "global_shape": tuple(p.shape)}
+    if is_dtensor(p):
+        info.update(placements=[str(x) for x in p.placements], local_shape=tuple(p.to_local().shape))
+        mask = pc.masks.sharded_mask(name, p)
+        info.update(mask_dtensor=is_dtensor(mask), mask_placements=[str(x) for x in mask.placements],
+                    mask_local=mask.to_local().clone(), local_weight=p.to_local().detach().clone())
+        weights = full_state_dict(m.student)  # collective; full on rank 0
+    else:
+        weights = {k: v.detach().clone() for k, v in m.student.state_dict().items()}
+    return {"rank": tr.global_rank, "world": tr.world_size, "snapshots": ic.snapshots, "masks": pc.masks.state_dict(),
+            "history": pc.history, "weights": weights, "info": info, "global_step": tr.global_step,
+            "teacher_stash": sorted(pc.masks._stash)}
+
+
+if __name__ == "__main__":
+    out, crit, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    if mode == "full":
+        res = run(crit, 2, export=out / "export_fsdp")
+    else:  # stop at step 3 (second event's window half-scored), sharded checkpoint, resume in a new trainer
+        first = run(crit, 2, max_steps=3, save=str(out / "ckpt"))
+        res = run(crit, 2, ckpt=str(out / "ckpt"))
+        res["first_history"] = first["history"]
+    torch.save(res, out / f"{mode}_rank{res['rank']}.pt")
