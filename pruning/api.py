@@ -104,6 +104,7 @@ def prune(
     include_embeddings: bool = False,
     include_lm_head: bool = False,
     sequential: bool = True,
+    within_layer: Literal["dense", "sequential"] = "dense",
     device: torch.device | str | None = None,
     store: Literal["device", "cpu"] = "device",
     progress: bool = True,
@@ -133,9 +134,23 @@ def prune(
       training steps, whole model at once); then no calibration pass is run and selection is not layer-sequential.
     - Activation methods run one decoder layer at a time (``sequential``), calibration activations passing through
       the already-pruned layers; ``device`` may differ from where the model lives (layers visit it one by one).
+    - ``within_layer`` (unstructured / N:M, layer-sequential): ``dense`` (Wanda's and SparseGPT's default protocol:
+      every Linear of a layer scored on the dense layer's activations, then the layer's outputs recomputed with its
+      pruned weights — two passes per layer) or ``sequential`` (SparseGPT's "true sequential": the calibration set
+      merged into one batch, each Linear pruned just before it runs, on the inputs it actually receives from the
+      already-pruned Linears before it — one pass per layer; memory holds the layer's activations for the whole
+      calibration set at once).
     """
     nm = _parse_nm(granularity)
     _check_args(sparsity, granularity, allocation, scope, sparsity_basis, layer_rates, nm)
+    if within_layer not in ("dense", "sequential"):
+        raise ValueError(f"within_layer={within_layer!r} must be 'dense' or 'sequential'")
+    if within_layer == "sequential" and (granularity in STRUCTURED or allocation in ("global", "owl")):
+        raise ValueError(
+            f"within_layer='sequential' prunes each Linear on its own as the layer runs: it supports unstructured "
+            f"and N:M granularities with allocation 'uniform' or 'rates', not granularity={granularity!r}, "
+            f"allocation={allocation!r}. HINT: use within_layer='dense'"
+        )
     structure = ModelStructure(model)
     opts = dict(criterion_options or {})
     criterion = get_criterion(method, **opts)
@@ -166,7 +181,7 @@ def prune(
     masks = masks if masks is not None else MaskSet()
     info: dict = {
         "method": method, "criterion_options": opts, "granularity": granularity, "sparsity": sparsity,
-        "sparsity_basis": sparsity_basis, "allocation": allocation, "scope": scope,
+        "sparsity_basis": sparsity_basis, "allocation": allocation, "scope": scope, "within_layer": within_layer,
         "calibration": calibration_fingerprint(calib) if calib else None,
     }
     if method == "sdm":
@@ -270,20 +285,53 @@ def prune(
             kept[i] = int(masks.groups[gs.key].sum())
             return
         for name in target_names:
-            if structure.layer_of(name) != i:
-                continue
-            if criterion.reconstructs:  # SparseGPT: the mask and the new values of the kept weights together
-                keep, new, _ = criterion.prune_weight(name, ctx, rate, nm, scope, prev(name))
-                with torch.no_grad():
-                    weights[name].copy_(new.to(weights[name].device, weights[name].dtype))
-                masks.set_element(name, keep, monotone)
-                continue
-            scores = criterion.element_scores(name, ctx)
-            keep = alloc.select_nm(scores, *nm, prev(name)) if nm else alloc.select_unstructured(
-                scores, rate, scope, prev(name))
-            masks.set_element(name, keep, monotone)
+            if structure.layer_of(name) == i:
+                select_weight(name, ctx, rate)
 
-    if layered:
+    def select_weight(name: str, ctx: ScoreContext, rate: float) -> None:
+        """Element mask of one weight (unstructured or N:M)."""
+        if criterion.reconstructs:  # SparseGPT: the mask and the new values of the kept weights together
+            keep, new, _ = criterion.prune_weight(name, ctx, rate, nm, scope, prev(name))
+            with torch.no_grad():
+                weights[name].copy_(new.to(weights[name].device, weights[name].dtype))
+            masks.set_element(name, keep, monotone)
+            return
+        scores = criterion.element_scores(name, ctx)
+        keep = alloc.select_nm(scores, *nm, prev(name)) if nm else alloc.select_unstructured(
+            scores, rate, scope, prev(name))
+        masks.set_element(name, keep, monotone)
+
+    if layered and within_layer == "sequential":
+        opts = criterion.collector_options()
+
+        def on_layer_one_pass(i, forward_all):
+            """Each Linear is pruned in its own forward pre-hook, on the statistics of the inputs it actually
+            receives (the whole calibration set, merged into one batch), then computes with its pruned weight."""
+            rate = frac if rates is None else rates[i]
+            handles = {}
+
+            def hook_for(mname):
+                def hook(module, args):
+                    handles.pop(mname).remove()
+                    coll = ActivationCollector({mname: module}, **opts)
+                    coll.stats[mname].update(args[0])
+                    coll.reduce()
+                    select_weight(mname + ".weight", context(coll.stats), rate)
+                    masks.apply(model, keep_original, only=[mname + ".weight"])
+
+                return hook
+
+            for mname, module in layer_modules(i).items():
+                handles[mname] = module.register_forward_pre_hook(hook_for(mname))
+            try:
+                return forward_all(keep_outputs=True)
+            finally:
+                for h in handles.values():
+                    h.remove()
+
+        run_layerwise(model, structure, calib, on_layer_one_pass, device=device, store=store, progress=progress,
+                      one_pass=True)
+    elif layered:
         def on_layer(i, forward_all):
             coll = ActivationCollector(layer_modules(i), **criterion.collector_options()).attach()
             # the statistics pass ends at the MLP output projection's input: its output is recomputed after pruning

@@ -84,6 +84,38 @@ def capture_inputs(
     return captured
 
 
+def _merge_value(values: list, sizes: list[int]):
+    """One keyword argument of several calibration batches, as the argument of their concatenation."""
+    first = values[0]
+    if torch.is_tensor(first):
+        same = all(torch.is_tensor(v) and v.shape == first.shape and torch.equal(v, first) for v in values)
+        if same and (first.dim() == 0 or first.shape[0] == 1):
+            return first  # broadcast over the batch (rotary tables, cache positions)
+        if all(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n for v, n in zip(values, sizes)):
+            return torch.cat(values)
+        raise ValueError(f"cannot merge calibration batches: a layer argument of shape {tuple(first.shape)} is "
+                         "neither shared nor per-sequence. HINT: use within_layer='dense'")
+    if isinstance(first, (tuple, list)):
+        return type(first)(_merge_value([v[k] for v in values], sizes) for k in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _merge_value([v[k] for v in values], sizes) for k in first}
+    if any(v != first for v in values):
+        raise ValueError("cannot merge calibration batches: their layer arguments differ. HINT: use "
+                         "within_layer='dense'")
+    return first
+
+
+def merge_inputs(inputs: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    """All calibration batches as one batch (hidden states concatenated, per-sequence arguments concatenated, shared
+    ones kept), so that every Linear of a layer sees the whole calibration set in a single call."""
+    if len(inputs) <= 1:
+        return inputs
+    sizes = [h.shape[0] for h, _ in inputs]
+    hidden = torch.cat([h for h, _ in inputs])
+    kwargs = {k: _merge_value([kw[k] for _, kw in inputs], sizes) for k in inputs[0][1]}
+    return [(hidden, kwargs)]
+
+
 def run_layerwise(
     model: nn.Module,
     structure: ModelStructure,
@@ -93,8 +125,13 @@ def run_layerwise(
     device: torch.device | str | None = None,
     store: str = "device",
     progress: bool = True,
+    one_pass: bool = False,
 ) -> None:
     """Call ``on_layer(index, forward_all)`` for each decoder layer in order.
+
+    ``one_pass``: the calibration batches are merged into one batch (:func:`merge_inputs`), ``on_layer`` prunes
+    while the layer runs (e.g. from forward pre-hooks) and returns ``forward_all(keep_outputs=True)``; those outputs,
+    already computed with the pruned weights, feed the next layer, so every layer runs once.
 
     ``forward_all(stop_at=None)`` runs every calibration batch through that layer (with the inputs produced by the
     already processed layers); ``on_layer`` typically attaches statistics hooks, calls it, and prunes the layer.
@@ -111,30 +148,43 @@ def run_layerwise(
         _move_except(model, structure.layers, dev)
     try:
         inputs = capture_inputs(model, structure, calibration, dev, store_dev)
+        if one_pass:
+            inputs = merge_inputs(inputs)
         bar = tqdm(range(structure.num_layers), desc="layers", unit="layer", disable=not progress)
         for i in bar:
             layer = structure.layers[i]
             layer_home = next(layer.parameters()).device
             layer.to(dev)
 
-            def forward_all(stop_at: nn.Module | None = None, layer=layer, inputs=inputs):
+            def forward_all(stop_at: nn.Module | None = None, keep_outputs: bool = False, layer=layer, inputs=inputs):
                 # stop_at: a module whose inputs are the last thing wanted (e.g. the MLP's output projection, once
                 # its input statistics are taken): its pre-hook ends the pass, saving that matmul.
                 handle = None
                 if stop_at is not None:
                     handle = stop_at.register_forward_pre_hook(_raise_stop)
+                outputs = []
                 try:
                     with torch.no_grad():
                         for hidden, kwargs in inputs:
                             try:
-                                layer(hidden.to(dev), **_to(kwargs, dev))
+                                out = layer(hidden.to(dev), **_to(kwargs, dev))
+                                if keep_outputs:
+                                    outputs.append(layer_output(out).to(store_dev))
                             except _StopForward:
                                 pass
                 finally:
                     if handle is not None:
                         handle.remove()
+                return outputs if keep_outputs else None
 
-            on_layer(i, forward_all)
+            result = on_layer(i, forward_all)
+            if one_pass:
+                if result is None or len(result) != len(inputs):
+                    raise RuntimeError("run_layerwise(one_pass=True): on_layer must return "
+                                       "forward_all(keep_outputs=True)")
+                inputs = [(out, kw) for out, (_, kw) in zip(result, inputs)]
+                layer.to(layer_home)
+                continue
             if i == structure.num_layers - 1:  # nothing reads the last layer's outputs
                 layer.to(layer_home)
                 break

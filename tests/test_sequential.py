@@ -180,3 +180,65 @@ def test_sequential_wanda_every_family(family):
     assert len(ref) == 2 * (6 if family == "opt" else 7)
     res = pruning.prune(copy.deepcopy(model), batches, method="wanda", sparsity=0.5, progress=False)
     _check_element(res, ref)
+
+
+def reference_true_sequential(model, batches, sparsity=0.5) -> dict[str, torch.Tensor]:
+    """Linear by Linear in execution order: a whole-model forward (everything before it already pruned) gives that
+    Linear's input norms, |W|·‖X‖, top half per row, then the next Linear."""
+    model.eval()
+    order: list[str] = []
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: order.append(n) if n not in order else None)
+               for n, m in mods.items()]
+    with torch.no_grad():
+        model(input_ids=batches[0], use_cache=False)
+    for h in handles:
+        h.remove()
+    keep_masks = {}
+    for name in order:
+        lin = mods[name]
+        norms = _collect_sum_sq(model, {name: lin}, batches)[name].sqrt()
+        w = lin.weight.detach()
+        score = w.abs() * norms[None, :]
+        n_keep = w.shape[1] - int(sparsity * w.shape[1])
+        idx = score.argsort(dim=1, descending=True)[:, :n_keep]
+        keep = torch.zeros_like(w, dtype=torch.bool).scatter_(1, idx, True)
+        with torch.no_grad():
+            lin.weight.mul_(keep)
+        keep_masks[name + ".weight"] = keep
+    return keep_masks
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "opt"])
+def test_within_layer_sequential_matches_linear_by_linear_reference(family):
+    model = tiny_model(family, layers=2, seed=1)
+    batches = calib(n=8, seq=16, seed=3)
+    ref = reference_true_sequential(copy.deepcopy(model), batches)
+    work = copy.deepcopy(model)
+    res = pruning.prune(work, batches, method="wanda", sparsity=0.5, within_layer="sequential", progress=False)
+    _check_element(res, ref)
+    dense = pruning.prune(copy.deepcopy(model), batches, method="wanda", sparsity=0.5, progress=False)
+    assert any(not torch.equal(dense.masks.element[k], v) for k, v in ref.items())  # the protocols differ
+    ids = batches[0]
+    with torch.no_grad():  # the pruned model computes with the masks it reports
+        zeroed = copy.deepcopy(model)
+        for n, keep in res.masks.element.items():
+            zeroed.get_parameter(n).mul_(keep)
+        torch.testing.assert_close(work(input_ids=ids).logits, zeroed(input_ids=ids).logits)
+
+
+def test_within_layer_sequential_refuses_structured(setup):
+    model, batches = setup
+    with pytest.raises(ValueError, match="within_layer='sequential' prunes each Linear on its own"):
+        pruning.prune(copy.deepcopy(model), batches, method="wanda", sparsity=0.3, granularity="mlp_neuron",
+                      within_layer="sequential", progress=False)
+
+
+def test_within_layer_sequential_sparsegpt_runs_2_4(setup):
+    model, batches = setup
+    work = copy.deepcopy(model)
+    res = pruning.prune(work, batches, method="sparsegpt", sparsity=0.5, granularity="2:4",
+                        within_layer="sequential", progress=False)
+    for name, keep in res.masks.element.items():
+        assert (keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2).all(), name
+        assert (work.get_parameter(name)[~keep] == 0).all()
