@@ -252,18 +252,19 @@ class GradientStats(Accumulator):
             raise ValueError(f"gradient statistics {sorted(bad)} unknown; choose from {GRAD_STATS}")
 
     @torch.no_grad()
-    def update(self, grad: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    def update(self, grad: torch.Tensor, weight: torch.Tensor | None = None, scale: float = 1.0) -> None:
+        """``scale`` (> 0) multiplies the gradient first, without a copy of it (undoing a loss division)."""
         g = grad.float()
         for k in self.kinds:
             buf = self._buf(k, g.shape, g.device)
             if k == "sum":
-                buf.add_(g)
+                buf.add_(g, alpha=scale)
             elif k == "sum_sq":
-                buf.addcmul_(g, g)
+                buf.addcmul_(g, g, value=scale * scale)
             elif k == "sum_abs":
-                buf.add_(g.abs())
+                buf.add_(g.abs(), alpha=scale)
             else:
-                buf.add_((g * weight.float()).abs())
+                buf.add_((g * weight.float()).abs(), alpha=scale)
         self.count += 1
 
     def compute(self) -> dict[str, torch.Tensor]:
@@ -273,6 +274,8 @@ class GradientStats(Accumulator):
 def _aligned(t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
     """[count, other] view of a 2-D member: sum over the group's own rows/columns, keep the other axis."""
     t = t.movedim(dim, 0) if dim else t
+    if t.shape[0] == count:  # one row per group (MLP neurons): nothing to sum, no copy
+        return t
     return t.reshape(count, -1, t.shape[-1]).sum(1)
 
 
@@ -327,12 +330,14 @@ class GroupGradientStats(Accumulator):
 
     # ---- member by member (tensor hooks during training: each gradient is seen once, then freed)
     @torch.no_grad()
-    def add_member(self, name: str, grad: torch.Tensor, weight: torch.Tensor) -> None:
+    def add_member(self, name: str, grad: torch.Tensor, weight: torch.Tensor, scale: float = 1.0) -> None:
         """Add one member's ``g⊙w`` of the current sample to the open partial sums; :meth:`close_sample` ends it."""
         gs = self.group_set
         n = gs.count
         m = next(m for m in gs.members if m.name == name)
         gw = grad.float() * weight.float()
+        if scale != 1.0:
+            gw.mul_(scale)
         if "coupled" in self.kinds and weight.dim() == 2:
             aligned = _aligned(gw, m.dim, n)
             if "coupled" in self._parts:
@@ -512,12 +517,11 @@ class GradientCollector:
         stat = self.stats.get(name)
 
         def hook(grad: torch.Tensor) -> None:
-            if self.grad_scale != 1.0:
-                grad = grad * self.grad_scale
+            scale = self.grad_scale  # folded into the sums: no scaled copy of the gradient is made
             if stat is not None:
-                stat.update(grad, p.detach())
+                stat.update(grad, p.detach(), scale)
             for s in group_stats:
-                s.add_member(name, grad, p.detach())
+                s.add_member(name, grad, p.detach(), scale)
 
         return hook
 
