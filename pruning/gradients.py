@@ -22,11 +22,11 @@ def next_token_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "
 def distillation_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | ChunkedLogits | None = None,
     alpha: float = 0.0,
     temperature: float = 1.0,
     fused: bool = True,
-    chunk: int = 1024,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """``(1−α)·CE + α·KL(softmax(z_t/τ) ‖ softmax(z_s))``, both per token, averaged over tokens whose label is
     not -100.
@@ -35,19 +35,23 @@ def distillation_loss(
     sharpened (τ < 1) teacher distribution. The KL is over next-token positions, like the cross-entropy.
 
     ``fused`` (default): the loss and its gradient with respect to the student logits are computed together in the
-    forward, ``chunk`` positions at a time (``∂/∂z_s = ((1−α)(p_s − onehot) + α(p_s − p_t)) / n_valid``), and only
-    that gradient is kept for backward. A [positions, vocab] problem then holds the logits, the teacher's logits and
-    one fp32 gradient instead of the ~8 fp32 [positions, vocab] tensors of the step-by-step formula, which is what
-    keeps distillation scoring within a few percent of cross-entropy scoring in memory. ``fused=False`` is the
-    plain autograd formula (the tests check the two agree).
+    forward, ``chunk`` positions at a time (default: 2²² logits per chunk, e.g. 131 positions of a 32k vocabulary;
+    ``∂/∂z_s = ((1−α)(p_s − onehot) + α(p_s − p_t)) / n_valid``), and only that gradient is kept for backward. A
+    [positions, vocab] problem then holds the logits, the teacher's logits (or none of them, given as
+    :class:`ChunkedLogits`) and one fp32 gradient instead of the ~8 fp32 [positions, vocab] tensors of the
+    step-by-step formula, which keeps distillation scoring within a few percent of cross-entropy scoring in memory.
+    ``fused=False`` is the plain autograd formula (the tests check the two agree).
     """
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha={alpha} must be in [0, 1]")
     if alpha > 0 and teacher_logits is None:
         raise ValueError("alpha > 0 needs teacher logits")
     if fused:
+        chunk = chunk or max(1, (1 << 22) // student_logits.shape[-1])
         return _FusedDistillation.apply(student_logits, labels, teacher_logits if alpha > 0 else None, float(alpha),
                                         float(temperature), int(chunk))
+    if isinstance(teacher_logits, ChunkedLogits):
+        teacher_logits = teacher_logits.full()
     ce = next_token_ce(student_logits, labels) if alpha < 1 else student_logits.new_zeros(())
     if alpha == 0 or teacher_logits is None:
         return ce
@@ -57,6 +61,22 @@ def distillation_loss(
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
     kl = (kl * valid).sum() / valid.sum().clamp_min(1)
     return (1 - alpha) * ce + alpha * kl
+
+
+class ChunkedLogits:
+    """Teacher logits produced a block of positions at a time from the final hidden states and the LM head
+    (``logits = head(hidden)``), so the teacher's full [positions, vocab] tensor never exists."""
+
+    def __init__(self, hidden: torch.Tensor, head: nn.Module) -> None:
+        self.hidden, self.head = hidden, head
+
+    def chunk(self, b: int, lo: int, hi: int) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head(self.hidden[b, lo:hi])
+
+    def full(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head(self.hidden)
 
 
 class _FusedDistillation(torch.autograd.Function):
@@ -82,7 +102,9 @@ class _FusedDistillation(torch.autograd.Function):
                 if alpha < 1:
                     ce_sum -= (log_ps.gather(1, tgt).squeeze(1) * ok).sum(dtype=torch.float64)
                 if teacher is not None:
-                    log_pt = F.log_softmax(teacher[b, lo:hi].float() / temperature, dim=-1)
+                    zt = teacher.chunk(b, lo, hi) if isinstance(teacher, ChunkedLogits) else teacher[b, lo:hi]
+                    log_pt = F.log_softmax(zt.float() / temperature, dim=-1)
+                    del zt
                     pt = log_pt.exp()
                     kl_sum += ((pt * (log_pt - log_ps)).sum(-1) * ok).sum(dtype=torch.float64)
                     g.sub_(pt, alpha=alpha)  # (1−α)·p_s + α·p_s − α·p_t

@@ -36,9 +36,11 @@ import torch
 import torchmetrics
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .gradients import distillation_loss, next_token_ce
+from .gradients import ChunkedLogits, distillation_loss, next_token_ce
 from .masks import MaskSet
 
+# causal LMs whose logits are exactly lm_head(final hidden state) (no soft-capping or logit scale)
+_PLAIN_HEAD = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "OPTForCausalLM"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -370,7 +372,17 @@ class DistillationModule(pl.LightningModule):
                 "HINT: set teacher: copy, or PruningCallback keep_original: true."
             )
         ctx = masks.lifted(self.student) if masks is not None and masks.has_original else nullcontext()
+        head = self.student.get_output_embeddings()
+        head_masked = masks is not None and any(p is head.weight for p in masks._resolve(self.student).values())
         with ctx:
+            sharded = type(head.weight).__name__ == "DTensor"  # FSDP: only the root's forward gathers the head
+            if type(self.student).__name__ in _PLAIN_HEAD and not head_masked and not sharded:
+                # logits = lm_head(final hidden state) for these families: the loss computes the teacher's logits
+                # a block of positions at a time from the hidden states (the head is not pruned, so lifting is not
+                # needed for it), and the teacher's full [positions, vocab] tensor never exists
+                hidden = self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                                    use_cache=False).last_hidden_state
+                return ChunkedLogits(hidden, head)
             return self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

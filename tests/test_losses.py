@@ -55,3 +55,29 @@ def test_plain_formula_by_hand():
     for fused in (True, False):
         got = distillation_loss(zs, labels, zt, alpha, tau, fused=fused)
         assert float(got) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_chunked_teacher_logits_equal_full_logits(family):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny import calib, tiny_model
+
+    from pruning.gradients import ChunkedLogits
+
+    model = tiny_model(family, layers=2)
+    ids = calib(n=2, seq=12)[0]
+    student = torch.randn(*ids.shape, model.config.vocab_size, requires_grad=True)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+    lazy = ChunkedLogits(hidden, model.get_output_embeddings())
+    torch.testing.assert_close(lazy.full(), full)
+    a = distillation_loss(student, ids, lazy, 0.42, 0.5, chunk=5)
+    (ga,) = torch.autograd.grad(a, student)
+    b = distillation_loss(student, ids, full, 0.42, 0.5, fused=False)
+    (gb,) = torch.autograd.grad(b, student)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ga, gb)
