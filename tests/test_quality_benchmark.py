@@ -1,0 +1,101 @@
+"""The quality benchmark end to end in miniature (tiny reference model, few samples), so that it cannot rot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import quality  # noqa: E402
+import reference_model as refm  # noqa: E402
+import run_all  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tmp_path_factory):
+    torch.set_num_threads(1)
+    preset = dataclasses.replace(refm.PRESETS["tiny"], steps=6, max_train_bytes=60_000, max_heldout_bytes=20_000)
+    cache = tmp_path_factory.mktemp("ref")
+    ref = refm.load_or_train(preset, cache, name="tiny", log=lambda *_: None)
+    return ref, preset, cache
+
+
+def test_reference_model_manifest_and_cache(tiny_ref):
+    ref, preset, cache = tiny_ref
+    m = ref.manifest
+    assert m["steps"] == 6 and m["tokens_seen"] == 6 * preset.batch * preset.seq_len
+    assert m["config"]["num_key_value_heads"] < m["config"]["num_attention_heads"]  # GQA
+    assert m["tokenizer"]["sha256"] == refm.tokenizer_sha256(ref.tokenizer)
+    assert math.isfinite(m["heldout_ppl"]) and m["heldout_ppl"] > 1
+    assert json.loads((cache / "tiny" / "manifest.json").read_text())["key"] == m["key"]
+    again = refm.load_or_train(preset, cache, name="tiny", log=lambda *_: None)  # cached: same weights
+    for (n, a), (_, b) in zip(ref.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert torch.equal(again.heldout_ids, ref.heldout_ids)
+    # the tokenizer saw the train split only, and the streams decode back to text
+    assert ref.tokenizer.decode(ref.heldout_ids[:50].tolist())
+
+
+def test_quality_benchmark_miniature(tiny_ref, tmp_path):
+    ref, _, _ = tiny_ref
+    torch.set_num_threads(1)
+    settings = [s for s in quality.SETTINGS if s.key in ("unstructured50", "mlp30")]
+    methods = [m for m in quality.METHODS if m.label in ("wanda", "taylor", "sdm")]
+    res = quality.run(ref, settings=settings, methods=methods, calibration=4, calib_batch=2, eval_windows=4,
+                      recovery_steps=2, recovery_batch=2, out=tmp_path, log=lambda *_: None)
+    rows = {(r["setting"], r["method"]): r for r in res["rows"]}
+    # sdm is structured only: no unstructured cell; every other cell ran
+    assert set(rows) == {("dense", "dense"), ("unstructured50", "wanda"), ("unstructured50", "taylor"),
+                         ("mlp30", "wanda"), ("mlp30", "taylor"), ("mlp30", "sdm")}
+    for r in res["rows"]:
+        assert math.isfinite(r["ppl_before"]) and math.isfinite(r["ppl_after"])
+    # equal sparsity for every method of a setting; the same calibration data everywhere
+    for key in ("unstructured50", "mlp30"):
+        assert len({r["nonzero_params"] for r in res["rows"] if r["setting"] == key}) == 1
+    assert rows[("unstructured50", "wanda")]["nonzero_params"] < rows[("dense", "dense")]["nonzero_params"]
+    fp = res["protocol"]["calibration"]["sha256"]
+    assert {r["calibration_sha256"] for r in res["rows"] if r["method"] != "dense"} == {fp}
+    # outputs
+    md = (tmp_path / "quality.md").read_text()
+    assert "| wanda |" in md and "–" in md and "Head to head" in md
+    assert (tmp_path / "quality_unstructured.png").stat().st_size > 1000
+    assert (tmp_path / "quality_mlp.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "quality.json").read_text())["rows"][0]["method"] == "dense"
+    snippet = (tmp_path / "quality_table.md").read_text()
+    assert snippet.startswith("| method |") and "docs/quality_mlp.png" in snippet
+
+
+def test_shared_gradients_equal_prune_own(tiny_ref):
+    """The benchmark's one shared gradient pass gives the masks each prune call would compute alone."""
+    import copy
+
+    import pruning
+    import pruning.data
+
+    ref, preset, _ = tiny_ref
+    calib = [pruning.data.windows(ref.train_ids, preset.seq_len, 4, seed=0)]
+    shared = quality.shared_gradients(ref.model, calib, {"mlp_neuron"})
+    for method, gran, opts in (("taylor", "mlp_neuron", {"mode": "vector"}), ("gblm", "unstructured", {})):
+        a, b = copy.deepcopy(ref.model), copy.deepcopy(ref.model)
+        ra = pruning.prune(a, calib, method, 0.5, gran, criterion_options=opts, progress=False)
+        rb = pruning.prune(b, calib, method, 0.5, gran, criterion_options=opts, gradients=shared, progress=False)
+        for n in ra.masks.names():
+            pa, pb = a.get_parameter(n), b.get_parameter(n)
+            assert torch.equal(ra.masks.keep_mask(n, pa), rb.masks.keep_mask(n, pb)), (method, n)
+
+
+def test_replace_between_markers():
+    text = "intro\n<!-- quality:begin -->\nold\n<!-- quality:end -->\ntail\n"
+    out = run_all.replace_between_markers(text, "quality", "| a |\n|---|")
+    assert out == "intro\n<!-- quality:begin -->\n| a |\n|---|\n<!-- quality:end -->\ntail\n"
+    assert run_all.replace_between_markers(out, "quality", "| a |\n|---|") == out  # idempotent
+    with pytest.raises(KeyError):
+        run_all.replace_between_markers(text, "speed", "x")
