@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pruning import MaskSet, ModelStructure, get_criterion, prune
+from pruning import allocation as alloc
 from pruning.api import STRUCTURED, _check_args, _parse_nm
 from pruning.distributed import is_sharded, local, local_part, unsharded
 from pruning.schedule import Schedule
@@ -77,6 +78,9 @@ class PruningCallback(pl.Callback):
         scope: unstructured comparison group ``row | layer | global`` (default ``row``).
         sparsity_basis: ``targets`` (fraction of the targeted weights) or ``model`` (of all parameters).
         layer_rates: per-layer sparsities for ``allocation: rates``.
+        rates_file: instead of ``layer_rates``: the JSON written by ``pruning search`` (Self-Pruner) or ``pruning
+            rank`` (SAAP), read when the fit starts; SAAP's learned ``criterion_options`` (σ) come with it when
+            ``criterion`` is ``saap`` (options given here win).
         min_keep: lower bound of the kept fraction per layer (``global``).
         max_keep: upper bound of the kept fraction per layer (``global``).
         owl_m: OWL outlier threshold M.
@@ -100,6 +104,7 @@ class PruningCallback(pl.Callback):
         scope: Literal["row", "layer", "global"] | None = None,
         sparsity_basis: Literal["targets", "model"] = "targets",
         layer_rates: list[float] | None = None,
+        rates_file: str | None = None,
         min_keep: float = 0.0,
         max_keep: float = 1.0,
         owl_m: float = 5.0,
@@ -117,9 +122,15 @@ class PruningCallback(pl.Callback):
         self.criterion = get_criterion(criterion, **self.criterion_options)
         self.criterion.check_granularity(granularity)
         nm = _parse_nm(granularity)
+        if rates_file is not None:
+            if layer_rates is not None:
+                raise ValueError("give layer_rates or rates_file, not both")
+            if allocation != "rates":
+                raise ValueError(f"rates_file is given but allocation={allocation!r}. HINT: set allocation: rates")
+        self.rates_file = rates_file
         for e in self.schedule.plan():
             _check_args(e.sparsity if nm is None else 1 - nm[0] / nm[1], granularity, allocation, scope,
-                        sparsity_basis, layer_rates, nm)
+                        sparsity_basis, layer_rates if rates_file is None else [], nm)
         if nm is not None and any(abs(e.sparsity - (1 - nm[0] / nm[1])) > 1e-9 for e in self.schedule.plan()):
             raise ValueError(f"granularity={granularity!r} prunes exactly {1 - nm[0] / nm[1]:g}: set schedule "
                              f"sparsity to {1 - nm[0] / nm[1]:g}")
@@ -150,6 +161,14 @@ class PruningCallback(pl.Callback):
         if stage != "fit":
             return
         model = self._model = find_hf_model(pl_module, self.model_attr)
+        if self.rates_file is not None and self.options["layer_rates"] is None:
+            with _base_layers(model):
+                n_layers = ModelStructure(model).num_layers
+            rates, options = alloc.load_rates_file(self.rates_file, self.criterion_name, self.granularity, n_layers)
+            self.options["layer_rates"] = rates
+            if options:
+                self.criterion_options = {**options, **self.criterion_options}
+                self.criterion = get_criterion(self.criterion_name, **self.criterion_options)
         if self.keep_original is None:
             self.keep_original = getattr(pl_module, "teacher_mode", None) == "lifted" \
                 and not self.criterion.reconstructs

@@ -193,9 +193,12 @@ def test_saap_end_to_end_rates_on_a_model():
         ranking.saap_layer_rates(est, 0.25, fluctuation="layers")
 
 
-def test_saap_through_the_callbacks_equals_core():
-    """ImportanceCallback + PruningCallback(criterion='saap', allocation='rates') give the core's masks."""
+@pytest.mark.parametrize("source", ["inline", "rates_file"])
+def test_saap_through_the_callbacks_equals_core(source, tmp_path):
+    """ImportanceCallback + PruningCallback(criterion='saap', allocation='rates') give the core's masks, with σ and
+    the rates inline or read from the JSON `pruning rank` writes."""
     import copy
+    import json
 
     from callbacks import ImportanceCallback, PruningCallback
     from pruning.module import DistillationModule
@@ -207,8 +210,15 @@ def test_saap_through_the_callbacks_equals_core():
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 128, (16,), generator=g) for _ in range(4)]
     opts = {"sigma": [0.5, 2.0]}
-    pc = PruningCallback("saap", "mlp_neuron", Schedule(step=4, sparsity=0.25), allocation="rates",
-                         layer_rates=[0.125, 0.375], criterion_options=opts)
+    if source == "inline":
+        pc = PruningCallback("saap", "mlp_neuron", Schedule(step=4, sparsity=0.25), allocation="rates",
+                             layer_rates=[0.125, 0.375], criterion_options=opts)
+    else:
+        path = tmp_path / "saap.json"
+        path.write_text(json.dumps({"method": "saap", "target": 0.25, "granularity": "mlp_neuron",
+                                    "criterion_options": opts, "layer_rates": [0.125, 0.375]}))
+        pc = PruningCallback("saap", "mlp_neuron", Schedule(step=4, sparsity=0.25), allocation="rates",
+                             rates_file=str(path))
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, max_steps=5, callbacks=[ImportanceCallback(), pc])
     trainer.fit(module, DataLoader([{"input_ids": s} for s in seqs] * 2, batch_size=1))
@@ -217,6 +227,34 @@ def test_saap_through_the_callbacks_equals_core():
     assert [int(pc.masks.groups[f"mlp_neuron.{i}"].sum()) for i in range(2)] == [56, 40]
     for k in res.masks.groups:
         assert torch.equal(pc.masks.groups[k], res.masks.groups[k]), k
+
+
+def test_rates_file_errors_name_the_key(tmp_path):
+    import json
+
+    from callbacks import PruningCallback
+    from pruning import allocation as alloc
+    from pruning.schedule import Schedule
+
+    sched = Schedule(step=4, sparsity=0.25)
+    with pytest.raises(ValueError, match="layer_rates or rates_file, not both"):
+        PruningCallback("wanda", "mlp_neuron", sched, allocation="rates", layer_rates=[0.25], rates_file="r.json")
+    with pytest.raises(ValueError, match="HINT: set allocation: rates"):
+        PruningCallback("wanda", "mlp_neuron", sched, rates_file="r.json")
+    with pytest.raises(ValueError, match=r"rates_file='.*missing.json': no such file. HINT: write it first"):
+        alloc.load_rates_file(tmp_path / "missing.json")
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"method": "self-pruner", "criterion": "wanda", "granularity": "mlp_neuron",
+                                "layer_rates": [0.2, 0.4]}))
+    with pytest.raises(ValueError, match="has 2 layer rates, the model has 4 layers"):
+        alloc.load_rates_file(path, "wanda", "mlp_neuron", 4)
+    with pytest.raises(ValueError, match="granularity='mlp_neuron', not 'attention_head'"):
+        alloc.load_rates_file(path, "wanda", "attention_head", 2)
+    # a search's rates serve any criterion; options only come with the method that learned them
+    assert alloc.load_rates_file(path, "taylor", "mlp_neuron", 2) == ([0.2, 0.4], {})
+    path.write_text(json.dumps({"layer_rates": [0.2, 1.5]}))
+    with pytest.raises(ValueError, match=r"numbers in \[0, 1\)"):
+        alloc.load_rates_file(path)
 
 
 # ------------------------------------------------------------------------------------------------- group fine-tuning
