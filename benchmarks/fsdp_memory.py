@@ -10,10 +10,23 @@ trimmed); the peak RSS over the scoring steps (VmHWM reset just before the first
 peak RSS of the event (scoring from the statistics: every FSDP module unsharded for it); the process's lifetime
 peak (VmHWM without reset: includes the whole model built on every rank before ``configure_model`` shards it).
 
-One-shot part (``--oneshot``): ``pruning.prune(model, calib, 'wanda', device=...)`` with the model on the host,
-layers visiting ``device`` one at a time; on CPU only the host RSS can be measured (the compute device is the host).
+Every configuration runs three times in fresh processes, because each probe disturbs what another measures:
 
-    .venv/bin/python benchmarks/fsdp_memory.py            # about 2 minutes on 2 cores
+- ``rss``: RSS with glibc told to hand every block of 128 KiB or more straight back to the system
+  (``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``), so the peak follows the memory actually in use;
+- ``rss_default``: the same with glibc's defaults (its dynamic mmap threshold keeps freed blocks of up to 32 MiB in
+  per-thread arenas, gloo's threads included): what a user sees, but partly the allocator's retained free memory;
+- ``tensor``: net tensor bytes allocated at once (torch.profiler allocation records); the profiler's own records
+  inflate RSS by about a GiB here, which is why RSS comes from the other two runs.
+
+``--criterion gblm`` scores GBLM (``unstructured``, per-weight Σg² plus activation norms) instead of SDMPrune: its
+per-weight statistic has the size of the targeted weights and is held on the local rows of each shard.
+
+One-shot part: ``pruning.prune(model, calib, 'wanda', device=...)`` with the model on the host, layers visiting
+``device`` one at a time; on CPU only the host RSS can be measured (the compute device is the host).
+
+    .venv/bin/python benchmarks/fsdp_memory.py            # about 4 minutes on 2 cores
+    .venv/bin/python benchmarks/fsdp_memory.py --vocab 4096 --hidden 768 --inter 2048 --layers 8 --heads 12
     .venv/bin/python benchmarks/fsdp_memory.py --quick
 """
 
@@ -91,6 +104,11 @@ def model_config(args) -> dict:
                 max_position_embeddings=max(512, args.seq))
 
 
+# glibc: blocks of 128 KiB and more mmap-ed and handed back when freed (no dynamic threshold), top trimmed early
+MALLOC_EXACT = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+MEASURES = {"rss": MALLOC_EXACT, "rss_default": {}, "tensor": MALLOC_EXACT}
+
+
 # ---------------------------------------------------------------------------------------------- FSDP worker
 def worker(args) -> None:
     import lightning.pytorch as pl
@@ -123,15 +141,16 @@ def worker(args) -> None:
             if self.role == "first" and trainer.global_step == 0:
                 out["t0"] = time.perf_counter()
                 settle()
-                self.tp = TensorPeak()
-                self.tp.start()
+                self.tp = TensorPeak() if args.measure == "tensor" else None
+                if self.tp is not None:
+                    self.tp.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if trainer.global_step != steps:
                 return
             if self.role == "first":  # before the pruning callback's event
                 out["peak_scoring"] = rss_peak()
-                out["tensor_peak_scoring"] = self.tp.stop()
+                out["tensor_peak_scoring"] = self.tp.stop() if self.tp is not None else None
                 out["scoring_s"] = time.perf_counter() - out.pop("t0")
                 settle()
             else:  # after it
@@ -139,8 +158,11 @@ def worker(args) -> None:
 
     m = DistillationModule(config=model_config(args), teacher="copy", alpha=0.0, attn_implementation="sdpa")
     ic = ImportanceCallback()
-    pc = PruningCallback("sdm", "mlp_neuron", Schedule(kind="steps", events=[Event(steps, 0.2, alpha=0.42,
-                                                                                   temperature=0.5)]))
+    if args.criterion == "sdm":
+        pc = PruningCallback("sdm", "mlp_neuron", Schedule(kind="steps", events=[Event(steps, 0.2, alpha=0.42,
+                                                                                       temperature=0.5)]))
+    else:
+        pc = PruningCallback(args.criterion, "unstructured", Schedule(kind="steps", events=[Event(steps, 0.5)]))
     tr = pl.Trainer(accelerator="cpu", devices=args.world, max_steps=steps,
                     strategy=ModelParallelStrategy(data_parallel_size=args.world, tensor_parallel_size=1),
                     callbacks=[Probe("first"), ic, pc, Probe("last")], logger=False, enable_checkpointing=False,
@@ -192,6 +214,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--calib", type=int, default=8)
+    ap.add_argument("--criterion", default="sdm", choices=["sdm", "gblm"])
+    ap.add_argument("--measure", default="rss", choices=list(MEASURES))
+    ap.add_argument("--no-oneshot", action="store_true")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -204,39 +229,58 @@ def main() -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
     shape = ["--hidden", str(args.hidden), "--inter", str(args.inter), "--layers", str(args.layers), "--heads",
              str(args.heads), "--vocab", str(args.vocab), "--seq", str(args.seq), "--steps", str(args.steps),
-             "--calib", str(args.calib)]
-    results = {}
+             "--calib", str(args.calib), "--criterion", args.criterion]
+    clean = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
+    results: dict = {}
     for world in (1, 2):
-        out = tmp / f"w{world}"
-        proc = subprocess.run([sys.executable, __file__, "--worker", "--world", str(world), "--out", str(out),
-                               *shape], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        for measure, extra_env in MEASURES.items():
+            out = tmp / f"w{world}_{measure}"
+            proc = subprocess.run([sys.executable, __file__, "--worker", "--world", str(world), "--out", str(out),
+                                   "--measure", measure, *shape], cwd=ROOT, env=dict(clean, **extra_env),
+                                  capture_output=True, text=True, timeout=1200)
+            if proc.returncode:
+                raise SystemExit(proc.stdout[-2000:] + proc.stderr[-4000:])
+            for r in range(world):
+                got = json.loads(Path(f"{out}.rank{r}.json").read_text())
+                row = results.setdefault(world, {}).setdefault(r, {})
+                row.update({f"{k}_{measure}": v for k, v in got.items()})
+                row.update({k: v for k, v in got.items() if measure == "rss"})
+    oneshot = None
+    if not args.no_oneshot:
+        proc = subprocess.run([sys.executable, __file__, "--oneshot-worker", "--out", str(tmp / "o"), *shape],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
         if proc.returncode:
-            raise SystemExit(proc.stdout[-2000:] + proc.stderr[-4000:])
-        results[world] = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(world)]
-    proc = subprocess.run([sys.executable, __file__, "--oneshot-worker", "--out", str(tmp / "o"), *shape], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=1200)
-    if proc.returncode:
-        raise SystemExit(proc.stderr[-4000:])
-    oneshot = json.loads((tmp / "o.oneshot.json").read_text())
+            raise SystemExit(proc.stderr[-4000:])
+        oneshot = json.loads((tmp / "o.oneshot.json").read_text())
 
     mib = 1 / 2**20
     params = results[1][0]["params"]
+    what = ("sdm scoring (mlp_neuron), α=0.42" if args.criterion == "sdm" else
+            f"{args.criterion} scoring (unstructured, per-weight gradient statistics)")
     print(f"model: llama hidden={args.hidden} inter={args.inter} layers={args.layers} vocab={args.vocab}: "
           f"{params / 1e6:.1f}M parameters ({params * 4 * mib:.0f} MiB fp32); student + teacher copy; "
-          f"sdm scoring, α=0.42, {args.steps} steps of one {args.seq}-token sequence per rank\n")
+          f"{what}, {args.steps} steps of one {args.seq}-token sequence per rank\n")
     print("| ranks | rank | student params held (MiB) | teacher params held (MiB) | RSS after setup (MiB) | "
-          "peak RSS scoring (MiB) | peak tensor bytes scoring (MiB) | peak RSS event (MiB) | scoring time (s) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "peak RSS scoring (MiB) | peak RSS scoring, glibc defaults (MiB) | peak tensor bytes scoring (MiB) | "
+          "peak RSS event (MiB) | scoring time (s) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for world, ranks in results.items():
-        for r in ranks:
+        for _, r in sorted(ranks.items()):
             cells = [world, r["rank"], f"{r['param_bytes_local'] * mib:.0f}", f"{r['teacher_bytes_local'] * mib:.0f}",
                      f"{r['rss_setup'] * mib:.0f}", f"{r['peak_scoring'] * mib:.0f}",
-                     f"{r['tensor_peak_scoring'] * mib:.0f}", f"{r['peak_event'] * mib:.0f}",
-                     f"{r['scoring_s']:.1f}"]
+                     f"{r['peak_scoring_rss_default'] * mib:.0f}", f"{r['tensor_peak_scoring_tensor'] * mib:.0f}",
+                     f"{r['peak_event'] * mib:.0f}", f"{r['scoring_s']:.1f}"]
             print("| " + " | ".join(map(str, cells)) + " |")
-    print(f"\none-shot wanda (device=cpu, store=cpu, {args.calib} x {args.seq} tokens): RSS with the model "
-          f"{oneshot['rss_model'] * mib:.0f} MiB, peak while pruning {oneshot['peak_prune'] * mib:.0f} MiB, "
-          f"{oneshot['prune_s']:.1f} s")
+    peak = {w: max(r["peak_scoring"] for r in ranks.values()) for w, ranks in results.items()}
+    tens = {w: max(r["tensor_peak_scoring_tensor"] for r in ranks.values()) for w, ranks in results.items()}
+    base = {w: min(r["rss_imports"] for r in ranks.values()) for w, ranks in results.items()}
+    print(f"\nworst rank, 2 ranks / 1 rank: peak RSS scoring {peak[2] / peak[1]:.2f} "
+          f"({(peak[2] - base[2]) / (peak[1] - base[1]):.2f} above the {base[1] * mib:.0f} MiB the imports take in "
+          f"every process), peak tensor bytes scoring {tens[2] / tens[1]:.2f}")
+    if oneshot is not None:
+        print(f"\none-shot wanda (device=cpu, store=cpu, {args.calib} x {args.seq} tokens): RSS with the model "
+              f"{oneshot['rss_model'] * mib:.0f} MiB, peak while pruning {oneshot['peak_prune'] * mib:.0f} MiB, "
+              f"{oneshot['prune_s']:.1f} s")
 
 
 if __name__ == "__main__":

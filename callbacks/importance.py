@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import lightning.pytorch as pl
-import torch
 import torch.distributed as dist
 
-from pruning.distributed import drop_placeholder_optimizer_state
+from pruning.distributed import DropGradients, drop_placeholder_optimizer_state, is_sharded
 from pruning.schedule import Event
-from pruning.stats import ActivationCollector, GradientCollector, _comm_device
+from pruning.stats import ActivationCollector, GradientCollector
 
 
 class ImportanceCallback(pl.Callback):
@@ -35,17 +34,23 @@ class ImportanceCallback(pl.Callback):
       then reset for the next event.
     - FSDP2: the hooks sit on the *unsharded* parameters FSDP all-gathers for each forward/backward, so they see the
       rank's own full per-micro-batch gradient before the reduce-scatter — the same per-sample gradient as without
-      FSDP; statistics are held whole on every rank (not sharded) and summed over ranks as under DDP.
+      FSDP. Per-weight statistics (Σg², Σ|g|, ... of gblm / taylor) are reduce-scattered per sample onto the rows
+      of the parameter's shard, so each rank holds its rows only, and are gathered whole at the event; group and
+      activation statistics (one value per group / input feature) are held whole and summed over ranks as under
+      DDP.
     - checkpoints: Lightning writes rank 0's callback states only; a checkpoint taken inside a scoring window on
-      several ranks holds the statistics summed over ranks (kept by rank 0 on resume, the other ranks restart from
-      zero), so the resumed event counts every rank's samples once. (The ``samples`` reservoir of mutual_info is
+      several ranks holds the statistics summed over ranks (a collective on save). On resume rank 0 keeps whole
+      statistics and the counts, the other ranks restart from zero; row-sharded statistics are cut to each rank's
+      rows. The resumed event counts every rank's samples once. (The ``samples`` reservoir of mutual_info is
       rank 0's.)
 
     Args:
         window: collect during the last ``window`` optimiser steps before each event (default: every step since
             the previous event).
         freeze_weights: scoring steps change no weight: gradients are dropped before the optimiser step
-            (``on_before_optimizer_step``), so no update, no weight decay, no momentum change happens.
+            (``on_before_optimizer_step``), so no update, no weight decay, no momentum change happens. Under FSDP2
+            they are dropped as soon as backward accumulates them (after the statistics' hooks have read them), so
+            FSDP neither reduce-scatters them nor holds sharded gradients during scoring.
         per_sample: ``sequence`` or ``micro_batch`` (see above).
     """
 
@@ -65,6 +70,7 @@ class ImportanceCallback(pl.Callback):
         self._active = False
         self._saved_loss: tuple | None = None
         self._pending_state: dict | None = None
+        self._dropper: DropGradients | None = None
 
     # ------------------------------------------------------------------ set up by the pruning callback
     def configure(self, activations: ActivationCollector | None, gradients: GradientCollector | None,
@@ -159,6 +165,8 @@ class ImportanceCallback(pl.Callback):
                 pl_module.temperature = event.temperature
         if self.freeze_weights and hasattr(pl_module, "weights_frozen"):
             pl_module.weights_frozen = True
+        if self.freeze_weights and is_sharded(pl_module):  # FSDP2: no reduce-scatter of gradients nobody uses
+            self._dropper = DropGradients(pl_module).attach()
         self._active = True
 
     def _deactivate(self, pl_module: pl.LightningModule) -> None:
@@ -173,6 +181,9 @@ class ImportanceCallback(pl.Callback):
             self._saved_loss = None
         if hasattr(pl_module, "weights_frozen"):
             pl_module.weights_frozen = False
+        if self._dropper is not None:
+            self._dropper.detach()
+            self._dropper = None
         self._active = False
 
     # ------------------------------------------------------------------ used by the pruning callback
@@ -209,27 +220,10 @@ class ImportanceCallback(pl.Callback):
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if state is None:
             return
-        dev = _comm_device()
-
-        def summed(acc: Any) -> Any:
-            if not isinstance(acc, dict) or "sums" not in acc:
-                return acc
-            out = dict(acc)
-            sums = {}
-            for k in sorted(acc["sums"]):
-                t = acc["sums"][k].to(dev, copy=True)
-                dist.all_reduce(t)
-                sums[k] = t.cpu()
-            out["sums"] = sums
-            c = torch.tensor([float(acc["count"])], dtype=torch.float64, device=dev)
-            dist.all_reduce(c)
-            out["count"] = int(c.item())
-            return out
-
         state = dict(state)
-        for kind in ("activations", "gradients"):
-            if state.get(kind) is not None:
-                state[kind] = {k: summed(v) for k, v in sorted(state[kind].items())}
+        for kind, c in (("activations", self.activations), ("gradients", self.gradients)):
+            if c is not None:
+                state[kind] = c.merged_state_dict()
         state["reduced_over_ranks"] = True
         checkpoint["callbacks"][self.state_key] = state
 
@@ -240,16 +234,13 @@ class ImportanceCallback(pl.Callback):
             self._load(state_dict)
 
     def _load(self, state: dict) -> None:
-        if state.get("activations") is not None and self.activations is not None:
-            self.activations.load_state_dict(state["activations"])
-        if state.get("gradients") is not None and self.gradients is not None:
-            self.gradients.load_state_dict(state["gradients"])
-        if state.get("reduced_over_ranks") and dist.is_available() and dist.is_initialized() and dist.get_rank():
-            for c in (self.activations, self.gradients):  # rank 0 holds every rank's sums (see on_save_checkpoint)
-                if c is not None:
-                    for _, acc in (c.stats.items() if isinstance(c, ActivationCollector) else c._all()):
-                        for t in acc.sums.values():
-                            t.zero_()
-                        acc.count = 0
+        merged = state.get("reduced_over_ranks") and dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if merged else 0
+        for kind, c in (("activations", self.activations), ("gradients", self.gradients)):
+            if state.get(kind) is None or c is None:
+                continue
+            if merged:  # every rank's sums (see on_save_checkpoint): rank 0 keeps them, row-sharded ones per rank
+                c.load_merged_state_dict(state[kind], rank)
+            else:
+                c.load_state_dict(state[kind])
         self.samples = int(state.get("samples", 0))
-

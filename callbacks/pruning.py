@@ -13,8 +13,8 @@ from torch import nn
 
 from pruning import MaskSet, ModelStructure, get_criterion, prune
 from pruning import allocation as alloc
-from pruning.api import STRUCTURED, _check_args, _parse_nm
-from pruning.distributed import is_sharded, local, local_part, unsharded
+from pruning.api import STRUCTURED, _check_args, _parse_nm, scores_layer_by_layer
+from pruning.distributed import fsdp_modules, is_sharded, local, local_part, unsharded, unsharded_module
 from pruning.schedule import Schedule
 from pruning.stats import ActivationCollector, GradientCollector
 
@@ -62,8 +62,11 @@ class PruningCallback(pl.Callback):
     from each rank's unsharded per-micro-batch gradients (see :class:`ImportanceCallback`); at an event every FSDP
     module is unsharded (all-gathered) for the scoring, so the scores, the selection and the masks are the same
     computation on the same numbers as a single process; the masks are then applied to each rank's rows and kept
-    there through training. The event's transient peak is therefore one full model (plus the scores) per rank;
-    between events only the shards are held.
+    there through training. When the allocation reads each layer on its own (``uniform`` or ``rates``, not ``layer``
+    granularity, a global unstructured scope or SparseGPT's rewriting) one decoder layer is unsharded at a time
+    (then the root, for embeddings / LM head), so the event holds the shards plus one layer's full weights (and the
+    gathered statistics); otherwise every FSDP module is unsharded at once, one full model per rank. Between events
+    only the shards are held.
 
     The model is the LightningModule's Hugging Face model (``model_attr``, else ``.student``, else ``.model``),
     whose forward returns HF-style outputs (``.logits``); the module's ``training_step`` computes the loss. If the
@@ -275,16 +278,26 @@ class PruningCallback(pl.Callback):
         was_training = model.training
         sharded = is_sharded(model)
         rewritten: dict[str, torch.Tensor] = {}
-        # FSDP2: the full weights for the scoring (writes into them are dropped at reshard: masks and rewritten
-        # weights are put into the shards below); LoRA wrappers out of the way while scoring (see _base_layers)
-        with unsharded(model), _base_layers(model):
-            result = prune(model, None, self.criterion_name, event.sparsity, self.granularity,
-                           criterion_options=self.criterion_options, gradients=grads, activations=act,
-                           masks=self.masks, keep_original=bool(self.keep_original), sequential=False,
-                           progress=False, **opts)
-            if sharded and self.criterion.reconstructs:  # SparseGPT rewrote kept weights of the full copies
-                params = dict(model.named_parameters())
-                rewritten = {k: params[k].detach().clone() for k in sorted(self.masks.element)}
+        kw = dict(criterion_options=self.criterion_options, gradients=grads, activations=act, masks=self.masks,
+                  keep_original=bool(self.keep_original), sequential=False, progress=False, **opts)
+        layers = self._layer_modules(model) if sharded else None
+        if layers is not None:
+            # FSDP2, each layer scored on its own: one decoder layer (then the root's own weights) unsharded at a
+            # time, not the whole model; prune applies the masks to the shards after the last layer
+            def layer_scope(i):
+                return unsharded_module(model if i is None else layers[i])
+
+            with _base_layers(model):
+                result = prune(model, None, self.criterion_name, event.sparsity, self.granularity,
+                               layer_scope=layer_scope, **kw)
+        else:
+            # the full weights for the scoring (FSDP2: writes into them are dropped at reshard: masks and rewritten
+            # weights are put into the shards below); LoRA wrappers out of the way while scoring (see _base_layers)
+            with unsharded(model), _base_layers(model):
+                result = prune(model, None, self.criterion_name, event.sparsity, self.granularity, **kw)
+                if sharded and self.criterion.reconstructs:  # SparseGPT rewrote kept weights of the full copies
+                    params = dict(model.named_parameters())
+                    rewritten = {k: params[k].detach().clone() for k in sorted(self.masks.element)}
         model.train(was_training)
         if rewritten:
             params = dict(model.named_parameters())
@@ -299,13 +312,28 @@ class PruningCallback(pl.Callback):
             self.importance.reset()
         rep = result.report
         record = {"step": trainer.global_step, "sparsity": event.sparsity, "targeted": rep.targeted.fraction,
-                  "model": rep.model.fraction, "micro_batches_scored_on_rank": samples}
+                  "model": rep.model.fraction, "micro_batches_scored_on_rank": samples,
+                  "unsharded_for_scoring": None if not sharded else "layer" if layers is not None else "model"}
         self.history.append(record)
         metrics = {"pruning/targeted_sparsity": rep.targeted.fraction, "pruning/model_sparsity": rep.model.fraction}
         if self.log_layers:
             metrics.update({f"pruning/layer_{i}": c.fraction for i, c in sorted(rep.layers.items())})
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _layer_modules(self, model) -> list[nn.Module] | None:
+        """The decoder layers, when this event can score them one at a time on a sharded model (each layer and the
+        root an FSDP module; an allocation that reads each layer on its own, see ``scores_layer_by_layer``)."""
+        o = self.options
+        if not scores_layer_by_layer(self.criterion_name, self.granularity, o["allocation"], o["scope"],
+                                     self.criterion_options):
+            return None
+        with _base_layers(model):
+            layers = list(ModelStructure(model).layers)
+        fsdp = {id(m) for m in fsdp_modules(model)}
+        if id(model) not in fsdp or not all(id(m) in fsdp for m in layers):
+            return None
+        return layers
 
     def _broadcast_masks(self, model) -> None:
         """Rank 0's masks everywhere (they are computed from identical statistics; this makes them bit-equal)."""

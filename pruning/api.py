@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -78,6 +79,18 @@ def _check_args(sparsity, granularity, allocation, scope, sparsity_basis, layer_
         raise ValueError(f"granularity={granularity!r} fixes the pattern of every row: use allocation='uniform'")
 
 
+def scores_layer_by_layer(method: str, granularity: str, allocation: str, scope: str | None,
+                          criterion_options: dict | None = None) -> bool:
+    """Whether :func:`prune` with the statistics given (``sequential=False``) reads each decoder layer's weights on
+    their own — one layer scored and selected at a time, nothing shared across layers (``uniform`` or ``rates``
+    allocation, not ``layer`` granularity or a global unstructured scope, no weight rewriting) — so that a
+    ``layer_scope`` can hold one layer's weights at a time."""
+    criterion = get_criterion(method, **dict(criterion_options or {}))
+    structured = granularity in STRUCTURED
+    return (allocation in ("uniform", "rates") and granularity != "layer" and not criterion.reconstructs
+            and not (not structured and scope == "global"))
+
+
 def prune(
     model: nn.Module,
     calibration: Iterable[torch.Tensor] | None = None,
@@ -108,6 +121,7 @@ def prune(
     device: torch.device | str | None = None,
     store: Literal["device", "cpu"] = "device",
     progress: bool = True,
+    layer_scope: Callable[[int | None], AbstractContextManager] | None = None,
 ) -> PruneResult:
     """Score, select and apply masks in one call; afterwards ``model`` computes as the pruned model.
 
@@ -140,6 +154,10 @@ def prune(
       merged into one batch, each Linear pruned just before it runs, on the inputs it actually receives from the
       already-pruned Linears before it — one pass per layer; memory holds the layer's activations for the whole
       calibration set at once).
+    - ``layer_scope`` (statistics given, ``sequential=False``, :func:`scores_layer_by_layer` true): a context
+      entered around the scoring of each decoder layer ``i`` and, with ``None``, of the targeted weights outside the
+      layers; the weights are read inside it. Under FSDP2 it unshards that one module, so scoring holds one layer's
+      full weights at a time, not the whole model. The masks are applied after the last scope has closed.
     """
     nm = _parse_nm(granularity)
     _check_args(sparsity, granularity, allocation, scope, sparsity_basis, layer_rates, nm)
@@ -166,6 +184,14 @@ def prune(
     for c in calib:
         if c.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"calibration tensors must hold token ids (int64), got {c.dtype}")
+    if layer_scope is not None and (sequential or calibration is not None
+                                    or not scores_layer_by_layer(method, granularity, allocation, scope, opts)):
+        raise ValueError(
+            f"layer_scope scores one decoder layer at a time from given statistics; method={method!r}, granularity="
+            f"{granularity!r}, allocation={allocation!r}, scope={scope!r} (sequential={sequential}) needs every "
+            "layer's weights at once. HINT: pass layer_scope only when scores_layer_by_layer(...) is true, with "
+            "sequential=False and no calibration"
+        )
     if method != "sdm" and alpha != 0:
         raise ValueError(f"alpha={alpha} is the distillation weight of method='sdm'; {method!r} scores with CE")
     if criterion.needs_activations and (include_embeddings or include_lm_head):
@@ -374,11 +400,22 @@ def prune(
                 masks.set_element(n, keep, monotone)
         else:
             outside = [n for n in target_names if structure.layer_of(n) is None]
+            scope_of = layer_scope or (lambda i: nullcontext())
             for i in range(structure.num_layers):
-                select_layer(i, ctx)
-            for name in outside:  # embeddings / lm_head: their own comparison group
-                keep = alloc.select_unstructured(criterion.element_scores(name, ctx), frac, scope, prev(name))
-                masks.set_element(name, keep, monotone)
+                with scope_of(i):
+                    if layer_scope is not None:  # the parameters registered inside the scope (FSDP: unsharded)
+                        weights.update(_named_in(model, structure, i))
+                    select_layer(i, ctx)
+            if outside:
+                with scope_of(None):
+                    if layer_scope is not None:
+                        weights.update(_named_in(model, structure, None))
+                    for name in outside:  # embeddings / lm_head: their own comparison group
+                        keep = alloc.select_unstructured(criterion.element_scores(name, ctx), frac, scope,
+                                                         prev(name))
+                        masks.set_element(name, keep, monotone)
+            if layer_scope is not None:
+                weights.update(model.named_parameters(remove_duplicate=False))
         masks.apply(model, keep_original=keep_original)
 
     if kept:
@@ -388,6 +425,11 @@ def prune(
     report = masks.report(model, targets=target_names)
     info["report"] = {"targeted": report.targeted.as_dict(), "model": report.model.as_dict()}
     return PruneResult(masks=masks, report=report, info=info)
+
+
+def _named_in(model: nn.Module, structure: ModelStructure, layer: int | None) -> dict[str, torch.Tensor]:
+    """The parameters of decoder layer ``layer`` (``None``: those outside every layer) as registered now."""
+    return {n: p for n, p in model.named_parameters(remove_duplicate=False) if structure.layer_of(n) == layer}
 
 
 def _select_layers(structure, group_sets: list[GroupSet], criterion, ctx, frac, masks, monotone, kept) -> None:

@@ -12,15 +12,22 @@ that parameter's gradient into the sharded ``.grad``.
 - :func:`unsharded` all-gathers every FSDP module of a model for the duration of a block (the pruning event scores
   the full weights: the same code and the same numbers as a single process); writes into the unsharded parameters
   are *not* written back (FSDP2 frees them on reshard), so callers apply masks to the shards afterwards.
+  :func:`unsharded_module` does the same for one module (a decoder layer), for scoring one layer at a time.
 - :func:`full_state_dict` gathers the full, unsharded state (on CPU) for export.
+- :class:`DropGradients` drops the gradients of scoring steps that freeze the weights before FSDP reduce-scatters
+  them (the statistics have read them already).
+- :class:`RowShard` is a rank's rows of a sharded parameter, for statistics of that parameter's size that each rank
+  keeps on its own rows only (reduce-scatter in, all-gather out).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 try:  # torch >= 2.4
@@ -87,6 +94,60 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
                               stride=like.stride())
 
 
+@dataclass(frozen=True)
+class RowShard:
+    """This rank's rows ``[offset, offset + rows)`` of a tensor of ``total`` rows sharded by rows over ``group`` the
+    way FSDP2 shards a parameter (``Shard(0)``, ``torch.chunk``: ``ceil(total / world)`` rows per rank, the last
+    ranks' chunks shorter or empty), so that a statistic of the parameter's shape lives on the same rows as the
+    parameter's shard."""
+
+    group: object  # torch.distributed ProcessGroup
+    world: int
+    rank: int
+    offset: int
+    rows: int
+    total: int
+
+    @classmethod
+    def of(cls, like: torch.Tensor) -> RowShard | None:
+        """The rows of ``like`` (a ``DTensor`` sharded on dim 0 over a 1-D mesh of more than one rank) this rank
+        stores; ``None`` for anything else (a plain tensor, a replicated or 1-rank ``DTensor``)."""
+        if not is_dtensor(like) or like.device_mesh.ndim != 1 or like.device_mesh.size() == 1:
+            return None
+        placement = like.placements[0]
+        if not (placement.is_shard() and placement.dim == 0):
+            return None
+        offset, rows = local_rows(like)
+        group = like.device_mesh.get_group()
+        return cls(group, like.device_mesh.size(), dist.get_rank(group), offset, rows, like.shape[0])
+
+    @property
+    def chunk(self) -> int:
+        return -(-self.total // self.world)
+
+    def _padded(self, t: torch.Tensor, rows: int) -> torch.Tensor:
+        if t.shape[0] == rows:
+            return t.contiguous()
+        return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
+
+    def scatter_sum(self, full: torch.Tensor) -> torch.Tensor:
+        """``Σ_ranks full`` (each rank passes its own tensor of ``total`` rows), this rank's rows only: one
+        reduce-scatter, so no rank ever holds the sum of the whole tensor. Collective."""
+        out = full.new_empty((self.chunk, *full.shape[1:]))
+        dist.reduce_scatter_tensor(out, self._padded(full, self.chunk * self.world), group=self.group)
+        return out[: self.rows]
+
+    def gather(self, part: torch.Tensor) -> torch.Tensor:
+        """The whole tensor (``total`` rows) from every rank's rows ``part``: one all-gather. Collective."""
+        out = part.new_empty((self.chunk * self.world, *part.shape[1:]))
+        dist.all_gather_into_tensor(out, self._padded(part, self.chunk), group=self.group)
+        return out[: self.total]
+
+    def narrow(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a whole tensor (a copy, so the whole one can be freed)."""
+        return full.narrow(0, self.offset, self.rows).clone()
+
+
 @contextmanager
 def unsharded(model: nn.Module) -> Iterator[None]:
     """All FSDP modules of ``model`` unsharded (full parameters registered on the modules) inside the block; resharded
@@ -99,6 +160,58 @@ def unsharded(model: nn.Module) -> Iterator[None]:
     finally:
         for m in mods:
             m.reshard()
+
+
+@contextmanager
+def unsharded_module(module: nn.Module) -> Iterator[None]:
+    """One FSDP module's own parameters unsharded inside the block (not its FSDP children: a decoder layer, or the
+    root's embeddings, final norm and LM head); resharded on exit, writes discarded. A no-op for other modules."""
+    if not (FSDPModule and isinstance(module, FSDPModule)):
+        yield
+        return
+    try:
+        module.unshard()
+        yield
+    finally:
+        module.reshard()
+
+
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
+
+
+class DropGradients:
+    """While attached, every gradient accumulated into the *unsharded* parameters FSDP2 gathers for a backward is
+    dropped as soon as it is accumulated: FSDP then finds no gradient to reduce-scatter, so no reduce-scatter runs
+    and no sharded ``.grad`` is made. For steps whose update is thrown away anyway (scoring windows that freeze the
+    weights): tensor hooks registered with ``register_hook`` (the statistics) have seen the gradient before it is
+    accumulated. A forward pre-hook on every FSDP module of ``model`` (it runs after FSDP's own, which unshards) puts
+    a post-accumulate-grad hook on each unsharded parameter once. A no-op for a model without FSDP modules."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._handles: list = []
+        self._hooked: dict[int, tuple[torch.Tensor, object]] = {}
+
+    def attach(self) -> DropGradients:
+        self.detach()
+        for m in fsdp_modules(self.model):
+            self._handles.append(m.register_forward_pre_hook(self._pre_forward))
+        return self
+
+    def _pre_forward(self, module: nn.Module, args) -> None:
+        if not torch.is_grad_enabled():
+            return
+        for p in module.parameters():
+            if p.requires_grad and not is_dtensor(p) and id(p) not in self._hooked:
+                self._hooked[id(p)] = (p, p.register_post_accumulate_grad_hook(_drop_grad))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for _, h in self._hooked.values():
+            h.remove()
+        self._handles, self._hooked = [], {}
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -193,7 +193,8 @@ class MaskSet:
         missing = [n for n in self.names() if n not in params]
         if missing:
             raise KeyError(f"masks name parameters the model does not have: {missing[:5]}")
-        return {n: params[n] for n in self.names()}
+        # sorted: applying to sharded parameters gathers some (the stash), a collective every rank runs in one order
+        return {n: params[n] for n in sorted(self.names())}
 
     @torch.no_grad()
     def apply(self, model: nn.Module, keep_original: bool = False, only: Iterable[str] | None = None) -> None:

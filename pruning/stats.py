@@ -5,6 +5,11 @@ Each accumulator has ``update / compute / reset / state_dict / load_state_dict /
 and counts) over ranks gives exactly the statistics of one process that saw all the samples, and a checkpoint
 resumes them. "A sample" for gradient statistics is one sequence: the caller runs backward once per sequence
 (micro-batches of one) and calls ``update`` after each.
+
+Under FSDP2 the per-weight gradient statistics (:class:`GradientStats`) of a row-sharded parameter are held on the
+parameter's local rows only (:class:`~pruning.distributed.RowShard`): each per-sample term is computed from the
+rank's own full gradient and reduce-scattered into the rank's rows of the running sum. Group statistics (one value
+per group) and activation statistics (one per input feature) stay whole on every rank.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import is_sharded
+from .distributed import RowShard, is_sharded
 from .structure import GroupSet
 
 GradStat = str  # "sum" | "sum_sq" | "sum_abs" | "sum_abs_gw"
@@ -53,9 +58,30 @@ class Accumulator:
             return
         for t in self.sums.values():
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-        c = torch.tensor([float(self.count)], dtype=torch.float64, device=_comm_device(group))
-        dist.all_reduce(c, op=dist.ReduceOp.SUM, group=group)
-        self.count = int(c.item())
+        self.count = _summed_count(self.count, group)
+
+    def merged_state_dict(self, group=None) -> dict:
+        """The state one process that saw every rank's samples would hold (sums and count over ranks), on every
+        rank, leaving this accumulator as it is. Collective (every rank calls it, in the same order)."""
+        state = self.state_dict()
+        if not (dist.is_available() and dist.is_initialized()):
+            return state
+        dev = _comm_device(group)
+        sums = {}
+        for k in sorted(state["sums"]):
+            t = state["sums"][k].to(dev, copy=True)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+            sums[k] = t.cpu()
+        return dict(state, sums=sums, count=_summed_count(self.count, group))
+
+    def load_merged_state_dict(self, state: dict, rank: int) -> None:
+        """Load :meth:`merged_state_dict` on one of several ranks: rank 0 keeps the sums and the count, the others
+        start from zero, so the next :meth:`reduce` counts every sample once."""
+        self.load_state_dict(state)
+        if rank:
+            for t in self.sums.values():
+                t.zero_()
+            self.count = 0
 
     def _buf(self, key: str, shape, device) -> torch.Tensor:
         t = self.sums.get(key)
@@ -64,6 +90,12 @@ class Accumulator:
         elif t.device != torch.device(device):  # restored from a checkpoint onto the host
             t = self.sums[key] = t.to(device)
         return t
+
+
+def _summed_count(count: int, group=None) -> int:
+    c = torch.tensor([float(count)], dtype=torch.float64, device=_comm_device(group))
+    dist.all_reduce(c, op=dist.ReduceOp.SUM, group=group)
+    return int(c.item())
 
 
 def _comm_device(group=None) -> torch.device:
@@ -148,6 +180,11 @@ class ActivationStats(Accumulator):
         super().reduce(group)
         if self.reservoir is not None:
             self.reservoir.reduce(group)
+
+    def load_merged_state_dict(self, state: dict, rank: int) -> None:
+        super().load_merged_state_dict(state, rank)
+        if rank and self.reservoir is not None:  # rank 0 keeps the saved rows: the others' would repeat them
+            self.reservoir.reset()
 
 
 class ActivationSamples:
@@ -242,7 +279,15 @@ class ActivationSamples:
 
 
 class GradientStats(Accumulator):
-    """Per-weight statistics of per-sample gradients ``g_n``: Σg, Σg², Σ|g|, Σ|g⊙w| (any subset)."""
+    """Per-weight statistics of per-sample gradients ``g_n``: Σg, Σg², Σ|g|, Σ|g⊙w| (any subset).
+
+    ``shard`` (FSDP2, set by :meth:`set_shard`): the sums are held on the parameter's local rows only. Each
+    :meth:`update` (every rank at once: a collective) still gets the rank's own full per-sample gradient, computes
+    the full per-sample term (g², |g|, ...) and reduce-scatters it, so the running sums hold *every* rank's samples
+    on this rank's rows; :meth:`reduce` then all-gathers the rows into the whole sums the criteria read (and sums
+    the counts), and :meth:`reset` drops back to the rows. Whole sums given to :meth:`load_state_dict` are cut to the
+    rows.
+    """
 
     def __init__(self, kinds: Iterable[GradStat] = ("sum_sq",)) -> None:
         super().__init__()
@@ -250,12 +295,34 @@ class GradientStats(Accumulator):
         bad = set(self.kinds) - set(GRAD_STATS)
         if bad:
             raise ValueError(f"gradient statistics {sorted(bad)} unknown; choose from {GRAD_STATS}")
+        self.shard: RowShard | None = None
+        self._whole = False  # sharded sums gathered whole by reduce() (until reset)
+
+    def set_shard(self, shard: RowShard | None) -> None:
+        """Hold the sums on ``shard``'s rows from now on (whole sums already held are cut to them)."""
+        self.shard = shard
+        self._localize()
+
+    def _localize(self) -> None:
+        sh = self.shard
+        if sh is None or self._whole:
+            return
+        for k, t in list(self.sums.items()):
+            if t.shape[0] == sh.total and sh.rows != sh.total:
+                self.sums[k] = sh.narrow(t)
 
     @torch.no_grad()
     def update(self, grad: torch.Tensor, weight: torch.Tensor | None = None, scale: float = 1.0) -> None:
         """``scale`` (> 0) multiplies the gradient first, without a copy of it (undoing a loss division)."""
         g = grad.float()
+        sh = self.shard
         for k in self.kinds:
+            if sh is not None:  # the full per-sample term, summed over ranks onto this rank's rows
+                term = {"sum": lambda: g * scale, "sum_sq": lambda: g.square().mul_(scale * scale),
+                        "sum_abs": lambda: g.abs().mul_(scale),
+                        "sum_abs_gw": lambda: (g * weight.float()).abs_().mul_(scale)}[k]()
+                self._buf(k, (sh.rows, *g.shape[1:]), g.device).add_(sh.scatter_sum(term))
+                continue
             buf = self._buf(k, g.shape, g.device)
             if k == "sum":
                 buf.add_(g, alpha=scale)
@@ -269,6 +336,54 @@ class GradientStats(Accumulator):
 
     def compute(self) -> dict[str, torch.Tensor]:
         return dict(self.sums, count=torch.tensor(self.count))
+
+    def reduce(self, group=None) -> None:
+        sh = self.shard
+        if sh is None:
+            return super().reduce(group)
+        if self._whole:
+            raise RuntimeError("statistics already reduced: reset() them before the next window")
+        # the rows already hold every rank's samples (reduce-scattered per sample): gather them, sum the counts
+        dev = _comm_device(sh.group)
+        self.sums = {k: sh.gather(self.sums[k].to(dev)) for k in sorted(self.sums)}
+        self.count = _summed_count(self.count, group)
+        self._whole = True
+
+    def reset(self) -> None:
+        if self.shard is not None:  # buffers of the rows are made again by the next update
+            self.sums = {}
+            self.count = 0
+            self._whole = False
+            return
+        super().reset()
+
+    def state_dict(self) -> dict:
+        return dict(super().state_dict(), rows_sharded=self.shard is not None and not self._whole)
+
+    def load_state_dict(self, state: dict) -> None:
+        state = {k: v for k, v in state.items() if k != "rows_sharded"}
+        for k, v in state["sums"].items():  # whole sums in place of rows (or the reverse): new buffers
+            if k in self.sums and self.sums[k].shape != v.shape:
+                del self.sums[k]
+        super().load_state_dict(state)
+        self._whole = False
+        self._localize()
+
+    def merged_state_dict(self, group=None) -> dict:
+        sh = self.shard
+        if sh is None or self._whole:
+            return super().merged_state_dict(group)
+        dev = _comm_device(sh.group)
+        sums = {k: sh.gather(self.sums[k].to(dev)).cpu() for k in sorted(self.sums)}
+        return {"sums": sums, "count": _summed_count(self.count, group), "rows_sharded": True}
+
+    def load_merged_state_dict(self, state: dict, rank: int) -> None:
+        if not state.get("rows_sharded"):
+            return super().load_merged_state_dict(state, rank)
+        # the whole sums hold every rank's samples: each rank keeps its rows (once it knows them), rank 0 the count
+        self.load_state_dict(state)
+        if rank:
+            self.count = 0
 
 
 def _aligned(t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
@@ -295,6 +410,8 @@ class GroupGradientStats(Accumulator):
         self.group_set = group_set
         self.kinds = tuple(kinds)
         self._parts: dict[str, torch.Tensor] = {}  # the open sample's partial sums (hook mode)
+        self._added: set[str] = set()  # members in the open partial sums
+        self._closed = False  # the open sample's sums are already in the statistics (every member was added)
         bad = set(self.kinds) - set(GROUP_STATS)
         if bad:
             raise ValueError(f"group statistics {sorted(bad)} unknown; choose from {GROUP_STATS}")
@@ -331,7 +448,11 @@ class GroupGradientStats(Accumulator):
     # ---- member by member (tensor hooks during training: each gradient is seen once, then freed)
     @torch.no_grad()
     def add_member(self, name: str, grad: torch.Tensor, weight: torch.Tensor, scale: float = 1.0) -> None:
-        """Add one member's ``g⊙w`` of the current sample to the open partial sums; :meth:`close_sample` ends it."""
+        """Add one member's ``g⊙w`` of the current sample to the open partial sums; :meth:`close_sample` ends it.
+
+        Once every member is in, the partial sums go into the statistics at once and are freed: a backward then
+        holds one layer's partial sums (``[groups, hidden]`` fp32 for MLP neurons, the size of one member), not one
+        per layer until it ends."""
         gs = self.group_set
         n = gs.count
         m = next(m for m in gs.members if m.name == name)
@@ -350,18 +471,29 @@ class GroupGradientStats(Accumulator):
                 self._parts["vector"].add_(total)
             else:
                 self._parts["vector"] = total
+        self._added.add(name)
+        if len(self._added) == len(gs.members):
+            self._flush()
+            self._closed = True
 
-    @torch.no_grad()
-    def close_sample(self) -> None:
-        """Turn the partial sums of the sample into statistics (abs after the coupled sum) and count it."""
+    def _flush(self) -> None:
+        """The open partial sums into the statistics (abs after the coupled sum)."""
         parts = self._parts
-        if not parts:
-            return
         if "coupled" in parts:
             self._buf("coupled", self.group_set.count, parts["coupled"].device).add_(parts["coupled"].abs().mean(1))
         if "vector" in parts:
             self._buf("vector", self.group_set.count, parts["vector"].device).add_(parts["vector"].abs())
         self._parts = {}
+        self._added = set()
+
+    @torch.no_grad()
+    def close_sample(self) -> None:
+        """End the sample: partial sums still open (a member without a gradient) go into the statistics; the sample
+        is counted if any member was added."""
+        if not (self._parts or self._closed):
+            return
+        self._flush()
+        self._closed = False
         self.count += 1
 
 
@@ -413,6 +545,14 @@ class ActivationCollector:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             self.stats[k].load_state_dict(v)
+
+    def merged_state_dict(self, group=None) -> dict:
+        """:meth:`state_dict` summed over ranks, on every rank. Collective."""
+        return {k: self.stats[k].merged_state_dict(group) for k in sorted(self.stats)}
+
+    def load_merged_state_dict(self, state: dict, rank: int) -> None:
+        for k, v in state.items():
+            self.stats[k].load_merged_state_dict(v, rank)
 
     def reset(self) -> None:
         for s in self.stats.values():
@@ -476,9 +616,12 @@ class GradientCollector:
         whose gradient is the rank's own full gradient until FSDP reduce-scatters it after backward. A forward
         pre-hook on the owning module puts the tensor hook on that unsharded parameter (again if FSDP replaced it),
         so the hook sees exactly what it sees without FSDP — the rank's per-micro-batch gradient of the whole
-        parameter, before any cross-rank reduction — and :meth:`reduce` sums the ranks' statistics as under DDP.
+        parameter, before any cross-rank reduction. Group statistics are summed over ranks by :meth:`reduce` as
+        under DDP; element statistics are reduce-scattered in the hook onto the rows of the parameter's shard
+        (:class:`GradientStats` ``shard``), so every rank must run the same backwards (as FSDP itself requires).
         """
         self.detach()
+        self._resolve_shards()
         handles = []
         members: dict[str, list[GroupGradientStats]] = {}
         for s in self.group_stats.values():
@@ -540,9 +683,33 @@ class GradientCollector:
     def _all(self):
         return list(self.stats.items()) + list(self.group_stats.items())
 
+    def _resolve_shards(self) -> None:
+        """Element statistics of row-sharded parameters held on the local rows (FSDP2). The model is sharded after
+        this collector is built (``configure_model`` runs after the callbacks' ``setup``), so the shards are looked
+        up on the parameters registered now; an unsharded parameter (inside a forward) leaves a shard as it was."""
+        if not self.stats or not is_sharded(self.model):
+            return
+        for n, stat in self.stats.items():
+            shard = RowShard.of(self.model.get_parameter(n))
+            if shard is not None and shard != stat.shard:
+                stat.set_shard(shard)
+
     def reduce(self, group=None) -> None:
+        self._resolve_shards()
         for _, s in self._all():
             s.reduce(group)
+
+    def merged_state_dict(self, group=None) -> dict:
+        """:meth:`state_dict` summed over ranks, on every rank (see :meth:`Accumulator.merged_state_dict`).
+        Collective."""
+        self._resolve_shards()
+        return {k: s.merged_state_dict(group) for k, s in self._all()}
+
+    def load_merged_state_dict(self, state: dict, rank: int) -> None:
+        self._resolve_shards()
+        for k, s in self._all():
+            if k in state:
+                s.load_merged_state_dict(state[k], rank)
 
     def reset(self) -> None:
         for _, s in self._all():
@@ -552,6 +719,7 @@ class GradientCollector:
         return {k: s.state_dict() for k, s in self._all()}
 
     def load_state_dict(self, state: dict) -> None:
+        self._resolve_shards()
         for k, s in self._all():
             if k in state:
                 s.load_state_dict(state[k])

@@ -2,7 +2,7 @@
 
 Lightning's ``ModelParallelStrategy`` (CPU, gloo, ``data_parallel_size=2``) starts rank 1 by re-running this command.
 ``MODE``: ``full`` (one run of ``MAX_STEPS`` with an export at the end) or ``resume`` (a run stopped at step 3, inside
-the second event's scoring window, saved as a sharded checkpoint, then resumed to ``MAX_STEPS`` in a new trainer).
+a scoring window (``RESUME``), saved as a sharded checkpoint, then resumed to ``MAX_STEPS`` in a new trainer).
 Each rank writes ``OUT/<mode>_rank<r>.pt``.
 """
 
@@ -29,7 +29,31 @@ SCHEDULES = {
     # GBLM: activation statistics and per-weight gradient statistics (Σg²) together
     "gblm": ("unstructured", [Event(2, 0.5)]),
 }
+# the resumed runs stop at step 3, inside an event's scoring window: sdm's second one, gblm's only one (its per-weight
+# statistics are row-sharded, so the checkpoint gathers the rows and the resumed ranks cut them again)
+RESUME = {"sdm": SCHEDULES["sdm"], "gblm": ("unstructured", [Event(4, 0.5)])}
 MAX_STEPS = 6
+
+
+class Held(Recording):
+    """Also records the shapes of the per-weight gradient sums each rank holds just before the event's reduction, and
+    whether the student has gradients when the optimiser is about to step."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.held: list[dict] = []
+        self.grads_at_step: list[tuple[int, bool, bool]] = []  # (step, scoring, any gradient before the step)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad is not None for p in pl_module.student.parameters() if p.requires_grad]
+        self.grads_at_step.append((trainer.global_step, self._active, any(grads)))
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    def collected(self):
+        if self.gradients is not None:
+            self.held.append({k: {kind: tuple(t.shape) for kind, t in s.sums.items()}
+                              for k, s in self.gradients.stats.items()})
+        return super().collected()
 
 
 def trainer(max_steps: int, callbacks: list, world: int):
@@ -53,10 +77,10 @@ def loader(tr, world: int):
 
 
 def run(criterion: str, world: int, max_steps: int = MAX_STEPS, export: Path | None = None, ckpt: str | None = None,
-        save: str | None = None) -> dict:
-    granularity, events = SCHEDULES[criterion]
+        save: str | None = None, schedules: dict = SCHEDULES) -> dict:
+    granularity, events = schedules[criterion]
     m = module(lr=1e-2, weight_decay=0.1)
-    ic = Recording()
+    ic = Held()
     pc = PruningCallback(criterion, granularity, Schedule(kind="steps", events=events))
     cbs = [ic, pc] + ([ExportOnFitEnd(export)] if export is not None else [])
     tr = trainer(max_steps, cbs, world)
@@ -77,7 +101,8 @@ def run(criterion: str, world: int, max_steps: int = MAX_STEPS, export: Path | N
         weights = {k: v.detach().clone() for k, v in m.student.state_dict().items()}
     return {"rank": tr.global_rank, "world": tr.world_size, "snapshots": ic.snapshots, "masks": pc.masks.state_dict(),
             "history": pc.history, "weights": weights, "info": info, "global_step": tr.global_step,
-            "teacher_stash": sorted(pc.masks._stash)}
+            "teacher_stash": sorted(pc.masks._stash), "held": ic.held,
+            "grads_at_step": ic.grads_at_step}
 
 
 if __name__ == "__main__":
@@ -85,7 +110,7 @@ if __name__ == "__main__":
     if mode == "full":
         res = run(crit, 2, export=out / "export_fsdp")
     else:  # stop at step 3 (second event's window half-scored), sharded checkpoint, resume in a new trainer
-        first = run(crit, 2, max_steps=3, save=str(out / "ckpt"))
-        res = run(crit, 2, ckpt=str(out / "ckpt"))
+        first = run(crit, 2, max_steps=3, save=str(out / "ckpt"), schedules=RESUME)
+        res = run(crit, 2, ckpt=str(out / "ckpt"), schedules=RESUME)
         res["first_history"] = first["history"]
     torch.save(res, out / f"{mode}_rank{res['rank']}.pt")

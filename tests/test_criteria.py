@@ -450,6 +450,36 @@ def test_sdm_coupled_on_real_groupsets(llama1, kind):
     torch.testing.assert_close(sdm.group_scores(gs, ScoreContext(weights={}, group={gs.key: stat})), expected)
 
 
+@pytest.mark.parametrize("kind", ["mlp_neuron", "attention_head"])
+def test_group_stats_member_by_member_close_each_set_early(llama1, kind):
+    """Hook mode: once every member of a group set is added, its partial sums go into the statistics and are freed
+    (a backward holds one layer's partial sums, not one per layer); the result equals the whole-sample update."""
+    model, structure = llama1
+    gs = structure.group_sets(kind)[0]
+    g = torch.Generator().manual_seed(6)
+    weights = {m.name: structure.param(m.name).detach() for m in gs.members}
+    samples = [{n: torch.randn(w.shape, generator=g) for n, w in weights.items()} for _ in range(2)]
+    whole = GroupGradientStats(gs, ("coupled", "vector"))
+    hooked = GroupGradientStats(gs, ("coupled", "vector"))
+    for s in samples:
+        whole.update(s, weights)
+        names = [m.name for m in gs.members]
+        for i, n in enumerate(names):
+            before = {k: v.clone() for k, v in hooked.sums.items()}
+            hooked.add_member(n, s[n], weights[n])
+            if i < len(names) - 1:  # still open: partial sums held, statistics unchanged
+                assert hooked._parts
+                assert all(torch.equal(before[k], hooked.sums[k]) for k in before)
+        assert not hooked._parts  # every member in: flushed at once, nothing held until close_sample
+        hooked.close_sample()
+    assert hooked.count == whole.count == 2
+    for k in ("coupled", "vector"):
+        torch.testing.assert_close(hooked.sums[k], whole.sums[k], rtol=1e-5, atol=1e-6)
+    hooked.add_member(gs.members[0].name, samples[0][gs.members[0].name], weights[gs.members[0].name])
+    hooked.close_sample()  # a member without a gradient: the open sums are still closed and counted
+    assert hooked.count == 3 and not hooked._parts
+
+
 def test_sdm_granularities_limited():
     sdm = get_criterion("sdm")
     for gran in ("unstructured", "2:4", "layer"):

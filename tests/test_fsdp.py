@@ -9,10 +9,12 @@ Rank r sees sequences r, r + 2, ...; the single-process reference sees both in o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,10 +23,11 @@ import torch
 torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from fsdp_script import SCHEDULES, run  # noqa: E402
+from fsdp_script import RESUME, SCHEDULES, run  # noqa: E402
 from test_lightning import CFG, assert_pruned_zero, assert_same_masks, assert_same_stats, module  # noqa: E402
 
-from pruning import MaskSet, compact, save_pretrained  # noqa: E402
+from pruning import MaskSet, ModelStructure, compact, prune, save_pretrained  # noqa: E402
+from pruning.api import scores_layer_by_layer  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "fsdp_script.py"
 
@@ -79,6 +82,12 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, criterion):
         assert not info["local_weight"][~info["mask_local"]].any()  # pruned entries of the local shard are 0
         # statistics: each rank scored 2 of the 4 sequences of every window; summed over ranks = one process
         assert [h["micro_batches_scored_on_rank"] for h in r["history"]] == [2] * n_events
+        # uniform allocation: the event unsharded one decoder layer at a time, not the whole model
+        assert [h["unsharded_for_scoring"] for h in r["history"]] == ["layer"] * n_events
+        # scoring steps (weights frozen): FSDP2 reduce-scattered no gradient; recovery steps have theirs
+        scoring = [g for _, active, g in r["grads_at_step"] if active]
+        recovery = [g for _, active, g in r["grads_at_step"] if not active]
+        assert scoring and not any(scoring) and recovery and all(recovery), r["grads_at_step"]
         assert len(r["snapshots"]) == n_events
         for got, exp in zip(r["snapshots"], want["snapshots"]):
             for kind in ("activations", "gradients"):  # gradients: element Σg² or the coupled group scores
@@ -86,6 +95,11 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, criterion):
                 if exp[kind] is not None:
                     assert_same_stats(got[kind], exp[kind], kind + "/")
         assert_same_masks(_masks(r["masks"]), want_masks)
+        if criterion == "gblm":  # per-weight Σg² held on the rank's rows of each weight, whole in one process
+            rows = {k: v["sums"]["sum_sq"].shape[0] for k, v in want["snapshots"][0]["gradients"].items()}
+            mine = {k: (n + 1) // 2 if r["rank"] == 0 else n // 2 for k, n in rows.items()}  # torch.chunk split
+            assert r["held"] and all(s["sum_sq"][0] == mine[k] for h in r["held"] for k, s in h.items()), r["held"]
+            assert all(s["sum_sq"][0] == rows[k] for h in want["held"] for k, s in h.items())
     if criterion == "sdm":  # the lifted teacher (alpha > 0 in the second window) ran on the sharded weights
         assert ranks[0]["teacher_stash"]
     # recovery steps on the shards (gradients reduce-scattered, averaged) = one process's accumulated steps
@@ -115,16 +129,19 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, criterion):
         assert cfg["intermediate_size"] < CFG["intermediate_size"] or "intermediate_sizes" in str(cfg)
 
 
-def test_fsdp_resume_mid_window(tmp_path):
-    """A run stopped at step 3 (event 2 at step 4 half-scored: step 2 before the checkpoint, step 3 after), saved as
-    a sharded checkpoint and resumed in a new trainer ends with the single-process masks and weights."""
-    ranks = _two_ranks(tmp_path, "sdm", "resume")
+@pytest.mark.parametrize("criterion", list(RESUME))
+def test_fsdp_resume_mid_window(tmp_path, criterion):
+    """A run stopped at step 3, inside a scoring window (sdm: event 2 at step 4, step 2 scored before the checkpoint
+    and step 3 after; gblm: its event at step 4, steps 0-2 before, with row-sharded Σg²), saved as a sharded
+    checkpoint and resumed in a new trainer ends with the single-process masks and weights."""
+    ranks = _two_ranks(tmp_path, criterion, "resume")
     assert (tmp_path / "ckpt").is_dir()  # a distributed checkpoint: one shard file per rank + metadata
-    want = run("sdm", world=1)
+    want = run(criterion, world=1, schedules=RESUME)
+    steps = [e.step for e in RESUME[criterion][1]]
     for r in ranks:
-        assert [h["step"] for h in r["first_history"]] == [2]
+        assert [h["step"] for h in r["first_history"]] == [s for s in steps if s <= 2]
         assert r["global_step"] == 6
-        assert [h["step"] for h in r["history"]] == [2, 4]
+        assert [h["step"] for h in r["history"]] == steps
         assert_same_masks(_masks(r["masks"]), _masks(want["masks"]))
         # the second event's statistics: the pre-checkpoint half (rank 0 holds both ranks' sums) + the rest
         assert_same_stats(r["snapshots"][-1]["gradients"], want["snapshots"][-1]["gradients"], "gradients/")
@@ -150,3 +167,59 @@ def test_tensor_parallel_default_mesh_is_refused():
         m.configure_model()
     m._device_mesh = None
     m.configure_model()  # no mesh (any other strategy): nothing to do
+
+
+def _placeholders(model, structure):
+    """Emulates FSDP2 outside a layer's scope: every parameter is a zero placeholder; ``scope(i)`` registers layer
+    ``i``'s real parameters (``None``: those outside the layers) for the block, as ``unshard`` does."""
+    real = dict(model.named_parameters())
+    entered = []
+
+    def put(names, source):
+        for n in names:
+            owner, _, attr = n.rpartition(".")
+            setattr(model.get_submodule(owner), attr, source(n))
+
+    fake = {n: torch.nn.Parameter(torch.zeros_like(p)) for n, p in real.items()}
+    put(real, fake.get)
+
+    @contextmanager
+    def scope(i):
+        names = [n for n in real if structure.layer_of(n) == i]
+        entered.append(i)
+        put(names, real.get)
+        try:
+            yield
+        finally:
+            put(names, fake.get)
+
+    return scope, entered
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "mlp_neuron"])
+def test_layer_scope_reads_each_layer_inside_its_scope(granularity):
+    """``prune(layer_scope=...)`` scores layer i with the parameters registered inside scope i (outside it, here,
+    only zeros): the masks equal those of the whole model at once."""
+    from tiny import tiny_model
+
+    want = prune(tiny_model("llama", layers=2, seed=1), None, "magnitude", 0.5, granularity, sequential=False,
+                 include_lm_head=granularity == "unstructured", progress=False)
+    model = tiny_model("llama", layers=2, seed=1)
+    scope, entered = _placeholders(model, ModelStructure(model))
+    got = prune(model, None, "magnitude", 0.5, granularity, sequential=False, layer_scope=scope,
+                include_lm_head=granularity == "unstructured", progress=False)
+    assert entered == ([0, 1, None] if granularity == "unstructured" else [0, 1])
+    assert_same_masks(got.masks, want.masks)
+
+
+def test_layer_scope_only_where_layers_are_scored_alone():
+    assert scores_layer_by_layer("gblm", "unstructured", "uniform", "row")
+    assert scores_layer_by_layer("sdm", "mlp_neuron", "rates", None)
+    assert not scores_layer_by_layer("gblm", "unstructured", "global", "row")
+    assert not scores_layer_by_layer("gblm", "unstructured", "uniform", "global")
+    assert not scores_layer_by_layer("sdm", "mlp_neuron", "owl", None)
+    assert not scores_layer_by_layer("magnitude", "layer", "uniform", None)
+    assert not scores_layer_by_layer("sparsegpt", "unstructured", "uniform", "row")  # rewrites the weights
+    with pytest.raises(ValueError, match="needs every layer's weights at once. HINT"):
+        prune(module().student, None, "magnitude", 0.5, "mlp_neuron", allocation="global", sequential=False,
+              layer_scope=lambda i: contextlib.nullcontext(), progress=False)

@@ -101,3 +101,93 @@ def test_reduce_without_process_group_is_noop():
     for k, v in act.state_dict().items():
         assert torch.equal(v["sums"]["sum_sq"], before[k])
 
+
+
+# ---------------------------------------------------------------------------------------------- row-sharded (FSDP2)
+ROWS, COLS, SAMPLES = 5, 3, 4  # 5 rows over 2 ranks: 3 + 2 (FSDP2's torch.chunk split, the last chunk padded)
+
+
+def _grads_and_weight():
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(ROWS, COLS, generator=g) for _ in range(2 * SAMPLES)]
+    return grads, torch.randn(ROWS, COLS, generator=g)
+
+
+def _sharded_worker(rank: int, port: int, path: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from pruning.distributed import RowShard
+    from pruning.stats import GradientStats
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        grads, w = _grads_and_weight()
+        shard = RowShard.of(distribute_tensor(w, mesh, [Shard(0)]))
+        tiny = RowShard.of(distribute_tensor(torch.ones(1, 2), mesh, [Shard(0)]))  # rank 1 holds no row
+        out = {"shard": (shard.offset, shard.rows, shard.total), "tiny_rows": tiny.rows}
+        stat = GradientStats(GRAD_KINDS)
+        stat.set_shard(shard)
+        for g in grads[rank::2][:2]:  # each rank: its own full per-sample gradients
+            stat.update(g, w, scale=2.0)
+        out["rows_shapes"] = {k: tuple(v.shape) for k, v in stat.sums.items()}
+        merged = stat.merged_state_dict()  # a checkpoint mid-window: every rank's samples, whole
+        out["merged"] = merged
+        resumed = GradientStats(GRAD_KINDS)
+        resumed.load_merged_state_dict(merged, rank)  # before the shard is known (as on resume)
+        resumed.set_shard(shard)
+        out["resumed_rows"] = {k: v.clone() for k, v in resumed.sums.items()}
+        out["resumed_count"] = resumed.count
+        for g in grads[rank::2][2:]:
+            stat.update(g, w, scale=2.0)
+            resumed.update(g, w, scale=2.0)
+        stat.reduce()
+        resumed.reduce()
+        out["reduced"], out["resumed"] = stat.state_dict(), resumed.state_dict()
+        stat.reset()
+        out["after_reset"] = dict(stat.sums)
+        t = GradientStats(("sum",))
+        t.set_shard(tiny)
+        t.update(torch.full((1, 2), float(rank + 1)))
+        out["tiny_local"] = t.sums["sum"].clone()
+        t.reduce()
+        out["tiny"] = t.sums["sum"].clone()
+        torch.save(out, f"{path}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_row_sharded_gradient_statistics(tmp_path):
+    """Each rank keeps only its rows of Σ (reduce-scattered per sample); reduce gathers the sums of one process that
+    saw every sample; a merged (checkpoint) state resumes on the rows."""
+    from pruning.stats import GradientStats
+
+    path = str(tmp_path / "out")
+    mp.spawn(_sharded_worker, args=(_free_port(), path), nprocs=2, join=True)
+    ranks = [torch.load(f"{path}.{r}") for r in range(2)]
+    grads, w = _grads_and_weight()
+    want = GradientStats(GRAD_KINDS)
+    half = GradientStats(GRAD_KINDS)
+    for i, g in enumerate(grads):
+        want.update(g, w, scale=2.0)
+        if i < 4:  # each rank's first 2 samples: what the checkpoint holds
+            half.update(g, w, scale=2.0)
+    assert [r["shard"] for r in ranks] == [(0, 3, 5), (3, 2, 5)]
+    assert [r["tiny_rows"] for r in ranks] == [1, 0]
+    for r, (off, n, _) in zip(ranks, [x["shard"] for x in ranks]):
+        assert r["rows_shapes"] == {k: (n, COLS) for k in GRAD_KINDS}  # rows only, during the window
+        assert r["merged"]["count"] == 4 and r["merged"]["rows_sharded"]
+        for k in GRAD_KINDS:
+            torch.testing.assert_close(r["merged"]["sums"][k], half.sums[k], msg=k)
+            torch.testing.assert_close(r["resumed_rows"][k], half.sums[k][off:off + n], msg=k)
+        assert r["resumed_count"] == (4 if r is ranks[0] else 0)
+        for state in (r["reduced"], r["resumed"]):
+            assert state["count"] == 2 * SAMPLES and not state["rows_sharded"]
+            for k in GRAD_KINDS:
+                torch.testing.assert_close(state["sums"][k], want.sums[k], rtol=1e-5, atol=1e-6, msg=k)
+        assert r["after_reset"] == {}
+    assert ranks[0]["tiny_local"].tolist() == [[3.0, 3.0]] and ranks[1]["tiny_local"].shape == (0, 2)
+    assert ranks[0]["tiny"].tolist() == ranks[1]["tiny"].tolist() == [[3.0, 3.0]]
