@@ -330,8 +330,9 @@ class PruningCallback(pl.Callback):
             return None
         with _base_layers(model):
             layers = list(ModelStructure(model).layers)
-        fsdp = {id(m) for m in fsdp_modules(model)}
-        if id(model) not in fsdp or not all(id(m) in fsdp for m in layers):
+        # exactly the root and every decoder layer (another FSDP module, e.g. a separately wrapped LM head or a
+        # sub-module of a layer, would stay sharded inside a layer's scope): else the whole model is unsharded
+        if {id(m) for m in fsdp_modules(model)} != {id(model)} | {id(m) for m in layers}:
             return None
         return layers
 

@@ -260,22 +260,41 @@ class ActivationSamples:
             self._gen.set_state(state["generator"])
 
     def reduce(self, group=None) -> None:
-        """All-gather the ranks' rows and keys, keep the ``size`` smallest keys; a no-op without torch.distributed."""
-        if not (dist.is_available() and dist.is_initialized()) or self.rows is None:
+        """All-gather the ranks' rows and keys, keep the ``size`` smallest keys; a no-op without torch.distributed.
+
+        Collective for every rank, also one that holds fewer rows or none (it saw fewer tokens, or restarted from a
+        checkpoint that rank 0 keeps): row counts and widths are exchanged first and the rows padded to the longest
+        (padding keys are +inf, never kept)."""
+        if not (dist.is_available() and dist.is_initialized()):
             return
         world = dist.get_world_size(group)
         dev = _comm_device(group)
-        keys = [torch.empty_like(self.keys, device=dev) for _ in range(world)]
-        rows = [torch.empty_like(self.rows, device=dev) for _ in range(world)]
-        dist.all_gather(keys, self.keys.to(dev), group=group)
-        dist.all_gather(rows, self.rows.to(dev), group=group)
+        n = 0 if self.rows is None else int(self.rows.shape[0])
+        width = 0 if self.rows is None else int(self.rows.shape[1])
+        meta = torch.tensor([n, width], dtype=torch.int64, device=dev)
+        metas = [torch.empty_like(meta) for _ in range(world)]
+        dist.all_gather(metas, meta, group=group)
+        n_max, width = max(int(m[0]) for m in metas), max(int(m[1]) for m in metas)
         seen = torch.tensor([float(self.seen)], dtype=torch.float64, device=dev)
         dist.all_reduce(seen, op=dist.ReduceOp.SUM, group=group)
-        home = self.rows.device
-        all_keys, all_rows = torch.cat(keys), torch.cat(rows)
-        best, idx = torch.topk(all_keys, self.size, largest=False)
-        self.keys, self.rows = best.to(home), all_rows[idx].to(home)
         self.seen = int(seen.item())
+        if n_max == 0:
+            return
+        home = self.rows.device if self.rows is not None else torch.device("cpu")
+        dtype = self.rows.dtype if self.rows is not None else torch.float32
+        my_keys = torch.full((n_max,), float("inf"), dtype=torch.float64, device=dev)
+        my_rows = torch.zeros((n_max, width), dtype=torch.float32, device=dev)
+        if n:
+            my_keys[:n] = self.keys.to(dev, torch.float64)
+            my_rows[:n] = self.rows.to(dev, torch.float32)
+        keys = [torch.empty_like(my_keys) for _ in range(world)]
+        rows = [torch.empty_like(my_rows) for _ in range(world)]
+        dist.all_gather(keys, my_keys, group=group)
+        dist.all_gather(rows, my_rows, group=group)
+        all_keys, all_rows = torch.cat(keys), torch.cat(rows)
+        best, idx = torch.topk(all_keys, min(self.size, all_keys.numel()), largest=False)  # +inf: empty slots
+        key_dtype = self.keys.dtype if self.keys is not None else torch.float64
+        self.keys, self.rows = best.to(home, key_dtype), all_rows[idx].to(home, dtype)
 
 
 class GradientStats(Accumulator):
@@ -297,11 +316,24 @@ class GradientStats(Accumulator):
             raise ValueError(f"gradient statistics {sorted(bad)} unknown; choose from {GRAD_STATS}")
         self.shard: RowShard | None = None
         self._whole = False  # sharded sums gathered whole by reduce() (until reset)
+        # a rank > 0 that loaded merged (every rank's) whole sums: whether it keeps its rows of them or drops them
+        # depends on whether its parameter turns out row-sharded, known only once the model is (see _settle)
+        self._merged_on_rank = 0
 
     def set_shard(self, shard: RowShard | None) -> None:
         """Hold the sums on ``shard``'s rows from now on (whole sums already held are cut to them)."""
         self.shard = shard
+        if shard is not None:
+            self._merged_on_rank = 0  # the rows of merged sums are this rank's share: kept
         self._localize()
+
+    def _settle(self) -> None:
+        """Unsharded after all (DDP, or a checkpoint of a sharded run resumed unsharded): on a rank > 0 the merged
+        sums loaded from a checkpoint are rank 0's to count, so this rank starts from zero."""
+        if self.shard is None and self._merged_on_rank:
+            for t in self.sums.values():
+                t.zero_()
+            self._merged_on_rank = 0
 
     def _localize(self) -> None:
         sh = self.shard
@@ -314,6 +346,7 @@ class GradientStats(Accumulator):
     @torch.no_grad()
     def update(self, grad: torch.Tensor, weight: torch.Tensor | None = None, scale: float = 1.0) -> None:
         """``scale`` (> 0) multiplies the gradient first, without a copy of it (undoing a loss division)."""
+        self._settle()
         g = grad.float()
         sh = self.shard
         for k in self.kinds:
@@ -338,6 +371,7 @@ class GradientStats(Accumulator):
         return dict(self.sums, count=torch.tensor(self.count))
 
     def reduce(self, group=None) -> None:
+        self._settle()
         sh = self.shard
         if sh is None:
             return super().reduce(group)
@@ -350,6 +384,7 @@ class GradientStats(Accumulator):
         self._whole = True
 
     def reset(self) -> None:
+        self._merged_on_rank = 0
         if self.shard is not None:  # buffers of the rows are made again by the next update
             self.sums = {}
             self.count = 0
@@ -370,6 +405,7 @@ class GradientStats(Accumulator):
         self._localize()
 
     def merged_state_dict(self, group=None) -> dict:
+        self._settle()
         sh = self.shard
         if sh is None or self._whole:
             return super().merged_state_dict(group)
@@ -378,12 +414,14 @@ class GradientStats(Accumulator):
         return {"sums": sums, "count": _summed_count(self.count, group), "rows_sharded": True}
 
     def load_merged_state_dict(self, state: dict, rank: int) -> None:
-        if not state.get("rows_sharded"):
-            return super().load_merged_state_dict(state, rank)
-        # the whole sums hold every rank's samples: each rank keeps its rows (once it knows them), rank 0 the count
+        # merged sums are whole and hold every rank's samples, whether the saving run was row-sharded or not. Row-
+        # sharded now: each rank keeps its rows of them (cut when the shard is known); unsharded: rank 0 keeps them
+        # and the others start from zero (decided in _settle, as the shard may not be known yet). Rank 0 alone
+        # keeps the count.
         self.load_state_dict(state)
         if rank:
             self.count = 0
+            self._merged_on_rank = 0 if self.shard is not None else rank
 
 
 def _aligned(t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
@@ -460,11 +498,16 @@ class GroupGradientStats(Accumulator):
         if scale != 1.0:
             gw.mul_(scale)
         if "coupled" in self.kinds and weight.dim() == 2:
-            aligned = _aligned(gw, m.dim, n)
-            if "coupled" in self._parts:
-                self._parts["coupled"].add_(aligned)
+            aligned = _aligned(gw, m.dim, n)  # [groups, hidden]; a transposed view for column members (down_proj)
+            # row and column members are summed apart, each in its own contiguous layout, and joined once at the
+            # flush: adding a transposed tensor is a strided pass over memory (a few ms per MLP layer, cold), and
+            # the cheap direction is into the [groups, hidden] sum
+            key, part = ("coupled", aligned) if aligned.is_contiguous() or not aligned.T.is_contiguous() \
+                else ("coupled_t", aligned.T)
+            if key in self._parts:
+                self._parts[key].add_(part)
             else:
-                self._parts["coupled"] = aligned
+                self._parts[key] = part.contiguous()
         if "vector" in self.kinds:
             total = (gw.movedim(m.dim, 0) if m.dim else gw).reshape(n, -1).sum(1)
             if "vector" in self._parts:
@@ -479,8 +522,11 @@ class GroupGradientStats(Accumulator):
     def _flush(self) -> None:
         """The open partial sums into the statistics (abs after the coupled sum)."""
         parts = self._parts
-        if "coupled" in parts:
-            self._buf("coupled", self.group_set.count, parts["coupled"].device).add_(parts["coupled"].abs().mean(1))
+        if "coupled" in parts or "coupled_t" in parts:
+            rows, cols = parts.get("coupled"), parts.get("coupled_t")
+            total = cols.T if rows is None else rows if cols is None else rows.add_(cols.T)
+            per_group = total.abs().mean(1)
+            self._buf("coupled", self.group_set.count, per_group.device).add_(per_group)
         if "vector" in parts:
             self._buf("vector", self.group_set.count, parts["vector"].device).add_(parts["vector"].abs())
         self._parts = {}

@@ -450,10 +450,12 @@ def test_sdm_coupled_on_real_groupsets(llama1, kind):
     torch.testing.assert_close(sdm.group_scores(gs, ScoreContext(weights={}, group={gs.key: stat})), expected)
 
 
+@pytest.mark.parametrize("order", ["members", "backward"])
 @pytest.mark.parametrize("kind", ["mlp_neuron", "attention_head"])
-def test_group_stats_member_by_member_close_each_set_early(llama1, kind):
+def test_group_stats_member_by_member_close_each_set_early(llama1, kind, order):
     """Hook mode: once every member of a group set is added, its partial sums go into the statistics and are freed
-    (a backward holds one layer's partial sums, not one per layer); the result equals the whole-sample update."""
+    (a backward holds one layer's partial sums, not one per layer); the result equals the whole-sample update, in
+    the members' order and in a backward's (the column member, down_proj / o_proj, first)."""
     model, structure = llama1
     gs = structure.group_sets(kind)[0]
     g = torch.Generator().manual_seed(6)
@@ -464,6 +466,8 @@ def test_group_stats_member_by_member_close_each_set_early(llama1, kind):
     for s in samples:
         whole.update(s, weights)
         names = [m.name for m in gs.members]
+        names = names[::-1] if order == "backward" else names
+        assert gs.members[-1].dim == 1  # the column member (down_proj / o_proj): last here, first in a backward
         for i, n in enumerate(names):
             before = {k: v.clone() for k, v in hooked.sums.items()}
             hooked.add_member(n, s[n], weights[n])

@@ -256,6 +256,11 @@ def _ddp_worker(rank: int, port: int, path: str) -> None:
         s = ActivationStats(kinds=("gram", "samples"), samples=32, seed=0)
         s.update(x[rank::2])  # each rank: half of the tokens
         s.reduce()
+        lone = ActivationSamples(8, seed=0)  # rank 1 holds no rows (e.g. restarted from rank 0's checkpoint)
+        if rank == 0:
+            lone.update(x[:5])
+        lone.reduce()  # a collective on both ranks all the same
+        torch.save({"lone": lone.compute(), "lone_seen": lone.seen}, f"{path}.lone{rank}")
         if rank == 0:
             torch.save({"gram": s.sums["gram"], "rows": s.sample_rows(), "seen": s.reservoir.seen,
                         "count": s.count}, path)
@@ -284,3 +289,6 @@ def test_two_rank_reduce_of_gram_and_samples(tmp_path):
     first = (rows[:, 0] / 4).long()  # token index
     assert torch.equal(rows, x[first])
     assert (first % 2 == 0).any() and (first % 2 == 1).any()  # both ranks contribute
+    for r in range(2):  # a rank with no rows gets rank 0's five
+        lone = torch.load(f"{path}.lone{r}")
+        assert lone["lone_seen"] == 5 and sorted(lone["lone"][:, 0].tolist()) == [0.0, 4.0, 8.0, 12.0, 16.0]

@@ -146,6 +146,21 @@ def _sharded_worker(rank: int, port: int, path: str) -> None:
         stat.reduce()
         resumed.reduce()
         out["reduced"], out["resumed"] = stat.state_dict(), resumed.state_dict()
+        # across modes: the sharded run's checkpoint resumed unsharded (DDP), and a DDP checkpoint resumed sharded
+        ddp = GradientStats(GRAD_KINDS)
+        ddp.load_merged_state_dict(merged, rank)
+        plain = GradientStats(GRAD_KINDS)
+        for g in grads[rank::2][:2]:
+            plain.update(g, w, scale=2.0)
+        to_fsdp = GradientStats(GRAD_KINDS)
+        to_fsdp.load_merged_state_dict(plain.merged_state_dict(), rank)
+        to_fsdp.set_shard(shard)
+        for g in grads[rank::2][2:]:
+            ddp.update(g, w, scale=2.0)
+            to_fsdp.update(g, w, scale=2.0)
+        ddp.reduce()
+        to_fsdp.reduce()
+        out["fsdp_to_ddp"], out["ddp_to_fsdp"] = ddp.state_dict(), to_fsdp.state_dict()
         stat.reset()
         out["after_reset"] = dict(stat.sums)
         t = GradientStats(("sum",))
@@ -162,7 +177,7 @@ def _sharded_worker(rank: int, port: int, path: str) -> None:
 
 def test_row_sharded_gradient_statistics(tmp_path):
     """Each rank keeps only its rows of Σ (reduce-scattered per sample); reduce gathers the sums of one process that
-    saw every sample; a merged (checkpoint) state resumes on the rows."""
+    saw every sample; a merged (checkpoint) state resumes on the rows, and across modes (sharded ↔ DDP)."""
     from pruning.stats import GradientStats
 
     path = str(tmp_path / "out")
@@ -184,7 +199,7 @@ def test_row_sharded_gradient_statistics(tmp_path):
             torch.testing.assert_close(r["merged"]["sums"][k], half.sums[k], msg=k)
             torch.testing.assert_close(r["resumed_rows"][k], half.sums[k][off:off + n], msg=k)
         assert r["resumed_count"] == (4 if r is ranks[0] else 0)
-        for state in (r["reduced"], r["resumed"]):
+        for state in (r["reduced"], r["resumed"], r["fsdp_to_ddp"], r["ddp_to_fsdp"]):
             assert state["count"] == 2 * SAMPLES and not state["rows_sharded"]
             for k in GRAD_KINDS:
                 torch.testing.assert_close(state["sums"][k], want.sums[k], rtol=1e-5, atol=1e-6, msg=k)
