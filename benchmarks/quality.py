@@ -9,11 +9,20 @@ the granularity prunes a fresh copy of the dense model; cells a criterion does n
 - **Calibration**: the same seeded windows of the train stream for every method (``--calibration`` sequences of
   the model's ``seq_len``); their sha256 (:func:`pruning.calibration_fingerprint`) is recorded and checked against
   what every ``prune`` call saw.
+- **GBLM** runs twice: with the project's default α=100 on raw norms, and with the authors' weighting (their code
+  averages the activation term over the N samples and scales gradients by 100, i.e. α = 100·√N here).
 - **Gradients**: criteria that score with gradients of the *dense* model's cross-entropy (taylor, gblm, SDM's
   stage A, saap) share one pass over the calibration set (one backward per sequence, every statistic they need
   collected at once), which is exactly what each ``prune`` call would compute alone. SDM's stage B (KL + CE against
   the lifted original, α=0.42, t=0.5: the paper's 30 % row, used at every sparsity) collects its own on the
   stage-A-pruned model. SAAP's σ is learned once per granularity (:func:`pruning.importance.saap.saap_scores`).
+- **Non-uniform rows** (per-layer rates with the same mean, so the same parameter count): ``wanda + OWL``,
+  ``saap + ranking`` (SAAP's importance-fluctuation ranking of the layers, :func:`pruning.ranking.saap_layer_rates`)
+  and ``self-pruner (wanda)`` (Self-Pruner's evolutionary search of the layer rates with Wanda's group scores,
+  :func:`pruning.search.search_rates`, scaled down to ``--search-population`` × ``--search-generations``; fitness is
+  the perplexity on ``--search-windows`` seeded windows of the *train* stream, never the held-out files).
+- **Identical masks**: the sha256 of every pruned model's zero pattern is recorded; methods that pruned exactly the
+  same weights are listed (with only 4 KV groups per layer, several criteria make the same choice).
 - **Held-out perplexity**: ``--eval-windows`` non-overlapping windows of ``seq_len`` tokens evenly spaced over the
   held-out split (files never seen in training), the same windows for every row.
 - **Recovery**: the same token budget, batches and order for every method (``--recovery-steps`` × ``--recovery-batch``
@@ -28,7 +37,9 @@ Outputs (``--out``, default ``docs/``): ``quality.md`` (tables, head-to-head com
 ``quality.json`` (everything), ``quality_table.md`` (the README's copy), ``quality_unstructured.png`` and
 ``quality_mlp.png`` (perplexity against sparsity, one line per method, before and after recovery).
 
-    .venv/bin/python benchmarks/quality.py                 # trains/loads the cpu reference model; ~25 min on 2 cores
+    .venv/bin/python benchmarks/quality.py                 # loads (or trains) the cpu reference model; ~15 min on
+                                                           # 2 quiet cores (50 min measured on cores shared with tests)
+    .venv/bin/python benchmarks/quality.py --from-json docs/quality.json   # only redraw the tables and plots
     .venv/bin/python benchmarks/quality.py --methods wanda,gblm --settings unstructured50,mlp30
 """
 
@@ -52,16 +63,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_model as refm  # noqa: E402
 
+from pruning import allocation as alloc  # noqa: E402
 from pruning import calibration_fingerprint, get_criterion, prune  # noqa: E402
 from pruning.data import batches as split_batches  # noqa: E402
 from pruning.data import windows  # noqa: E402
 from pruning.gradients import collect_gradients  # noqa: E402
 from pruning.importance.saap import saap_scores  # noqa: E402
+from pruning.ranking import saap_layer_rates  # noqa: E402
+from pruning.search import search_rates  # noqa: E402
 from pruning.stats import GradientCollector  # noqa: E402
 from pruning.structure import ModelStructure  # noqa: E402
 
+# GBLM's authors average the activation term over the N samples and scale gradients by 100: against our raw norms
+# their weighting is α = 100·√N (see pruning/importance/gblm.py); the project's default is α = 100.
+AUTHORS_GBLM_ALPHA = "100*sqrt(N)"
 SDM_STAGE_A = 0.025  # SDMPrune: stage A prunes lightly with CE scores
 SDM_ALPHA, SDM_TEMPERATURE = 0.42, 0.5  # stage B: the paper's 30 % row
+# Self-Pruner's search, scaled down from the paper's 30 × 20 generations (10 mutations, 10 crossovers) to fit a CPU
+# run: ~60 candidates per setting, each one held-out pass over the fitness split
+DEFAULT_SEARCH = {"population": 10, "generations": 5, "mutations": 5, "crossovers": 5}
 
 
 @dataclass(frozen=True)
@@ -89,11 +109,15 @@ class Method:
     label: str
     criterion: str
     options: dict = field(default_factory=dict)
-    allocation: str = "uniform"
+    allocation: str = "uniform"  # uniform | owl | saap-ranking (SAAP's layer ranking) | search (Self-Pruner)
     only: tuple[str, ...] | None = None  # granularities it runs at (default: all its criterion supports)
 
+    def resolved_options(self, calibration: int) -> dict:
+        """The options with ``"100*sqrt(N)"`` replaced by its value for ``N`` calibration sequences."""
+        return {k: (100.0 * math.sqrt(calibration) if v == AUTHORS_GBLM_ALPHA else v) for k, v in self.options.items()}
+
     def supports(self, granularity: str) -> bool:
-        crit = get_criterion(self.criterion, **self.options)
+        crit = get_criterion(self.criterion, **self.resolved_options(1))
         gran = "n:m" if ":" in granularity and granularity not in crit.granularities else granularity
         if gran not in crit.granularities:
             return False
@@ -106,12 +130,28 @@ METHODS: list[Method] = [
     Method("wanda + OWL", "wanda", allocation="owl", only=("unstructured",)),
     Method("sparsegpt", "sparsegpt"),
     Method("gblm", "gblm"),
+    Method("gblm (authors' α)", "gblm", {"alpha": AUTHORS_GBLM_ALPHA}),
     Method("taylor", "taylor", {"mode": "element"}),
     Method("taylor (vector)", "taylor", {"mode": "vector"}, only=("mlp_neuron", "attention_head")),
     Method("sdm", "sdm"),
     Method("saap", "saap"),
+    Method("saap + ranking", "saap", allocation="saap-ranking", only=("mlp_neuron", "attention_head")),
     Method("mutual_info", "mutual_info", only=("mlp_neuron",)),
+    Method("self-pruner (wanda)", "wanda", allocation="search", only=("mlp_neuron", "attention_head")),
 ]
+NON_UNIFORM = {"owl": "OWL", "saap-ranking": "SAAP's ranking", "search": "Self-Pruner's search"}
+
+
+@dataclass
+class Shared:
+    """What the cells of a run share: dense-model gradients, SAAP's estimates, the search's fitness split."""
+
+    gradients: GradientCollector | None = None
+    saap_options: dict = field(default_factory=dict)
+    saap_estimates: dict = field(default_factory=dict)
+    search_heldout: list = field(default_factory=list)
+    search: dict = field(default_factory=dict)  # population, generations, mutations, crossovers
+    seed: int = 0
 
 GRAD_KINDS = ("sum", "sum_sq", "sum_abs", "sum_abs_gw")
 GROUP_KINDS = ("coupled", "vector")
@@ -124,6 +164,14 @@ def nonzero_params(model: torch.nn.Module) -> int:
 
 def tensor_sha256(x: torch.Tensor) -> str:
     return hashlib.sha256(x.detach().to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def zeros_sha256(model: torch.nn.Module) -> str:
+    """Fingerprint of where the model's zeros are: two methods with the same value pruned the same weights."""
+    h = hashlib.sha256()
+    for _, p in sorted(model.named_parameters()):
+        h.update((p.detach() == 0).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def shared_gradients(model, calib: list[torch.Tensor], granularities: set[str]) -> GradientCollector:
@@ -139,19 +187,46 @@ def shared_gradients(model, calib: list[torch.Tensor], granularities: set[str]) 
     return coll
 
 
-def apply_method(model, method: Method, setting: Setting, calib, shared, saap_options: dict):
-    """Prune ``model`` in place with ``method`` at ``setting``; returns the last :class:`pruning.PruneResult`."""
+def apply_method(model, method: Method, setting: Setting, calib, shared: Shared) -> tuple:
+    """Prune ``model`` in place with ``method`` at ``setting``: ``(last pruning.PruneResult, extra row fields)``.
+
+    ``saap-ranking`` takes SAAP's non-uniform layer rates from the fluctuation of its per-batch scores;
+    ``search`` runs Self-Pruner's evolutionary search of layer rates for the criterion (fitness: perplexity on a
+    split of the train stream, never the held-out text), then prunes with the best rates it found.
+    """
     gran, s = setting.granularity, setting.sparsity
+    n_calib = sum(c.shape[0] for c in calib)
     if method.criterion == "sdm":
-        a = prune(model, calib, "sdm", SDM_STAGE_A, gran, keep_original=True, gradients=shared, progress=False)
+        a = prune(model, calib, "sdm", SDM_STAGE_A, gran, keep_original=True, gradients=shared.gradients,
+                  progress=False)
         return prune(model, calib, "sdm", s, gran, masks=a.masks, alpha=SDM_ALPHA, temperature=SDM_TEMPERATURE,
-                     keep_original=True, progress=False)
-    opts = dict(method.options)
+                     keep_original=True, progress=False), {}
+    opts = method.resolved_options(n_calib)
     if method.criterion == "saap":
-        opts.update(saap_options[gran])
-    grads = shared if get_criterion(method.criterion, **opts).needs_gradients else None
-    return prune(model, calib, method.criterion, s, gran, allocation=method.allocation, criterion_options=opts,
-                 gradients=grads, progress=False)
+        opts.update(shared.saap_options[gran])
+    grads = shared.gradients if get_criterion(method.criterion, **opts).needs_gradients else None
+    extra: dict = {}
+    allocation, rates = method.allocation, None
+    if allocation in ("saap-ranking", "search"):
+        # the mean rate that uniform width reaches (whole groups, rounded down in every layer): the same number of
+        # groups pruned as the uniform rows, so the parameter counts are equal
+        group_sets = ModelStructure(model).group_sets(gran)
+        s = sum((gs.count - alloc.keep_counts_uniform([gs.count], s, gs.partitions)[0]) / gs.count
+                for gs in group_sets) / len(group_sets)
+    if allocation == "saap-ranking":
+        rates, indicator = saap_layer_rates(shared.saap_estimates[gran], s)
+        extra = {"layer_rates": rates, "fluctuation": indicator}
+    elif allocation == "search":
+        t = time.time()
+        found = search_rates(model, calib, shared.search_heldout, s, method.criterion, gran, criterion_options=opts,
+                             seed=shared.seed, progress=False, **shared.search)
+        rates = found.rates
+        extra = {"layer_rates": rates, "search_fitness": found.fitness, "search_uniform_fitness": found.uniform_fitness,
+                 "search_evaluations": len(found.history.get("evaluated", [])), "search_s": time.time() - t}
+    if rates is not None:
+        allocation = "rates"
+    return prune(model, calib, method.criterion, s, gran, allocation=allocation, layer_rates=rates,
+                 criterion_options=opts, gradients=grads, progress=False), extra
 
 
 def recover(model, masks, batches: torch.Tensor, lr: float) -> list[float]:
@@ -191,6 +266,8 @@ def run(
     recovery_batch: int = 8,
     recovery_lr: float | None = None,
     seed: int = 0,
+    search_windows: int = 16,
+    search: dict | None = None,
     out: Path | None = Path("docs"),
     plots: bool = True,
     log: Callable[[str], None] = print,
@@ -236,13 +313,14 @@ def run(
     # ---- statistics shared by the gradient criteria (dense model)
     grans = {s.granularity for s in settings}
     crits = {m.criterion for m in methods}
-    shared = None
+    search = {**DEFAULT_SEARCH, **(search or {})}
+    search_heldout = windows(ref.train_ids, seq, search_windows, seed=seed + 2)
+    shared = Shared(search_heldout=list(split_batches(search_heldout, calib_batch)), search=search, seed=seed)
     if crits & {"taylor", "gblm", "sdm", "saap"}:
         t = time.time()
-        shared = shared_gradients(dense, calib, {"mlp_neuron", "attention_head"} & grans)
+        shared.gradients = shared_gradients(dense, calib, {"mlp_neuron", "attention_head"} & grans)
         times["shared dense gradients"] = time.time() - t
         log(f"shared dense gradients: {times['shared dense gradients']:.0f}s")
-    saap_options: dict[str, dict] = {}
     saap_sigmas: dict[str, list[float]] = {}
     if "saap" in crits:
         for gran in sorted(grans & {"mlp_neuron", "attention_head", "query_head"}):
@@ -250,7 +328,8 @@ def run(
             # σ is learned from per-batch estimates: at least two batches
             est = saap_scores(dense, calib if len(calib) >= 2 else list(split_batches(calib_all, 1)), gran,
                               progress=False)
-            saap_options[gran] = est.criterion_options()
+            shared.saap_options[gran] = est.criterion_options()
+            shared.saap_estimates[gran] = est
             saap_sigmas[gran] = list(next(iter(est.sigmas.values())))
             times[f"saap sigma {gran}"] = time.time() - t
             log(f"saap σ for {gran}: {saap_sigmas[gran]} ({times[f'saap sigma {gran}']:.0f}s)")
@@ -263,7 +342,7 @@ def run(
                 continue
             model = copy.deepcopy(dense)
             t0 = time.time()
-            result = apply_method(model, method, setting, calib, shared, saap_options)
+            result, extra = apply_method(model, method, setting, calib, shared)
             t1 = time.time()
             before = ppl(model)
             t2 = time.time()
@@ -275,12 +354,14 @@ def run(
             if seen is not None and seen != calib_fp["sha256"]:
                 raise RuntimeError(f"{method.label}: calibration sha256 {seen} differs from {calib_fp['sha256']}")
             row = {"setting": setting.key, "method": method.label, "criterion": method.criterion,
-                   "options": method.options, "allocation": method.allocation, "granularity": setting.granularity,
+                   "options": method.resolved_options(calibration), "allocation": method.allocation,
+                   "granularity": setting.granularity,
                    "sparsity": setting.sparsity, "ppl_before": before, "ppl_after": after,
                    "nonzero_params": nonzero_params(model),
                    "targeted_sparsity": result.report.targeted.fraction,
                    "model_sparsity": result.report.model.fraction, "prune_s": t1 - t0, "eval_s": (t2 - t1) + (t4 - t3),
-                   "recovery_s": t3 - t2, "recovery_losses": losses, "calibration_sha256": seen}
+                   "recovery_s": t3 - t2, "recovery_losses": losses, "calibration_sha256": seen,
+                   "mask_sha256": zeros_sha256(model), **extra}
             rows.append(row)
             log(f"  {setting.label:14s} {method.label:16s} ppl {before:9.3f} -> {after:8.3f}   prune {t1 - t0:5.1f}s "
                 f"eval {row['eval_s']:4.1f}s recovery {t3 - t2:5.1f}s")
@@ -310,7 +391,10 @@ def run(
                          "seed": seed + 1, "sha256": tensor_sha256(rec)},
             "sdm": {"stage_a": SDM_STAGE_A, "alpha": SDM_ALPHA, "temperature": SDM_TEMPERATURE},
             "saap_sigma": saap_sigmas,
-            "allocation": "uniform (same fraction and count in every layer) unless the method says OWL",
+            "allocation": "uniform (same fraction and count in every layer) unless the method says OWL, SAAP's "
+                          "ranking or Self-Pruner's search (per-layer rates, mean = the target)",
+            "search": {**search, "fitness": f"perplexity on {search_windows} seeded windows of the train stream "
+                       f"(seed {seed + 2}), not the held-out text", "sha256": tensor_sha256(search_heldout)},
             "gradients": "dense-model CE gradients shared by taylor, gblm, sdm stage A, saap (one pass)",
         },
         "settings": [asdict(s) for s in settings],
@@ -389,7 +473,8 @@ def winners(results: dict, settings: list[Setting]) -> list[str]:
 
 
 HEAD_TO_HEAD = [
-    ("gblm", "wanda", "GBLM (gradients + activations) vs Wanda (activations)"),
+    ("gblm", "wanda", "GBLM (gradients + activations, α=100) vs Wanda (activations)"),
+    ("gblm (authors' α)", "wanda", "GBLM with the authors' weighting (α=100·√N) vs Wanda"),
     ("sparsegpt", "wanda", "SparseGPT (reconstruction) vs Wanda"),
     ("wanda + OWL", "wanda", "OWL allocation vs uniform, with Wanda"),
     ("sdm", "taylor", "SDM (two-stage distillation gradients) vs Taylor (CE gradients)"),
@@ -422,6 +507,35 @@ def head_to_head(results: dict, settings: list[Setting]) -> list[str]:
             n = 2 * len(parts)
             out.append(f"- {title}: **{a} lower in {tally} of {n}** comparisons. " + "; ".join(parts) + ".")
     return out
+
+
+def identical_masks(results: dict, settings: list[Setting]) -> list[str]:
+    """Per setting, the methods whose pruned models have exactly the same zeros (same ``mask_sha256``)."""
+    out = []
+    for s in settings:
+        by: dict[str, list[str]] = {}
+        for r in results["rows"]:
+            if r["setting"] == s.key and r.get("mask_sha256"):
+                by.setdefault(r["mask_sha256"], []).append(r["method"])
+        same = [ms for ms in by.values() if len(ms) > 1]
+        if same:
+            out.append(f"- **{s.label}**: " + "; ".join(" = ".join(ms) for ms in same) + " (the same weights pruned).")
+    return out or ["- none: every method pruned a different set of weights in every setting."]
+
+
+def non_uniform(results: dict) -> list[str]:
+    """The per-layer rates of every non-uniform row (and, for the search, its fitness against uniform rates)."""
+    out = []
+    for r in results["rows"]:
+        rates = r.get("layer_rates")
+        if rates is None:
+            continue
+        line = f"- {r['method']}, {r['setting']}: rates [{', '.join(f'{x:.3f}' for x in rates)}]"
+        if "search_fitness" in r:
+            line += (f"; search-split perplexity {r['search_fitness']:.3f} vs {r['search_uniform_fitness']:.3f} "
+                     f"for uniform rates ({r['search_evaluations']} candidates scored, {r['search_s']:.0f}s)")
+        out.append(line + ".")
+    return out or ["- none in this run."]
 
 
 def protocol_line(results: dict) -> str:
@@ -470,6 +584,10 @@ def markdown(results: dict, settings: list[Setting], methods: list[Method]) -> s
         *winners(results, settings), "",
         "## Head to head", "",
         *head_to_head(results, settings), "",
+        "## Identical masks", "",
+        *identical_masks(results, settings), "",
+        "## Non-uniform allocations", "",
+        *non_uniform(results), "",
         "## Every cell", "",
         "| setting | method | ppl before | ppl after | × dense before | nonzero params | model sparsity | prune s | "
         "recovery s |",
@@ -499,42 +617,38 @@ def plot(results: dict, settings: list[Setting], methods: list[Method], out: Pat
     groups = {
         "unstructured": ([s for s in settings if s.plot == "unstructured"], "pattern (50 % of the decoder weights)",
                          "Unstructured / N:M"),
-        "mlp": ([s for s in settings if s.plot == "mlp"], "fraction of MLP neurons pruned (uniform width)",
+        "mlp": ([s for s in settings if s.plot == "mlp"], "fraction of MLP neurons pruned (mean over the layers)",
                 "MLP neurons"),
     }
+    markers = "osD^v<>pPX*hd"
+    floor = 0.01  # % — a cell at or below dense (possible after recovery) is drawn on the floor
     for name, (sel, xlabel, title) in groups.items():
         if not sel:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+        present = [m for m in methods if any((s.key, m.label) in cells for s in sel)]
+        cmap = matplotlib.colormaps["tab10" if len(present) <= 10 else "tab20"]
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
         for ax, key, when in zip(axes, ("ppl_before", "ppl_after"), ("before recovery", "after recovery")):
-            for i, m in enumerate(methods):
+            for i, m in enumerate(present):
                 pts = [(s, cells[(s.key, m.label)][key]) for s in sel if (s.key, m.label) in cells]
-                if not pts:
-                    continue
-                if name == "mlp":
-                    xs = [0.0] + [100 * s.sparsity for s, _ in pts]
-                    ys = [dense[key]] + [v for _, v in pts]
-                else:
-                    xs = [sel.index(s) for s, _ in pts]
-                    ys = [v for _, v in pts]
-                ax.plot(xs, ys, marker="o", label=m.label, color=f"C{i % 10}",
-                        linestyle="-" if i < 10 else "--")
-            ax.axhline(dense[key], color="black", linestyle=":", linewidth=1, label="dense")
+                xs = [100 * s.sparsity if name == "mlp" else sel.index(s) for s, _ in pts]
+                ys = [max(100 * (v / dense[key] - 1), floor) for _, v in pts]
+                ax.plot(xs, ys, marker=markers[i % len(markers)], label=m.label, color=cmap(i),
+                        linestyle="-" if m.allocation == "uniform" else "--")
             if name == "unstructured":
                 ax.set_xticks(range(len(sel)), [s.label for s in sel])
                 ax.set_xlim(-0.3, len(sel) - 0.7)
             else:
-                ax.set_xticks([0] + [100 * s.sparsity for s in sel])
+                ax.set_xticks([100 * s.sparsity for s in sel])
                 ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(decimals=0))
             ax.set_yscale("log")
-            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
-            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g} %"))
             ax.set_title(f"{title}, {when} (dense {_fmt(dense[key])})", fontsize=10)
             ax.set_xlabel(xlabel)
             ax.grid(True, which="both", alpha=0.3)
-        axes[0].set_ylabel("held-out perplexity (log scale)")
-        axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        axes[0].set_ylabel("held-out perplexity above dense (log scale)")
+        axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                       title="dashed: non-uniform rates", title_fontsize=7)
         fig.tight_layout()
         path = out / f"quality_{name}.png"
         fig.savefig(path, dpi=110)
@@ -579,9 +693,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--recovery-lr", type=float, default=None,
                     help="default: a quarter of the reference model's final training LR")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--search-windows", type=int, default=16, help="Self-Pruner's fitness split (train stream)")
+    ap.add_argument("--search-population", type=int, default=DEFAULT_SEARCH["population"])
+    ap.add_argument("--search-generations", type=int, default=DEFAULT_SEARCH["generations"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=Path("docs"))
+    ap.add_argument("--from-json", type=Path, default=None,
+                    help="only rewrite the tables and plots from a quality.json (e.g. docs/quality.json)")
     args = ap.parse_args(argv)
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+        keys, labels = {r["setting"] for r in results["rows"]}, {r["method"] for r in results["rows"]}
+        write_outputs(results, args.out, [s for s in SETTINGS if s.key in keys],
+                      [m for m in METHODS if m.label in labels])
+        return results
     if args.threads:
         torch.set_num_threads(args.threads)
     t = time.time()
@@ -592,7 +717,9 @@ def main(argv: list[str] | None = None) -> dict:
     return run(ref, settings=pick(SETTINGS, args.settings, lambda s: s.key),
                methods=pick(METHODS, args.methods, lambda m: m.label), calibration=args.calibration,
                eval_windows=args.eval_windows, recovery_steps=args.recovery_steps,
-               recovery_batch=args.recovery_batch, recovery_lr=args.recovery_lr, seed=args.seed, out=args.out)
+               recovery_batch=args.recovery_batch, recovery_lr=args.recovery_lr, seed=args.seed,
+               search_windows=args.search_windows,
+               search={"population": args.search_population, "generations": args.search_generations}, out=args.out)
 
 
 if __name__ == "__main__":

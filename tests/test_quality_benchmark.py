@@ -48,13 +48,28 @@ def test_quality_benchmark_miniature(tiny_ref, tmp_path):
     ref, _, _ = tiny_ref
     torch.set_num_threads(1)
     settings = [s for s in quality.SETTINGS if s.key in ("unstructured50", "mlp30")]
-    methods = [m for m in quality.METHODS if m.label in ("wanda", "taylor", "sdm")]
+    labels = ("wanda", "taylor", "sdm", "saap + ranking", "self-pruner (wanda)")
+    methods = [m for m in quality.METHODS if m.label in labels]
     res = quality.run(ref, settings=settings, methods=methods, calibration=4, calib_batch=2, eval_windows=4,
-                      recovery_steps=2, recovery_batch=2, out=tmp_path, log=lambda *_: None)
+                      recovery_steps=2, recovery_batch=2, search_windows=2,
+                      search={"population": 3, "generations": 1, "mutations": 1, "crossovers": 1},
+                      out=tmp_path, log=lambda *_: None)
     rows = {(r["setting"], r["method"]): r for r in res["rows"]}
-    # sdm is structured only: no unstructured cell; every other cell ran
+    # sdm, saap + ranking and the search are structured only: no unstructured cell; every other cell ran
     assert set(rows) == {("dense", "dense"), ("unstructured50", "wanda"), ("unstructured50", "taylor"),
-                         ("mlp30", "wanda"), ("mlp30", "taylor"), ("mlp30", "sdm")}
+                         ("mlp30", "wanda"), ("mlp30", "taylor"), ("mlp30", "sdm"), ("mlp30", "saap + ranking"),
+                         ("mlp30", "self-pruner (wanda)")}
+    # the non-uniform rows: one rate per layer, the mean rate of the uniform rows (whole neurons, rounded down per
+    # layer: the nonzero counts below are equal); the search scored candidates on its own split
+    n_layers, width = ref.model.config.num_hidden_layers, ref.model.config.intermediate_size
+    for label in ("saap + ranking", "self-pruner (wanda)"):
+        rates = rows[("mlp30", label)]["layer_rates"]
+        assert len(rates) == n_layers and sum(rates) / n_layers == pytest.approx(int(0.3 * width) / width)
+    search = rows[("mlp30", "self-pruner (wanda)")]
+    assert search["search_evaluations"] >= 2 and search["search_fitness"] <= search["search_uniform_fitness"]
+    assert res["protocol"]["search"]["sha256"] != res["protocol"]["eval"]["sha256"]
+    # mask fingerprints: wanda's cell and the search's cell are different models unless the search kept uniform
+    assert all(len(r["mask_sha256"]) == 64 for r in res["rows"] if r["method"] != "dense")
     for r in res["rows"]:
         assert math.isfinite(r["ppl_before"]) and math.isfinite(r["ppl_after"])
     # equal sparsity for every method of a setting; the same calibration data everywhere
@@ -66,6 +81,7 @@ def test_quality_benchmark_miniature(tiny_ref, tmp_path):
     # outputs
     md = (tmp_path / "quality.md").read_text()
     assert "| wanda |" in md and "–" in md and "Head to head" in md
+    assert "## Non-uniform allocations" in md and "self-pruner (wanda), mlp30: rates [" in md
     assert (tmp_path / "quality_unstructured.png").stat().st_size > 1000
     assert (tmp_path / "quality_mlp.png").stat().st_size > 1000
     assert json.loads((tmp_path / "quality.json").read_text())["rows"][0]["method"] == "dense"
