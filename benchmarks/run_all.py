@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         secs = time.time() - t
         status = "ok" if rc == 0 else f"failed (exit {rc})"
         print(f"== {stage}: {status} in {fmt_minutes(secs)}", flush=True)
-        record.append({"stage": stage, "status": status, "seconds": secs, "command": " ".join(cmd[1:])})
+        shown = [os.path.relpath(c, ROOT) if c.startswith(str(ROOT)) else c for c in cmd[1:]]  # no machine paths
+        record.append({"stage": stage, "status": status, "seconds": secs, "command": " ".join(shown)})
 
     # timings: merged with earlier runs' (a stage not run now keeps its last time), docs/benchmarks.md in full, the
     # README's section in short
