@@ -139,7 +139,6 @@ METHODS: list[Method] = [
     Method("mutual_info", "mutual_info", only=("mlp_neuron",)),
     Method("self-pruner (wanda)", "wanda", allocation="search", only=("mlp_neuron", "attention_head")),
 ]
-NON_UNIFORM = {"owl": "OWL", "saap-ranking": "SAAP's ranking", "search": "Self-Pruner's search"}
 
 
 @dataclass
