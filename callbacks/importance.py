@@ -35,7 +35,8 @@ class ImportanceCallback(pl.Callback):
     - FSDP2: the hooks sit on the *unsharded* parameters FSDP all-gathers for each forward/backward, so they see the
       rank's own full per-micro-batch gradient before the reduce-scatter — the same per-sample gradient as without
       FSDP. Per-weight statistics (Σg², Σ|g|, ... of gblm / taylor) are reduce-scattered per sample onto the rows
-      of the parameter's shard, so each rank holds its rows only, and are gathered whole at the event; group and
+      of the parameter's shard, so each rank holds its rows only, and are gathered whole at the event (one layer
+      at a time when the event scores one layer at a time: ``collected(lazy=True)``); group and
       activation statistics (one value per group / input feature) are held whole and summed over ranks as under
       DDP.
     - checkpoints: Lightning writes rank 0's callback states only; a checkpoint taken inside a scoring window on
@@ -187,11 +188,13 @@ class ImportanceCallback(pl.Callback):
         self._active = False
 
     # ------------------------------------------------------------------ used by the pruning callback
-    def collected(self) -> tuple[ActivationCollector | None, GradientCollector | None]:
-        """The statistics summed over ranks (call on every rank, once per event)."""
-        for c in (self.activations, self.gradients):
-            if c is not None:
-                c.reduce()
+    def collected(self, lazy: bool = False) -> tuple[ActivationCollector | None, GradientCollector | None]:
+        """The statistics summed over ranks (call on every rank, once per event). ``lazy``: row-sharded gradient
+        statistics stay on the rows, gathered whole by whoever reads them (:meth:`GradientCollector.whole`)."""
+        if self.activations is not None:
+            self.activations.reduce()
+        if self.gradients is not None:
+            self.gradients.reduce(lazy=lazy)
         return self.activations, self.gradients
 
     def reset(self) -> None:

@@ -64,9 +64,9 @@ class PruningCallback(pl.Callback):
     computation on the same numbers as a single process; the masks are then applied to each rank's rows and kept
     there through training. When the allocation reads each layer on its own (``uniform`` or ``rates``, not ``layer``
     granularity, a global unstructured scope or SparseGPT's rewriting) one decoder layer is unsharded at a time
-    (then the root, for embeddings / LM head), so the event holds the shards plus one layer's full weights (and the
-    gathered statistics); otherwise every FSDP module is unsharded at once, one full model per rank. Between events
-    only the shards are held.
+    (then the root, for embeddings / LM head), so the event holds the shards plus one layer's full weights and its
+    per-weight gradient statistics gathered whole; otherwise every FSDP module is unsharded at once, one full model
+    per rank, and every statistic gathered whole. Between events only the shards are held.
 
     The model is the LightningModule's Hugging Face model (``model_attr``, else ``.student``, else ``.model``),
     whose forward returns HF-style outputs (``.logits``); the module's ``training_step`` computes the loss. If the
@@ -270,20 +270,22 @@ class PruningCallback(pl.Callback):
     # ------------------------------------------------------------------ the event
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event) -> None:
         model = self._model
+        sharded = is_sharded(model)
+        layers = self._layer_modules(model) if sharded else None
         act = grads = None
         if self.importance is not None:
             self.importance._deactivate(pl_module)
-            act, grads = self.importance.collected()
+            # one layer scored at a time: row-sharded gradient statistics are gathered whole layer by layer too
+            act, grads = self.importance.collected(lazy=layers is not None)
         opts = dict(self.options)
         was_training = model.training
-        sharded = is_sharded(model)
         rewritten: dict[str, torch.Tensor] = {}
         kw = dict(criterion_options=self.criterion_options, gradients=grads, activations=act, masks=self.masks,
                   keep_original=bool(self.keep_original), sequential=False, progress=False, **opts)
-        layers = self._layer_modules(model) if sharded else None
         if layers is not None:
             # FSDP2, each layer scored on its own: one decoder layer (then the root's own weights) unsharded at a
-            # time, not the whole model; prune applies the masks to the shards after the last layer
+            # time, not the whole model, with its row-sharded statistics gathered whole inside the same scope; prune
+            # applies the masks to the shards after the last layer
             def layer_scope(i):
                 return unsharded_module(model if i is None else layers[i])
 

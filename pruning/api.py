@@ -157,7 +157,10 @@ def prune(
     - ``layer_scope`` (statistics given, ``sequential=False``, :func:`scores_layer_by_layer` true): a context
       entered around the scoring of each decoder layer ``i`` and, with ``None``, of the targeted weights outside the
       layers; the weights are read inside it. Under FSDP2 it unshards that one module, so scoring holds one layer's
-      full weights at a time, not the whole model. The masks are applied after the last scope has closed.
+      full weights at a time, not the whole model. The masks are applied after the last scope has closed. Gradient
+      statistics reduced with ``lazy=True`` (row-sharded) are gathered whole inside each scope, for that scope's
+      weights only, and freed after it (see :meth:`GradientCollector.whole`); without ``layer_scope`` they are
+      gathered at once.
     """
     nm = _parse_nm(granularity)
     _check_args(sparsity, granularity, allocation, scope, sparsity_basis, layer_rates, nm)
@@ -253,6 +256,8 @@ def prune(
                               device=device, progress=progress)
             gradients.reduce()
         ctx_grad, ctx_group = gradients.stats, gradients.group_stats
+    if gradients is not None and layer_scope is None:  # lazily reduced statistics (see layer_scope): whole now
+        gradients.gather(target_names)
 
     weights = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
 
@@ -368,6 +373,25 @@ def prune(
             masks.apply(model, keep_original, only=[n for n in masks.names() if structure.layer_of(n) == i])
 
         run_layerwise(model, structure, calib, on_layer, device=device, store=store, progress=progress)
+    elif layer_scope is not None:
+        ctx = context(activations)
+        outside = [n for n in target_names if structure.layer_of(n) is None]
+
+        def stats_of(names: list[str]) -> AbstractContextManager:
+            return gradients.whole(names) if gradients is not None else nullcontext()
+
+        for i in range(structure.num_layers):
+            with layer_scope(i), stats_of([n for n in target_names if structure.layer_of(n) == i]):
+                weights.update(_named_in(model, structure, i))  # the parameters registered inside the scope
+                select_layer(i, ctx)
+        if outside:
+            with layer_scope(None), stats_of(outside):
+                weights.update(_named_in(model, structure, None))
+                for name in outside:  # embeddings / lm_head: their own comparison group
+                    keep = alloc.select_unstructured(criterion.element_scores(name, ctx), frac, scope, prev(name))
+                    masks.set_element(name, keep, monotone)
+        weights.update(model.named_parameters(remove_duplicate=False))
+        masks.apply(model, keep_original=keep_original)
     else:
         acts = activations
         if criterion.needs_activations and acts is None:
@@ -399,23 +423,11 @@ def prune(
             for n, keep in alloc.select_global_unstructured(scores, frac, {n: prev(n) for n in scores}).items():
                 masks.set_element(n, keep, monotone)
         else:
-            outside = [n for n in target_names if structure.layer_of(n) is None]
-            scope_of = layer_scope or (lambda i: nullcontext())
             for i in range(structure.num_layers):
-                with scope_of(i):
-                    if layer_scope is not None:  # the parameters registered inside the scope (FSDP: unsharded)
-                        weights.update(_named_in(model, structure, i))
-                    select_layer(i, ctx)
-            if outside:
-                with scope_of(None):
-                    if layer_scope is not None:
-                        weights.update(_named_in(model, structure, None))
-                    for name in outside:  # embeddings / lm_head: their own comparison group
-                        keep = alloc.select_unstructured(criterion.element_scores(name, ctx), frac, scope,
-                                                         prev(name))
-                        masks.set_element(name, keep, monotone)
-            if layer_scope is not None:
-                weights.update(model.named_parameters(remove_duplicate=False))
+                select_layer(i, ctx)
+            for name in (n for n in target_names if structure.layer_of(n) is None):
+                keep = alloc.select_unstructured(criterion.element_scores(name, ctx), frac, scope, prev(name))
+                masks.set_element(name, keep, monotone)  # embeddings / lm_head: their own comparison group
         masks.apply(model, keep_original=keep_original)
 
     if kept:

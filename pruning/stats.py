@@ -14,7 +14,8 @@ per group) and activation statistics (one per input feature) stay whole on every
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -305,7 +306,9 @@ class GradientStats(Accumulator):
     the full per-sample term (g², |g|, ...) and reduce-scatters it, so the running sums hold *every* rank's samples
     on this rank's rows; :meth:`reduce` then all-gathers the rows into the whole sums the criteria read (and sums
     the counts), and :meth:`reset` drops back to the rows. Whole sums given to :meth:`load_state_dict` are cut to the
-    rows.
+    rows. ``reduce(lazy=True)`` sums the counts only and keeps the rows: :meth:`gather` makes the sums whole when
+    they are read and :meth:`release` drops them back to the rows, so an event that scores one layer at a time holds
+    one layer's whole statistics, not the whole model's.
     """
 
     def __init__(self, kinds: Iterable[GradStat] = ("sum_sq",)) -> None:
@@ -315,7 +318,9 @@ class GradientStats(Accumulator):
         if bad:
             raise ValueError(f"gradient statistics {sorted(bad)} unknown; choose from {GRAD_STATS}")
         self.shard: RowShard | None = None
-        self._whole = False  # sharded sums gathered whole by reduce() (until reset)
+        self._whole = False  # sharded sums gathered whole by reduce() or gather() (until reset or release)
+        self._lazy = False  # reduced with lazy=True: counts summed, sums on the rows until gather()
+        self._rows: dict[str, torch.Tensor] = {}  # the rows while gather() holds the whole sums
         # a rank > 0 that loaded merged (every rank's) whole sums: whether it keeps its rows of them or drops them
         # depends on whether its parameter turns out row-sharded, known only once the model is (see _settle)
         self._merged_on_rank = 0
@@ -370,25 +375,56 @@ class GradientStats(Accumulator):
     def compute(self) -> dict[str, torch.Tensor]:
         return dict(self.sums, count=torch.tensor(self.count))
 
-    def reduce(self, group=None) -> None:
+    def reduce(self, group=None, lazy: bool = False) -> None:
+        """Sum over ranks. Row-sharded: the counts are summed and the rows gathered whole, or with ``lazy`` kept
+        on the rows until :meth:`gather` (an unsharded statistic is all-reduced either way)."""
         self._settle()
         sh = self.shard
         if sh is None:
             return super().reduce(group)
-        if self._whole:
+        if self._whole or self._lazy:
             raise RuntimeError("statistics already reduced: reset() them before the next window")
         # the rows already hold every rank's samples (reduce-scattered per sample): gather them, sum the counts
+        self.count = _summed_count(self.count, group)
+        if lazy:
+            self._lazy = True
+            return
+        self._gather()
+
+    @property
+    def on_rows(self) -> bool:
+        """Reduced with ``lazy=True`` and not gathered: the sums are this rank's rows of the reduced statistics."""
+        return self._lazy and not self._whole
+
+    def gather(self) -> bool:
+        """The lazily reduced rows gathered into the whole sums (until :meth:`release`); whether it gathered
+        (``False``: already whole, or not lazily reduced). Collective: every rank gathers the same statistics in the
+        same order."""
+        if not self.on_rows:
+            return False
+        self._rows = self.sums
+        self._gather()
+        return True
+
+    def release(self) -> None:
+        """Back to the rows after :meth:`gather` (the whole sums are freed); no communication."""
+        if self._lazy and self._whole:
+            self.sums, self._rows = self._rows, {}
+            self._whole = False
+
+    def _gather(self) -> None:
+        sh = self.shard
         dev = _comm_device(sh.group)
         self.sums = {k: sh.gather(self.sums[k].to(dev)) for k in sorted(self.sums)}
-        self.count = _summed_count(self.count, group)
         self._whole = True
 
     def reset(self) -> None:
         self._merged_on_rank = 0
         if self.shard is not None:  # buffers of the rows are made again by the next update
             self.sums = {}
+            self._rows = {}
             self.count = 0
-            self._whole = False
+            self._whole = self._lazy = False
             return
         super().reset()
 
@@ -401,17 +437,20 @@ class GradientStats(Accumulator):
             if k in self.sums and self.sums[k].shape != v.shape:
                 del self.sums[k]
         super().load_state_dict(state)
-        self._whole = False
+        self._whole = self._lazy = False
+        self._rows = {}
         self._localize()
 
     def merged_state_dict(self, group=None) -> dict:
         self._settle()
         sh = self.shard
-        if sh is None or self._whole:
+        if sh is None or (self._whole and not self._lazy):
             return super().merged_state_dict(group)
         dev = _comm_device(sh.group)
-        sums = {k: sh.gather(self.sums[k].to(dev)).cpu() for k in sorted(self.sums)}
-        return {"sums": sums, "count": _summed_count(self.count, group), "rows_sharded": True}
+        rows = self._rows if self._whole else self.sums  # lazily reduced and gathered: the rows are kept apart
+        sums = {k: sh.gather(rows[k].to(dev)).cpu() for k in sorted(rows)}
+        count = self.count if self._lazy else _summed_count(self.count, group)  # lazily reduced: summed already
+        return {"sums": sums, "count": count, "rows_sharded": True}
 
     def load_merged_state_dict(self, state: dict, rank: int) -> None:
         # merged sums are whole and hold every rank's samples, whether the saving run was row-sharded or not. Row-
@@ -740,10 +779,29 @@ class GradientCollector:
             if shard is not None and shard != stat.shard:
                 stat.set_shard(shard)
 
-    def reduce(self, group=None) -> None:
+    def reduce(self, group=None, lazy: bool = False) -> None:
+        """Sum over ranks; ``lazy``: row-sharded element statistics stay on the rows until :meth:`whole`."""
         self._resolve_shards()
-        for _, s in self._all():
+        for s in self.stats.values():
+            s.reduce(group, lazy=lazy)
+        for s in self.group_stats.values():
             s.reduce(group)
+
+    def gather(self, names: Iterable[str]) -> list[str]:
+        """The element statistics of ``names`` that were lazily reduced (see :meth:`reduce`) made whole, until
+        :meth:`reset`; returns those it gathered. Collective: every rank passes the same names (gathered sorted)."""
+        return [n for n in sorted(set(names) & set(self.stats)) if self.stats[n].gather()]
+
+    @contextmanager
+    def whole(self, names: Iterable[str]) -> Iterator[None]:
+        """:meth:`gather` for the block only: on exit the statistics gathered here go back to the rows, freeing
+        the whole sums (an event scoring one layer at a time holds one layer's). Collective, as :meth:`gather`."""
+        gathered = self.gather(names)
+        try:
+            yield
+        finally:
+            for n in gathered:
+                self.stats[n].release()
 
     def merged_state_dict(self, group=None) -> dict:
         """:meth:`state_dict` summed over ranks, on every rank (see :meth:`Accumulator.merged_state_dict`).

@@ -9,6 +9,7 @@ Each rank writes ``OUT/<mode>_rank<r>.pt``.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from test_lightning import SEQS, Recording, Resumable, module, samples  # noqa: 
 
 from callbacks import ExportOnFitEnd, PruningCallback  # noqa: E402
 from pruning.distributed import full_state_dict, is_dtensor  # noqa: E402
+from pruning.importance import ScoreContext  # noqa: E402
 from pruning.schedule import Event, Schedule  # noqa: E402
 
 SCHEDULES = {
@@ -49,11 +51,30 @@ class Held(Recording):
         self.grads_at_step.append((trainer.global_step, self._active, any(grads)))
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
-    def collected(self):
+    def collected(self, lazy: bool = False):
         if self.gradients is not None:
             self.held.append({k: {kind: tuple(t.shape) for kind, t in s.sums.items()}
                               for k, s in self.gradients.stats.items()})
-        return super().collected()
+        return super().collected(lazy)
+
+
+@contextmanager
+def whole_at_read(reads: list):
+    """Records, at every read of a gradient statistic by a criterion, ``(name, the row-sharded statistics whole at
+    that moment)``: an event scoring one layer at a time must hold only that layer's."""
+    read = ScoreContext.grad_stat
+
+    def recording(ctx, weight_name, kind):
+        whole = sorted(n for n, s in ctx.grad.items()
+                       if s.shard is not None and any(t.shape[0] == s.shard.total for t in s.sums.values()))
+        reads.append((weight_name, whole))
+        return read(ctx, weight_name, kind)
+
+    ScoreContext.grad_stat = recording
+    try:
+        yield
+    finally:
+        ScoreContext.grad_stat = read
 
 
 def trainer(max_steps: int, callbacks: list, world: int):
@@ -84,7 +105,9 @@ def run(criterion: str, world: int, max_steps: int = MAX_STEPS, export: Path | N
     pc = PruningCallback(criterion, granularity, Schedule(kind="steps", events=events))
     cbs = [ic, pc] + ([ExportOnFitEnd(export)] if export is not None else [])
     tr = trainer(max_steps, cbs, world)
-    tr.fit(m, loader(tr, world), ckpt_path=ckpt)
+    reads: list = []
+    with whole_at_read(reads):
+        tr.fit(m, loader(tr, world), ckpt_path=ckpt)
     if save is not None:
         tr.save_checkpoint(save)
     params = dict(m.student.named_parameters())
@@ -102,7 +125,7 @@ def run(criterion: str, world: int, max_steps: int = MAX_STEPS, export: Path | N
     return {"rank": tr.global_rank, "world": tr.world_size, "snapshots": ic.snapshots, "masks": pc.masks.state_dict(),
             "history": pc.history, "weights": weights, "info": info, "global_step": tr.global_step,
             "teacher_stash": sorted(pc.masks._stash), "held": ic.held,
-            "grads_at_step": ic.grads_at_step}
+            "grads_at_step": ic.grads_at_step, "whole_at_read": reads}
 
 
 if __name__ == "__main__":

@@ -100,6 +100,13 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, criterion):
             mine = {k: (n + 1) // 2 if r["rank"] == 0 else n // 2 for k, n in rows.items()}  # torch.chunk split
             assert r["held"] and all(s["sum_sq"][0] == mine[k] for h in r["held"] for k, s in h.items()), r["held"]
             assert all(s["sum_sq"][0] == rows[k] for h in want["held"] for k, s in h.items())
+            # ... and gathered whole one decoder layer at a time at the event: when a criterion reads a weight's
+            # statistics, only its layer's are whole (the whole model's at once would hold every layer's)
+            layer_of = ModelStructure(module().student).layer_of
+            reads = r["whole_at_read"]
+            assert {n for n, _ in reads} == set(rows), reads
+            for name, whole in reads:
+                assert name in whole and {layer_of(n) for n in whole} == {layer_of(name)}, (name, whole)
     if criterion == "sdm":  # the lifted teacher (alpha > 0 in the second window) ran on the sharded weights
         assert ranks[0]["teacher_stash"]
     # recovery steps on the shards (gradients reduce-scattered, averaged) = one process's accumulated steps

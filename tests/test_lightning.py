@@ -4,6 +4,7 @@ an uninterrupted one, a user's own LightningModule works, and bad set-ups fail w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import lightning.pytorch as pl
@@ -69,9 +70,11 @@ class Recording(ImportanceCallback):
         super().__init__(*args, **kw)
         self.snapshots: list[dict] = []
 
-    def collected(self):
-        out = super().collected()
-        self.snapshots.append(copy.deepcopy(self.state_dict()))
+    def collected(self, lazy: bool = False):
+        out = super().collected(lazy)
+        # lazily reduced row-sharded statistics (FSDP2, one layer at a time) are recorded whole, as one process has them
+        with self.gradients.whole(self.gradients.stats) if self.gradients is not None else contextlib.nullcontext():
+            self.snapshots.append(copy.deepcopy(self.state_dict()))
         return out
 
 

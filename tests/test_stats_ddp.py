@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -118,6 +119,7 @@ def _sharded_worker(rank: int, port: int, path: str) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from pruning.distributed import RowShard
+    from pruning.importance import ScoreContext
     from pruning.stats import GradientStats
 
     torch.set_num_threads(1)
@@ -163,6 +165,20 @@ def _sharded_worker(rank: int, port: int, path: str) -> None:
         out["fsdp_to_ddp"], out["ddp_to_fsdp"] = ddp.state_dict(), to_fsdp.state_dict()
         stat.reset()
         out["after_reset"] = dict(stat.sums)
+        # lazily reduced (an event scoring one layer at a time): counts summed, rows kept until gather()
+        lazy = GradientStats(GRAD_KINDS)
+        lazy.set_shard(shard)
+        for g in grads[rank::2]:
+            lazy.update(g, w, scale=2.0)
+        lazy.reduce(lazy=True)
+        out["lazy_rows"] = (lazy.on_rows, lazy.count, {k: tuple(v.shape) for k, v in lazy.sums.items()})
+        out["lazy_merged"] = lazy.merged_state_dict()
+        out["lazy_gathered"] = (lazy.gather(), lazy.gather())  # the second: whole already, nothing to gather
+        out["lazy_whole"] = lazy.state_dict()
+        lazy.release()
+        out["lazy_released"] = (lazy.on_rows, {k: tuple(v.shape) for k, v in lazy.sums.items()})
+        with pytest.raises(RuntimeError, match=r"held on this rank's rows .*HINT: read them inside"):
+            ScoreContext(weights={}, grad={"w": lazy}).grad_stat("w", "sum")
         t = GradientStats(("sum",))
         t.set_shard(tiny)
         t.update(torch.full((1, 2), float(rank + 1)))
@@ -204,5 +220,12 @@ def test_row_sharded_gradient_statistics(tmp_path):
             for k in GRAD_KINDS:
                 torch.testing.assert_close(state["sums"][k], want.sums[k], rtol=1e-5, atol=1e-6, msg=k)
         assert r["after_reset"] == {}
+        rows = {k: (n, COLS) for k in GRAD_KINDS}
+        assert r["lazy_rows"] == (True, 2 * SAMPLES, rows) and r["lazy_released"] == (True, rows)
+        assert r["lazy_gathered"] == (True, False)
+        for state in (r["lazy_whole"], r["lazy_merged"]):
+            assert state["count"] == 2 * SAMPLES and state["rows_sharded"] == (state is r["lazy_merged"])
+            for k in GRAD_KINDS:
+                torch.testing.assert_close(state["sums"][k], want.sums[k], rtol=1e-5, atol=1e-6, msg=k)
     assert ranks[0]["tiny_local"].tolist() == [[3.0, 3.0]] and ranks[1]["tiny_local"].shape == (0, 2)
     assert ranks[0]["tiny"].tolist() == ranks[1]["tiny"].tolist() == [[3.0, 3.0]]

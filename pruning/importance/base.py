@@ -50,6 +50,11 @@ class ScoreContext:
     def grad_stat(self, weight_name: str, kind: str) -> torch.Tensor:
         if weight_name not in self.grad or kind not in self.grad[weight_name].sums:
             raise KeyError(f"no gradient statistic {kind!r} for {weight_name}")
+        if self.grad[weight_name].on_rows:
+            raise RuntimeError(
+                f"the gradient statistics of {weight_name} are held on this rank's rows (reduced with lazy=True). "
+                "HINT: read them inside GradientCollector.whole([...])"
+            )
         return self.grad[weight_name].sums[kind]
 
 
