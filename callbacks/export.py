@@ -61,12 +61,14 @@ class ExportOnFitEnd(pl.Callback):
         masks = find_masks(trainer, pl_module)
         if is_sharded(model):
             state = full_state_dict(model)  # collective: every rank takes part, rank 0 receives
+            # the masks whole (element masks held as rows are gathered: collective, so on every rank)
+            whole = masks.state_dict() if self.compact and masks is not None and masks.groups else None
             if trainer.is_global_zero:
                 plain = unsharded_copy(model, state)
                 del state
-                if self.compact and masks is not None and masks.groups:
+                if whole is not None:
                     detached = MaskSet()  # compact consumes its masks: the sharded model keeps using these
-                    detached.load_state_dict(masks.state_dict())
+                    detached.load_state_dict(whole)
                     compact(plain, detached)
                 save_pretrained(plain, self.path, getattr(pl_module, "tokenizer", None), self.manifest)
             trainer.strategy.barrier("export")

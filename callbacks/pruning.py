@@ -346,7 +346,8 @@ class PruningCallback(pl.Callback):
             torch.device("cpu")
         changed = False
         for store in (self.masks.element, self.masks.groups):
-            for k in sorted(store):
+            # element masks held as rows were made bit-equal at the event that built them (and are not whole here)
+            for k in sorted(k for k in store if store is not self.masks.element or k not in self.masks._rows):
                 t = store[k].to(device=device, dtype=torch.uint8)
                 dist.broadcast(t, src=0)
                 new = t.to(store[k].device, torch.bool)

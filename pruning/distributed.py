@@ -89,7 +89,12 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     placements, built from the local rows (no communication); a plain tensor when ``like`` is not sharded."""
     if not is_dtensor(like):
         return full.to(like.device)
-    part = local_part(full.expand(like.shape), like).contiguous()
+    return from_local_like(local_part(full.expand(like.shape), like).contiguous(), like)
+
+
+def from_local_like(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``part`` (this rank's rows of a tensor of ``like``'s global shape) as a ``DTensor`` with ``like``'s mesh and
+    placements (no communication)."""
     return DTensor.from_local(part, like.device_mesh, like.placements, run_check=False, shape=like.shape,
                               stride=like.stride())
 

@@ -13,9 +13,13 @@ global optimiser post-step hook re-zeroes the weights and the optimiser state (m
 positions after every step of any optimiser, so AdamW's weight decay and a momentum that predates the mask cannot
 revive them. Masks are monotone (a pruned weight stays pruned) unless ``monotone=False`` is passed.
 
-Sharded parameters (FSDP2 ``DTensor``s, sharded by rows): masks are stored whole (element masks at the parameter's
+Sharded parameters (FSDP2 ``DTensor``s, sharded by rows): masks are built whole (element masks at the parameter's
 global shape, group keep-vectors as they are) and applied to the rows each rank stores, in place on the local shard
-(:func:`pruning.distributed.local_part`); :meth:`MaskSet.sharded_mask` gives a mask as a ``DTensor`` with the
+(:func:`pruning.distributed.local_part`). Once attached to a sharded model, the element mask of every row-sharded
+parameter is held as this rank's rows only (:class:`~pruning.distributed.RowShard`), so training holds 1/world of
+them; what needs a mask whole (:meth:`MaskSet.keep_mask`, :meth:`MaskSet.factors`, the next event's monotone
+selection, the checkpointed state, the lifted teacher's stash) gathers the rows, a collective every rank runs in the
+same order, and counts are summed over the ranks. :meth:`MaskSet.sharded_mask` gives a mask as a ``DTensor`` with the
 parameter's placements. The re-zeroing after every optimiser step works on the local shards of the weights and
 of the optimiser state; gradients of sharded parameters are masked by an optimiser pre-step hook (FSDP2 writes the
 reduce-scattered ``.grad`` directly, so a tensor hook on the sharded parameter never fires).
@@ -23,16 +27,18 @@ reduce-scattered ``.grad`` directly, so a tensor hook on the sharded parameter n
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .distributed import is_dtensor, local, local_part, local_rows, shard_like
+from .distributed import RowShard, from_local_like, is_dtensor, local, local_part, local_rows, shard_like
 from .structure import GroupSet, Member, named_parameters
 
 
@@ -61,6 +67,13 @@ def _group_factor(member: Member, keep: torch.Tensor, shape: torch.Size) -> torc
     view = [1] * len(shape)
     view[member.dim] = shape[member.dim]
     return vec.view(view)
+
+
+def _sum_over(rows: RowShard, count: int, device: torch.device) -> int:
+    """``count`` summed over the ranks of ``rows``' group (collective)."""
+    t = torch.tensor([count], dtype=torch.int64, device=device)
+    dist.all_reduce(t, group=rows.group)
+    return int(t.item())
 
 
 @dataclass
@@ -127,11 +140,16 @@ class MaskSet:
         self._handles: list = []
         self._by_id: dict[int, str] = {}
         self._params: dict[str, nn.Parameter] = {}
+        # element masks held as this rank's rows only (row-sharded parameters, from attach on): name -> the rows
+        self._rows: dict[str, RowShard] = {}
 
     # ------------------------------------------------------------------ building
     def set_element(self, name: str, keep: torch.Tensor, monotone: bool = True) -> None:
         keep = keep.to(torch.bool)
         old = self.element.get(name)
+        if name in self._rows:  # a new mask is built whole: the rows held are gathered (collective)
+            old = self._whole(name)
+            del self._rows[name]
         if monotone and old is not None:
             keep = keep.to(old.device) & old
         self.element[name] = keep
@@ -152,16 +170,27 @@ class MaskSet:
             out.update(m.name for m in self.group_sets[key].members)
         return out
 
+    def _whole(self, name: str) -> torch.Tensor:
+        """The element mask of ``name`` at the parameter's global shape: the rows held gathered (collective)."""
+        mask, rows = self.element[name], self._rows.get(name)
+        return mask if rows is None else rows.gather(mask.to(torch.uint8)).to(torch.bool)
+
+    def _group_factors(self, name: str, like: torch.Tensor) -> list[torch.Tensor]:
+        return [_group_factor(m, keep.to(like.device), like.shape)
+                for key, keep in self.groups.items() for m in self.group_sets[key].members if m.name == name]
+
     def factors(self, name: str, like: torch.Tensor) -> list[torch.Tensor]:
-        """Broadcastable keep factors (bool, on ``like``'s device) whose product is the parameter's keep mask."""
-        out = []
-        if name in self.element:
-            out.append(self.element[name].to(like.device))
-        for key, keep in self.groups.items():
-            for m in self.group_sets[key].members:
-                if m.name == name:
-                    out.append(_group_factor(m, keep.to(like.device), like.shape))
-        return out
+        """Broadcastable keep factors (bool, on ``like``'s device) whose product is the parameter's keep mask.
+        Collective when the element mask is held as rows (it is gathered)."""
+        out = [self._whole(name).to(like.device)] if name in self.element else []
+        return out + self._group_factors(name, like)
+
+    def _local_factors(self, name: str, p: torch.Tensor) -> list[torch.Tensor]:
+        """The keep factors cut to the part of ``p`` this rank stores (its rows when ``p`` is sharded), on that
+        part's device: what applying a mask in place multiplies by. No communication for a sharded ``p``."""
+        if name in self._rows and is_dtensor(p):
+            return [self.element[name].to(local(p).device)] + [local_part(f, p) for f in self._group_factors(name, p)]
+        return [local_part(f, p) for f in self.factors(name, p)]
 
     def keep_mask(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The full boolean keep mask of one parameter (its global shape when ``like`` is a sharded ``DTensor``)."""
@@ -173,10 +202,19 @@ class MaskSet:
     def sharded_mask(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The keep mask of one parameter with the parameter's placements: a ``DTensor`` holding this rank's rows
         when ``like`` is sharded, else the full mask."""
-        return shard_like(self.keep_mask(name, like), like)
+        if name not in self._rows or not is_dtensor(like):
+            return shard_like(self.keep_mask(name, like), like)
+        mask = torch.ones(local(like).shape, dtype=torch.bool, device=local(like).device)
+        for f in self._local_factors(name, like):
+            mask &= f
+        return from_local_like(mask, like)
 
     def pruned_count(self, name: str, like: torch.Tensor) -> int:
-        """Entries of one parameter that the masks remove (without building the full mask when one factor does)."""
+        """Entries of one parameter that the masks remove (without building the full mask when one factor does).
+        Collective when the element mask is held as rows (the ranks' counts are summed)."""
+        if name in self._rows and is_dtensor(like):
+            mask = self.sharded_mask(name, like).to_local()
+            return _sum_over(self._rows[name], int((~mask).sum()), mask.device)
         fs = self.factors(name, like)
         if not fs:
             return 0
@@ -206,7 +244,6 @@ class MaskSet:
             only = set(only)
             params = {n: p for n, p in params.items() if n in only}
         for name, p in params.items():
-            keep = self.keep_mask(name, p)
             if keep_original:
                 full = p.full_tensor() if is_dtensor(p) else p.detach().clone()
                 if name in self._stash:
@@ -214,8 +251,10 @@ class MaskSet:
                     full[~_product(old_factors, full)] = old_vals.to(full.device, full.dtype)
                 # the mask is kept as its compact factors (a group keep-vector costs O(groups)), the values as the
                 # pruned entries only, on the host: the stash is the pruned fraction of the weights, no more
-                self._stash[name] = ([f.cpu() for f in self.factors(name, p)], full[~keep].cpu())
-            local(p).mul_(local_part(keep, p))
+                fs = self.factors(name, p)
+                self._stash[name] = ([f.cpu() for f in fs], full[~_product(fs, full)].cpu())
+            for f in self._local_factors(name, p):
+                local(p).mul_(f)
         if self._handles:
             self._params = self._resolve(model)
 
@@ -223,8 +262,8 @@ class MaskSet:
     def reapply(self) -> None:
         """Re-zero pruned weights of the attached model (after a LoRA merge, a load, a foreign optimiser)."""
         for name, p in self._params.items():
-            for f in self.factors(name, p):
-                local(p).mul_(local_part(f, p))
+            for f in self._local_factors(name, p):
+                local(p).mul_(f)
 
     @contextmanager
     def lifted(self, model: nn.Module) -> Iterator[None]:
@@ -251,8 +290,8 @@ class MaskSet:
             with torch.no_grad():
                 for name in self._stash:
                     p = params[name]
-                    for f in self.factors(name, p):
-                        local(p).mul_(local_part(f, p))
+                    for f in self._local_factors(name, p):
+                        local(p).mul_(f)
 
     @property
     def has_original(self) -> bool:
@@ -263,6 +302,7 @@ class MaskSet:
         self.detach()
         self.apply(model)
         self._params = self._resolve(model)
+        self._hold_rows()
         self._by_id = {id(p): n for n, p in self._params.items()}
         sharded = False
         for name, p in self._params.items():
@@ -286,6 +326,15 @@ class MaskSet:
 
             self._handles.append(register_optimizer_step_pre_hook(pre_step))
         return self
+
+    def _hold_rows(self) -> None:
+        """Keep only this rank's rows of the element mask of every row-sharded parameter of the attached model."""
+        for name in sorted(self.element):
+            p = self._params[name]
+            rows = RowShard.of(p)
+            if name not in self._rows and rows is not None:
+                self.element[name] = rows.narrow(self.element[name]).to(local(p).device)
+                self._rows[name] = rows
 
     def detach(self) -> None:
         for h in self._handles:
@@ -313,8 +362,8 @@ class MaskSet:
                 name = self._by_id.get(id(p))
                 if name is None or p.grad is None or not is_dtensor(p):
                     continue
-                for f in self.factors(name, p):
-                    local(p.grad).mul_(local_part(f, p))
+                for f in self._local_factors(name, p):
+                    local(p.grad).mul_(f)
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -323,10 +372,8 @@ class MaskSet:
                 name = self._by_id.get(id(p))
                 if name is None:
                     continue
-                fs = self.factors(name, p)
                 state = optimizer.state.get(p, {})
-                for f in fs:
-                    f = local_part(f, p)
+                for f in self._local_factors(name, p):
                     local(p).mul_(f)
                     for v in state.values():
                         if torch.is_tensor(v) and v.shape == p.shape:
@@ -355,7 +402,8 @@ class MaskSet:
 
     def _state(self) -> dict:
         return {
-            "element": {k: v.cpu() for k, v in self.element.items()},
+            # sorted: gathering the rows held is a collective every rank runs in one order
+            "element": {k: self._whole(k).cpu() for k in sorted(self.element)},
             "groups": {k: v.cpu() for k, v in self.groups.items()},
             "group_sets": {
                 k: {
@@ -374,6 +422,7 @@ class MaskSet:
         if "original" in state:
             self._stash = {k: ([f.to(torch.bool) for f in fs], vals) for k, (fs, vals) in state["original"].items()}
         self.element = {k: v.to(torch.bool) for k, v in state["element"].items()}
+        self._rows = {}  # whole again; cut to rows when attached to a sharded model
         self.groups = {k: v.to(torch.bool) for k, v in state["groups"].items()}
         self.group_sets = {
             k: GroupSet(
@@ -411,8 +460,16 @@ class MaskSet:
                     rep.layers.setdefault(layer, Counts()).add(pruned, p.numel())
         if self.element:
             c = rep.granularity.setdefault("element", Counts())
-            for m in self.element.values():
-                c.add(int((~m).sum()), m.numel())
+            held = 0  # pruned entries of the masks held as rows, summed over the ranks below
+            for k, m in self.element.items():
+                if k in self._rows:
+                    held += int((~m).sum())
+                    c.add(0, self._rows[k].total * math.prod(m.shape[1:]))
+                else:
+                    c.add(int((~m).sum()), m.numel())
+            if self._rows:
+                rows = next(iter(self._rows.values()))
+                c.add(_sum_over(rows, held, self.element[next(iter(self._rows))].device), 0)
         for key, keep in self.groups.items():
             kind = self.group_sets[key].kind
             rep.granularity.setdefault(kind, Counts()).add(int((~keep).sum()), keep.numel())

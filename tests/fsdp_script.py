@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from test_lightning import SEQS, Recording, Resumable, module, samples  # noqa: E402
 
 from callbacks import ExportOnFitEnd, PruningCallback  # noqa: E402
-from pruning.distributed import full_state_dict, is_dtensor  # noqa: E402
+from pruning.distributed import full_state_dict, is_dtensor, local_rows  # noqa: E402
 from pruning.importance import ScoreContext  # noqa: E402
 from pruning.schedule import Event, Schedule  # noqa: E402
 
@@ -117,6 +117,8 @@ def run(criterion: str, world: int, max_steps: int = MAX_STEPS, export: Path | N
     if is_dtensor(p):
         info.update(placements=[str(x) for x in p.placements], local_shape=tuple(p.to_local().shape))
         mask = pc.masks.sharded_mask(name, p)
+        # the element masks each rank holds after the event: (its rows of the parameter, the rows held)
+        info["element_held"] = {k: (local_rows(params[k]), v.clone()) for k, v in pc.masks.element.items()}
         info.update(mask_dtensor=is_dtensor(mask), mask_placements=[str(x) for x in mask.placements],
                     mask_local=mask.to_local().clone(), local_weight=p.to_local().detach().clone())
         weights = full_state_dict(m.student)  # collective; full on rank 0

@@ -100,6 +100,12 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, criterion):
             mine = {k: (n + 1) // 2 if r["rank"] == 0 else n // 2 for k, n in rows.items()}  # torch.chunk split
             assert r["held"] and all(s["sum_sq"][0] == mine[k] for h in r["held"] for k, s in h.items()), r["held"]
             assert all(s["sum_sq"][0] == rows[k] for h in want["held"] for k, s in h.items())
+            # after the event each rank holds its rows only of every element mask (the rows of the whole mask)
+            whole = r["masks"]["element"]
+            assert info["element_held"] and set(info["element_held"]) == set(whole)
+            for k, ((first, n), held) in info["element_held"].items():
+                assert held.shape[0] == n < whole[k].shape[0], (k, tuple(held.shape))
+                assert torch.equal(held, whole[k][first:first + n]), k
             # ... and gathered whole one decoder layer at a time at the event: when a criterion reads a weight's
             # statistics, only its layer's are whole (the whole model's at once would hold every layer's)
             layer_of = ModelStructure(module().student).layer_of
