@@ -33,8 +33,6 @@ One-shot part: ``pruning.prune(model, calib, 'wanda', device=...)`` with the mod
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -46,56 +44,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-def rss_peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
-
-
-def settle(reset: bool = True) -> int:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    if reset:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    return rss_now()
-
-
-class TensorPeak:
-    """Peak of net tensor bytes allocated at once since ``start`` (torch.profiler allocation records): what the
-    tensors need, without the host allocator's retained free memory (which RSS counts)."""
-
-    def __init__(self) -> None:
-        from torch.profiler import ProfilerActivity
-
-        self.prof = torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-
-    def start(self) -> None:
-        self.prof.start()
-
-    def stop(self) -> int:
-        from torch._C._profiler import _EventType
-
-        self.prof.stop()
-        peak, stack = 0, list(self.prof.profiler.kineto_results.experimental_event_tree())
-        while stack:
-            n = stack.pop()
-            stack.extend(n.children)
-            if n.tag == _EventType.Allocation:
-                peak = max(peak, n.extra_fields.total_allocated)
-        return peak
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from probes import TensorPeak, rss_peak, settle  # noqa: E402
 
 
 def model_config(args) -> dict:

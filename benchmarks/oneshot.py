@@ -15,9 +15,13 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probes import rss_now  # noqa: E402
 
 
 def build(layers: int, hidden: int, inter: int, vocab: int):
@@ -26,11 +30,6 @@ def build(layers: int, hidden: int, inter: int, vocab: int):
                       max_position_embeddings=4096)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).eval()
-
-
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def child(args) -> None:

@@ -47,6 +47,9 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probes import emit  # noqa: E402
+
 from callbacks import ImportanceCallback, PruningCallback  # noqa: E402
 from pruning.module import DistillationModule  # noqa: E402
 from pruning.schedule import Schedule  # noqa: E402
@@ -300,12 +303,7 @@ def main(argv: list[str] | None = None) -> str:
         target = ("met" if ratio <= 1.10 else "**missed**") if not freeze else "- (no optimiser update)"
         lines.append(f"| {name} | {what} | {freeze} | {ms:.0f} | {ms_p:.0f} | {ratio:.3f} | {q1:.3f}–{q3:.3f} | "
                      f"{len(quiet)} / {len(pairs)} | {cpu:.3f} | {load:.2f} | {target} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
-    return table
+    return emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probes import emit  # noqa: E402
+
 import pruning  # noqa: E402
 from pruning.structure import ModelStructure  # noqa: E402
 
@@ -160,12 +163,7 @@ def main(argv: list[str] | None = None) -> str:
         ideal = base_f / prefill_flops(m, tokens)
         lines.append(f"| {k} | {n_params(m) / 1e6:.2f}M | {t * 1e3:.0f} | {speed:.3f} | {ideal:.3f} | "
                      f"{speed / ideal:.3f} | {statistics.median(gen[k]):.1f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
-    return table
+    return emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
