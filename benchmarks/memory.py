@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
-import gc
 import json
 import subprocess
 import sys
@@ -43,6 +41,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from probes import TensorPeak, emit, rss_peak, settle  # noqa: E402
 
 # name -> (path, alpha in stage B, teacher)
 CONFIGS: dict[str, tuple[str, bool, str]] = {
@@ -53,56 +53,6 @@ CONFIGS: dict[str, tuple[str, bool, str]] = {
     "lightning KL (lifted teacher)": ("lightning", True, "lifted"),
     "lightning KL (teacher copy)": ("lightning", True, "copy"),
 }
-
-
-# ---------------------------------------------------------------------------------------------- memory probes
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-def rss_peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def settle() -> int:
-    """Free what can be freed, give it back to the OS, reset the peak; the RSS now."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM (and ru_maxrss) to the current RSS
-    return rss_now()
-
-
-class TensorPeak:
-    """Peak of net tensor bytes allocated (since ``start``) from torch.profiler's allocation events."""
-
-    def __init__(self) -> None:
-        from torch.profiler import ProfilerActivity
-
-        self.prof = torch.profiler.profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-
-    def start(self) -> None:
-        self.prof.start()
-
-    def stop(self) -> int:
-        from torch._C._profiler import _EventType
-
-        self.prof.stop()
-        peak, stack = 0, list(self.prof.profiler.kineto_results.experimental_event_tree())
-        while stack:
-            n = stack.pop()
-            stack.extend(n.children)
-            if n.tag == _EventType.Allocation:
-                peak = max(peak, n.extra_fields.total_allocated)
-        return peak
 
 
 # ---------------------------------------------------------------------------------------------- the model
@@ -118,30 +68,6 @@ def stash_bytes(masks) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- core path
-def collect_with_copy(model, teacher, calib, collector, alpha: float, temperature: float) -> None:
-    """``collect_gradients`` with a separate teacher model (SDMPrune's own arrangement), same loop otherwise."""
-    from pruning.gradients import distillation_loss
-
-    wanted = set(collector.params) | set(collector._group_params)
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    model.eval()
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in wanted)
-    try:
-        for ids in calib:
-            with torch.no_grad():
-                t = teacher(input_ids=ids, use_cache=False).logits
-            logits = model(input_ids=ids, use_cache=False).logits
-            distillation_loss(logits, ids, t, alpha, temperature).backward()
-            del t, logits
-            collector.update()
-            for p in model.parameters():
-                p.grad = None
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
-
-
 def child_core(args, kl: bool, teacher_mode: str, out: dict) -> None:
     import pruning
     from pruning.gradients import collect_gradients
@@ -166,10 +92,8 @@ def child_core(args, kl: bool, teacher_mode: str, out: dict) -> None:
     stage_b = calib[args.seqs:]
 
     def score(seqs):
-        if teacher is None:
-            collect_gradients(model, seqs, coll, alpha=alpha, temperature=temp, masks=res.masks, progress=False)
-        else:
-            collect_with_copy(model, teacher, seqs, coll, alpha, temp)
+        collect_gradients(model, seqs, coll, alpha=alpha, temperature=temp, masks=res.masks, teacher=teacher,
+                          progress=False)
 
     out["rss_before"] = settle()
     score(stage_b[:-1])
@@ -332,12 +256,7 @@ def main(argv: list[str] | None = None) -> str:
             f"| {name} | {base} | {ratio:.3f} | {(r['peak'] - r['rss_imports']) / (b['peak'] - b['rss_imports']):.3f} "
             f"| {(r['peak'] - r['rss_before']) / (b['peak'] - b['rss_before']):.3f} | "
             f"{r['tensor_peak'] / b['tensor_peak']:.3f} | {verdict} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
-    return table
+    return emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -157,17 +157,19 @@ def collect_gradients(
     alpha: float = 0.0,
     temperature: float = 1.0,
     masks: MaskSet | None = None,
+    teacher: nn.Module | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> GradientCollector:
     """Backward once per sequence and feed ``collector``; weights are not changed.
 
     With ``alpha > 0`` the teacher is the same model with the masks lifted (``masks`` must have been applied with
-    ``keep_original=True``; with no masks at all the teacher is the model itself): no second copy is held.
-    Only the parameters the collector reads require gradients during the pass.
+    ``keep_original=True``; with no masks at all the teacher is the model itself): no second copy is held. Or
+    ``teacher``: a separate frozen model (SDMPrune's own arrangement, a second set of weights), run without
+    gradients. Only the parameters the collector reads require gradients during the pass.
     """
     check_distillation_gradient(alpha, temperature, masks, model)
-    if alpha > 0 and masks is not None and len(masks) and not masks.has_original:
+    if alpha > 0 and teacher is None and masks is not None and len(masks) and not masks.has_original:
         raise ValueError(
             "alpha>0 needs the original weights for the teacher, but these masks were applied without "
             "keep_original=True. HINT: apply the masks with MaskSet.apply(model, keep_original=True)."
@@ -183,16 +185,19 @@ def collect_gradients(
     try:
         for ids in tqdm(iter_sequences(calibration), desc="gradients", unit="seq", disable=not progress):
             ids = ids.to(device)
-            teacher = None
-            if alpha > 0 and masks is not None and masks.has_original:
+            target = None
+            if alpha > 0 and teacher is not None:
+                with torch.no_grad():
+                    target = teacher(input_ids=ids, use_cache=False).logits
+            elif alpha > 0 and masks is not None and masks.has_original:
                 # before the student's forward: lifting writes the weights that backward will read
                 with torch.no_grad(), masks.lifted(model):
-                    teacher = model(input_ids=ids, use_cache=False).logits
+                    target = model(input_ids=ids, use_cache=False).logits
             logits = model(input_ids=ids, use_cache=False).logits
-            if alpha > 0 and teacher is None:  # nothing pruned yet: the teacher is the student itself
-                teacher = logits.detach()
-            loss = distillation_loss(logits, ids, teacher, alpha, temperature)
-            del logits, teacher  # the fused loss keeps only its gradient: nothing else of [seq, vocab] lives on
+            if alpha > 0 and target is None:  # nothing pruned yet: the teacher is the student itself
+                target = logits.detach()
+            loss = distillation_loss(logits, ids, target, alpha, temperature)
+            del logits, target  # the fused loss keeps only its gradient: nothing else of [seq, vocab] lives on
             loss.backward()
             collector.update()
             for p in model.parameters():

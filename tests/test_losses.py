@@ -81,3 +81,34 @@ def test_chunked_teacher_logits_equal_full_logits(family):
     (gb,) = torch.autograd.grad(b, student)
     torch.testing.assert_close(a, b)
     torch.testing.assert_close(ga, gb)
+
+
+def test_collect_gradients_with_a_separate_teacher_equals_the_lifted_one():
+    """``collect_gradients(teacher=...)`` (a frozen copy of the original) scores exactly as the lifted teacher."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import pruning
+    from pruning.gradients import collect_gradients
+    from pruning.stats import GradientCollector
+    from pruning.structure import ModelStructure
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32))
+    original = copy.deepcopy(model).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, 64, (2, 12), generator=g)]
+    masks = pruning.prune(model, calib, "magnitude", 0.25, "mlp_neuron", keep_original=True, progress=False).masks
+    stats = []
+    for kw in ({"masks": masks}, {"teacher": original}):  # without the teacher: the student itself
+        coll = GradientCollector(model, param_names=(), group_sets=ModelStructure(model).group_sets("mlp_neuron"),
+                                 group_kinds=("coupled",))
+        collect_gradients(model, calib, coll, alpha=0.42, temperature=0.5, progress=False, **kw)
+        stats.append({k: s.sums["coupled"].clone() for k, s in coll.group_stats.items()})
+    assert stats[0].keys() == stats[1].keys()
+    for k in stats[0]:
+        assert stats[0][k].abs().sum() > 0
+        torch.testing.assert_close(stats[0][k], stats[1][k], rtol=1e-5, atol=1e-7)
