@@ -27,6 +27,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,21 @@ def _config_has_head_dim(attn: nn.Module) -> bool:
     return '"head_dim"' in src or "config.head_dim" in src
 
 
+@contextmanager
+def global_widths(cfg: Any) -> Iterator[Any]:
+    """Inside the block, a heterogeneous (per-layer) config answers its global fields (the upper bounds) instead of
+    raising ``AmbiguousGlobalPerLayerAttributeError``: what code that validates or builds the full-width model reads.
+    The switch is never left on the config (nor written into an export's config.json)."""
+    if not getattr(cfg, "is_heterogeneous", False):
+        yield cfg
+        return
+    cfg.__dict__[_ALLOW] = True
+    try:
+        yield cfg
+    finally:
+        cfg.__dict__.pop(_ALLOW, None)
+
+
 def _getcfg(cfg: Any, name: str, default: Any = None) -> Any:
     """Read a config attribute, also a per-layer one of a heterogeneous config (global value)."""
     getter = getattr(cfg, "_getattr_without_heterogeneous_validation", None)
@@ -136,14 +153,8 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
     was_attached = bool(masks._handles)
     masks.detach()
     cfg = model.config
-    hetero = bool(getattr(cfg, "is_heterogeneous", False))
-    if hetero:
-        cfg.allow_global_per_layer_attribute_access = True
-    try:
+    with global_widths(cfg):
         structure = ModelStructure(model)
-    finally:
-        if hetero:
-            cfg.__dict__.pop(_ALLOW, None)
     fam = structure.family
     num_layers, hd = structure.num_layers, structure.head_dim
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -311,8 +322,11 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
         kwargs = {}
         if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
             kwargs["safe_serialization"] = True
-        model.config.__dict__.pop(_ALLOW, None)
-        model.save_pretrained(str(tmp), **kwargs)
+        # FIX: transformers >= 5.25 validates the config on save (``hidden_size % num_attention_heads``), which a
+        # per-layer config refuses to answer; the global fields are the upper bounds the validation expects
+        with global_widths(model.config):
+            model.save_pretrained(str(tmp), **kwargs)
+        _drop_key(tmp / "config.json", _ALLOW)
         if not any(tmp.glob("*.safetensors")):
             raise RuntimeError(f"{type(model).__name__}.save_pretrained wrote no .safetensors file")
         if tokenizer is not None:
@@ -335,6 +349,14 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = 
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _drop_key(path: Path, key: str) -> None:
+    """Remove a top-level key from a JSON file, if present."""
+    obj = json.loads(path.read_text())
+    if key in obj:
+        del obj[key]
+        path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _manifest(model: nn.Module, extra: dict | None) -> dict:
@@ -366,12 +388,12 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     attention modules' head counts fixed, then the safetensors weights are loaded (never pickles). For those,
     ``kwargs`` may hold ``dtype``/``torch_dtype``, ``device`` and ``attn_implementation``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ValueError(f"{str(path)!r} has no config.json. HINT: pass a directory written by save_pretrained().")
-    config = AutoConfig.from_pretrained(str(path))
+    config = read_config(path)
     if not getattr(config, "is_heterogeneous", False):
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
 
@@ -393,11 +415,8 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
         lc = view[i]
         lc.__dict__[_ALLOW] = True
         layer_cfgs.append(lc)
-    config.allow_global_per_layer_attribute_access = True
-    try:
+    with global_widths(config):
         model = AutoModelForCausalLM.from_config(config)
-    finally:
-        config.__dict__.pop(_ALLOW, None)
     fam = family_of(model)
     layers = model.get_submodule(fam.layers)
     for layer, lc in zip(layers, layer_cfgs):
@@ -423,6 +442,25 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
     if kwargs.get("device") is not None:
         model.to(kwargs["device"])
     return model.eval()
+
+
+def read_config(path: str | os.PathLike) -> Any:
+    """The config of an export directory, per-layer ones included.
+
+    FIX: from transformers 5.25 on, a Llama-family config validates ``hidden_size % num_attention_heads`` when it is
+    built, which a heterogeneous config refuses to answer, so ``AutoConfig.from_pretrained`` cannot read back the
+    ``per_layer_config`` it wrote. The config is built at its global (upper-bound) widths, then the per-layer
+    overrides are applied."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    raw = json.loads((Path(path) / "config.json").read_text())
+    per_layer = raw.pop("per_layer_config", None)
+    if not per_layer:
+        return AutoConfig.from_pretrained(str(path))
+    config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    config.per_layer_config = {int(k): v for k, v in per_layer.items()}
+    return config
 
 
 @torch.no_grad()
