@@ -9,19 +9,23 @@ Examples::
 
 The model is evaluated where it was loaded (in memory; lm-eval wraps the object, nothing is written besides
 ``--json``). Exports load with :func:`pruning.load_pretrained` (stock and per-layer exports alike); ``.ckpt`` files with
-:meth:`pruning.module.DistillationModule.load_from_checkpoint` (the student, masks already in its weights); anything
-else is a hub name for ``AutoModelForCausalLM.from_pretrained`` (safetensors only).
+:meth:`pruning.module.DistillationModule.load_from_checkpoint` (the student, masks already in its weights), unpickled
+with ``weights_only=True``; anything else is a hub name for ``AutoModelForCausalLM.from_pretrained`` (safetensors
+only unless ``--allow-pickle``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .loading import PickleRefused, from_pretrained, refused_checkpoint
 
 __all__ = ["load_for_eval", "main"]
 
@@ -46,8 +50,11 @@ def _tokenizer_from(path: str, model, name: str | None) -> Any:
 
 
 def load_for_eval(target: str, dtype: str | None = None, tokenizer: str | None = None,
-                  attn_implementation: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """``(model, tokenizer or None for bytes, info)`` for an export directory, a ``.ckpt`` or a hub name."""
+                  attn_implementation: str | None = None,
+                  allow_pickle: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+    """``(model, tokenizer or None for bytes, info)`` for an export directory, a ``.ckpt`` or a hub name. Nothing
+    loaded runs code: checkpoints are unpickled with ``weights_only=True``, models read from safetensors only
+    (``allow_pickle`` admits ``pytorch_model.bin``)."""
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = DTYPES[dtype]
@@ -57,7 +64,10 @@ def load_for_eval(target: str, dtype: str | None = None, tokenizer: str | None =
     if path.suffix == ".ckpt":
         from .module import DistillationModule
 
-        module = DistillationModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
+        try:
+            module = DistillationModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:  # a payload, or classes that are not plain data: never unpickled
+            raise refused_checkpoint(path, err) from err
         merge = getattr(module, "merge_lora", None)
         if callable(merge):
             merge()
@@ -75,7 +85,7 @@ def load_for_eval(target: str, dtype: str | None = None, tokenizer: str | None =
     if path.is_dir():
         from .surgery import load_pretrained
 
-        model = load_pretrained(path, **kwargs)
+        model = load_pretrained(path, allow_pickle=allow_pickle, **kwargs)
         manifest = path / "pruning_manifest.json"
         info = {"kind": "export", "path": str(path.resolve())}
         if manifest.is_file():
@@ -83,9 +93,7 @@ def load_for_eval(target: str, dtype: str | None = None, tokenizer: str | None =
         return model.eval(), _tokenizer_from(str(path), model, tokenizer), info
     if path.exists():
         raise SystemExit(f"pruning eval: {target!r} is neither an export directory nor a .ckpt file")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(target, use_safetensors=True, **kwargs)
+    model = from_pretrained(target, allow_pickle=allow_pickle, key="model", **kwargs)
     return model.eval(), _tokenizer_from(target, model, tokenizer), {"kind": "hub", "name": target}
 
 
@@ -116,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="load in this dtype")
     ap.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager")
     ap.add_argument("--tokenizer", default=None, help="tokenizer name or path, or 'bytes' (default: the model's)")
+    ap.add_argument("--allow-pickle", action="store_true",
+                    help="also load weights stored as pickles (pytorch_model.bin), which can run code: only files "
+                    "you trust")
     ap.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
     return ap
 
@@ -128,7 +139,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from .harness import DEFAULT_TASKS, byte_tokenizer, evaluate_tasks, markdown_table
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok, info = load_for_eval(args.model, args.dtype, args.tokenizer, args.attn_implementation)
+    try:
+        model, tok, info = load_for_eval(args.model, args.dtype, args.tokenizer, args.attn_implementation,
+                                         args.allow_pickle)
+    except PickleRefused as err:
+        raise SystemExit(f"pruning eval: {err}") from None
     model.to(device)
     out: dict[str, Any] = {"model": info}
     if args.perplexity is not None:

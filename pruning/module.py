@@ -37,6 +37,7 @@ import torchmetrics
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .gradients import ChunkedLogits, distillation_loss, next_token_ce
+from .loading import from_pretrained
 from .masks import MaskSet
 
 # causal LMs whose logits are exactly lm_head(final hidden state) (no soft-capping or logit scale)
@@ -56,6 +57,11 @@ class LoraSettings:
     merge_at_end: bool = True
 
 
+# checkpoints of a module built with lora=LoraSettings(...) hold it in their hyper-parameters; it is plain data, so it
+# may be rebuilt by torch.load(weights_only=True) (resume, `pruning eval x.ckpt`)
+torch.serialization.add_safe_globals([LoraSettings])
+
+
 def _dtype(name: str | None, key: str) -> torch.dtype | None:
     if name is None:
         return None
@@ -73,9 +79,10 @@ def build_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     seed: int = 0,
+    allow_pickle: bool = False,
 ) -> PreTrainedModel:
-    """A causal LM from a hub name or local path (``from_pretrained``, safetensors only) or from a config dict
-    (``{"model_type": "llama", ...}``, random init seeded by ``seed``)."""
+    """A causal LM from a hub name or local path (``from_pretrained``, safetensors only unless ``allow_pickle``) or
+    from a config dict (``{"model_type": "llama", ...}``, random init seeded by ``seed``)."""
     if (pretrained is None) == (config is None):
         raise ValueError("give exactly one of pretrained= (hub name or path) and config= (dict with model_type). "
                          "HINT: set model.pretrained or model.config")
@@ -84,9 +91,8 @@ def build_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if pretrained is not None:
-        return AutoModelForCausalLM.from_pretrained(
-            pretrained, dtype=torch_dtype, trust_remote_code=trust_remote_code, revision=revision, use_safetensors=True,
-            **kwargs)
+        return from_pretrained(pretrained, allow_pickle=allow_pickle, key="model.pretrained", dtype=torch_dtype,
+                               trust_remote_code=trust_remote_code, revision=revision, **kwargs)
     cfg = dict(config)
     if "model_type" not in cfg:
         raise ValueError(f"config={config} has no model_type. HINT: e.g. config: {{model_type: llama, ...}}")
@@ -129,6 +135,7 @@ class DistillationModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         lora: LoraSettings | None = None,
         keep_zeros: bool = False,
+        allow_pickle: bool = False,
     ) -> None:
         """
         Args:
@@ -154,6 +161,8 @@ class DistillationModule(pl.LightningModule):
             lora: LoRA recovery settings; base weights are frozen and the adapters merged at the end of fit.
             keep_zeros: the exact zeros of the decoder layers' Linear weights become masks (recovering an
                 unstructured export: training and LoRA merges cannot revive them).
+            allow_pickle: also load ``pretrained`` weights stored as pickles (``pytorch_model.bin``), which can run
+                code when loaded: only for files you trust (default: safetensors only).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -174,7 +183,8 @@ class DistillationModule(pl.LightningModule):
         self.masks: MaskSet | None = None  # set by the pruning callback; the lifted teacher reads it
         self.weights_frozen = False  # set by the importance callback during scoring steps
         self.student = build_model(pretrained, config, dtype=dtype, attn_implementation=attn_implementation,
-                                   trust_remote_code=trust_remote_code, revision=revision, seed=init_seed)
+                                   trust_remote_code=trust_remote_code, revision=revision, seed=init_seed,
+                                   allow_pickle=allow_pickle)
         if gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
         self.tokenizer = self._load_tokenizer(tokenizer_path or pretrained, trust_remote_code,
@@ -326,7 +336,7 @@ class DistillationModule(pl.LightningModule):
             hp = self.hparams
             t = build_model(hp.pretrained, hp.config, dtype=hp.teacher_dtype or hp.dtype,
                             attn_implementation=hp.attn_implementation, trust_remote_code=hp.trust_remote_code,
-                            revision=hp.revision, seed=hp.init_seed)
+                            revision=hp.revision, seed=hp.init_seed, allow_pickle=hp.allow_pickle)
             t.requires_grad_(False)
             t.eval()
             self._teacher.append(t)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from . import allocation as alloc
 from .evaluation import perplexity
 from .importance import Criterion, ScoreContext, get_criterion
+from .loading import from_pretrained
 from .ranking import project_rates
 from .structure import ModelStructure
 
@@ -187,11 +188,11 @@ class LLMOperator:
 
     def __init__(self, path: str, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
                  shown: int = 10, device: torch.device | str | None = None, seed: int = 0) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.path = str(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path).eval()
+        self.model = from_pretrained(path, key="operator_model").eval()
         if device is not None:
             self.model.to(device)
         self.max_new_tokens = max_new_tokens
@@ -503,9 +504,7 @@ def add_data_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def load_model(path: str, dtype: str = "float32", device: str | None = None) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    model = from_pretrained(path, key="--model", dtype=getattr(torch, dtype)).eval()
     return model.to(device) if device is not None else model
 
 

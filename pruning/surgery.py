@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .loading import from_pretrained
 from .masks import MaskSet
 from .structure import FamilySpec, ModelStructure, family_of
 
@@ -380,8 +381,9 @@ def _manifest(model: nn.Module, extra: dict | None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- load
-def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
-    """Load any export of :func:`save_pretrained`.
+def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kwargs: Any) -> nn.Module:
+    """Load any export of :func:`save_pretrained` (or any local Hugging Face checkpoint), safetensors only unless
+    ``allow_pickle`` (a pickled ``pytorch_model.bin`` can run code when loaded).
 
     Stock configs go to ``AutoModelForCausalLM.from_pretrained(path, **kwargs)``. Per-layer configs are built from
     the config at the global (upper-bound) widths, each layer's Linears are shrunk to the recorded sizes and the
@@ -395,7 +397,7 @@ def load_pretrained(path: str | os.PathLike, **kwargs: Any) -> nn.Module:
         raise ValueError(f"{str(path)!r} has no config.json. HINT: pass a directory written by save_pretrained().")
     config = read_config(path)
     if not getattr(config, "is_heterogeneous", False):
-        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        return from_pretrained(path, allow_pickle=allow_pickle, key="path", **kwargs)
 
     allowed = {"dtype", "torch_dtype", "device", "attn_implementation"}
     unknown = set(kwargs) - allowed
