@@ -49,9 +49,16 @@ from probes import TensorPeak, rss_peak, settle  # noqa: E402
 
 
 def model_config(args) -> dict:
-    return dict(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
-                num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                max_position_embeddings=max(512, args.seq))
+    return dict(
+        model_type="llama",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.inter,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(512, args.seq),
+    )
 
 
 # glibc: blocks of 128 KiB and more mmap-ed and handed back when freed (no dynamic threshold), top trimmed early
@@ -82,10 +89,12 @@ def worker(args) -> None:
                 out["rss_setup"] = settle()
                 out["param_bytes_local"] = sum(
                     (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
-                    for p in pl_module.student.parameters())
+                    for p in pl_module.student.parameters()
+                )
                 out["teacher_bytes_local"] = sum(
                     (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
-                    for p in pl_module.teacher.parameters())
+                    for p in pl_module.teacher.parameters()
+                )
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if self.role == "first" and trainer.global_step == 0:
@@ -109,14 +118,23 @@ def worker(args) -> None:
     m = DistillationModule(config=model_config(args), teacher="copy", alpha=0.0, attn_implementation="sdpa")
     ic = ImportanceCallback()
     if args.criterion == "sdm":
-        pc = PruningCallback("sdm", "mlp_neuron", Schedule(kind="steps", events=[Event(steps, 0.2, alpha=0.42,
-                                                                                       temperature=0.5)]))
+        pc = PruningCallback(
+            "sdm", "mlp_neuron", Schedule(kind="steps", events=[Event(steps, 0.2, alpha=0.42, temperature=0.5)])
+        )
     else:
         pc = PruningCallback(args.criterion, "unstructured", Schedule(kind="steps", events=[Event(steps, 0.5)]))
-    tr = pl.Trainer(accelerator="cpu", devices=args.world, max_steps=steps,
-                    strategy=ModelParallelStrategy(data_parallel_size=args.world, tensor_parallel_size=1),
-                    callbacks=[Probe("first"), ic, pc, Probe("last")], logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    tr = pl.Trainer(
+        accelerator="cpu",
+        devices=args.world,
+        max_steps=steps,
+        strategy=ModelParallelStrategy(data_parallel_size=args.world, tensor_parallel_size=1),
+        callbacks=[Probe("first"), ic, pc, Probe("last")],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(0, args.vocab, (args.seq,), generator=g)} for _ in range(2 * steps)]
     sampler = DistributedSampler(data, num_replicas=args.world, rank=tr.global_rank, shuffle=False)
@@ -177,17 +195,50 @@ def main() -> None:
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"fsdp_memory_{os.getpid()}"
     tmp.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    shape = ["--hidden", str(args.hidden), "--inter", str(args.inter), "--layers", str(args.layers), "--heads",
-             str(args.heads), "--vocab", str(args.vocab), "--seq", str(args.seq), "--steps", str(args.steps),
-             "--calib", str(args.calib), "--criterion", args.criterion]
+    shape = [
+        "--hidden",
+        str(args.hidden),
+        "--inter",
+        str(args.inter),
+        "--layers",
+        str(args.layers),
+        "--heads",
+        str(args.heads),
+        "--vocab",
+        str(args.vocab),
+        "--seq",
+        str(args.seq),
+        "--steps",
+        str(args.steps),
+        "--calib",
+        str(args.calib),
+        "--criterion",
+        args.criterion,
+    ]
     clean = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
     results: dict = {}
     for world in (1, 2):
         for measure, extra_env in MEASURES.items():
             out = tmp / f"w{world}_{measure}"
-            proc = subprocess.run([sys.executable, __file__, "--worker", "--world", str(world), "--out", str(out),
-                                   "--measure", measure, *shape], cwd=ROOT, env=dict(clean, **extra_env),
-                                  capture_output=True, text=True, timeout=1200)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    "--world",
+                    str(world),
+                    "--out",
+                    str(out),
+                    "--measure",
+                    measure,
+                    *shape,
+                ],
+                cwd=ROOT,
+                env=dict(clean, **extra_env),
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
             if proc.returncode:
                 raise SystemExit(proc.stdout[-2000:] + proc.stderr[-4000:])
             for r in range(world):
@@ -197,40 +248,65 @@ def main() -> None:
                 row.update({k: v for k, v in got.items() if measure == "rss"})
     oneshot = None
     if not args.no_oneshot:
-        proc = subprocess.run([sys.executable, __file__, "--oneshot-worker", "--out", str(tmp / "o"), *shape],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--oneshot-worker", "--out", str(tmp / "o"), *shape],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
         if proc.returncode:
             raise SystemExit(proc.stderr[-4000:])
         oneshot = json.loads((tmp / "o.oneshot.json").read_text())
 
     mib = 1 / 2**20
     params = results[1][0]["params"]
-    what = ("sdm scoring (mlp_neuron), α=0.42" if args.criterion == "sdm" else
-            f"{args.criterion} scoring (unstructured, per-weight gradient statistics)")
-    print(f"model: llama hidden={args.hidden} inter={args.inter} layers={args.layers} vocab={args.vocab}: "
-          f"{params / 1e6:.1f}M parameters ({params * 4 * mib:.0f} MiB fp32); student + teacher copy; "
-          f"{what}, {args.steps} steps of one {args.seq}-token sequence per rank\n")
-    print("| ranks | rank | student params held (MiB) | teacher params held (MiB) | RSS after setup (MiB) | "
-          "peak RSS scoring (MiB) | peak RSS scoring, glibc defaults (MiB) | peak tensor bytes scoring (MiB) | "
-          "peak RSS event (MiB) | scoring time (s) |")
+    what = (
+        "sdm scoring (mlp_neuron), α=0.42"
+        if args.criterion == "sdm"
+        else f"{args.criterion} scoring (unstructured, per-weight gradient statistics)"
+    )
+    print(
+        f"model: llama hidden={args.hidden} inter={args.inter} layers={args.layers} vocab={args.vocab}: "
+        f"{params / 1e6:.1f}M parameters ({params * 4 * mib:.0f} MiB fp32); student + teacher copy; "
+        f"{what}, {args.steps} steps of one {args.seq}-token sequence per rank\n"
+    )
+    print(
+        "| ranks | rank | student params held (MiB) | teacher params held (MiB) | RSS after setup (MiB) | "
+        "peak RSS scoring (MiB) | peak RSS scoring, glibc defaults (MiB) | peak tensor bytes scoring (MiB) | "
+        "peak RSS event (MiB) | scoring time (s) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for world, ranks in results.items():
         for _, r in sorted(ranks.items()):
-            cells = [world, r["rank"], f"{r['param_bytes_local'] * mib:.0f}", f"{r['teacher_bytes_local'] * mib:.0f}",
-                     f"{r['rss_setup'] * mib:.0f}", f"{r['peak_scoring'] * mib:.0f}",
-                     f"{r['peak_scoring_rss_default'] * mib:.0f}", f"{r['tensor_peak_scoring_tensor'] * mib:.0f}",
-                     f"{r['peak_event'] * mib:.0f}", f"{r['scoring_s']:.1f}"]
+            cells = [
+                world,
+                r["rank"],
+                f"{r['param_bytes_local'] * mib:.0f}",
+                f"{r['teacher_bytes_local'] * mib:.0f}",
+                f"{r['rss_setup'] * mib:.0f}",
+                f"{r['peak_scoring'] * mib:.0f}",
+                f"{r['peak_scoring_rss_default'] * mib:.0f}",
+                f"{r['tensor_peak_scoring_tensor'] * mib:.0f}",
+                f"{r['peak_event'] * mib:.0f}",
+                f"{r['scoring_s']:.1f}",
+            ]
             print("| " + " | ".join(map(str, cells)) + " |")
     peak = {w: max(r["peak_scoring"] for r in ranks.values()) for w, ranks in results.items()}
     tens = {w: max(r["tensor_peak_scoring_tensor"] for r in ranks.values()) for w, ranks in results.items()}
     base = {w: min(r["rss_imports"] for r in ranks.values()) for w, ranks in results.items()}
-    print(f"\nworst rank, 2 ranks / 1 rank: peak RSS scoring {peak[2] / peak[1]:.2f} "
-          f"({(peak[2] - base[2]) / (peak[1] - base[1]):.2f} above the {base[1] * mib:.0f} MiB the imports take in "
-          f"every process), peak tensor bytes scoring {tens[2] / tens[1]:.2f}")
+    print(
+        f"\nworst rank, 2 ranks / 1 rank: peak RSS scoring {peak[2] / peak[1]:.2f} "
+        f"({(peak[2] - base[2]) / (peak[1] - base[1]):.2f} above the {base[1] * mib:.0f} MiB the imports take in "
+        f"every process), peak tensor bytes scoring {tens[2] / tens[1]:.2f}"
+    )
     if oneshot is not None:
-        print(f"\none-shot wanda (device=cpu, store=cpu, {args.calib} x {args.seq} tokens): RSS with the model "
-              f"{oneshot['rss_model'] * mib:.0f} MiB, peak while pruning {oneshot['peak_prune'] * mib:.0f} MiB, "
-              f"{oneshot['prune_s']:.1f} s")
+        print(
+            f"\none-shot wanda (device=cpu, store=cpu, {args.calib} x {args.seq} tokens): RSS with the model "
+            f"{oneshot['rss_model'] * mib:.0f} MiB, peak while pruning {oneshot['peak_prune'] * mib:.0f} MiB, "
+            f"{oneshot['prune_s']:.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -43,13 +43,25 @@ def main(argv: list[str] | None = None) -> str:
     shared = quality.shared_gradients(dense, calib, set())
     authors = 100.0 * math.sqrt(args.calibration)
     masks = {}
-    scores = (("wanda", "wanda", None), ("gblm α=100", "gblm", 100.0),
-              (f"gblm α=100·√N={authors:g}", "gblm", authors), ("gradient term alone", "gblm", 1e12))
+    scores = (
+        ("wanda", "wanda", None),
+        ("gblm α=100", "gblm", 100.0),
+        (f"gblm α=100·√N={authors:g}", "gblm", authors),
+        ("gradient term alone", "gblm", 1e12),
+    )
     for label, method, alpha in scores:
         model = copy.deepcopy(dense)
         opts = {} if alpha is None else {"alpha": alpha}
-        r = prune(model, calib, method, 0.5, "unstructured", criterion_options=opts,
-                  gradients=shared if alpha is not None else None, progress=False)
+        r = prune(
+            model,
+            calib,
+            method,
+            0.5,
+            "unstructured",
+            criterion_options=opts,
+            gradients=shared if alpha is not None else None,
+            progress=False,
+        )
         masks[label] = {n: r.masks.keep_mask(n, model.get_parameter(n)) for n in sorted(r.masks.names())}
     pruned = sum(int((~m).sum()) for m in masks["wanda"].values())
     # the two terms of GBLM's score, per weight: α·G against ‖X_j‖
@@ -66,17 +78,24 @@ def main(argv: list[str] | None = None) -> str:
         x = acts.stats[n].sums["sum_sq"].sqrt()
         ratios.append(float((g / x.clamp_min(1e-12)[None, :]).median()))
     med = sorted(ratios)[len(ratios) // 2]
-    lines = [f"Reference model `{args.preset}` ({ref.manifest['parameters'] / 1e6:.1f}M parameters), 50 % unstructured "
-             f"per row, {args.calibration} calibration windows of {seq} tokens (seed 0, as `quality.py`); "
-             f"{pruned:,} weights pruned.", "",
-             "| score | pruned weights that differ from Wanda's | share of Wanda's pruned set |", "|---|---:|---:|"]
+    lines = [
+        f"Reference model `{args.preset}` ({ref.manifest['parameters'] / 1e6:.1f}M parameters), 50 % unstructured "
+        f"per row, {args.calibration} calibration windows of {seq} tokens (seed 0, as `quality.py`); "
+        f"{pruned:,} weights pruned.",
+        "",
+        "| score | pruned weights that differ from Wanda's | share of Wanda's pruned set |",
+        "|---|---:|---:|",
+    ]
     for label, m in masks.items():
         if label == "wanda":
             continue
         diff = sum(int((m[n] != masks["wanda"][n]).sum()) for n in m) // 2
         lines.append(f"| {label} | {diff:,} ({100 * diff / pruned:.2f} %) | {100 * (1 - diff / pruned):.1f} % |")
-    lines += ["", f"Median over the Linears of the median per weight of G / ‖X_j‖: {med:.2e}; times α = 100: "
-              f"{100 * med:.3f}, times α = {authors:g}: {authors * med:.3f} (the activation term is 1 on this scale)."]
+    lines += [
+        "",
+        f"Median over the Linears of the median per weight of G / ‖X_j‖: {med:.2e}; times α = 100: "
+        f"{100 * med:.3f}, times α = {authors:g}: {authors * med:.3f} (the activation term is 1 on this scale).",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -57,14 +57,22 @@ CONFIGS: dict[str, tuple[str, bool, str]] = {
 
 # ---------------------------------------------------------------------------------------------- the model
 def model_config(args) -> dict:
-    return dict(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
-                num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                max_position_embeddings=max(4096, args.seq))
+    return dict(
+        model_type="llama",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.inter,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(4096, args.seq),
+    )
 
 
 def stash_bytes(masks) -> int:
-    return sum(v.numel() * v.element_size() + sum(f.numel() * f.element_size() for f in fs)
-               for fs, v in masks._stash.values())
+    return sum(
+        v.numel() * v.element_size() + sum(f.numel() * f.element_size() for f in fs) for fs, v in masks._stash.values()
+    )
 
 
 # ---------------------------------------------------------------------------------------------- core path
@@ -83,17 +91,26 @@ def child_core(args, kl: bool, teacher_mode: str, out: dict) -> None:
     out["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     g = torch.Generator().manual_seed(0)
     calib = [torch.randint(0, args.vocab, (1, args.seq), generator=g) for _ in range(2 * args.seqs)]
-    res = pruning.prune(model, calib[: args.seqs], method="sdm", sparsity=args.stage_a, granularity="mlp_neuron",
-                        keep_original=teacher is None, progress=False)
+    res = pruning.prune(
+        model,
+        calib[: args.seqs],
+        method="sdm",
+        sparsity=args.stage_a,
+        granularity="mlp_neuron",
+        keep_original=teacher is None,
+        progress=False,
+    )
     out["stash_bytes"] = stash_bytes(res.masks)
     alpha, temp = (args.alpha, args.temperature) if kl else (0.0, 1.0)
-    coll = GradientCollector(model, param_names=(), group_sets=ModelStructure(model).group_sets("mlp_neuron"),
-                             group_kinds=("coupled",))
-    stage_b = calib[args.seqs:]
+    coll = GradientCollector(
+        model, param_names=(), group_sets=ModelStructure(model).group_sets("mlp_neuron"), group_kinds=("coupled",)
+    )
+    stage_b = calib[args.seqs :]
 
     def score(seqs):
-        collect_gradients(model, seqs, coll, alpha=alpha, temperature=temp, masks=res.masks, teacher=teacher,
-                          progress=False)
+        collect_gradients(
+            model, seqs, coll, alpha=alpha, temperature=temp, masks=res.masks, teacher=teacher, progress=False
+        )
 
     out["rss_before"] = settle()
     score(stage_b[:-1])
@@ -119,15 +136,21 @@ def child_lightning(args, kl: bool, teacher_mode: str, out: dict) -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     n = args.seqs
-    module = DistillationModule(config=model_config(args), attn_implementation="sdpa", init_seed=0,
-                                teacher="copy" if (kl and teacher_mode == "copy") else "lifted")
+    module = DistillationModule(
+        config=model_config(args),
+        attn_implementation="sdpa",
+        init_seed=0,
+        teacher="copy" if (kl and teacher_mode == "copy") else "lifted",
+    )
     out["params"] = sum(p.numel() for p in module.student.parameters())
     out["weights_bytes"] = sum(p.numel() * p.element_size() for p in module.student.parameters())
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(0, args.vocab, (args.seq,), generator=g)} for _ in range(2 * n)]
     alpha, temp = (args.alpha, args.temperature) if kl else (0.0, 1.0)
-    sched = Schedule(kind="steps", events=[Event(n, args.stage_a, alpha=0.0),
-                                           Event(2 * n, args.stage_b, alpha=alpha, temperature=temp)])
+    sched = Schedule(
+        kind="steps",
+        events=[Event(n, args.stage_a, alpha=0.0), Event(2 * n, args.stage_b, alpha=alpha, temperature=temp)],
+    )
     pruner = PruningCallback("sdm", "mlp_neuron", sched)
 
     class Probe(pl.Callback):
@@ -148,9 +171,18 @@ def child_lightning(args, kl: bool, teacher_mode: str, out: dict) -> None:
             if trainer.global_step == 2 * n:  # before the pruning callback fires the stage-B event
                 out["tensor_peak"] = self.tensor.stop()
 
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2 * n, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0, callbacks=[Probe(), ImportanceCallback(freeze_weights=True), pruner])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2 * n,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[Probe(), ImportanceCallback(freeze_weights=True), pruner],
+    )
     trainer.fit(module, DataLoader(data, batch_size=1))
     if [h["step"] for h in pruner.history] != [n, 2 * n]:
         raise RuntimeError(f"expected events at steps {n} and {2 * n}, got {pruner.history}")
@@ -173,8 +205,21 @@ def child(args) -> None:
 
 def run_child(args, config: str) -> dict:
     cmd = [sys.executable, __file__, "--child", f"--config={config}"]
-    for k in ("seq", "seqs", "layers", "hidden", "inter", "heads", "kv_heads", "vocab", "threads", "alpha",
-              "temperature", "stage_a", "stage_b"):
+    for k in (
+        "seq",
+        "seqs",
+        "layers",
+        "hidden",
+        "inter",
+        "heads",
+        "kv_heads",
+        "vocab",
+        "threads",
+        "alpha",
+        "temperature",
+        "stage_a",
+        "stage_b",
+    ):
         cmd.append(f"--{k.replace('_', '-')}={getattr(args, k)}")
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -239,11 +284,15 @@ def main(argv: list[str] | None = None) -> str:
         lines.append(
             f"| {name} | {r['rss_imports'] / mb:.0f} | {r['rss_before'] / mb:.0f} | {r['stash_bytes'] / mb:.1f} | "
             f"{r['peak'] / mb:.0f} | {(r['peak'] - r['rss_imports']) / mb:.0f} | "
-            f"{(r['peak'] - r['rss_before']) / mb:.0f} | {r['tensor_peak'] / mb:.0f} |")
-    lines += ["", "Ratios against the CE configuration of the same path (target: KL (lifted teacher) ≤ 1.10× on peak "
-              "memory):", "",
-              "| config | vs | peak RSS | peak − imports | peak − before | tensor peak | target (peak RSS) |",
-              "|---|---|---:|---:|---:|---:|---|"]
+            f"{(r['peak'] - r['rss_before']) / mb:.0f} | {r['tensor_peak'] / mb:.0f} |"
+        )
+    lines += [
+        "",
+        "Ratios against the CE configuration of the same path (target: KL (lifted teacher) ≤ 1.10× on peak memory):",
+        "",
+        "| config | vs | peak RSS | peak − imports | peak − before | tensor peak | target (peak RSS) |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     for name, r in res.items():
         path, kl, teacher = CONFIGS[name]
         base = f"{path} CE"
@@ -255,7 +304,8 @@ def main(argv: list[str] | None = None) -> str:
         lines.append(
             f"| {name} | {base} | {ratio:.3f} | {(r['peak'] - r['rss_imports']) / (b['peak'] - b['rss_imports']):.3f} "
             f"| {(r['peak'] - r['rss_before']) / (b['peak'] - b['rss_before']):.3f} | "
-            f"{r['tensor_peak'] / b['tensor_peak']:.3f} | {verdict} |")
+            f"{r['tensor_peak'] / b['tensor_peak']:.3f} | {verdict} |"
+        )
     return emit("\n".join(lines), args.out)
 
 

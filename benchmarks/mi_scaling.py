@@ -70,14 +70,37 @@ def child(args) -> None:
         for i, c in enumerate(cluster_neurons(Zs, args.cluster_size)):
             label[c] = i
         together = sum(int(label[a] == label[b]) for a, b in strong)
-    print(json.dumps({"seconds": seconds, "peak_mb": (peak - base) / 2**20, "copies_first": hit,
-                      "near_recall": together / max(1, len(strong)), "strong": len(strong),
-                      "removed": ranked[: args.width // 4], "info": order.info}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "peak_mb": (peak - base) / 2**20,
+                "copies_first": hit,
+                "near_recall": together / max(1, len(strong)),
+                "strong": len(strong),
+                "removed": ranked[: args.width // 4],
+                "info": order.info,
+            }
+        )
+    )
 
 
 def run(width: int, mode: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--width", str(width), "--mode", mode, "--samples",
-           str(args.samples), "--threads", str(args.threads), "--cluster-size", str(args.cluster_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--width",
+        str(width),
+        "--mode",
+        mode,
+        "--samples",
+        str(args.samples),
+        "--threads",
+        str(args.threads),
+        "--cluster-size",
+        str(args.cluster_size),
+    ]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -116,8 +139,11 @@ def main() -> None:
             if r is None:
                 continue
             s = r["info"]["seconds"]
-            overlap = "" if exact is None or mode == "exact" else \
-                f"{len(set(r['removed']) & set(exact['removed'])) / max(1, len(exact['removed'])):.2f}"
+            overlap = (
+                ""
+                if exact is None or mode == "exact"
+                else f"{len(set(r['removed']) & set(exact['removed'])) / max(1, len(exact['removed'])):.2f}"
+            )
             lines.append(
                 f"| {width} | {mode} | {r['info']['clusters']} | {r['info']['pairs']:,} | {r['seconds']:.2f} | "
                 f"{s['cluster']:.2f} / {s['mi']:.2f} / {s['greedy']:.2f} | {r['peak_mb']:.0f} | "

@@ -25,9 +25,15 @@ from probes import rss_now  # noqa: E402
 
 
 def build(layers: int, hidden: int, inter: int, vocab: int):
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
-                      max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 128,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
@@ -52,8 +58,13 @@ def child(args) -> None:
         with torch.no_grad():  # warm-up: first calls pay one-off allocation and kernel selection
             model(input_ids=calib[0], use_cache=False)
         for p in protocols:
-            pruning.prune(build(args.layers, args.hidden, args.inter, args.vocab), calib[:1], method="wanda",
-                          within_layer=p, progress=False)
+            pruning.prune(
+                build(args.layers, args.hidden, args.inter, args.vocab),
+                calib[:1],
+                method="wanda",
+                within_layer=p,
+                progress=False,
+            )
         fwd = {p: [] for p in protocols}
         shot = {p: [] for p in protocols}
         for _ in range(args.repeats):
@@ -67,8 +78,14 @@ def child(args) -> None:
                 t0 = time.perf_counter()
                 pruning.prune(m, calib, method="wanda", sparsity=0.5, within_layer=p, progress=False)
                 shot[p].append(time.perf_counter() - t0)
-        out["runs"] = {p: {"forward_s": statistics.median(fwd[p]), "oneshot_s": statistics.median(shot[p]),
-                           "ratios": [s / f for s, f in zip(shot[p], fwd[p])]} for p in protocols}
+        out["runs"] = {
+            p: {
+                "forward_s": statistics.median(fwd[p]),
+                "oneshot_s": statistics.median(shot[p]),
+                "ratios": [s / f for s, f in zip(shot[p], fwd[p])],
+            }
+            for p in protocols
+        }
     print(json.dumps(out))
 
 
@@ -98,19 +115,32 @@ def main() -> None:
         return child(args)
     if args.quick:
         args.hidden, args.inter, args.vocab, args.seq, args.batches, args.repeats = 128, 352, 1024, 128, 2, 1
-    common = dict(hidden=args.hidden, inter=args.inter, vocab=args.vocab, seq=args.seq, batch=args.batch,
-                  batches=args.batches, threads=args.threads)
+    common = dict(
+        hidden=args.hidden,
+        inter=args.inter,
+        vocab=args.vocab,
+        seq=args.seq,
+        batch=args.batch,
+        batches=args.batches,
+        threads=args.threads,
+    )
     t = run_child(mode="time", layers=args.layers, repeats=args.repeats, **common)
     tokens = args.seq * args.batch * args.batches
-    print(f"## One-shot Wanda (50 % unstructured, per row) vs a plain forward, {t['params'] / 1e6:.1f}M-parameter "
-          f"Llama, {tokens} calibration tokens, {args.threads} CPU threads\n")
-    print("| protocol (`within_layer`) | plain forward (s) | one-shot Wanda (s) | ratio (median of paired) | "
-          "ratios per repeat | target |")
+    print(
+        f"## One-shot Wanda (50 % unstructured, per row) vs a plain forward, {t['params'] / 1e6:.1f}M-parameter "
+        f"Llama, {tokens} calibration tokens, {args.threads} CPU threads\n"
+    )
+    print(
+        "| protocol (`within_layer`) | plain forward (s) | one-shot Wanda (s) | ratio (median of paired) | "
+        "ratios per repeat | target |"
+    )
     print("|---|---:|---:|---:|---|---|")
     for p, r in t["runs"].items():
         per = ", ".join(f"{x:.2f}" for x in r["ratios"])
-        print(f"| `{p}` | {r['forward_s']:.2f} | {r['oneshot_s']:.2f} | {statistics.median(r['ratios']):.2f}× | "
-              f"{per} | ≤ 1.5× |")
+        print(
+            f"| `{p}` | {r['forward_s']:.2f} | {r['oneshot_s']:.2f} | {statistics.median(r['ratios']):.2f}× | "
+            f"{per} | ≤ 1.5× |"
+        )
     print()
     print("## Peak memory (RSS) of one-shot Wanda vs depth, same width\n")
     print("| protocol | layers | params | weights (MB) | peak RSS (MB) | peak − weights − interpreter (MB) |")
@@ -119,8 +149,10 @@ def main() -> None:
         for layers in (2, args.layers):
             m = run_child(mode="memory", layers=layers, within_layer=p, **common)
             over = (m["peak"] - m["weights_bytes"] - m["rss_before_model"]) / 2**20
-            print(f"| `{p}` | {layers} | {m['params'] / 1e6:.1f}M | {m['weights_bytes'] / 2**20:.0f} | "
-                  f"{m['peak'] / 2**20:.0f} | {over:.0f} |")
+            print(
+                f"| `{p}` | {layers} | {m['params'] / 1e6:.1f}M | {m['weights_bytes'] / 2**20:.0f} | "
+                f"{m['peak'] / 2**20:.0f} | {over:.0f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -113,9 +113,16 @@ class AlternatingImportance(ImportanceCallback):
 
 
 def model_config(args) -> dict:
-    return dict(model_type="llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
-                num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                max_position_embeddings=max(4096, args.seq))
+    return dict(
+        model_type="llama",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.inter,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(4096, args.seq),
+    )
 
 
 def callbacks_for(name: str, alternate: bool) -> list[pl.Callback]:
@@ -137,9 +144,18 @@ def check_clean(module: DistillationModule) -> None:
 
 
 def trainer(steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, callbacks=callbacks)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=callbacks,
+    )
 
 
 def alternating_fit(module: DistillationModule, loader: DataLoader, name: str, pairs: int, warmup: int) -> list:
@@ -150,8 +166,10 @@ def alternating_fit(module: DistillationModule, loader: DataLoader, name: str, p
     tr.fit(module, loader)
     check_clean(module)
     if len(timer.end) != 2 * (warmup + pairs) or cbs[0].samples != warmup + pairs:
-        raise RuntimeError(f"{name}: {len(timer.end)} steps timed, {cbs[0].samples} with statistics; expected "
-                           f"{2 * (warmup + pairs)} and {warmup + pairs}")
+        raise RuntimeError(
+            f"{name}: {len(timer.end)} steps timed, {cbs[0].samples} with statistics; expected "
+            f"{2 * (warmup + pairs)} and {warmup + pairs}"
+        )
     out = [(timer.step(2 * k), timer.step(2 * k + 1)) for k in range(warmup, warmup + pairs)]
     del tr
     gc.collect()  # the fit's optimiser state and statistics go now, not during the next fit's steps
@@ -196,16 +214,23 @@ def breakdown(module: DistillationModule, loader: DataLoader, names: list[str], 
     model = module.student
     ids = next(iter(loader))["input_ids"]
     inputs: dict[str, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0].detach()))
-               for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, a, n=n: inputs.__setitem__(n, a[0].detach()))
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     for h in handles:
         h.remove()
-    lines = [f"Hook work of one statistics step, timed apart (best of {repeats}), against the best plain training "
-             f"step: {plain * 1e3:.0f} ms wall, {plain_cpu * 1e3:.0f} ms CPU; {torch.get_num_threads()} thread(s)", "",
-             "| config | gradient statistics, ms wall (CPU) | activation statistics, ms wall (CPU) | "
-             "total / plain step, wall (CPU) |", "|---|---:|---:|---:|"]
+    lines = [
+        f"Hook work of one statistics step, timed apart (best of {repeats}), against the best plain training "
+        f"step: {plain * 1e3:.0f} ms wall, {plain_cpu * 1e3:.0f} ms CPU; {torch.get_num_threads()} thread(s)",
+        "",
+        "| config | gradient statistics, ms wall (CPU) | activation statistics, ms wall (CPU) | "
+        "total / plain step, wall (CPU) |",
+        "|---|---:|---:|---:|",
+    ]
     for name in names:
         cbs = callbacks_for(name, alternate=False)
         trainer(1, cbs).fit(module, loader)  # the pruning callback configures the importance callback's collectors
@@ -218,8 +243,10 @@ def breakdown(module: DistillationModule, loader: DataLoader, names: list[str], 
             t_g = best_of(functools.partial(gradient_work, grads, named, fake), repeats)
         if acts is not None:
             t_a = best_of(functools.partial(activation_work, acts, inputs), repeats)
-        lines.append(f"| {name} | {t_g[0] * 1e3:.1f} ({t_g[1] * 1e3:.1f}) | {t_a[0] * 1e3:.1f} ({t_a[1] * 1e3:.1f}) | "
-                     f"{(t_g[0] + t_a[0]) / plain:.3f} ({(t_g[1] + t_a[1]) / plain_cpu:.3f}) |")
+        lines.append(
+            f"| {name} | {t_g[0] * 1e3:.1f} ({t_g[1] * 1e3:.1f}) | {t_a[0] * 1e3:.1f} ({t_a[1] * 1e3:.1f}) | "
+            f"{(t_g[0] + t_a[0]) / plain:.3f} ({(t_g[1] + t_a[1]) / plain_cpu:.3f}) |"
+        )
     return "\n".join(lines)
 
 
@@ -257,8 +284,10 @@ def main(argv: list[str] | None = None) -> str:
     module = DistillationModule(config=model_config(args), attn_implementation="sdpa", lr=1e-6)
     n_params = sum(p.numel() for p in module.student.parameters())
     g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(0, args.vocab, (args.seq,), generator=g)}
-            for _ in range(2 * (args.warmup + n_pairs) + 4)]
+    data = [
+        {"input_ids": torch.randint(0, args.vocab, (args.seq,), generator=g)}
+        for _ in range(2 * (args.warmup + n_pairs) + 4)
+    ]
     loader = DataLoader(data, batch_size=1)
 
     if args.breakdown:
@@ -270,7 +299,7 @@ def main(argv: list[str] | None = None) -> str:
     res: dict[str, list] = {n: [] for n in names}
     t0 = time.perf_counter()
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             res[name] += alternating_fit(module, loader, name, n_pairs, args.warmup)
         print(f"round {r + 1}/{rounds}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
@@ -301,8 +330,10 @@ def main(argv: list[str] | None = None) -> str:
         ms_p = statistics.median(p[0] for p, _ in use) * 1e3
         load = statistics.median(max(p[2], s[2]) for p, s in pairs)
         target = ("met" if ratio <= 1.10 else "**missed**") if not freeze else "- (no optimiser update)"
-        lines.append(f"| {name} | {what} | {freeze} | {ms:.0f} | {ms_p:.0f} | {ratio:.3f} | {q1:.3f}–{q3:.3f} | "
-                     f"{len(quiet)} / {len(pairs)} | {cpu:.3f} | {load:.2f} | {target} |")
+        lines.append(
+            f"| {name} | {what} | {freeze} | {ms:.0f} | {ms_p:.0f} | {ratio:.3f} | {q1:.3f}–{q3:.3f} | "
+            f"{len(quiet)} / {len(pairs)} | {cpu:.3f} | {load:.2f} | {target} |"
+        )
     return emit("\n".join(lines), args.out)
 
 

@@ -152,6 +152,7 @@ class Shared:
     search: dict = field(default_factory=dict)  # population, generations, mutations, crossovers
     seed: int = 0
 
+
 GRAD_KINDS = ("sum", "sum_sq", "sum_abs", "sum_abs_gw")
 GROUP_KINDS = ("coupled", "vector")
 
@@ -176,11 +177,13 @@ def zeros_sha256(model: torch.nn.Module) -> str:
 def shared_gradients(model, calib: list[torch.Tensor], granularities: set[str]) -> GradientCollector:
     """Dense-model CE gradient statistics for every gradient criterion at once (one backward per sequence)."""
     structure = ModelStructure(model)
-    group_sets = [gs for g in sorted(granularities & {"mlp_neuron", "attention_head"})
-                  for gs in structure.group_sets(g)]
+    group_sets = [
+        gs for g in sorted(granularities & {"mlp_neuron", "attention_head"}) for gs in structure.group_sets(g)
+    ]
     names = [n + ".weight" for n in structure.targets(False, False)]
-    coll = GradientCollector(model, param_names=names, grad_kinds=GRAD_KINDS, group_sets=group_sets,
-                             group_kinds=GROUP_KINDS)
+    coll = GradientCollector(
+        model, param_names=names, grad_kinds=GRAD_KINDS, group_sets=group_sets, group_kinds=GROUP_KINDS
+    )
     collect_gradients(model, calib, coll, progress=False)
     coll.reduce()
     return coll
@@ -196,10 +199,21 @@ def apply_method(model, method: Method, setting: Setting, calib, shared: Shared)
     gran, s = setting.granularity, setting.sparsity
     n_calib = sum(c.shape[0] for c in calib)
     if method.criterion == "sdm":
-        a = prune(model, calib, "sdm", SDM_STAGE_A, gran, keep_original=True, gradients=shared.gradients,
-                  progress=False)
-        return prune(model, calib, "sdm", s, gran, masks=a.masks, alpha=SDM_ALPHA, temperature=SDM_TEMPERATURE,
-                     keep_original=True, progress=False), {}
+        a = prune(
+            model, calib, "sdm", SDM_STAGE_A, gran, keep_original=True, gradients=shared.gradients, progress=False
+        )
+        return prune(
+            model,
+            calib,
+            "sdm",
+            s,
+            gran,
+            masks=a.masks,
+            alpha=SDM_ALPHA,
+            temperature=SDM_TEMPERATURE,
+            keep_original=True,
+            progress=False,
+        ), {}
     opts = method.resolved_options(n_calib)
     if method.criterion == "saap":
         opts.update(shared.saap_options[gran])
@@ -210,22 +224,48 @@ def apply_method(model, method: Method, setting: Setting, calib, shared: Shared)
         # the mean rate that uniform width reaches (whole groups, rounded down in every layer): the same number of
         # groups pruned as the uniform rows, so the parameter counts are equal
         group_sets = ModelStructure(model).group_sets(gran)
-        s = sum((gs.count - alloc.keep_counts_uniform([gs.count], s, gs.partitions)[0]) / gs.count
-                for gs in group_sets) / len(group_sets)
+        s = sum(
+            (gs.count - alloc.keep_counts_uniform([gs.count], s, gs.partitions)[0]) / gs.count for gs in group_sets
+        ) / len(group_sets)
     if allocation == "saap-ranking":
         rates, indicator = saap_layer_rates(shared.saap_estimates[gran], s)
         extra = {"layer_rates": rates, "fluctuation": indicator}
     elif allocation == "search":
         t = time.time()
-        found = search_rates(model, calib, shared.search_heldout, s, method.criterion, gran, criterion_options=opts,
-                             seed=shared.seed, progress=False, **shared.search)
+        found = search_rates(
+            model,
+            calib,
+            shared.search_heldout,
+            s,
+            method.criterion,
+            gran,
+            criterion_options=opts,
+            seed=shared.seed,
+            progress=False,
+            **shared.search,
+        )
         rates = found.rates
-        extra = {"layer_rates": rates, "search_fitness": found.fitness, "search_uniform_fitness": found.uniform_fitness,
-                 "search_evaluations": len(found.history.get("evaluated", [])), "search_s": time.time() - t}
+        extra = {
+            "layer_rates": rates,
+            "search_fitness": found.fitness,
+            "search_uniform_fitness": found.uniform_fitness,
+            "search_evaluations": len(found.history.get("evaluated", [])),
+            "search_s": time.time() - t,
+        }
     if rates is not None:
         allocation = "rates"
-    return prune(model, calib, method.criterion, s, gran, allocation=allocation, layer_rates=rates,
-                 criterion_options=opts, gradients=grads, progress=False), extra
+    return prune(
+        model,
+        calib,
+        method.criterion,
+        s,
+        gran,
+        allocation=allocation,
+        layer_rates=rates,
+        criterion_options=opts,
+        gradients=grads,
+        progress=False,
+    ), extra
 
 
 def recover(model, masks, batches: torch.Tensor, lr: float) -> list[float]:
@@ -286,8 +326,9 @@ def run(
     starts = torch.randint(0, ref.train_ids.numel() - seq, (recovery_steps * recovery_batch,), generator=g)
     rec = ref.train_ids[starts[:, None] + torch.arange(seq)[None, :]].view(recovery_steps, recovery_batch, seq)
     eval_in, eval_lab = refm.heldout_windows(ref.heldout_ids, eval_windows, seq)
-    eval_proto = refm.window_protocol(int(eval_in.shape[0]), seq, int(ref.heldout_ids.numel()),
-                                      ref.manifest["tokenizer"]["sha256"])
+    eval_proto = refm.window_protocol(
+        int(eval_in.shape[0]), seq, int(ref.heldout_ids.numel()), ref.manifest["tokenizer"]["sha256"]
+    )
     eval_proto["sha256"] = tensor_sha256(eval_in)
 
     def ppl(model) -> float:
@@ -304,10 +345,20 @@ def run(
     del control
     times["dense recovery (control)"] = time.time() - t
     dense_nz = nonzero_params(dense)
-    rows.append({"setting": "dense", "method": "dense", "ppl_before": dense_ppl, "ppl_after": dense_after,
-                 "nonzero_params": dense_nz, "recovery_losses": rec_losses})
-    log(f"dense: held-out ppl {dense_ppl:.3f}, after the control recovery {dense_after:.3f} "
-        f"({times['dense recovery (control)']:.0f}s)")
+    rows.append(
+        {
+            "setting": "dense",
+            "method": "dense",
+            "ppl_before": dense_ppl,
+            "ppl_after": dense_after,
+            "nonzero_params": dense_nz,
+            "recovery_losses": rec_losses,
+        }
+    )
+    log(
+        f"dense: held-out ppl {dense_ppl:.3f}, after the control recovery {dense_after:.3f} "
+        f"({times['dense recovery (control)']:.0f}s)"
+    )
 
     # ---- statistics shared by the gradient criteria (dense model)
     grans = {s.granularity for s in settings}
@@ -325,8 +376,9 @@ def run(
         for gran in sorted(grans & {"mlp_neuron", "attention_head", "query_head"}):
             t = time.time()
             # σ is learned from per-batch estimates: at least two batches
-            est = saap_scores(dense, calib if len(calib) >= 2 else list(split_batches(calib_all, 1)), gran,
-                              progress=False)
+            est = saap_scores(
+                dense, calib if len(calib) >= 2 else list(split_batches(calib_all, 1)), gran, progress=False
+            )
             shared.saap_options[gran] = est.criterion_options()
             shared.saap_estimates[gran] = est
             saap_sigmas[gran] = list(next(iter(est.sigmas.values())))
@@ -352,18 +404,32 @@ def run(
             seen = (result.info.get("calibration") or {}).get("sha256")
             if seen is not None and seen != calib_fp["sha256"]:
                 raise RuntimeError(f"{method.label}: calibration sha256 {seen} differs from {calib_fp['sha256']}")
-            row = {"setting": setting.key, "method": method.label, "criterion": method.criterion,
-                   "options": method.resolved_options(calibration), "allocation": method.allocation,
-                   "granularity": setting.granularity,
-                   "sparsity": setting.sparsity, "ppl_before": before, "ppl_after": after,
-                   "nonzero_params": nonzero_params(model),
-                   "targeted_sparsity": result.report.targeted.fraction,
-                   "model_sparsity": result.report.model.fraction, "prune_s": t1 - t0, "eval_s": (t2 - t1) + (t4 - t3),
-                   "recovery_s": t3 - t2, "recovery_losses": losses, "calibration_sha256": seen,
-                   "mask_sha256": zeros_sha256(model), **extra}
+            row = {
+                "setting": setting.key,
+                "method": method.label,
+                "criterion": method.criterion,
+                "options": method.resolved_options(calibration),
+                "allocation": method.allocation,
+                "granularity": setting.granularity,
+                "sparsity": setting.sparsity,
+                "ppl_before": before,
+                "ppl_after": after,
+                "nonzero_params": nonzero_params(model),
+                "targeted_sparsity": result.report.targeted.fraction,
+                "model_sparsity": result.report.model.fraction,
+                "prune_s": t1 - t0,
+                "eval_s": (t2 - t1) + (t4 - t3),
+                "recovery_s": t3 - t2,
+                "recovery_losses": losses,
+                "calibration_sha256": seen,
+                "mask_sha256": zeros_sha256(model),
+                **extra,
+            }
             rows.append(row)
-            log(f"  {setting.label:14s} {method.label:16s} ppl {before:9.3f} -> {after:8.3f}   prune {t1 - t0:5.1f}s "
-                f"eval {row['eval_s']:4.1f}s recovery {t3 - t2:5.1f}s")
+            log(
+                f"  {setting.label:14s} {method.label:16s} ppl {before:9.3f} -> {after:8.3f}   prune {t1 - t0:5.1f}s "
+                f"eval {row['eval_s']:4.1f}s recovery {t3 - t2:5.1f}s"
+            )
             del model, result
         times[f"setting {setting.key}"] = time.time() - t_set
     times["total"] = time.time() - t_start
@@ -371,29 +437,60 @@ def run(
     m = ref.manifest
     results = {
         "generated": dt.datetime.now().isoformat(timespec="seconds"),
-        "reference_model": {"path": str(ref.path), "preset": m.get("preset_name"), "parameters": m["parameters"],
-                            "parameters_without_embeddings": m["parameters_without_embeddings"],
-                            "config": {k: m["config"][k] for k in ("hidden_size", "num_hidden_layers",
-                                                                  "num_attention_heads", "num_key_value_heads",
-                                                                  "intermediate_size", "vocab_size",
-                                                                  "tie_word_embeddings")},
-                            "tokens_seen": m["tokens_seen"], "steps": m["steps"], "heldout_ppl": m["heldout_ppl"],
-                            "tokenizer_sha256": m["tokenizer"]["sha256"], "corpus_sha256": m["corpus"]["sha256"],
-                            "train_minutes": m["times"]["train_s"] / 60},
+        "reference_model": {
+            "path": str(ref.path),
+            "preset": m.get("preset_name"),
+            "parameters": m["parameters"],
+            "parameters_without_embeddings": m["parameters_without_embeddings"],
+            "config": {
+                k: m["config"][k]
+                for k in (
+                    "hidden_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "intermediate_size",
+                    "vocab_size",
+                    "tie_word_embeddings",
+                )
+            },
+            "tokens_seen": m["tokens_seen"],
+            "steps": m["steps"],
+            "heldout_ppl": m["heldout_ppl"],
+            "tokenizer_sha256": m["tokenizer"]["sha256"],
+            "corpus_sha256": m["corpus"]["sha256"],
+            "train_minutes": m["times"]["train_s"] / 60,
+        },
         "protocol": {
             "eval": eval_proto,
-            "calibration": {"sequences": calibration, "seq_len": seq, "batch": calib_batch, "seed": seed,
-                            "source": "seeded random windows of the train stream", **calib_fp},
-            "recovery": {"steps": recovery_steps, "batch": recovery_batch, "seq_len": seq,
-                         "tokens": recovery_steps * recovery_batch * seq, "lr": recovery_lr,
-                         "optimizer": "AdamW(betas=(0.9, 0.95), weight_decay=0), constant LR, clip 1.0, masks held",
-                         "seed": seed + 1, "sha256": tensor_sha256(rec)},
+            "calibration": {
+                "sequences": calibration,
+                "seq_len": seq,
+                "batch": calib_batch,
+                "seed": seed,
+                "source": "seeded random windows of the train stream",
+                **calib_fp,
+            },
+            "recovery": {
+                "steps": recovery_steps,
+                "batch": recovery_batch,
+                "seq_len": seq,
+                "tokens": recovery_steps * recovery_batch * seq,
+                "lr": recovery_lr,
+                "optimizer": "AdamW(betas=(0.9, 0.95), weight_decay=0), constant LR, clip 1.0, masks held",
+                "seed": seed + 1,
+                "sha256": tensor_sha256(rec),
+            },
             "sdm": {"stage_a": SDM_STAGE_A, "alpha": SDM_ALPHA, "temperature": SDM_TEMPERATURE},
             "saap_sigma": saap_sigmas,
             "allocation": "uniform (same fraction and count in every layer) unless the method says OWL, SAAP's "
-                          "ranking or Self-Pruner's search (per-layer rates, mean = the target)",
-            "search": {**search, "fitness": f"perplexity on {search_windows} seeded windows of the train stream "
-                       f"(seed {seed + 2}), not the held-out text", "sha256": tensor_sha256(search_heldout)},
+            "ranking or Self-Pruner's search (per-layer rates, mean = the target)",
+            "search": {
+                **search,
+                "fitness": f"perplexity on {search_windows} seeded windows of the train stream "
+                f"(seed {seed + 2}), not the held-out text",
+                "sha256": tensor_sha256(search_heldout),
+            },
             "gradients": "dense-model CE gradients shared by taylor, gblm, sdm stage A, saap (one pass)",
         },
         "settings": [asdict(s) for s in settings],
@@ -433,8 +530,11 @@ def wide_table(results: dict, settings: list[Setting], methods: list[Method]) ->
     dense = cells[("dense", "dense")]
     head = "| method | " + " | ".join(s.label for s in settings) + " |"
     lines = [head, "|---|" + "---:|" * len(settings)]
-    lines.append("| dense (recovery: control) | " + " | ".join(
-        f"{_fmt(dense['ppl_before'])} / {_fmt(dense['ppl_after'])}" for _ in settings) + " |")
+    lines.append(
+        "| dense (recovery: control) | "
+        + " | ".join(f"{_fmt(dense['ppl_before'])} / {_fmt(dense['ppl_after'])}" for _ in settings)
+        + " |"
+    )
     best = {s.key: (_best(results, s.key, "ppl_before"), _best(results, s.key, "ppl_after")) for s in settings}
     for m in methods:
         if not any((s.key, m.label) in cells for s in settings):
@@ -454,8 +554,11 @@ def wide_table(results: dict, settings: list[Setting], methods: list[Method]) ->
     nz = []
     for s in settings:
         vals = {r["nonzero_params"] for r in results["rows"] if r["setting"] == s.key}
-        nz.append(f"{min(vals) / 1e6:.3f}M" if len(vals) == 1 else
-                  (f"{min(vals) / 1e6:.3f}–{max(vals) / 1e6:.3f}M" if vals else "–"))
+        nz.append(
+            f"{min(vals) / 1e6:.3f}M"
+            if len(vals) == 1
+            else (f"{min(vals) / 1e6:.3f}–{max(vals) / 1e6:.3f}M" if vals else "–")
+        )
     lines.append(f"| *nonzero params* (dense {dense['nonzero_params'] / 1e6:.2f}M) | " + " | ".join(nz) + " |")
     return "\n".join(lines)
 
@@ -466,8 +569,9 @@ def winners(results: dict, settings: list[Setting]) -> list[str]:
         bb, ba = _best(results, s.key, "ppl_before"), _best(results, s.key, "ppl_after")
         if bb is None:
             continue
-        out.append(f"- **{s.label}**: before recovery **{bb[0]}** ({_fmt(bb[1])}); after recovery **{ba[0]}** "
-                   f"({_fmt(ba[1])}).")
+        out.append(
+            f"- **{s.label}**: before recovery **{bb[0]}** ({_fmt(bb[1])}); after recovery **{ba[0]}** ({_fmt(ba[1])})."
+        )
     return out
 
 
@@ -501,8 +605,12 @@ def head_to_head(results: dict, settings: list[Setting]) -> list[str]:
                 wins.append(f"{when} {_fmt(x)} vs {_fmt(y)} ({w})")
             parts.append(f"{s.label}: " + ", ".join(wins))
         if parts:
-            tally = sum(cells[(s.key, a)][k] < cells[(s.key, b)][k] for s in settings
-                        if (s.key, a) in cells and (s.key, b) in cells for k in ("ppl_before", "ppl_after"))
+            tally = sum(
+                cells[(s.key, a)][k] < cells[(s.key, b)][k]
+                for s in settings
+                if (s.key, a) in cells and (s.key, b) in cells
+                for k in ("ppl_before", "ppl_after")
+            )
             n = 2 * len(parts)
             out.append(f"- {title}: **{a} lower in {tally} of {n}** comparisons. " + "; ".join(parts) + ".")
     return out
@@ -531,8 +639,10 @@ def non_uniform(results: dict) -> list[str]:
             continue
         line = f"- {r['method']}, {r['setting']}: rates [{', '.join(f'{x:.3f}' for x in rates)}]"
         if "search_fitness" in r:
-            line += (f"; search-split perplexity {r['search_fitness']:.3f} vs {r['search_uniform_fitness']:.3f} "
-                     f"for uniform rates ({r['search_evaluations']} candidates scored, {r['search_s']:.0f}s)")
+            line += (
+                f"; search-split perplexity {r['search_fitness']:.3f} vs {r['search_uniform_fitness']:.3f} "
+                f"for uniform rates ({r['search_evaluations']} candidates scored, {r['search_s']:.0f}s)"
+            )
         out.append(line + ".")
     return out or ["- none in this run."]
 
@@ -540,66 +650,102 @@ def non_uniform(results: dict) -> list[str]:
 def protocol_line(results: dict) -> str:
     r, p = results["reference_model"], results["protocol"]
     c = r["config"]
-    return (f"Reference model: Llama, {r['parameters'] / 1e6:.1f}M parameters "
-            f"({r['parameters_without_embeddings'] / 1e6:.1f}M "
-            f"without the {'tied ' if c['tie_word_embeddings'] else ''}embeddings), hidden {c['hidden_size']}, "
-            f"{c['num_hidden_layers']} layers, {c['num_attention_heads']} query / {c['num_key_value_heads']} KV heads,"
-            f" MLP {c['intermediate_size']}, BPE vocab {c['vocab_size']}, trained {r['steps']} steps "
-            f"({r['tokens_seen'] / 1e6:.1f}M tokens) on the stdlib train split. Held-out perplexity per BPE token on "
-            f"{p['eval']['windows']} windows of {p['eval']['seq_len']} tokens evenly spaced over held-out files; "
-            f"{p['calibration']['sequences']} calibration windows of {p['calibration']['seq_len']} tokens, the same "
-            f"for every method (sha256 {p['calibration']['sha256'][:12]}…); recovery: {p['recovery']['steps']} AdamW "
-            f"steps × {p['recovery']['batch']} sequences ({p['recovery']['tokens']:,} tokens, lr "
-            f"{p['recovery']['lr']:g}) with the masks held, the same batches for every method. Uniform allocation "
-            "(same width in every layer) unless noted. Cells: ppl before / after recovery; best of a column in bold "
-            "(each separately); – = not supported by the criterion.")
+    return (
+        f"Reference model: Llama, {r['parameters'] / 1e6:.1f}M parameters "
+        f"({r['parameters_without_embeddings'] / 1e6:.1f}M "
+        f"without the {'tied ' if c['tie_word_embeddings'] else ''}embeddings), hidden {c['hidden_size']}, "
+        f"{c['num_hidden_layers']} layers, {c['num_attention_heads']} query / {c['num_key_value_heads']} KV heads,"
+        f" MLP {c['intermediate_size']}, BPE vocab {c['vocab_size']}, trained {r['steps']} steps "
+        f"({r['tokens_seen'] / 1e6:.1f}M tokens) on the stdlib train split. Held-out perplexity per BPE token on "
+        f"{p['eval']['windows']} windows of {p['eval']['seq_len']} tokens evenly spaced over held-out files; "
+        f"{p['calibration']['sequences']} calibration windows of {p['calibration']['seq_len']} tokens, the same "
+        f"for every method (sha256 {p['calibration']['sha256'][:12]}…); recovery: {p['recovery']['steps']} AdamW "
+        f"steps × {p['recovery']['batch']} sequences ({p['recovery']['tokens']:,} tokens, lr "
+        f"{p['recovery']['lr']:g}) with the masks held, the same batches for every method. Uniform allocation "
+        "(same width in every layer) unless noted. Cells: ppl before / after recovery; best of a column in bold "
+        "(each separately); – = not supported by the criterion."
+    )
 
 
 def readme_snippet(results: dict, settings: list[Setting], methods: list[Method]) -> str:
-    return "\n".join([
-        wide_table(results, settings, methods), "",
-        protocol_line(results), "",
-        "![perplexity vs sparsity, unstructured and N:M](docs/quality_unstructured.png)",
-        "![perplexity vs fraction of MLP neurons pruned](docs/quality_mlp.png)", "",
-        f"Produced by `benchmarks/quality.py` ({results['times']['total'] / 60:.0f} min on "
-        f"{results['threads']} threads); details, head-to-head comparisons and timings in "
-        "[docs/quality.md](docs/quality.md).",
-    ])
+    return "\n".join(
+        [
+            wide_table(results, settings, methods),
+            "",
+            protocol_line(results),
+            "",
+            "![perplexity vs sparsity, unstructured and N:M](docs/quality_unstructured.png)",
+            "![perplexity vs fraction of MLP neurons pruned](docs/quality_mlp.png)",
+            "",
+            f"Produced by `benchmarks/quality.py` ({results['times']['total'] / 60:.0f} min on "
+            f"{results['threads']} threads); details, head-to-head comparisons and timings in "
+            "[docs/quality.md](docs/quality.md).",
+        ]
+    )
 
 
 def markdown(results: dict, settings: list[Setting], methods: list[Method]) -> str:
     cells = results["rows"]
     p = results["protocol"]
     lines = [
-        "# Quality benchmark: criteria at equal sparsity on a trained Llama", "",
+        "# Quality benchmark: criteria at equal sparsity on a trained Llama",
+        "",
         f"Generated by `benchmarks/quality.py` on {results['generated']} in {results['times']['total'] / 60:.1f} "
-        f"min ({results['threads']} threads). Raw numbers: `quality.json`.", "",
-        protocol_line(results), "",
-        "## Held-out perplexity, before / after recovery", "",
-        wide_table(results, settings, methods), "",
-        "![unstructured and N:M](quality_unstructured.png)", "",
-        "![MLP neurons](quality_mlp.png)", "",
-        "## What wins", "",
-        *winners(results, settings), "",
-        "## Head to head", "",
-        *head_to_head(results, settings), "",
-        "## Identical masks", "",
-        *identical_masks(results, settings), "",
-        "## Non-uniform allocations", "",
-        *non_uniform(results), "",
-        "## Every cell", "",
+        f"min ({results['threads']} threads). Raw numbers: `quality.json`.",
+        "",
+        protocol_line(results),
+        "",
+        "## Held-out perplexity, before / after recovery",
+        "",
+        wide_table(results, settings, methods),
+        "",
+        "![unstructured and N:M](quality_unstructured.png)",
+        "",
+        "![MLP neurons](quality_mlp.png)",
+        "",
+        "## What wins",
+        "",
+        *winners(results, settings),
+        "",
+        "## Head to head",
+        "",
+        *head_to_head(results, settings),
+        "",
+        "## Identical masks",
+        "",
+        *identical_masks(results, settings),
+        "",
+        "## Non-uniform allocations",
+        "",
+        *non_uniform(results),
+        "",
+        "## Every cell",
+        "",
         "| setting | method | ppl before | ppl after | × dense before | nonzero params | model sparsity | prune s | "
         "recovery s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     dense = results["rows"][0]
     for r in cells:
-        lines.append(f"| {r['setting']} | {r['method']} | {_fmt(r['ppl_before'])} | {_fmt(r['ppl_after'])} | "
-                     f"{r['ppl_before'] / dense['ppl_before']:.2f} | {r['nonzero_params']:,} | "
-                     f"{r.get('model_sparsity', 0.0):.1%} | {r.get('prune_s', 0.0):.1f} | "
-                     f"{r.get('recovery_s', 0.0):.1f} |")
-    lines += ["", "## Protocol", "", "```json", json.dumps(p, indent=2), "```", "",
-              "## Time per stage", "", "| stage | seconds |", "|---|---:|"]
+        lines.append(
+            f"| {r['setting']} | {r['method']} | {_fmt(r['ppl_before'])} | {_fmt(r['ppl_after'])} | "
+            f"{r['ppl_before'] / dense['ppl_before']:.2f} | {r['nonzero_params']:,} | "
+            f"{r.get('model_sparsity', 0.0):.1%} | {r.get('prune_s', 0.0):.1f} | "
+            f"{r.get('recovery_s', 0.0):.1f} |"
+        )
+    lines += [
+        "",
+        "## Protocol",
+        "",
+        "```json",
+        json.dumps(p, indent=2),
+        "```",
+        "",
+        "## Time per stage",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+    ]
     lines += [f"| {k} | {v:.0f} |" for k, v in results["times"].items()]
     return "\n".join(lines) + "\n"
 
@@ -614,10 +760,16 @@ def plot(results: dict, settings: list[Setting], methods: list[Method], out: Pat
     dense = cells[("dense", "dense")]
     written = []
     groups = {
-        "unstructured": ([s for s in settings if s.plot == "unstructured"], "pattern (50 % of the decoder weights)",
-                         "Unstructured / N:M"),
-        "mlp": ([s for s in settings if s.plot == "mlp"], "fraction of MLP neurons pruned (mean over the layers)",
-                "MLP neurons"),
+        "unstructured": (
+            [s for s in settings if s.plot == "unstructured"],
+            "pattern (50 % of the decoder weights)",
+            "Unstructured / N:M",
+        ),
+        "mlp": (
+            [s for s in settings if s.plot == "mlp"],
+            "fraction of MLP neurons pruned (mean over the layers)",
+            "MLP neurons",
+        ),
     }
     markers = "osD^v<>pPX*hd"
     floor = 0.01  # % — a cell at or below dense (possible after recovery) is drawn on the floor
@@ -632,8 +784,14 @@ def plot(results: dict, settings: list[Setting], methods: list[Method], out: Pat
                 pts = [(s, cells[(s.key, m.label)][key]) for s in sel if (s.key, m.label) in cells]
                 xs = [100 * s.sparsity if name == "mlp" else sel.index(s) for s, _ in pts]
                 ys = [max(100 * (v / dense[key] - 1), floor) for _, v in pts]
-                ax.plot(xs, ys, marker=markers[i % len(markers)], label=m.label, color=cmap(i),
-                        linestyle="-" if m.allocation == "uniform" else "--")
+                ax.plot(
+                    xs,
+                    ys,
+                    marker=markers[i % len(markers)],
+                    label=m.label,
+                    color=cmap(i),
+                    linestyle="-" if m.allocation == "uniform" else "--",
+                )
             if name == "unstructured":
                 ax.set_xticks(range(len(sel)), [s.label for s in sel])
                 ax.set_xlim(-0.3, len(sel) - 0.7)
@@ -646,8 +804,13 @@ def plot(results: dict, settings: list[Setting], methods: list[Method], out: Pat
             ax.set_xlabel(xlabel)
             ax.grid(True, which="both", alpha=0.3)
         axes[0].set_ylabel("held-out perplexity above dense (log scale)")
-        axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0),
-                       title="dashed: non-uniform rates", title_fontsize=7)
+        axes[1].legend(
+            fontsize=8,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            title="dashed: non-uniform rates",
+            title_fontsize=7,
+        )
         fig.tight_layout()
         path = out / f"quality_{name}.png"
         fig.savefig(path, dpi=110)
@@ -689,22 +852,28 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-windows", type=int, default=64, help="held-out windows (model seq_len each)")
     ap.add_argument("--recovery-steps", type=int, default=16)
     ap.add_argument("--recovery-batch", type=int, default=8)
-    ap.add_argument("--recovery-lr", type=float, default=None,
-                    help="default: a quarter of the reference model's final training LR")
+    ap.add_argument(
+        "--recovery-lr", type=float, default=None, help="default: a quarter of the reference model's final training LR"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--search-windows", type=int, default=16, help="Self-Pruner's fitness split (train stream)")
     ap.add_argument("--search-population", type=int, default=DEFAULT_SEARCH["population"])
     ap.add_argument("--search-generations", type=int, default=DEFAULT_SEARCH["generations"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=Path("docs"))
-    ap.add_argument("--from-json", type=Path, default=None,
-                    help="only rewrite the tables and plots from a quality.json (e.g. docs/quality.json)")
+    ap.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="only rewrite the tables and plots from a quality.json (e.g. docs/quality.json)",
+    )
     args = ap.parse_args(argv)
     if args.from_json is not None:
         results = json.loads(args.from_json.read_text())
         keys, labels = {r["setting"] for r in results["rows"]}, {r["method"] for r in results["rows"]}
-        write_outputs(results, args.out, [s for s in SETTINGS if s.key in keys],
-                      [m for m in METHODS if m.label in labels])
+        write_outputs(
+            results, args.out, [s for s in SETTINGS if s.key in keys], [m for m in METHODS if m.label in labels]
+        )
         return results
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -713,12 +882,20 @@ def main(argv: list[str] | None = None) -> dict:
     ref = refm.load_or_train(preset, args.cache, args.device, name=name)
     ref.model.to(args.device)
     print(f"reference model ready ({time.time() - t:.0f}s)")
-    return run(ref, settings=pick(SETTINGS, args.settings, lambda s: s.key),
-               methods=pick(METHODS, args.methods, lambda m: m.label), calibration=args.calibration,
-               eval_windows=args.eval_windows, recovery_steps=args.recovery_steps,
-               recovery_batch=args.recovery_batch, recovery_lr=args.recovery_lr, seed=args.seed,
-               search_windows=args.search_windows,
-               search={"population": args.search_population, "generations": args.search_generations}, out=args.out)
+    return run(
+        ref,
+        settings=pick(SETTINGS, args.settings, lambda s: s.key),
+        methods=pick(METHODS, args.methods, lambda m: m.label),
+        calibration=args.calibration,
+        eval_windows=args.eval_windows,
+        recovery_steps=args.recovery_steps,
+        recovery_batch=args.recovery_batch,
+        recovery_lr=args.recovery_lr,
+        seed=args.seed,
+        search_windows=args.search_windows,
+        search={"population": args.search_population, "generations": args.search_generations},
+        out=args.out,
+    )
 
 
 if __name__ == "__main__":

@@ -78,13 +78,47 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset(vocab_size=320, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4, intermediate_size=128,
-                   seq_len=64, batch=8, steps=30, lr=3e-3, eval_windows=8, max_train_bytes=150_000,
-                   max_heldout_bytes=40_000),
-    "cpu": Preset(vocab_size=4096, hidden_size=384, num_layers=6, num_heads=8, num_kv_heads=4, intermediate_size=1024,
-                  seq_len=256, batch=16, steps=1000, lr=2e-3, eval_windows=128),
-    "gpu": Preset(vocab_size=8192, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
-                  intermediate_size=2048, seq_len=512, batch=32, steps=4000, lr=1e-3, eval_windows=256),
+    "tiny": Preset(
+        vocab_size=320,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=128,
+        seq_len=64,
+        batch=8,
+        steps=30,
+        lr=3e-3,
+        eval_windows=8,
+        max_train_bytes=150_000,
+        max_heldout_bytes=40_000,
+    ),
+    "cpu": Preset(
+        vocab_size=4096,
+        hidden_size=384,
+        num_layers=6,
+        num_heads=8,
+        num_kv_heads=4,
+        intermediate_size=1024,
+        seq_len=256,
+        batch=16,
+        steps=1000,
+        lr=2e-3,
+        eval_windows=128,
+    ),
+    "gpu": Preset(
+        vocab_size=8192,
+        hidden_size=768,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=4,
+        intermediate_size=2048,
+        seq_len=512,
+        batch=32,
+        steps=4000,
+        lr=1e-3,
+        eval_windows=256,
+    ),
 }
 
 
@@ -125,11 +159,15 @@ def train_tokenizer(docs: list[bytes], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[SPECIAL],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[SPECIAL],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator((d.decode("utf-8", errors="replace") for d in docs), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL, eos_token=SPECIAL,
-                                   model_max_length=1 << 30)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL, eos_token=SPECIAL, model_max_length=1 << 30)
 
 
 def tokenizer_sha256(tokenizer) -> str:
@@ -158,10 +196,19 @@ def heldout_windows(stream: torch.Tensor, n: int, seq_len: int) -> tuple[torch.T
 
 
 def window_protocol(n: int, seq_len: int, stream_tokens: int, tokenizer_sha: str) -> dict:
-    return {"source": "stdlib", "split": "heldout", "joiner": "\\n\\n", "add_bos": "none", "seq_len": seq_len,
-            "windows": n, "placement": "evenly spaced over the held-out stream, non-overlapping",
-            "scored_tokens": n * (seq_len - 1), "stream_tokens": stream_tokens, "tokenizer_sha256": tokenizer_sha,
-            "ppl": "exp(sum NLL / scored tokens), fp32 logits, fp64 sums (pruning.evaluation.score_windows)"}
+    return {
+        "source": "stdlib",
+        "split": "heldout",
+        "joiner": "\\n\\n",
+        "add_bos": "none",
+        "seq_len": seq_len,
+        "windows": n,
+        "placement": "evenly spaced over the held-out stream, non-overlapping",
+        "scored_tokens": n * (seq_len - 1),
+        "stream_tokens": stream_tokens,
+        "tokenizer_sha256": tokenizer_sha,
+        "ppl": "exp(sum NLL / scored tokens), fp32 logits, fp64 sums (pruning.evaluation.score_windows)",
+    }
 
 
 def heldout_ppl(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 16, device=None) -> float:
@@ -178,10 +225,19 @@ def heldout_ppl(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: i
 def build_config(p: Preset, vocab_size: int):
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=p.hidden_size, intermediate_size=p.intermediate_size,
-                      num_hidden_layers=p.num_layers, num_attention_heads=p.num_heads,
-                      num_key_value_heads=p.num_kv_heads, max_position_embeddings=max(p.seq_len, 512),
-                      tie_word_embeddings=p.tie_embeddings, bos_token_id=0, eos_token_id=0, pad_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=p.hidden_size,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_layers,
+        num_attention_heads=p.num_heads,
+        num_key_value_heads=p.num_kv_heads,
+        max_position_embeddings=max(p.seq_len, 512),
+        tie_word_embeddings=p.tie_embeddings,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=None,
+    )
     cfg._attn_implementation = "sdpa"
     return cfg
 
@@ -201,8 +257,11 @@ def train_model(p: Preset, train_ids: torch.Tensor, vocab_size: int, device: tor
     model = AutoModelForCausalLM.from_config(build_config(p, vocab_size)).to(device)
     decay = [q for n, q in model.named_parameters() if q.dim() >= 2]
     no_decay = [q for n, q in model.named_parameters() if q.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay,
-                             "weight_decay": 0.0}], lr=p.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=p.lr,
+        betas=(0.9, 0.95),
+    )
     g = torch.Generator().manual_seed(p.seed)
     amp = device.type == "cuda"
     model.train()
@@ -223,8 +282,10 @@ def train_model(p: Preset, train_ids: torch.Tensor, vocab_size: int, device: tor
         losses.append(float(loss.detach()))
         if step % every == 0 or step == p.steps - 1:
             dt = time.time() - t0
-            log(f"  step {step + 1:5d}/{p.steps}  loss {losses[-1]:.3f}  lr {lr_at(step, p):.2e}  "
-                f"{(step + 1) * p.batch * p.seq_len / max(dt, 1e-9):.0f} tok/s  ({dt:.0f}s)")
+            log(
+                f"  step {step + 1:5d}/{p.steps}  loss {losses[-1]:.3f}  lr {lr_at(step, p):.2e}  "
+                f"{(step + 1) * p.batch * p.seq_len / max(dt, 1e-9):.0f} tok/s  ({dt:.0f}s)"
+            )
     return model.eval(), losses
 
 
@@ -270,8 +331,14 @@ def preset_and_name(preset: str, steps: int | None = None, batch: int | None = N
     return p, (preset if (steps, batch) == (None, None) else f"{preset}-s{p.steps}-b{p.batch}")
 
 
-def load_or_train(preset: str | Preset = "cpu", cache: Path = DEFAULT_CACHE, device: str | None = None,
-                  force: bool = False, log=print, name: str | None = None) -> Reference:
+def load_or_train(
+    preset: str | Preset = "cpu",
+    cache: Path = DEFAULT_CACHE,
+    device: str | None = None,
+    force: bool = False,
+    log=print,
+    name: str | None = None,
+) -> Reference:
     """The cached reference model of ``preset`` (trained first if the cache is missing or was made with other
     settings). ``cache/<name>/`` holds it (``name`` defaults to the preset's name)."""
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -289,8 +356,14 @@ def load_or_train(preset: str | Preset = "cpu", cache: Path = DEFAULT_CACHE, dev
             log(f"reusing the cached reference model in {out} (held-out ppl {manifest['heldout_ppl']:.3f})")
             model = AutoModelForCausalLM.from_pretrained(out).eval()
             model.config._attn_implementation = "sdpa"
-            return Reference(model.to(dev), PreTrainedTokenizerFast.from_pretrained(out),
-                             _load_ids(out / "train_ids.npy"), _load_ids(out / "heldout_ids.npy"), manifest, out)
+            return Reference(
+                model.to(dev),
+                PreTrainedTokenizerFast.from_pretrained(out),
+                _load_ids(out / "train_ids.npy"),
+                _load_ids(out / "heldout_ids.npy"),
+                manifest,
+                out,
+            )
         log(f"the cache in {out} was made with other settings: retraining")
     times: dict[str, float] = {}
     t = time.time()
@@ -302,8 +375,10 @@ def load_or_train(preset: str | Preset = "cpu", cache: Path = DEFAULT_CACHE, dev
     heldout_ids = encode_split(tokenizer, _docs("heldout", p.max_heldout_bytes))
     times["encode_s"] = time.time() - t
     tok_sha = tokenizer_sha256(tokenizer)
-    log(f"tokenizer: vocab {len(tokenizer)}, sha256 {tok_sha[:16]}…; train {train_ids.numel():,} tokens, held-out "
-        f"{heldout_ids.numel():,} tokens ({times['tokenizer_s'] + times['encode_s']:.0f}s)")
+    log(
+        f"tokenizer: vocab {len(tokenizer)}, sha256 {tok_sha[:16]}…; train {train_ids.numel():,} tokens, held-out "
+        f"{heldout_ids.numel():,} tokens ({times['tokenizer_s'] + times['encode_s']:.0f}s)"
+    )
     t = time.time()
     model, losses = train_model(p, train_ids, len(tokenizer), dev, log=log)
     times["train_s"] = time.time() - t
@@ -325,11 +400,18 @@ def load_or_train(preset: str | Preset = "cpu", cache: Path = DEFAULT_CACHE, dev
         "config": build_config(p, len(tokenizer)).to_dict(),
         "parameters": n_params,
         "parameters_without_embeddings": n_params - n_embed,
-        "tokenizer": {"kind": "byte-level BPE (tokenizers), trained on the train split", "vocab": len(tokenizer),
-                      "sha256": tok_sha},
-        "corpus": {"source": "Python standard library source (pruning.data.stdlib_files), split by file",
-                   "sha256": corpus, "train_files": len(train_docs), "train_tokens": int(train_ids.numel()),
-                   "heldout_tokens": int(heldout_ids.numel())},
+        "tokenizer": {
+            "kind": "byte-level BPE (tokenizers), trained on the train split",
+            "vocab": len(tokenizer),
+            "sha256": tok_sha,
+        },
+        "corpus": {
+            "source": "Python standard library source (pruning.data.stdlib_files), split by file",
+            "sha256": corpus,
+            "train_files": len(train_docs),
+            "train_tokens": int(train_ids.numel()),
+            "heldout_tokens": int(heldout_ids.numel()),
+        },
         "steps": p.steps,
         "tokens_seen": p.steps * p.batch * p.seq_len,
         "epochs": p.steps * p.batch * p.seq_len / train_ids.numel(),
@@ -340,8 +422,12 @@ def load_or_train(preset: str | Preset = "cpu", cache: Path = DEFAULT_CACHE, dev
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "times": times,
-        "versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                     "tokenizers": __import__("tokenizers").__version__, "python": platform.python_version()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "tokenizers": __import__("tokenizers").__version__,
+            "python": platform.python_version(),
+        },
     }
     mpath.write_text(json.dumps(manifest, indent=2) + "\n")
     model.to(dev)
@@ -364,8 +450,10 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     ref = load_or_train(p, args.cache, args.device, args.force, name=name)
     m = ref.manifest
-    print(f"reference model: {ref.path}  ({m['parameters'] / 1e6:.2f}M parameters, {m['tokens_seen']:,} tokens seen, "
-          f"held-out ppl {m['heldout_ppl']:.3f}; {time.time() - t0:.0f}s)")
+    print(
+        f"reference model: {ref.path}  ({m['parameters'] / 1e6:.2f}M parameters, {m['tokens_seen']:,} tokens seen, "
+        f"held-out ppl {m['heldout_ppl']:.3f}; {time.time() - t0:.0f}s)"
+    )
     return m
 
 

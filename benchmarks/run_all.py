@@ -33,8 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 STAGES = ("reference_model", "quality", "speed", "overhead", "memory")
 # README section -> file under the output folder whose content goes between its markers
-SECTIONS = {"quality": "quality_table.md", "speed": "speed.md", "overhead": "overhead.md", "memory": "memory.md",
-            "benchmarks-time": "benchmarks_time.md"}
+SECTIONS = {
+    "quality": "quality_table.md",
+    "speed": "speed.md",
+    "overhead": "overhead.md",
+    "memory": "memory.md",
+    "benchmarks-time": "benchmarks_time.md",
+}
 
 
 def replace_between_markers(text: str, name: str, content: str) -> str:
@@ -77,8 +82,18 @@ def stage_command(stage: str, args, out: Path) -> list[str] | None:
     if stage == "quality":
         cmd = [py, str(script), "--out", str(out), "--device", args.device]
         if args.quick:
-            return cmd + ["--preset", "tiny", "--calibration", "4", "--eval-windows", "4", "--recovery-steps", "2",
-                          "--recovery-batch", "2"]
+            return cmd + [
+                "--preset",
+                "tiny",
+                "--calibration",
+                "4",
+                "--eval-windows",
+                "4",
+                "--recovery-steps",
+                "2",
+                "--recovery-batch",
+                "2",
+            ]
         return cmd + ["--preset", args.preset]
     return [py, str(script), "--out", str(out / f"{stage}.md")] + (["--quick"] if args.quick else [])
 
@@ -149,11 +164,14 @@ def main(argv: list[str] | None = None) -> int:
             suite += r["seconds"]
         lines.append(f"| {stage} | {r['status']} | {fmt_minutes(r['seconds'])}{note} | {r['date']} |")
     lines.append(f"| **whole suite, reference model trained** | | **{fmt_minutes(suite)}** | |")
-    summary = (f"`python benchmarks/run_all.py` on {os.cpu_count()} CPU cores (shared with other jobs while "
-               f"measured); time per stage:\n\n" + "\n".join(lines) + "\n")
+    summary = (
+        f"`python benchmarks/run_all.py` on {os.cpu_count()} CPU cores (shared with other jobs while "
+        f"measured); time per stage:\n\n" + "\n".join(lines) + "\n"
+    )
     (out / "benchmarks_time.md").write_text(summary)
-    (out / "benchmarks.md").write_text("# Benchmark suite timings\n\n" + summary + "\n```json\n"
-                                       + json.dumps(history, indent=2) + "\n```\n")
+    (out / "benchmarks.md").write_text(
+        "# Benchmark suite timings\n\n" + summary + "\n```json\n" + json.dumps(history, indent=2) + "\n```\n"
+    )
     print("\n" + summary + f"\n(this invocation: {fmt_minutes(time.time() - t_all)})")
     if not args.no_readme and (args.readme or not args.quick):
         readme = args.readme or ROOT / "README.md"

@@ -49,8 +49,15 @@ CONFIGS: list[tuple[str, str | None, float]] = [
 
 def build_dense(layers: int) -> nn.Module:
     """The dense benchmark model, random init (fp32, SDPA attention)."""
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=layers,
-                      num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+    )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).eval()
@@ -161,8 +168,10 @@ def main(argv: list[str] | None = None) -> str:
         t = statistics.median(pre[k])
         speed = statistics.median(ratio[k])
         ideal = base_f / prefill_flops(m, tokens)
-        lines.append(f"| {k} | {n_params(m) / 1e6:.2f}M | {t * 1e3:.0f} | {speed:.3f} | {ideal:.3f} | "
-                     f"{speed / ideal:.3f} | {statistics.median(gen[k]):.1f} |")
+        lines.append(
+            f"| {k} | {n_params(m) / 1e6:.2f}M | {t * 1e3:.0f} | {speed:.3f} | {ideal:.3f} | "
+            f"{speed / ideal:.3f} | {statistics.median(gen[k]):.1f} |"
+        )
     return emit("\n".join(lines), args.out)
 
 

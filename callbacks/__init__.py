@@ -7,5 +7,11 @@ from .importance import ImportanceCallback
 from .pruning import PruningCallback
 from .report import PruningReport
 
-__all__ = ["EvaluationCallback", "ExportOnFitEnd", "GroupFinetuneCallback", "ImportanceCallback", "PruningCallback",
-           "PruningReport"]
+__all__ = [
+    "EvaluationCallback",
+    "ExportOnFitEnd",
+    "GroupFinetuneCallback",
+    "ImportanceCallback",
+    "PruningCallback",
+    "PruningReport",
+]

@@ -62,8 +62,10 @@ class EvaluationCallback(pl.Callback):
         model_attr: str | None = None,
     ) -> None:
         if perplexity is None and not tasks:
-            raise ValueError("EvaluationCallback: nothing to evaluate. HINT: set perplexity: {preset: stdlib} and/or "
-                             "tasks: [stdlib_mc]")
+            raise ValueError(
+                "EvaluationCallback: nothing to evaluate. HINT: set perplexity: {preset: stdlib} and/or "
+                "tasks: [stdlib_mc]"
+            )
         self.protocol = PerplexityProtocol.from_dict(perplexity) if perplexity is not None else None
         self.tasks = list(tasks or [])
         self.when = list(when) if when is not None else ["fit_end"]
@@ -82,8 +84,9 @@ class EvaluationCallback(pl.Callback):
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _pruner(trainer: pl.Trainer):
-        return next((c for c in trainer.callbacks if hasattr(c, "done") and hasattr(getattr(c, "schedule", None),
-                                                                                    "plan")), None)
+        return next(
+            (c for c in trainer.callbacks if hasattr(c, "done") and hasattr(getattr(c, "schedule", None), "plan")), None
+        )
 
     def _tokenizer(self, pl_module: pl.LightningModule, model) -> Any:
         tok = getattr(pl_module, "tokenizer", None)
@@ -91,8 +94,10 @@ class EvaluationCallback(pl.Callback):
             return tok
         if getattr(model.config, "vocab_size", None) == 256 or tok == "bytes":
             return None  # byte-level
-        raise ValueError(f"EvaluationCallback: {type(pl_module).__name__} has no `tokenizer` and the model's "
-                         f"vocabulary ({model.config.vocab_size}) is not byte-level. HINT: set model.tokenizer")
+        raise ValueError(
+            f"EvaluationCallback: {type(pl_module).__name__} has no `tokenizer` and the model's "
+            f"vocabulary ({model.config.vocab_size}) is not byte-level. HINT: set model.tokenizer"
+        )
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str) -> dict[str, Any]:
         """Evaluate now and record / log the numbers under ``moment`` (every rank must call this)."""
@@ -103,17 +108,30 @@ class EvaluationCallback(pl.Callback):
         if self.protocol is not None:
             if self._stream is None:
                 self._stream = token_stream(self.protocol, "bytes" if tok is None else tok)
-            res = evaluate_perplexity(model, "bytes" if tok is None else tok, self.protocol, self.batch_size,
-                                      pl_module.device, distributed=True, stream=self._stream)
+            res = evaluate_perplexity(
+                model,
+                "bytes" if tok is None else tok,
+                self.protocol,
+                self.batch_size,
+                pl_module.device,
+                distributed=True,
+                stream=self._stream,
+            )
             row["perplexity"] = res.as_dict()
             metrics["ppl"] = res.ppl
         if self.tasks:
             if trainer.is_global_zero:
                 from pruning.harness import byte_tokenizer, evaluate_tasks
 
-                out = evaluate_tasks(model, byte_tokenizer() if tok is None else tok, self.tasks, limit=self.limit,
-                                     num_fewshot=self.num_fewshot, batch_size=self.batch_size,
-                                     include_path=self.include_path or None)
+                out = evaluate_tasks(
+                    model,
+                    byte_tokenizer() if tok is None else tok,
+                    self.tasks,
+                    limit=self.limit,
+                    num_fewshot=self.num_fewshot,
+                    batch_size=self.batch_size,
+                    include_path=self.include_path or None,
+                )
                 row["lm_eval"] = out.as_dict()
                 metrics.update(out.metrics())
             trainer.strategy.barrier("lm_eval")
@@ -137,8 +155,9 @@ class EvaluationCallback(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         self._check_pruned(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         self._check_pruned(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -155,20 +174,29 @@ class EvaluationCallback(pl.Callback):
 
     # ------------------------------------------------------------------ output
     def as_dict(self) -> dict[str, Any]:
-        return {"perplexity_protocol": self.protocol.as_dict() if self.protocol is not None else None,
-                "tasks": self.tasks, "limit": self.limit, "results": self.results}
+        return {
+            "perplexity_protocol": self.protocol.as_dict() if self.protocol is not None else None,
+            "tasks": self.tasks,
+            "limit": self.limit,
+            "results": self.results,
+        }
 
     def table(self) -> str:
         """``| metric | <moment> ... |``: perplexity (with its protocol) and each task's reported metric."""
         moments = [w for w in WHEN if w in self.results]
         names = {"fit_start": "dense (fit start)", "after_pruning": "pruned", "fit_end": "fit end"}
-        lines = ["| metric | " + " | ".join(f"{names[m]} @ step {self.results[m]['step']}" for m in moments) + " |",
-                 "|---|" + "---:|" * len(moments)]
+        lines = [
+            "| metric | " + " | ".join(f"{names[m]} @ step {self.results[m]['step']}" for m in moments) + " |",
+            "|---|" + "---:|" * len(moments),
+        ]
         if self.protocol is not None:
             p = self.protocol.as_dict()
             what = f"{p['source']}" + (f"/{p['split']}" if p["split"] else "")
-            label = (f"ppl ({what}, {p['seq_len']}-token windows, stride {p['stride']}"
-                     + (f", first {p['max_windows']}" if p["max_windows"] else "") + f", bos {p['add_bos']})")
+            label = (
+                f"ppl ({what}, {p['seq_len']}-token windows, stride {p['stride']}"
+                + (f", first {p['max_windows']}" if p["max_windows"] else "")
+                + f", bos {p['add_bos']})"
+            )
             vals = [self.results[m].get("perplexity", {}).get("ppl") for m in moments]
             lines.append(f"| {label} | " + " | ".join(_fmt(v, 3) for v in vals) + " |")
         rows: dict[tuple[str, str], dict[str, float]] = {}

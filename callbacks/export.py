@@ -14,7 +14,7 @@ from pruning.distributed import FSDPModule, full_state_dict, is_sharded
 
 def find_hf_model(pl_module: pl.LightningModule, attr: str | None = None) -> PreTrainedModel:
     """The Hugging Face model a LightningModule trains: ``attr`` if given, else ``student`` or ``model``."""
-    for name in ([attr] if attr else ["student", "model"]):
+    for name in [attr] if attr else ["student", "model"]:
         m = getattr(pl_module, name, None)
         if isinstance(m, PreTrainedModel):
             return m
@@ -46,8 +46,9 @@ class ExportOnFitEnd(pl.Callback):
     and written: the same files a single-process run with the same weights and masks writes. The sharded model
     itself is left as it is (not compacted). Peak on rank 0: one full model in host memory."""
 
-    def __init__(self, path: str | Path, compact: bool = True, model_attr: str | None = None,
-                 manifest: dict | None = None) -> None:
+    def __init__(
+        self, path: str | Path, compact: bool = True, model_attr: str | None = None, manifest: dict | None = None
+    ) -> None:
         self.path = Path(path)
         self.compact = compact
         self.model_attr = model_attr

@@ -46,9 +46,16 @@ class GroupFinetuneCallback(pl.Callback):
         model_attr: attribute of the LightningModule holding the Hugging Face model.
     """
 
-    def __init__(self, groups: int = 4, steps_per_group: int = 100, start_step: int = 0, cycle: bool = True,
-                 train_outside_layers: bool = False, mode: Literal["drop_grads", "requires_grad"] = "drop_grads",
-                 model_attr: str | None = None) -> None:
+    def __init__(
+        self,
+        groups: int = 4,
+        steps_per_group: int = 100,
+        start_step: int = 0,
+        cycle: bool = True,
+        train_outside_layers: bool = False,
+        mode: Literal["drop_grads", "requires_grad"] = "drop_grads",
+        model_attr: str | None = None,
+    ) -> None:
         if groups < 1:
             raise ValueError(f"groups={groups} must be >= 1")
         if steps_per_group < 1:

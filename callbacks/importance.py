@@ -55,8 +55,12 @@ class ImportanceCallback(pl.Callback):
         per_sample: ``sequence`` or ``micro_batch`` (see above).
     """
 
-    def __init__(self, window: int | None = None, freeze_weights: bool = True,
-                 per_sample: Literal["sequence", "micro_batch"] = "sequence") -> None:
+    def __init__(
+        self,
+        window: int | None = None,
+        freeze_weights: bool = True,
+        per_sample: Literal["sequence", "micro_batch"] = "sequence",
+    ) -> None:
         if window is not None and window < 1:
             raise ValueError(f"window={window} must be >= 1 (or null for every step since the previous event)")
         if per_sample not in ("sequence", "micro_batch"):
@@ -74,8 +78,9 @@ class ImportanceCallback(pl.Callback):
         self._dropper: DropGradients | None = None
 
     # ------------------------------------------------------------------ set up by the pruning callback
-    def configure(self, activations: ActivationCollector | None, gradients: GradientCollector | None,
-                  events: list[Event]) -> None:
+    def configure(
+        self, activations: ActivationCollector | None, gradients: GradientCollector | None, events: list[Event]
+    ) -> None:
         self.activations = activations
         self.gradients = gradients
         if activations is not None:

@@ -100,8 +100,9 @@ class PruningCallback(pl.Callback):
     def __init__(
         self,
         criterion: str = "magnitude",
-        granularity: Literal["unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head",
-                             "layer"] = "unstructured",
+        granularity: Literal[
+            "unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer"
+        ] = "unstructured",
         schedule: Schedule | None = None,
         allocation: Literal["uniform", "global", "owl", "rates"] = "uniform",
         scope: Literal["row", "layer", "global"] | None = None,
@@ -132,11 +133,20 @@ class PruningCallback(pl.Callback):
                 raise ValueError(f"rates_file is given but allocation={allocation!r}. HINT: set allocation: rates")
         self.rates_file = rates_file
         for e in self.schedule.plan():
-            _check_args(e.sparsity if nm is None else 1 - nm[0] / nm[1], granularity, allocation, scope,
-                        sparsity_basis, layer_rates if rates_file is None else [], nm)
+            _check_args(
+                e.sparsity if nm is None else 1 - nm[0] / nm[1],
+                granularity,
+                allocation,
+                scope,
+                sparsity_basis,
+                layer_rates if rates_file is None else [],
+                nm,
+            )
         if nm is not None and any(abs(e.sparsity - (1 - nm[0] / nm[1])) > 1e-9 for e in self.schedule.plan()):
-            raise ValueError(f"granularity={granularity!r} prunes exactly {1 - nm[0] / nm[1]:g}: set schedule "
-                             f"sparsity to {1 - nm[0] / nm[1]:g}")
+            raise ValueError(
+                f"granularity={granularity!r} prunes exactly {1 - nm[0] / nm[1]:g}: set schedule "
+                f"sparsity to {1 - nm[0] / nm[1]:g}"
+            )
         needs_stats = self.criterion.needs_activations or self.criterion.needs_gradients
         if needs_stats and self.schedule.plan()[0].step < 1:
             raise ValueError(
@@ -145,10 +155,18 @@ class PruningCallback(pl.Callback):
                 "step >= 1 (e.g. schedule: {kind: one_shot, step: 32, sparsity: 0.3})."
             )
         self.granularity = granularity
-        self.options = dict(allocation=allocation, scope=scope, sparsity_basis=sparsity_basis,
-                            layer_rates=layer_rates, min_keep=min_keep, max_keep=max_keep, owl_m=owl_m,
-                            owl_lambda=owl_lambda, include_embeddings=include_embeddings,
-                            include_lm_head=include_lm_head)
+        self.options = dict(
+            allocation=allocation,
+            scope=scope,
+            sparsity_basis=sparsity_basis,
+            layer_rates=layer_rates,
+            min_keep=min_keep,
+            max_keep=max_keep,
+            owl_m=owl_m,
+            owl_lambda=owl_lambda,
+            include_embeddings=include_embeddings,
+            include_lm_head=include_lm_head,
+        )
         self.keep_original = keep_original
         self.model_attr = model_attr
         self.log_layers = log_layers
@@ -173,16 +191,19 @@ class PruningCallback(pl.Callback):
                 self.criterion_options = {**options, **self.criterion_options}
                 self.criterion = get_criterion(self.criterion_name, **self.criterion_options)
         if self.keep_original is None:
-            self.keep_original = getattr(pl_module, "teacher_mode", None) == "lifted" \
-                and not self.criterion.reconstructs
+            self.keep_original = (
+                getattr(pl_module, "teacher_mode", None) == "lifted" and not self.criterion.reconstructs
+            )
         if isinstance(getattr(pl_module, "masks", None), MaskSet) and pl_module.masks is not self.masks:
             self.masks = pl_module.masks  # the module's masks (e.g. keep_zeros) are continued, monotonically
         if hasattr(pl_module, "masks"):
             pl_module.masks = self.masks
         events = self.schedule.plan()
         if any(e.alpha is not None or e.temperature is not None for e in events) and not hasattr(pl_module, "alpha"):
-            raise ValueError(f"the schedule sets alpha/temperature, but {type(pl_module).__name__} has no `alpha` "
-                             "and `temperature` attributes that its loss reads. HINT: remove them from the schedule")
+            raise ValueError(
+                f"the schedule sets alpha/temperature, but {type(pl_module).__name__} has no `alpha` "
+                "and `temperature` attributes that its loss reads. HINT: remove them from the schedule"
+            )
         crit = self.criterion
         if not (crit.needs_activations or crit.needs_gradients):
             return
@@ -216,11 +237,17 @@ class PruningCallback(pl.Callback):
         if crit.needs_gradients:
             try:
                 grads = GradientCollector(
-                    model, param_names=params if crit.grad_kinds else (), grad_kinds=crit.grad_kinds or ("sum",),
-                    group_sets=group_sets if crit.group_kinds else (), group_kinds=crit.group_kinds or ("coupled",))
+                    model,
+                    param_names=params if crit.grad_kinds else (),
+                    grad_kinds=crit.grad_kinds or ("sum",),
+                    group_sets=group_sets if crit.group_kinds else (),
+                    group_kinds=crit.group_kinds or ("coupled",),
+                )
             except KeyError as e:
-                raise ValueError(f"criterion={self.criterion_name!r} needs gradients of {e}, which this model "
-                                 "does not expose (LoRA-wrapped?). HINT: score in a run without lora") from e
+                raise ValueError(
+                    f"criterion={self.criterion_name!r} needs gradients of {e}, which this model "
+                    "does not expose (LoRA-wrapped?). HINT: score in a run without lora"
+                ) from e
             frozen = [n for n, p in grads.params.items() if not p.requires_grad]
             frozen += [n for n, p in grads._group_params.items() if not p.requires_grad]
             if frozen:
@@ -257,8 +284,9 @@ class PruningCallback(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         self._fire(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         self._fire(trainer, pl_module)
 
     def _fire(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -280,8 +308,16 @@ class PruningCallback(pl.Callback):
         opts = dict(self.options)
         was_training = model.training
         rewritten: dict[str, torch.Tensor] = {}
-        kw = dict(criterion_options=self.criterion_options, gradients=grads, activations=act, masks=self.masks,
-                  keep_original=bool(self.keep_original), sequential=False, progress=False, **opts)
+        kw = dict(
+            criterion_options=self.criterion_options,
+            gradients=grads,
+            activations=act,
+            masks=self.masks,
+            keep_original=bool(self.keep_original),
+            sequential=False,
+            progress=False,
+            **opts,
+        )
         if layers is not None:
             # FSDP2, each layer scored on its own: one decoder layer (then the root's own weights) unsharded at a
             # time, not the whole model, with its row-sharded statistics gathered whole inside the same scope; prune
@@ -290,8 +326,9 @@ class PruningCallback(pl.Callback):
                 return unsharded_module(model if i is None else layers[i])
 
             with _base_layers(model):
-                result = prune(model, None, self.criterion_name, event.sparsity, self.granularity,
-                               layer_scope=layer_scope, **kw)
+                result = prune(
+                    model, None, self.criterion_name, event.sparsity, self.granularity, layer_scope=layer_scope, **kw
+                )
         else:
             # the full weights for the scoring (FSDP2: writes into them are dropped at reshard: masks and rewritten
             # weights are put into the shards below); LoRA wrappers out of the way while scoring (see _base_layers)
@@ -313,9 +350,14 @@ class PruningCallback(pl.Callback):
             samples = self.importance.samples
             self.importance.reset()
         rep = result.report
-        record = {"step": trainer.global_step, "sparsity": event.sparsity, "targeted": rep.targeted.fraction,
-                  "model": rep.model.fraction, "micro_batches_scored_on_rank": samples,
-                  "unsharded_for_scoring": None if not sharded else "layer" if layers is not None else "model"}
+        record = {
+            "step": trainer.global_step,
+            "sparsity": event.sparsity,
+            "targeted": rep.targeted.fraction,
+            "model": rep.model.fraction,
+            "micro_batches_scored_on_rank": samples,
+            "unsharded_for_scoring": None if not sharded else "layer" if layers is not None else "model",
+        }
         self.history.append(record)
         metrics = {"pruning/targeted_sparsity": rep.targeted.fraction, "pruning/model_sparsity": rep.model.fraction}
         if self.log_layers:
@@ -327,8 +369,9 @@ class PruningCallback(pl.Callback):
         """The decoder layers, when this event can score them one at a time on a sharded model (each layer and the
         root an FSDP module; an allocation that reads each layer on its own, see ``scores_layer_by_layer``)."""
         o = self.options
-        if not scores_layer_by_layer(self.criterion_name, self.granularity, o["allocation"], o["scope"],
-                                     self.criterion_options):
+        if not scores_layer_by_layer(
+            self.criterion_name, self.granularity, o["allocation"], o["scope"], self.criterion_options
+        ):
             return None
         with _base_layers(model):
             layers = list(ModelStructure(model).layers)
@@ -342,8 +385,9 @@ class PruningCallback(pl.Callback):
         """Rank 0's masks everywhere (they are computed from identical statistics; this makes them bit-equal)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
-            torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
         changed = False
         for store in (self.masks.element, self.masks.groups):
             # element masks held as rows were made bit-equal at the event that built them (and are not whole here)
@@ -366,8 +410,11 @@ class PruningCallback(pl.Callback):
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
-        return {"masks": self.masks.state_dict(with_original=bool(self.keep_original)), "done": self.done,
-                "history": self.history}
+        return {
+            "masks": self.masks.state_dict(with_original=bool(self.keep_original)),
+            "done": self.done,
+            "history": self.history,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending_state = state_dict

@@ -71,8 +71,13 @@ class PruningReport(pl.Callback):
         masks = pruner.masks if pruner is not None and model is find_hf_model(pl_module) else None
         total = sum(p.numel() for p in model.parameters())
         zeroed = masks.report(model).model.pruned if masks is not None and len(masks) else 0
-        row = {"model": name, "heldout_ppl": math.exp(nll / max(tokens, 1)), "tokens": tokens,
-               "params": total - zeroed, "step": trainer.global_step}
+        row = {
+            "model": name,
+            "heldout_ppl": math.exp(nll / max(tokens, 1)),
+            "tokens": tokens,
+            "params": total - zeroed,
+            "step": trainer.global_step,
+        }
         self.rows.append(row)
         if trainer.logger is not None:
             trainer.logger.log_metrics({f"report/{name}_ppl": row["heldout_ppl"]}, step=trainer.global_step)
@@ -97,18 +102,28 @@ class PruningReport(pl.Callback):
             calib = None
             if pruner.criterion.needs_activations or self.baseline != "magnitude":
                 dm = trainer.datamodule
-                calib = dm.calibration_batches(32) if hasattr(dm, "calibration_batches") else \
-                    [b["input_ids"] for _, b in zip(range(32), dm.train_dataloader())]
+                calib = (
+                    dm.calibration_batches(32)
+                    if hasattr(dm, "calibration_batches")
+                    else [b["input_ids"] for _, b in zip(range(32), dm.train_dataloader())]
+                )
             opts = {k: v for k, v in pruner.options.items() if k != "layer_rates" or v is not None}
-            res = prune(base, calib, self.baseline, pruner.schedule.final_sparsity(), pruner.granularity,
-                        progress=False, **opts)
+            res = prune(
+                base, calib, self.baseline, pruner.schedule.final_sparsity(), pruner.granularity, progress=False, **opts
+            )
             self._baseline_masks = res.masks
             name = f"baseline ({self.baseline}, {pruner.granularity} {pruner.schedule.final_sparsity():.0%})"
             loader = trainer.datamodule.val_dataloader()
             nll, tokens = heldout_nll(base, loader, pl_module.device)
-            self.rows.append({"model": name, "heldout_ppl": math.exp(nll / max(tokens, 1)), "tokens": tokens,
-                              "params": sum(p.numel() for p in base.parameters()) - res.report.model.pruned,
-                              "step": trainer.global_step})
+            self.rows.append(
+                {
+                    "model": name,
+                    "heldout_ppl": math.exp(nll / max(tokens, 1)),
+                    "tokens": tokens,
+                    "params": sum(p.numel() for p in base.parameters()) - res.report.model.pruned,
+                    "step": trainer.global_step,
+                }
+            )
             self._dense = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

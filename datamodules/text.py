@@ -63,8 +63,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from pruning.api import calibration_fingerprint
 from pruning.data import BYTE_VOCAB, stdlib_files, windows
 
-__all__ = ["ALPACA_PROMPT", "ALPACA_PROMPT_NO_INPUT", "IGNORE_INDEX", "ResumableDataLoader", "TextDataModule",
-           "alpaca_prompt"]
+__all__ = [
+    "ALPACA_PROMPT",
+    "ALPACA_PROMPT_NO_INPUT",
+    "IGNORE_INDEX",
+    "ResumableDataLoader",
+    "TextDataModule",
+    "alpaca_prompt",
+]
 
 IGNORE_INDEX = -100
 BYTES_SEPARATOR = b"\n\n"  # what the bytes tokenizer puts after every document (as pruning.data.stdlib_bytes)
@@ -136,8 +142,12 @@ def _local_files(source: str) -> list[str] | None:
 def _builder(files: list[str], key: str) -> str:
     kinds = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
     if None in kinds or len(kinds) != 1:
-        raise _invalid(key, files[:5], f"files of one kind among {sorted(BUILDERS)}",
-                       f"point `{key}` at .txt, .json/.jsonl or .parquet files, not a mixture.")
+        raise _invalid(
+            key,
+            files[:5],
+            f"files of one kind among {sorted(BUILDERS)}",
+            f"point `{key}` at .txt, .json/.jsonl or .parquet files, not a mixture.",
+        )
     return kinds.pop()
 
 
@@ -146,9 +156,21 @@ class _Reader:
 
     A document is ``bytes`` (stdlib), ``str`` (text) or ``(prompt, response)`` (instruct rows)."""
 
-    def __init__(self, source: str, split: str, *, key: str, split_key: str, dataset_config: str | None,
-                 text_field: str, sample_by: str, streaming: bool, cache_dir: str | None, instruct: bool,
-                 instruct_fields: dict[str, str] | None = None):
+    def __init__(
+        self,
+        source: str,
+        split: str,
+        *,
+        key: str,
+        split_key: str,
+        dataset_config: str | None,
+        text_field: str,
+        sample_by: str,
+        streaming: bool,
+        cache_dir: str | None,
+        instruct: bool,
+        instruct_fields: dict[str, str] | None = None,
+    ):
         self.source, self.split, self.key = source, split, key
         self.dataset_config, self.text_field, self.sample_by = dataset_config, text_field, sample_by
         self.streaming, self.cache_dir, self.instruct = streaming, cache_dir, instruct
@@ -156,30 +178,50 @@ class _Reader:
         if source == "stdlib":
             self.kind, self.files = "stdlib", None
             if split not in STDLIB_SPLITS:
-                raise _invalid(split_key, split, str(list(STDLIB_SPLITS)),
-                               f"the stdlib corpus has the splits 'train' and 'heldout': fix `{split_key}`.")
+                raise _invalid(
+                    split_key,
+                    split,
+                    str(list(STDLIB_SPLITS)),
+                    f"the stdlib corpus has the splits 'train' and 'heldout': fix `{split_key}`.",
+                )
             if instruct:
-                raise _invalid("mode", "instruct", "'packed' or 'windows' for the stdlib corpus",
-                               "instruct needs rows with instruction/input/output: set `source` to such a "
-                               ".json/.jsonl/.parquet file or hub dataset, or `mode` to 'packed'.")
+                raise _invalid(
+                    "mode",
+                    "instruct",
+                    "'packed' or 'windows' for the stdlib corpus",
+                    "instruct needs rows with instruction/input/output: set `source` to such a "
+                    ".json/.jsonl/.parquet file or hub dataset, or `mode` to 'packed'.",
+                )
             return
         files = _local_files(source)
         if files is None:
             self.kind, self.files = "hub", None
         elif not files:
-            raise _invalid(key, source, "'stdlib', an existing file, directory or glob, or a hub dataset name",
-                           f"no file matches `{key}`={source!r}; check the path (relative to {os.getcwd()}).")
+            raise _invalid(
+                key,
+                source,
+                "'stdlib', an existing file, directory or glob, or a hub dataset name",
+                f"no file matches `{key}`={source!r}; check the path (relative to {os.getcwd()}).",
+            )
         else:
             self.kind, self.files = "local", files
             self.builder = _builder(files, key)
             if split != "train":
-                raise _invalid(split_key, split, "'train' for local files",
-                               f"local files form the single split 'train': set `{split_key}: train`, and give "
-                               "held-out files with `val_source`.")
+                raise _invalid(
+                    split_key,
+                    split,
+                    "'train' for local files",
+                    f"local files form the single split 'train': set `{split_key}: train`, and give "
+                    "held-out files with `val_source`.",
+                )
             if self.builder == "text" and instruct:
-                raise _invalid("mode", "instruct", "'packed' or 'windows' for .txt files",
-                               "instruct needs .json/.jsonl/.parquet rows with instruction/input/output: fix "
-                               "`source`, or set `mode: packed`.")
+                raise _invalid(
+                    "mode",
+                    "instruct",
+                    "'packed' or 'windows' for .txt files",
+                    "instruct needs .json/.jsonl/.parquet rows with instruction/input/output: fix "
+                    "`source`, or set `mode: packed`.",
+                )
 
     def describe(self) -> str:
         return self.source if self.kind != "local" else f"{self.source} ({len(self.files)} files)"
@@ -190,19 +232,25 @@ class _Reader:
         if self.kind == "local":
             kwargs = {"sample_by": self.sample_by} if self.builder == "text" else {}
             # Local files are always read as a stream: nothing is converted or cached, and a byte cap stops early.
-            return datasets.load_dataset(self.builder, data_files=self.files, split="train", streaming=True,
-                                         cache_dir=self.cache_dir, **kwargs)
-        return datasets.load_dataset(self.source, self.dataset_config, split=self.split, streaming=self.streaming,
-                                     cache_dir=self.cache_dir)
+            return datasets.load_dataset(
+                self.builder, data_files=self.files, split="train", streaming=True, cache_dir=self.cache_dir, **kwargs
+            )
+        return datasets.load_dataset(
+            self.source, self.dataset_config, split=self.split, streaming=self.streaming, cache_dir=self.cache_dir
+        )
 
     def prepare(self) -> None:
         """Download (hub sources, not streamed) once, so that ranks do not all download at the same time."""
         if self.kind == "hub" and not self.streaming:
             self._dataset()
 
-    def documents(self, shuffle_seed: int | None = None, shard: tuple[int, int] | None = None,
-                  max_bytes: int | None = None, max_documents: int | None = None,
-                  ) -> Iterator[bytes | str | tuple[str, str]]:
+    def documents(
+        self,
+        shuffle_seed: int | None = None,
+        shard: tuple[int, int] | None = None,
+        max_bytes: int | None = None,
+        max_documents: int | None = None,
+    ) -> Iterator[bytes | str | tuple[str, str]]:
         """Documents in source order (or shuffled with ``shuffle_seed``), up to the caps (counted over the whole
         split), and of those only the ones dealt to ``shard = (index, count)``: document ``d`` goes to
         ``d % count``. Uncapped hub/local data is dealt by ``datasets.distributed.split_dataset_by_node`` instead
@@ -211,8 +259,9 @@ class _Reader:
         if shard is not None and not capped and self.kind != "stdlib":
             from datasets.distributed import split_dataset_by_node
 
-            yield from self._rows(split_dataset_by_node(self._shuffled(shuffle_seed), rank=shard[0],
-                                                        world_size=shard[1]))
+            yield from self._rows(
+                split_dataset_by_node(self._shuffled(shuffle_seed), rank=shard[0], world_size=shard[1])
+            )
             return
         docs = self._stdlib(shuffle_seed) if self.kind == "stdlib" else self._rows(self._shuffled(shuffle_seed))
         docs = _limited(docs, max_bytes, max_documents)
@@ -259,10 +308,13 @@ class _Reader:
             cols = {f: self._column(row, f) for f in INSTRUCT_FIELDS}
             missing = [f for f in ("instruction", "output") if cols[f] is None]
             if missing:
-                raise _invalid("instruct_fields", self.instruct_fields or None,
-                               "a map from 'instruction', 'input', 'output' to columns of the rows",
-                               f"{self.describe()} has the columns {sorted(row)}, none found for {missing}: set "
-                               "`instruct_fields`, e.g. {output: response}, or `mode: packed` and `text_field`.")
+                raise _invalid(
+                    "instruct_fields",
+                    self.instruct_fields or None,
+                    "a map from 'instruction', 'input', 'output' to columns of the rows",
+                    f"{self.describe()} has the columns {sorted(row)}, none found for {missing}: set "
+                    "`instruct_fields`, e.g. {output: response}, or `mode: packed` and `text_field`.",
+                )
             inp = row[cols["input"]] if cols["input"] is not None else ""
             return alpaca_prompt(row[cols["instruction"]] or "", inp or ""), row[cols["output"]] or ""
         if self.text_field not in row:
@@ -311,8 +363,12 @@ class _Encoder:
         self.tokenizer = tokenizer
         if tokenizer is None:
             if add_bos:
-                raise _invalid("add_bos", add_bos, "False or null with tokenizer='bytes'",
-                               "the bytes tokenizer has no BOS token; set `add_bos: false` or use a real tokenizer.")
+                raise _invalid(
+                    "add_bos",
+                    add_bos,
+                    "False or null with tokenizer='bytes'",
+                    "the bytes tokenizer has no BOS token; set `add_bos: false` or use a real tokenizer.",
+                )
             self.name, self.vocab_size = "bytes", BYTE_VOCAB
             self.bos: list[int] = []
             self.eos = list(BYTES_SEPARATOR) if add_eos else []
@@ -359,8 +415,12 @@ class _Encoder:
         for p, r in zip(prompts, responses):
             prompt = np.concatenate([bos, p.astype(np.int64)])
             response = np.concatenate([r.astype(np.int64), eos])
-            out.append((np.concatenate([prompt, response]),
-                        np.concatenate([np.full(len(prompt), IGNORE_INDEX, np.int64), response])))
+            out.append(
+                (
+                    np.concatenate([prompt, response]),
+                    np.concatenate([np.full(len(prompt), IGNORE_INDEX, np.int64), response]),
+                )
+            )
         return out
 
 
@@ -382,8 +442,9 @@ def _token_stream(docs: Iterable, encoder: _Encoder, max_tokens: int | None = No
 class _Sequences(Dataset):
     """Sequences ``[N, L]`` (int32 storage); an item is a *batch*: a list of indices -> dict of LongTensors."""
 
-    def __init__(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None):
+    def __init__(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+    ):
         self.input_ids = input_ids.to(torch.int32).contiguous()
         self.labels = None if labels is None else labels.to(torch.int32).contiguous()
         self.attention_mask = None if attention_mask is None else attention_mask.to(torch.int32).contiguous()
@@ -414,15 +475,18 @@ class _Sequences(Dataset):
         return {"sequences": n, "tokens": tokens, "labelled_tokens": labelled}
 
 
-def _instruct_sequences(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int,
-                        packing: bool) -> tuple[_Sequences, int]:
+def _instruct_sequences(
+    examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int, packing: bool
+) -> tuple[_Sequences, int]:
     """Padded (or packed) instruct sequences, and how many examples were dropped (no response token left)."""
     if packing:
         ids = np.concatenate([e[0] for e in examples]) if examples else np.zeros(0, np.int64)
         labels = np.concatenate([e[1] for e in examples]) if examples else np.zeros(0, np.int64)
         n = len(ids) // seq_len
-        return _Sequences(torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len)),
-                          torch.from_numpy(labels[: n * seq_len].reshape(n, seq_len))), 0
+        return _Sequences(
+            torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len)),
+            torch.from_numpy(labels[: n * seq_len].reshape(n, seq_len)),
+        ), 0
     kept = [(i[:seq_len], lab[:seq_len]) for i, lab in examples if (lab[:seq_len] != IGNORE_INDEX).any()]
     n = len(kept)
     ids = torch.full((n, seq_len), pad_id, dtype=torch.int64)
@@ -465,8 +529,16 @@ class ShardSampler(DistributedSampler):
     last batch may be smaller. A ``DistributedSampler`` subclass, so Lightning neither replaces it nor wraps it. The
     epoch is ``position.epoch`` (see :meth:`set_epoch`)."""
 
-    def __init__(self, dataset: _Sequences, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, max_batches: int | None = None):
+    def __init__(
+        self,
+        dataset: _Sequences,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        max_batches: int | None = None,
+    ):
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         per_rank = len(dataset) // world_size
         self.indices = torch.arange(rank, per_rank * world_size, world_size)
@@ -520,8 +592,14 @@ class ResumableDataLoader(DataLoader):
     trained on; a consumer that prefetches itself must account for it. ``persistent_workers`` is off: workers
     receive the epoch's order when they start."""
 
-    def __init__(self, dataset: Dataset, position: _Position, identity: dict, sampler: ShardSampler | None = None,
-                 num_workers: int = 0):
+    def __init__(
+        self,
+        dataset: Dataset,
+        position: _Position,
+        identity: dict,
+        sampler: ShardSampler | None = None,
+        num_workers: int = 0,
+    ):
         super().__init__(dataset, batch_size=None, sampler=sampler, num_workers=num_workers)
         self.position = position
         self.identity = identity
@@ -532,8 +610,12 @@ class ResumableDataLoader(DataLoader):
         return _Counting(super().__iter__(), self.position)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.position.epoch, "consumed": self.position.start,
-                "num_batches": self.position.num_batches, **self.identity}
+        return {
+            "epoch": self.position.epoch,
+            "consumed": self.position.start,
+            "num_batches": self.position.num_batches,
+            **self.identity,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         changed = {k: (state_dict.get(k), v) for k, v in self.identity.items() if state_dict.get(k) != v}
@@ -562,9 +644,21 @@ def _pass_seed(seed: int, epoch: int, cycle: int) -> int:
 class _StreamDataset(IterableDataset):
     """Batches of one rank, read from a stream; ``steps`` per epoch (see the module docstring)."""
 
-    def __init__(self, reader: _Reader, encoder: _Encoder, mode: str, seq_len: int, batch_size: int, steps: int,
-                 rank: int, world_size: int, seed: int, instruct_packing: bool, max_bytes: int | None,
-                 max_documents: int | None):
+    def __init__(
+        self,
+        reader: _Reader,
+        encoder: _Encoder,
+        mode: str,
+        seq_len: int,
+        batch_size: int,
+        steps: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        instruct_packing: bool,
+        max_bytes: int | None,
+        max_documents: int | None,
+    ):
         self.reader, self.encoder, self.mode = reader, encoder, mode
         self.seq_len, self.batch_size, self.steps = seq_len, batch_size, steps
         self.rank, self.world_size, self.seed = rank, world_size, seed
@@ -599,8 +693,9 @@ class _StreamDataset(IterableDataset):
         mine = self.rank * streams + stream
         cycle = 0
         while True:
-            docs = self.reader.documents(_pass_seed(self.seed, epoch, cycle), (mine, n_streams), self.max_bytes,
-                                         self.max_documents)
+            docs = self.reader.documents(
+                _pass_seed(self.seed, epoch, cycle), (mine, n_streams), self.max_bytes, self.max_documents
+            )
             produced = 0
             buffer_ids, buffer_labels = np.zeros(0, np.int64), np.zeros(0, np.int64)
             for chunk in _chunks(docs, _READ_CHUNK):
@@ -615,8 +710,9 @@ class _StreamDataset(IterableDataset):
                     buffer_ids = np.concatenate([buffer_ids] + [e[0] for e in examples])
                     buffer_labels = np.concatenate([buffer_labels] + [e[1] for e in examples])
                 else:
-                    buffer_ids = np.concatenate([buffer_ids] + [d.astype(np.int64) for d in
-                                                                self.encoder.documents(chunk)])
+                    buffer_ids = np.concatenate(
+                        [buffer_ids] + [d.astype(np.int64) for d in self.encoder.documents(chunk)]
+                    )
                 n = len(buffer_ids) // self.seq_len
                 for r in range(n):
                     produced += 1
@@ -743,37 +839,61 @@ class TextDataModule(LightningDataModule):
         if not isinstance(text_field, str) or not text_field:
             raise _invalid("text_field", text_field, "a column name")
         if instruct_fields is not None and (
-            not isinstance(instruct_fields, dict) or not set(instruct_fields) <= set(INSTRUCT_FIELDS)
+            not isinstance(instruct_fields, dict)
+            or not set(instruct_fields) <= set(INSTRUCT_FIELDS)
             or not all(isinstance(v, str) and v for v in instruct_fields.values())
         ):
-            raise _invalid("instruct_fields", instruct_fields,
-                           f"null or a map from some of {list(INSTRUCT_FIELDS)} to column names")
-        for key, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1),
-                                ("calibration_samples", calibration_samples, 1), ("val_samples", val_samples, 0),
-                                ("num_workers", num_workers, 0), ("seed", seed, 0)):
+            raise _invalid(
+                "instruct_fields",
+                instruct_fields,
+                f"null or a map from some of {list(INSTRUCT_FIELDS)} to column names",
+            )
+        for key, value, low in (
+            ("seq_len", seq_len, 2),
+            ("batch_size", batch_size, 1),
+            ("calibration_samples", calibration_samples, 1),
+            ("val_samples", val_samples, 0),
+            ("num_workers", num_workers, 0),
+            ("seed", seed, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise _invalid(key, value, f"an integer >= {low}")
-        for key, value in (("num_samples", num_samples), ("steps_per_epoch", steps_per_epoch),
-                           ("max_bytes", max_bytes), ("max_documents", max_documents)):
+        for key, value in (
+            ("num_samples", num_samples),
+            ("steps_per_epoch", steps_per_epoch),
+            ("max_bytes", max_bytes),
+            ("max_documents", max_documents),
+        ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise _invalid(key, value, "null or an integer >= 1")
         tokenizer = "model" if tokenizer is None else tokenizer
         if not isinstance(tokenizer, str) or not tokenizer:
             raise _invalid("tokenizer", tokenizer, "'bytes', 'model' or a tokenizer name / path")
         if tokenizer == "bytes" and add_bos:
-            raise _invalid("add_bos", add_bos, "false or null with tokenizer='bytes'",
-                           "the bytes tokenizer has no BOS token; set `add_bos: false` or pick another `tokenizer`.")
+            raise _invalid(
+                "add_bos",
+                add_bos,
+                "false or null with tokenizer='bytes'",
+                "the bytes tokenizer has no BOS token; set `add_bos: false` or pick another `tokenizer`.",
+            )
         if val_split is not None and (not isinstance(val_split, str) or not val_split):
             raise _invalid("val_split", val_split, "null or a split name")
 
         self.source, self.dataset_config, self.train_split = source, dataset_config, train_split
         self.val_source = val_source
-        self.val_split = val_split if val_split is not None else (
-            "heldout" if (val_source or source) == "stdlib" else ("train" if val_source else None))
+        self.val_split = (
+            val_split
+            if val_split is not None
+            else ("heldout" if (val_source or source) == "stdlib" else ("train" if val_source else None))
+        )
         self.text_field, self.instruct_fields, self.sample_by = text_field, instruct_fields, sample_by
         self.streaming, self.steps_per_epoch = streaming, steps_per_epoch
         self.tokenizer_name, self.trust_remote_code, self.add_bos, self.add_eos = (
-            tokenizer, trust_remote_code, add_bos, add_eos)
+            tokenizer,
+            trust_remote_code,
+            add_bos,
+            add_eos,
+        )
         self.mode, self.instruct_packing = mode, instruct_packing
         self.seq_len, self.batch_size, self.num_samples = seq_len, batch_size, num_samples
         self.val_samples, self.calibration_samples = val_samples, calibration_samples
@@ -782,16 +902,26 @@ class TextDataModule(LightningDataModule):
         self.save_hyperparameters()
 
         # Readers check local paths and split names now, so a bad config fails before any training starts.
-        common = dict(dataset_config=dataset_config, text_field=text_field, sample_by=sample_by,
-                      streaming=streaming, cache_dir=cache_dir, instruct=mode == "instruct",
-                      instruct_fields=instruct_fields)
+        common = dict(
+            dataset_config=dataset_config,
+            text_field=text_field,
+            sample_by=sample_by,
+            streaming=streaming,
+            cache_dir=cache_dir,
+            instruct=mode == "instruct",
+            instruct_fields=instruct_fields,
+        )
         self._train_reader = _Reader(source, train_split, key="source", split_key="train_split", **common)
         self._val_reader = None
         if self.val_split is not None and val_samples > 0:
             val_common = dict(common, dataset_config=dataset_config if val_source is None else None)
-            self._val_reader = _Reader(val_source or source, self.val_split,
-                                       key="val_source" if val_source else "source", split_key="val_split",
-                                       **val_common)
+            self._val_reader = _Reader(
+                val_source or source,
+                self.val_split,
+                key="val_source" if val_source else "source",
+                split_key="val_split",
+                **val_common,
+            )
 
         self.tokenizer: Any = None  # the resolved Hugging Face tokenizer after setup (None for "bytes")
         self.record: dict[str, Any] = {}
@@ -841,10 +971,13 @@ class TextDataModule(LightningDataModule):
             module = self.trainer.lightning_module if self.trainer is not None else None
             tok = getattr(module, "tokenizer", None)
             if tok is None:
-                raise _invalid("tokenizer", name, "'bytes' or a tokenizer name / path when the LightningModule has "
-                               "no `tokenizer` attribute",
-                               "set `data.tokenizer` to the model's tokenizer name or path, or give the module a "
-                               "`tokenizer` attribute.")
+                raise _invalid(
+                    "tokenizer",
+                    name,
+                    "'bytes' or a tokenizer name / path when the LightningModule has no `tokenizer` attribute",
+                    "set `data.tokenizer` to the model's tokenizer name or path, or give the module a "
+                    "`tokenizer` attribute.",
+                )
             if isinstance(tok, str) and tok == "bytes":
                 tok = None
         elif name != "bytes":
@@ -855,9 +988,12 @@ class TextDataModule(LightningDataModule):
             try:
                 tok = AutoTokenizer.from_pretrained(tok, trust_remote_code=self.trust_remote_code)
             except (OSError, ValueError) as err:
-                raise _invalid("tokenizer", name, "'bytes', 'model' or a loadable tokenizer name / path",
-                               f"{tok!r} could not be loaded ({type(err).__name__}: {str(err)[:200]}); fix "
-                               "`data.tokenizer`.") from err
+                raise _invalid(
+                    "tokenizer",
+                    name,
+                    "'bytes', 'model' or a loadable tokenizer name / path",
+                    f"{tok!r} could not be loaded ({type(err).__name__}: {str(err)[:200]}); fix `data.tokenizer`.",
+                ) from err
         self.tokenizer = tok
         self._encoder = _Encoder(tok, self.add_bos, self.add_eos)
         return self._encoder
@@ -903,8 +1039,12 @@ class TextDataModule(LightningDataModule):
     def _windows(self, n: int) -> torch.Tensor:
         stream = self._train_tokens(n)
         if stream.size <= self.seq_len:
-            raise _invalid("seq_len", self.seq_len, f"fewer than the {stream.size} tokens read from "
-                           f"{self._train_reader.describe()}", "lower `seq_len` or raise `max_bytes`.")
+            raise _invalid(
+                "seq_len",
+                self.seq_len,
+                f"fewer than the {stream.size} tokens read from {self._train_reader.describe()}",
+                "lower `seq_len` or raise `max_bytes`.",
+            )
         return windows(torch.from_numpy(stream), self.seq_len, n, seed=self.seed)
 
     def _all_train_sequences(self) -> tuple[_Sequences, dict]:
@@ -928,9 +1068,19 @@ class TextDataModule(LightningDataModule):
 
     def _base_record(self, split: str, reader: _Reader) -> dict[str, Any]:
         rank, world = self._dist
-        return {"source": reader.describe(), "split": split, "mode": self.mode, "tokenizer": self._encoder.name,
-                "seq_len": self.seq_len, "batch_size": self.batch_size, "seed": self.seed, "rank": rank,
-                "world_size": world, "streaming": self.streaming, **self._caps(reader)}
+        return {
+            "source": reader.describe(),
+            "split": split,
+            "mode": self.mode,
+            "tokenizer": self._encoder.name,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "rank": rank,
+            "world_size": world,
+            "streaming": self.streaming,
+            **self._caps(reader),
+        }
 
     def _stream_steps(self) -> int:
         if self.steps_per_epoch is not None:
@@ -938,9 +1088,13 @@ class TextDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is not None and (getattr(trainer, "max_steps", -1) or -1) > 0:
             return trainer.max_steps * trainer.accumulate_grad_batches
-        raise _invalid("steps_per_epoch", None, "an integer >= 1 when streaming without a trainer's max_steps",
-                       "a stream has no length: set `steps_per_epoch` (every rank yields exactly that many batches) "
-                       "or `trainer.max_steps`, or `streaming: false`.")
+        raise _invalid(
+            "steps_per_epoch",
+            None,
+            "an integer >= 1 when streaming without a trainer's max_steps",
+            "a stream has no length: set `steps_per_epoch` (every rank yields exactly that many batches) "
+            "or `trainer.max_steps`, or `streaming: false`.",
+        )
 
     def _build_train(self) -> None:
         if self._train_built:
@@ -950,26 +1104,39 @@ class TextDataModule(LightningDataModule):
         keep = {k: v for k, v in self.record.items() if k in ("val", "calibration")}
         if self._is_stream:
             steps = self._steps = self._stream_steps()
-            record.update(sequences=steps * self.batch_size, tokens=steps * self.batch_size * self.seq_len,
-                          batches_per_epoch=steps, sha256=None, sha256_all=None,
-                          note="streamed: the token ids are not known before they are read (no sha256); every "
-                               "rank yields exactly batches_per_epoch batches")
+            record.update(
+                sequences=steps * self.batch_size,
+                tokens=steps * self.batch_size * self.seq_len,
+                batches_per_epoch=steps,
+                sha256=None,
+                sha256_all=None,
+                note="streamed: the token ids are not known before they are read (no sha256); every "
+                "rank yields exactly batches_per_epoch batches",
+            )
             self.record = {**record, **keep}
             self._train_built = True
             return
         every, info = self._all_train_sequences()
         if len(every) < world:
-            raise _invalid("max_bytes", self.max_bytes, f"enough data for {world} ranks",
-                           f"{self._train_reader.describe()} gives {len(every)} sequences of {self.seq_len} tokens "
-                           f"for {world} ranks; raise `max_bytes` / `num_samples` or lower `seq_len`.")
+            raise _invalid(
+                "max_bytes",
+                self.max_bytes,
+                f"enough data for {world} ranks",
+                f"{self._train_reader.describe()} gives {len(every)} sequences of {self.seq_len} tokens "
+                f"for {world} ranks; raise `max_bytes` / `num_samples` or lower `seq_len`.",
+            )
         sampler = ShardSampler(every, self.batch_size, rank, world, self.seed, True, self.steps_per_epoch)
         mine = every.select(sampler.indices)
         self._train = every  # the sampler indexes the full set (workers share it by fork)
         record.update(info)
         record.update(mine.counts())
-        record.update(batches_per_epoch=len(sampler), total_sequences=len(every),
-                      dropped_for_equal_shards=len(every) - len(mine) * world, sha256=mine.sha256(),
-                      sha256_all=every.sha256())
+        record.update(
+            batches_per_epoch=len(sampler),
+            total_sequences=len(every),
+            dropped_for_equal_shards=len(every) - len(mine) * world,
+            sha256=mine.sha256(),
+            sha256_all=every.sha256(),
+        )
         self.record = {**record, **keep}
         self._train_built = True
 
@@ -997,8 +1164,12 @@ class TextDataModule(LightningDataModule):
         self._val = seqs
         sampler = ShardSampler(seqs, self.batch_size, rank, world, self.seed, shuffle=False)
         mine = seqs.select(sampler.indices)
-        self.record["val"] = {**self._base_record(self.val_split, reader), **mine.counts(),
-                              "batches": len(sampler), "sha256": mine.sha256()}
+        self.record["val"] = {
+            **self._base_record(self.val_split, reader),
+            **mine.counts(),
+            "batches": len(sampler),
+            "sha256": mine.sha256(),
+        }
 
     # ------------------------------------------------------------------------------------------------ loaders
     def _ensure(self, stage: str) -> None:
@@ -1010,11 +1181,20 @@ class TextDataModule(LightningDataModule):
             self._build_val()
 
     def _identity(self) -> dict[str, Any]:
-        ident = {"world_size": self._dist[1], "mode": self.mode, "seq_len": self.seq_len,
-                 "batch_size": self.batch_size, "seed": self.seed}
+        ident = {
+            "world_size": self._dist[1],
+            "mode": self.mode,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
         if self._is_stream:
-            ident.update(source=self.source, split=self.train_split, num_workers=self.num_workers,
-                         **self._caps(self._train_reader))
+            ident.update(
+                source=self.source,
+                split=self.train_split,
+                num_workers=self.num_workers,
+                **self._caps(self._train_reader),
+            )
         else:
             ident["sha256_all"] = self.record["sha256_all"]
         return ident
@@ -1024,13 +1204,24 @@ class TextDataModule(LightningDataModule):
         self._ensure("fit")
         rank, world = self._dist
         if self._is_stream:
-            dataset = _StreamDataset(self._train_reader, self._encoder, self.mode, self.seq_len, self.batch_size,
-                                     self._steps, rank, world, self.seed, instruct_packing=self.instruct_packing,
-                                     **self._caps(self._train_reader))
+            dataset = _StreamDataset(
+                self._train_reader,
+                self._encoder,
+                self.mode,
+                self.seq_len,
+                self.batch_size,
+                self._steps,
+                rank,
+                world,
+                self.seed,
+                instruct_packing=self.instruct_packing,
+                **self._caps(self._train_reader),
+            )
             return ResumableDataLoader(dataset, _Position(self._steps), self._identity(), num_workers=self.num_workers)
         sampler = ShardSampler(self._train, self.batch_size, rank, world, self.seed, True, self.steps_per_epoch)
-        return ResumableDataLoader(self._train, sampler.position, self._identity(), sampler=sampler,
-                                   num_workers=self.num_workers)
+        return ResumableDataLoader(
+            self._train, sampler.position, self._identity(), sampler=sampler, num_workers=self.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         """This rank's share of the held-out sequences, in order (``[]``, i.e. no validation, without a split)."""
@@ -1049,9 +1240,13 @@ class TextDataModule(LightningDataModule):
         if self._calibration is None or len(self._calibration) != n:
             self._calibration = _Sequences(self._windows(n))
             fp = calibration_fingerprint([self._calibration.input_ids.long()])
-            self.record["calibration"] = {**self._base_record(self.train_split, self._train_reader),
-                                          "mode": "windows", "samples": n, "tokens": fp["tokens"],
-                                          "sha256": fp["sha256"]}
+            self.record["calibration"] = {
+                **self._base_record(self.train_split, self._train_reader),
+                "mode": "windows",
+                "samples": n,
+                "tokens": fp["tokens"],
+                "sha256": fp["sha256"],
+            }
         return self._calibration
 
     def calibration_dataloader(self, num_samples: int | None = None, shard: bool = False) -> DataLoader:
@@ -1064,8 +1259,9 @@ class TextDataModule(LightningDataModule):
         sampler = ShardSampler(data, 1, rank, world, self.seed, shuffle=False)
         return DataLoader(data, batch_size=None, sampler=sampler, num_workers=0)
 
-    def calibration_batches(self, num_samples: int | None = None, batch_size: int = 1,
-                            shard: bool = False) -> list[torch.Tensor]:
+    def calibration_batches(
+        self, num_samples: int | None = None, batch_size: int = 1, shard: bool = False
+    ) -> list[torch.Tensor]:
         """The calibration windows as ``[batch, seq_len]`` token-id tensors, ready for ``pruning.prune``; unsharded,
         their sha256 is ``record["calibration"]["sha256"]`` (the one ``pruning.prune`` records)."""
         ids = torch.cat([b["input_ids"] for b in self.calibration_dataloader(num_samples, shard)])
@@ -1080,8 +1276,10 @@ class TextDataModule(LightningDataModule):
             self._ensure("fit" if split == "train" else "validate")
             data = self._train if split == "train" else self._val
         if data is None:
-            raise ValueError(f"TextDataModule.sequences: no {split!r} data (streamed training data, or no held-out "
-                             "split). HINT: set `streaming: false` / `val_split` / `val_source`.")
+            raise ValueError(
+                f"TextDataModule.sequences: no {split!r} data (streamed training data, or no held-out "
+                "split). HINT: set `streaming: false` / `val_split` / `val_source`."
+            )
         return data[list(range(len(data)))]
 
     def fingerprint(self) -> str | None:

@@ -173,8 +173,11 @@ def outlier_ratio(scores: Sequence[torch.Tensor], m: float = 5.0) -> float:
 
 
 def load_rates_file(
-    path: str | os.PathLike, criterion: str | None = None, granularity: str | None = None,
-    num_layers: int | None = None, key: str = "rates_file",
+    path: str | os.PathLike,
+    criterion: str | None = None,
+    granularity: str | None = None,
+    num_layers: int | None = None,
+    key: str = "rates_file",
 ) -> tuple[list[float], dict]:
     """``(layer_rates, criterion_options)`` from the JSON that ``pruning search`` (Self-Pruner) or ``pruning rank``
     (SAAP) writes. The options are the file's ``criterion_options`` when they were learned for ``criterion`` (SAAP's
@@ -184,22 +187,29 @@ def load_rates_file(
     if not p.is_file():
         raise ValueError(
             f"{key}={str(path)!r}: no such file. HINT: write it first with `pruning search ... --out {path}` "
-            f"(Self-Pruner's layer rates) or `pruning rank ... --out {path}` (SAAP's)")
+            f"(Self-Pruner's layer rates) or `pruning rank ... --out {path}` (SAAP's)"
+        )
     try:
         obj = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{key}={str(path)!r} is not valid JSON: {e}") from e
     rates = obj.get("layer_rates") if isinstance(obj, dict) else obj
-    if not isinstance(rates, list) or not rates or not all(
-            isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r < 1 for r in rates):
+    if (
+        not isinstance(rates, list)
+        or not rates
+        or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 <= r < 1 for r in rates)
+    ):
         raise ValueError(f"{key}={str(path)!r}: expected a list `layer_rates` of numbers in [0, 1), got {rates!r}")
     if num_layers is not None and len(rates) != num_layers:
-        raise ValueError(f"{key}={str(path)!r} has {len(rates)} layer rates, the model has {num_layers} layers. "
-                         "HINT: the file was written for another model")
+        raise ValueError(
+            f"{key}={str(path)!r} has {len(rates)} layer rates, the model has {num_layers} layers. "
+            "HINT: the file was written for another model"
+        )
     info = obj if isinstance(obj, dict) else {}
     if granularity is not None and info.get("granularity") not in (None, granularity):
-        raise ValueError(f"{key}={str(path)!r} holds rates for granularity={info['granularity']!r}, not "
-                         f"{granularity!r}")
+        raise ValueError(
+            f"{key}={str(path)!r} holds rates for granularity={info['granularity']!r}, not {granularity!r}"
+        )
     options = {}
     if criterion is not None and info.get("method") == criterion and isinstance(info.get("criterion_options"), dict):
         options = dict(info["criterion_options"])

@@ -42,8 +42,12 @@ def calibration_fingerprint(batches: Sequence[torch.Tensor]) -> dict:
     for b in batches:
         h.update(b.detach().to(torch.int64).cpu().contiguous().numpy().tobytes())
         tokens += b.numel()
-    return {"batches": len(batches), "sequences": sum(b.shape[0] for b in batches), "tokens": tokens,
-            "sha256": h.hexdigest()}
+    return {
+        "batches": len(batches),
+        "sequences": sum(b.shape[0] for b in batches),
+        "tokens": tokens,
+        "sha256": h.hexdigest(),
+    }
 
 
 def _parse_nm(granularity: str) -> tuple[int, int] | None:
@@ -79,16 +83,21 @@ def _check_args(sparsity, granularity, allocation, scope, sparsity_basis, layer_
         raise ValueError(f"granularity={granularity!r} fixes the pattern of every row: use allocation='uniform'")
 
 
-def scores_layer_by_layer(method: str, granularity: str, allocation: str, scope: str | None,
-                          criterion_options: dict | None = None) -> bool:
+def scores_layer_by_layer(
+    method: str, granularity: str, allocation: str, scope: str | None, criterion_options: dict | None = None
+) -> bool:
     """Whether :func:`prune` with the statistics given (``sequential=False``) reads each decoder layer's weights on
     their own — one layer scored and selected at a time, nothing shared across layers (``uniform`` or ``rates``
     allocation, not ``layer`` granularity or a global unstructured scope, no weight rewriting) — so that a
     ``layer_scope`` can hold one layer's weights at a time."""
     criterion = get_criterion(method, **dict(criterion_options or {}))
     structured = granularity in STRUCTURED
-    return (allocation in ("uniform", "rates") and granularity != "layer" and not criterion.reconstructs
-            and not (not structured and scope == "global"))
+    return (
+        allocation in ("uniform", "rates")
+        and granularity != "layer"
+        and not criterion.reconstructs
+        and not (not structured and scope == "global")
+    )
 
 
 def prune(
@@ -181,14 +190,16 @@ def prune(
     calib = [] if calibration is None else [c if c.dim() == 2 else c.unsqueeze(0) for c in calibration]
     if isinstance(activations, ActivationCollector):
         activations = activations.stats
-    if ((criterion.needs_activations and activations is None) or (criterion.needs_gradients and gradients is None)) \
-            and not calib:
+    if (
+        (criterion.needs_activations and activations is None) or (criterion.needs_gradients and gradients is None)
+    ) and not calib:
         raise ValueError(f"method={method!r} needs calibration data: pass calibration=[token-id tensors]")
     for c in calib:
         if c.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"calibration tensors must hold token ids (int64), got {c.dtype}")
-    if layer_scope is not None and (sequential or calibration is not None
-                                    or not scores_layer_by_layer(method, granularity, allocation, scope, opts)):
+    if layer_scope is not None and (
+        sequential or calibration is not None or not scores_layer_by_layer(method, granularity, allocation, scope, opts)
+    ):
         raise ValueError(
             f"layer_scope scores one decoder layer at a time from given statistics; method={method!r}, granularity="
             f"{granularity!r}, allocation={allocation!r}, scope={scope!r} (sequential={sequential}) needs every "
@@ -198,19 +209,31 @@ def prune(
     if method != "sdm" and alpha != 0:
         raise ValueError(f"alpha={alpha} is the distillation weight of method='sdm'; {method!r} scores with CE")
     if criterion.needs_activations and (include_embeddings or include_lm_head):
-        raise ValueError(f"method={method!r} needs Linear inputs: embeddings/lm_head can only be targeted by "
-                         "gradient or magnitude criteria")
+        raise ValueError(
+            f"method={method!r} needs Linear inputs: embeddings/lm_head can only be targeted by "
+            "gradient or magnitude criteria"
+        )
     if not criterion.global_ranking and (allocation == "global" or scope == "global"):
-        raise ValueError(f"method={method!r} scores each layer on its own terms (per-layer reconstruction or ranks): "
-                         "there is no global ranking. HINT: use allocation='uniform', 'owl' or 'rates'"
-                         + (", scope='row' or 'layer'" if not structured else ""))
+        raise ValueError(
+            f"method={method!r} scores each layer on its own terms (per-layer reconstruction or ranks): "
+            "there is no global ranking. HINT: use allocation='uniform', 'owl' or 'rates'"
+            + (", scope='row' or 'layer'" if not structured else "")
+        )
     if criterion.reconstructs and keep_original:
-        raise ValueError(f"method={method!r} also changes the weights it keeps, so the lifted teacher "
-                         "(keep_original=True) would not be the original model. HINT: keep a separate teacher")
+        raise ValueError(
+            f"method={method!r} also changes the weights it keeps, so the lifted teacher "
+            "(keep_original=True) would not be the original model. HINT: keep a separate teacher"
+        )
     masks = masks if masks is not None else MaskSet()
     info: dict = {
-        "method": method, "criterion_options": opts, "granularity": granularity, "sparsity": sparsity,
-        "sparsity_basis": sparsity_basis, "allocation": allocation, "scope": scope, "within_layer": within_layer,
+        "method": method,
+        "criterion_options": opts,
+        "granularity": granularity,
+        "sparsity": sparsity,
+        "sparsity_basis": sparsity_basis,
+        "allocation": allocation,
+        "scope": scope,
+        "within_layer": within_layer,
         "calibration": calibration_fingerprint(calib) if calib else None,
     }
     if method == "sdm":
@@ -252,8 +275,16 @@ def prune(
                 group_sets=group_sets if criterion.group_kinds else (),
                 group_kinds=criterion.group_kinds or ("coupled",),
             )
-            collect_gradients(model, calib, gradients, alpha=alpha, temperature=temperature, masks=masks,
-                              device=device, progress=progress)
+            collect_gradients(
+                model,
+                calib,
+                gradients,
+                alpha=alpha,
+                temperature=temperature,
+                masks=masks,
+                device=device,
+                progress=progress,
+            )
             gradients.reduce()
         ctx_grad, ctx_group = gradients.stats, gradients.group_stats
     if gradients is not None and layer_scope is None:  # lazily reduced statistics (see layer_scope): whole now
@@ -267,8 +298,14 @@ def prune(
     def prev(name):
         return masks.keep_mask(name, weights[name]) if name in masks.names() else None
 
-    layered = sequential and criterion.needs_activations and activations is None and granularity != "layer" \
-        and allocation != "global" and scope != "global"
+    layered = (
+        sequential
+        and criterion.needs_activations
+        and activations is None
+        and granularity != "layer"
+        and allocation != "global"
+        and scope != "global"
+    )
     rates: list[float] | None = None
     if allocation == "rates":
         rates = [float(r) for r in layer_rates]  # type: ignore[union-attr]
@@ -310,7 +347,7 @@ def prune(
         if structured:
             gs = group_sets[i]
             scores = alloc._exclude_pruned(criterion.group_scores(gs, ctx).float(), masks.groups.get(gs.key))
-            keep_n = (alloc.keep_counts_uniform([gs.count], rate, gs.partitions)[0])
+            keep_n = alloc.keep_counts_uniform([gs.count], rate, gs.partitions)[0]
             keep_n = max(keep_n, criterion.min_keep_count(gs))  # a criterion's own stopping rule (MI threshold)
             masks.set_groups(gs, alloc.topk_keep(scores, keep_n, gs.partitions), monotone)
             kept[i] = int(masks.groups[gs.key].sum())
@@ -328,8 +365,11 @@ def prune(
             masks.set_element(name, keep, monotone)
             return
         scores = criterion.element_scores(name, ctx)
-        keep = alloc.select_nm(scores, *nm, prev(name)) if nm else alloc.select_unstructured(
-            scores, rate, scope, prev(name))
+        keep = (
+            alloc.select_nm(scores, *nm, prev(name))
+            if nm
+            else alloc.select_unstructured(scores, rate, scope, prev(name))
+        )
         masks.set_element(name, keep, monotone)
 
     if layered and within_layer == "sequential":
@@ -360,9 +400,11 @@ def prune(
                 for h in handles.values():
                     h.remove()
 
-        run_layerwise(model, structure, calib, on_layer_one_pass, device=device, store=store, progress=progress,
-                      one_pass=True)
+        run_layerwise(
+            model, structure, calib, on_layer_one_pass, device=device, store=store, progress=progress, one_pass=True
+        )
     elif layered:
+
         def on_layer(i, forward_all):
             coll = ActivationCollector(layer_modules(i), **criterion.collector_options()).attach()
             # the statistics pass ends at the MLP output projection's input: its output is recomputed after pruning
@@ -411,9 +453,14 @@ def prune(
             _select_layers(structure, group_sets, criterion, ctx, frac, masks, monotone, kept)
         elif structured and allocation == "global":
             scores = [criterion.group_scores(gs, ctx) for gs in group_sets]
-            counts = alloc.keep_counts_global(scores, frac, min_keep, max_keep,
-                                              [masks.groups.get(gs.key) for gs in group_sets],
-                                              partitions=group_sets[0].partitions)
+            counts = alloc.keep_counts_global(
+                scores,
+                frac,
+                min_keep,
+                max_keep,
+                [masks.groups.get(gs.key) for gs in group_sets],
+                partitions=group_sets[0].partitions,
+            )
             for gs, s, k in zip(group_sets, scores, counts):
                 s = alloc._exclude_pruned(s.float(), masks.groups.get(gs.key))
                 masks.set_groups(gs, alloc.topk_keep(s, k, gs.partitions), monotone)
@@ -447,8 +494,9 @@ def _named_in(model: nn.Module, structure: ModelStructure, layer: int | None) ->
 def _select_layers(structure, group_sets: list[GroupSet], criterion, ctx, frac, masks, monotone, kept) -> None:
     """Whole decoder layers: the ``round(frac · L)`` lowest-scoring layers go."""
     scores = torch.stack([criterion.group_scores(gs, ctx).float().cpu().reshape(()) for gs in group_sets])
-    prev = torch.stack([masks.groups.get(gs.key, torch.ones(1, dtype=torch.bool)).cpu().reshape(()) for gs in
-                        group_sets])
+    prev = torch.stack(
+        [masks.groups.get(gs.key, torch.ones(1, dtype=torch.bool)).cpu().reshape(()) for gs in group_sets]
+    )
     scores = scores.masked_fill(~prev, float("-inf"))
     n_drop = int(math.floor(frac * len(group_sets) + 1e-9))
     drop = set(torch.topk(scores, n_drop, largest=False).indices.tolist()) if n_drop else set()

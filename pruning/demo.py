@@ -23,8 +23,14 @@ from .evaluation import perplexity
 
 def demo_config() -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=BYTE_VOCAB, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        vocab_size=BYTE_VOCAB,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
     )
 
 
@@ -115,15 +121,34 @@ def main(argv: list[str] | None = None) -> None:
 
             est = saap_scores(model, calib, gran, progress=False)
             rates, _ = saap_layer_rates(est, sparsity)
-            prune(model, calib, "saap", sparsity, gran, criterion_options=est.criterion_options(),
-                  allocation="rates", layer_rates=rates, progress=False)
+            prune(
+                model,
+                calib,
+                "saap",
+                sparsity,
+                gran,
+                criterion_options=est.criterion_options(),
+                allocation="rates",
+                layer_rates=rates,
+                progress=False,
+            )
             gran = f"{gran} (ranked rates)"
         elif method == "sdm":
             # SDMPrune's two stages: CE scores prune lightly, then KL+CE scores against the original model
             # (the same weights with the masks lifted) prune to the target. α, t: the paper's 30 % row.
             a = prune(model, calib, "sdm", 0.025, gran, keep_original=True, progress=False)
-            prune(model, calib, "sdm", sparsity, gran, masks=a.masks, alpha=0.42, temperature=0.5,
-                  keep_original=True, progress=False)
+            prune(
+                model,
+                calib,
+                "sdm",
+                sparsity,
+                gran,
+                masks=a.masks,
+                alpha=0.42,
+                temperature=0.5,
+                keep_original=True,
+                progress=False,
+            )
         else:
             prune(model, calib, method, sparsity, gran, criterion_options=opts, progress=False)
         rows.append((method, f"{gran} {sparsity:.0%}", perplexity(model, heldout), nonzero_params(model)))

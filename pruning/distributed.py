@@ -95,8 +95,9 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def from_local_like(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``part`` (this rank's rows of a tensor of ``like``'s global shape) as a ``DTensor`` with ``like``'s mesh and
     placements (no communication)."""
-    return DTensor.from_local(part, like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                              stride=like.stride())
+    return DTensor.from_local(
+        part, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
 
 
 @dataclass(frozen=True)

@@ -45,13 +45,19 @@ def _tokenizer_from(path: str, model, name: str | None) -> Any:
     except (OSError, ValueError, TypeError, KeyError):
         if getattr(model.config, "vocab_size", None) == 256:
             return None  # byte-level model without tokenizer files (the demo model)
-        raise SystemExit(f"pruning eval: no tokenizer found with {path!r} and the model is not byte-level. "
-                         "HINT: --tokenizer NAME_OR_PATH") from None
+        raise SystemExit(
+            f"pruning eval: no tokenizer found with {path!r} and the model is not byte-level. "
+            "HINT: --tokenizer NAME_OR_PATH"
+        ) from None
 
 
-def load_for_eval(target: str, dtype: str | None = None, tokenizer: str | None = None,
-                  attn_implementation: str | None = None,
-                  allow_pickle: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+def load_for_eval(
+    target: str,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    attn_implementation: str | None = None,
+    allow_pickle: bool = False,
+) -> tuple[Any, Any, dict[str, Any]]:
     """``(model, tokenizer or None for bytes, info)`` for an export directory, a ``.ckpt`` or a hub name. Nothing
     loaded runs code: checkpoints are unpickled with ``weights_only=True``, models read from safetensors only
     (``allow_pickle`` admits ``pytorch_model.bin``)."""
@@ -98,12 +104,17 @@ def load_for_eval(target: str, dtype: str | None = None, tokenizer: str | None =
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pruning eval", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="pruning eval", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("model", help="export directory, Lightning .ckpt, or hub name")
-    ap.add_argument("--perplexity", default=None, metavar="PROTOCOL",
-                    help="'wikitext' (the papers' WikiText-2 protocol), 'stdlib' (offline, held-out stdlib), a local "
-                         ".txt/.jsonl/.json/.parquet file or glob, or a hub dataset name")
+    ap.add_argument(
+        "--perplexity",
+        default=None,
+        metavar="PROTOCOL",
+        help="'wikitext' (the papers' WikiText-2 protocol), 'stdlib' (offline, held-out stdlib), a local "
+        ".txt/.jsonl/.json/.parquet file or glob, or a hub dataset name",
+    )
     ap.add_argument("--dataset-config", default=None, help="hub dataset configuration (e.g. wikitext-2-raw-v1)")
     ap.add_argument("--split", default=None, help="split of the perplexity source (hub: test; stdlib: heldout)")
     ap.add_argument("--text-field", default=None, help="text column (default: text)")
@@ -111,22 +122,33 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--stride", type=int, default=None, help="tokens between windows (default: non-overlapping)")
     ap.add_argument("--add-bos", default=None, choices=["none", "stream", "window"], help="BOS handling")
     ap.add_argument("--max-windows", type=int, default=None, help="score only the first N windows")
-    ap.add_argument("--tasks", nargs="*", default=None, metavar="TASK",
-                    help="lm-eval tasks, e.g. stdlib_mc (offline) or 'suite' for boolq piqa hellaswag winogrande "
-                         "arc_easy arc_challenge openbookqa")
+    ap.add_argument(
+        "--tasks",
+        nargs="*",
+        default=None,
+        metavar="TASK",
+        help="lm-eval tasks, e.g. stdlib_mc (offline) or 'suite' for boolq piqa hellaswag winogrande "
+        "arc_easy arc_challenge openbookqa",
+    )
     ap.add_argument("--limit", type=float, default=None, help="at most N documents per task (smoke runs)")
     ap.add_argument("--num-fewshot", type=int, default=None)
     ap.add_argument("--include-path", nargs="*", default=None, help="extra directories of lm-eval task YAMLs")
-    ap.add_argument("--metrics", choices=["paper", "all"], default="paper",
-                    help="one row per task with the papers' metric, or every metric")
+    ap.add_argument(
+        "--metrics",
+        choices=["paper", "all"],
+        default="paper",
+        help="one row per task with the papers' metric, or every metric",
+    )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="load in this dtype")
     ap.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager")
     ap.add_argument("--tokenizer", default=None, help="tokenizer name or path, or 'bytes' (default: the model's)")
-    ap.add_argument("--allow-pickle", action="store_true",
-                    help="also load weights stored as pickles (pytorch_model.bin), which can run code: only files "
-                    "you trust")
+    ap.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also load weights stored as pickles (pytorch_model.bin), which can run code: only files you trust",
+    )
     ap.add_argument("--json", dest="json_path", default=None, help="write the results as JSON here")
     return ap
 
@@ -140,32 +162,52 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, tok, info = load_for_eval(args.model, args.dtype, args.tokenizer, args.attn_implementation,
-                                         args.allow_pickle)
+        model, tok, info = load_for_eval(
+            args.model, args.dtype, args.tokenizer, args.attn_implementation, args.allow_pickle
+        )
     except PickleRefused as err:
         raise SystemExit(f"pruning eval: {err}") from None
     model.to(device)
     out: dict[str, Any] = {"model": info}
     if args.perplexity is not None:
-        overrides = {k: v for k, v in dict(dataset_config=args.dataset_config, split=args.split,
-                                           text_field=args.text_field, seq_len=args.seq_len, stride=args.stride,
-                                           add_bos=args.add_bos, max_windows=args.max_windows).items()
-                     if v is not None}
+        overrides = {
+            k: v
+            for k, v in dict(
+                dataset_config=args.dataset_config,
+                split=args.split,
+                text_field=args.text_field,
+                seq_len=args.seq_len,
+                stride=args.stride,
+                add_bos=args.add_bos,
+                max_windows=args.max_windows,
+            ).items()
+            if v is not None
+        }
         protocol = PerplexityProtocol.preset(args.perplexity, **overrides)
         res = evaluate_perplexity(model, "bytes" if tok is None else tok, protocol, args.batch_size, device)
         out["perplexity"] = res.as_dict()
         p = res.protocol
-        print(f"perplexity {res.ppl:.4f}  ({res.tokens:,} tokens in {res.windows} windows; source {p['source']}"
-              f"{'/' + p['split'] if p['split'] else ''}, seq_len {p['seq_len']}, stride {p['stride']}, "
-              f"bos {p['add_bos']}, tokenizer {res.tokenizer})", flush=True)
+        print(
+            f"perplexity {res.ppl:.4f}  ({res.tokens:,} tokens in {res.windows} windows; source {p['source']}"
+            f"{'/' + p['split'] if p['split'] else ''}, seq_len {p['seq_len']}, stride {p['stride']}, "
+            f"bos {p['add_bos']}, tokenizer {res.tokenizer})",
+            flush=True,
+        )
     if args.tasks:
         tasks = [t for name in args.tasks for t in (DEFAULT_TASKS if name == "suite" else [name])]
         limit = args.limit
         if limit is not None and limit >= 1:
             limit = int(limit)
-        harness = evaluate_tasks(model, byte_tokenizer() if tok is None else tok, tasks, limit=limit,
-                                 num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                                 include_path=args.include_path, metrics=args.metrics)
+        harness = evaluate_tasks(
+            model,
+            byte_tokenizer() if tok is None else tok,
+            tasks,
+            limit=limit,
+            num_fewshot=args.num_fewshot,
+            batch_size=args.batch_size,
+            include_path=args.include_path,
+            metrics=args.metrics,
+        )
         out["lm_eval"] = harness.as_dict()
         print("\n" + markdown_table(harness.rows), flush=True)
     if args.json_path:

@@ -42,9 +42,20 @@ from torch import nn
 
 from .gradients import next_token_ce
 
-__all__ = ["BOS_MODES", "IGNORE_INDEX", "LOCAL_SUFFIXES", "PRESETS", "PerplexityProtocol", "PerplexityResult",
-           "evaluate_perplexity", "load_documents", "perplexity", "perplexity_windows", "score_windows",
-           "token_stream"]
+__all__ = [
+    "BOS_MODES",
+    "IGNORE_INDEX",
+    "LOCAL_SUFFIXES",
+    "PRESETS",
+    "PerplexityProtocol",
+    "PerplexityResult",
+    "evaluate_perplexity",
+    "load_documents",
+    "perplexity",
+    "perplexity_windows",
+    "score_windows",
+    "token_stream",
+]
 
 IGNORE_INDEX = -100
 BOS_MODES = ("none", "stream", "window")
@@ -104,9 +115,11 @@ class PerplexityProtocol:
         _ = self.bos  # validates add_bos
         text = self.text_len
         if self.stride is not None and not 1 <= self.stride <= text:
-            raise ValueError(f"PerplexityProtocol: stride={self.stride} must be in [1, {text}] (the text tokens of a "
-                             f"window: seq_len{' - 1 with add_bos=window' if self.bos == 'window' else ''}). "
-                             "HINT: leave stride unset for non-overlapping windows")
+            raise ValueError(
+                f"PerplexityProtocol: stride={self.stride} must be in [1, {text}] (the text tokens of a "
+                f"window: seq_len{' - 1 with add_bos=window' if self.bos == 'window' else ''}). "
+                "HINT: leave stride unset for non-overlapping windows"
+            )
         if self.max_windows is not None and self.max_windows < 1:
             raise ValueError(f"PerplexityProtocol: max_windows={self.max_windows} must be >= 1 or null")
 
@@ -144,8 +157,9 @@ class PerplexityProtocol:
             d["dataset_config"] = None
         if self.kind == "local":
             d["split"] = None
-        if self.kind == "stdlib" or (self.kind == "local" and Path(self.source).suffix.lower() in (".txt", ".text",
-                                                                                                  ".md")):
+        if self.kind == "stdlib" or (
+            self.kind == "local" and Path(self.source).suffix.lower() in (".txt", ".text", ".md")
+        ):
             d["text_field"] = None
         return d
 
@@ -156,8 +170,9 @@ class PerplexityProtocol:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names - {"preset", "stride", "source_kind"}
         if unknown:
-            raise ValueError(f"PerplexityProtocol: unknown keys {sorted(unknown)}; allowed: {sorted(names)} and "
-                             "'preset'")
+            raise ValueError(
+                f"PerplexityProtocol: unknown keys {sorted(unknown)}; allowed: {sorted(names)} and 'preset'"
+            )
         d.pop("source_kind", None)
         preset = d.pop("preset", None)
         return cls.preset(preset, **d) if preset is not None else cls(**d)
@@ -188,14 +203,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _looks_local(source: str) -> bool:
-    return (source.startswith(("/", "./", "../", "~")) or Path(source).suffix.lower() in LOCAL_SUFFIXES
-            or os.path.exists(os.path.expanduser(source)))
+    return (
+        source.startswith(("/", "./", "../", "~"))
+        or Path(source).suffix.lower() in LOCAL_SUFFIXES
+        or os.path.exists(os.path.expanduser(source))
+    )
 
 
 def _local_files(source: str) -> list[Path]:
     expanded = os.path.expanduser(source)
-    files = sorted(Path(f) for f in glob.glob(expanded, recursive=True)) if any(c in source for c in "*?[") else \
-        [Path(expanded)]
+    files = (
+        sorted(Path(f) for f in glob.glob(expanded, recursive=True))
+        if any(c in source for c in "*?[")
+        else [Path(expanded)]
+    )
     files = [f for f in files if f.is_file()]
     if not files:
         raise FileNotFoundError(f"perplexity source {source!r}: no such file (relative to {os.getcwd()})")
@@ -209,8 +230,9 @@ def _rows_text(rows: Iterable[dict], field_name: str, where: str) -> list[str]:
     out = []
     for row in rows:
         if field_name not in row:
-            raise ValueError(f"perplexity source {where}: no column {field_name!r} (columns: {sorted(row)}). "
-                             "HINT: set text_field")
+            raise ValueError(
+                f"perplexity source {where}: no column {field_name!r} (columns: {sorted(row)}). HINT: set text_field"
+            )
         out.append(row[field_name] or "")
     return out
 
@@ -246,8 +268,10 @@ def load_documents(protocol: PerplexityProtocol) -> list[str] | list[bytes]:
 
     ds = datasets.load_dataset(p.source, p.dataset_config, split=p.split)
     if p.text_field not in ds.column_names:
-        raise ValueError(f"perplexity source {p.source!r}: no column {p.text_field!r} (columns: {ds.column_names}). "
-                         "HINT: set text_field")
+        raise ValueError(
+            f"perplexity source {p.source!r}: no column {p.text_field!r} (columns: {ds.column_names}). "
+            "HINT: set text_field"
+        )
     return list(ds[p.text_field])
 
 
@@ -255,19 +279,25 @@ def _is_bytes_tokenizer(tokenizer: Any) -> bool:
     return tokenizer is None or (isinstance(tokenizer, str) and tokenizer == "bytes")
 
 
-def token_stream(protocol: PerplexityProtocol, tokenizer: Any = "bytes",
-                 documents: Sequence[str] | Sequence[bytes] | None = None) -> torch.Tensor:
+def token_stream(
+    protocol: PerplexityProtocol, tokenizer: Any = "bytes", documents: Sequence[str] | Sequence[bytes] | None = None
+) -> torch.Tensor:
     """The protocol's token stream (1-D ``long``): documents joined with ``joiner``, tokenised without special
     tokens (``"bytes"``: UTF-8 bytes), with one BOS in front for ``add_bos="stream"``."""
     docs = load_documents(protocol) if documents is None else documents
     if _is_bytes_tokenizer(tokenizer):
         if protocol.bos != "none":
-            raise ValueError(f"add_bos={protocol.add_bos!r} with tokenizer='bytes': the bytes tokenizer has no BOS. "
-                             "HINT: add_bos: false")
+            raise ValueError(
+                f"add_bos={protocol.add_bos!r} with tokenizer='bytes': the bytes tokenizer has no BOS. "
+                "HINT: add_bos: false"
+            )
         joiner = protocol.joiner.encode("utf-8")
         data = joiner.join(d if isinstance(d, bytes) else d.encode("utf-8") for d in docs)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.long) if data else torch.zeros(0, dtype=
-                                                                                                            torch.long)
+        return (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.long)
+            if data
+            else torch.zeros(0, dtype=torch.long)
+        )
     text = protocol.joiner.join(d.decode("utf-8", errors="replace") if isinstance(d, bytes) else d for d in docs)
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if protocol.bos == "stream":
@@ -281,8 +311,9 @@ def _bos_id(tokenizer: Any) -> int:
     return int(tokenizer.bos_token_id)
 
 
-def perplexity_windows(stream: torch.Tensor, protocol: PerplexityProtocol,
-                       bos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def perplexity_windows(
+    stream: torch.Tensor, protocol: PerplexityProtocol, bos_id: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, labels)``, both ``[windows, seq_len]``: labels are the inputs with ``-100`` at positions not
     scored (the model shifts: position ``t`` is predicted from positions ``< t``)."""
     p = protocol
@@ -291,8 +322,10 @@ def perplexity_windows(stream: torch.Tensor, protocol: PerplexityProtocol,
     if p.max_windows is not None:
         n = min(n, p.max_windows)
     if n == 0:
-        raise ValueError(f"perplexity: the token stream has {stream.numel()} tokens, fewer than one window of {text}. "
-                         "HINT: lower seq_len or use more text")
+        raise ValueError(
+            f"perplexity: the token stream has {stream.numel()} tokens, fewer than one window of {text}. "
+            "HINT: lower seq_len or use more text"
+        )
     starts = torch.arange(n) * step
     body = stream[starts[:, None] + torch.arange(text)[None, :]]
     labels = body.clone()
@@ -308,8 +341,13 @@ def perplexity_windows(stream: torch.Tensor, protocol: PerplexityProtocol,
 
 
 @torch.no_grad()
-def score_windows(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int = 1,
-                  device: torch.device | str | None = None) -> tuple[float, int]:
+def score_windows(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+) -> tuple[float, int]:
     """``(Σ NLL, scored tokens)`` of ``model`` on the windows (next-token NLL in float32, summed in float64)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     nll = torch.zeros((), dtype=torch.float64)
@@ -319,8 +357,9 @@ def score_windows(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tenso
         lab = labels[i : i + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits
         target = lab[:, 1:]
-        losses = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX,
-                                 reduction="sum")
+        losses = F.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         nll += losses.double().cpu()
         tokens += int((target != IGNORE_INDEX).sum())
     return float(nll), tokens
@@ -403,6 +442,13 @@ def evaluate_perplexity(
         dist.all_reduce(both)
         nll, tokens = float(both[0]), int(both[1])
     ppl = math.exp(nll / tokens) if tokens else float("nan")
-    return PerplexityResult(ppl=ppl, nll=nll, tokens=tokens, windows=int(inputs.shape[0]),
-                            protocol=protocol.as_dict(), tokenizer=_tokenizer_name(tokenizer),
-                            stream_tokens=int(ids.numel()), sha256=digest)
+    return PerplexityResult(
+        ppl=ppl,
+        nll=nll,
+        tokens=tokens,
+        windows=int(inputs.shape[0]),
+        protocol=protocol.as_dict(),
+        tokenizer=_tokenizer_name(tokenizer),
+        stream_tokens=int(ids.numel()),
+        sha256=digest,
+    )

@@ -48,8 +48,9 @@ def distillation_loss(
         raise ValueError("alpha > 0 needs teacher logits")
     if fused:
         chunk = chunk or max(1, (1 << 22) // student_logits.shape[-1])
-        return _FusedDistillation.apply(student_logits, labels, teacher_logits if alpha > 0 else None, float(alpha),
-                                        float(temperature), int(chunk))
+        return _FusedDistillation.apply(
+            student_logits, labels, teacher_logits if alpha > 0 else None, float(alpha), float(temperature), int(chunk)
+        )
     if isinstance(teacher_logits, ChunkedLogits):
         teacher_logits = teacher_logits.full()
     ce = next_token_ce(student_logits, labels) if alpha < 1 else student_logits.new_zeros(())

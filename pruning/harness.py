@@ -30,9 +30,22 @@ from torch import nn
 
 from .tasks import TASKS_DIR
 
-__all__ = ["BYTE_EOS_ID", "DEFAULT_TASKS", "LOCAL_TASKS", "PAPER_METRIC", "TASKS_DIR", "HarnessResult",
-           "byte_tokenizer", "evaluate_tasks", "hflm", "known_tasks", "markdown_table", "result_rows", "task_manager",
-           "tokenizer_for"]
+__all__ = [
+    "BYTE_EOS_ID",
+    "DEFAULT_TASKS",
+    "LOCAL_TASKS",
+    "PAPER_METRIC",
+    "TASKS_DIR",
+    "HarnessResult",
+    "byte_tokenizer",
+    "evaluate_tasks",
+    "hflm",
+    "known_tasks",
+    "markdown_table",
+    "result_rows",
+    "task_manager",
+    "tokenizer_for",
+]
 
 #: The zero-shot suite of the pruning papers (lm-eval task names; hub datasets, so not runnable offline).
 DEFAULT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -91,9 +104,14 @@ def byte_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     special = b2u[BYTE_EOS_ID]
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=special, pad_token=special,
-                                  split_special_tokens=True, model_max_length=1 << 30,
-                                  clean_up_tokenization_spaces=False)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=special,
+        pad_token=special,
+        split_special_tokens=True,
+        model_max_length=1 << 30,
+        clean_up_tokenization_spaces=False,
+    )
     tok.name_or_path = "bytes"
     return tok
 
@@ -105,8 +123,10 @@ def tokenizer_for(model: nn.Module, tokenizer: Any = None):
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if tokenizer == "bytes" or vocab == 256:
             return byte_tokenizer()
-        raise ValueError(f"no tokenizer for a model with vocab_size={vocab}. HINT: pass tokenizer= (a name, a path or "
-                         "a tokenizer object); byte-level models (vocab 256) use pruning.harness.byte_tokenizer()")
+        raise ValueError(
+            f"no tokenizer for a model with vocab_size={vocab}. HINT: pass tokenizer= (a name, a path or "
+            "a tokenizer object); byte-level models (vocab 256) use pruning.harness.byte_tokenizer()"
+        )
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
 
@@ -142,15 +162,26 @@ def known_tasks(names: Sequence[str], include_path=None) -> dict[str, bool]:
     return {n: n in tm.all_tasks for n in names}
 
 
-def hflm(model: nn.Module, tokenizer: Any = None, batch_size: int = 8, device: str | torch.device | None = None,
-         max_length: int | None = None, add_bos_token: bool | None = None):
+def hflm(
+    model: nn.Module,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    max_length: int | None = None,
+    add_bos_token: bool | None = None,
+):
     """lm-eval's ``HFLM`` around the model object itself (no copy, no save). ``device`` moves the model first."""
     from lm_eval.models.huggingface import HFLM
 
     if device is not None:
         model.to(device)
-    return HFLM(pretrained=model, tokenizer=tokenizer_for(model, tokenizer), batch_size=batch_size,
-                max_length=max_length, add_bos_token=add_bos_token)
+    return HFLM(
+        pretrained=model,
+        tokenizer=tokenizer_for(model, tokenizer),
+        batch_size=batch_size,
+        max_length=max_length,
+        add_bos_token=add_bos_token,
+    )
 
 
 @contextlib.contextmanager
@@ -199,8 +230,11 @@ _KEEP = ("results", "groups", "group_subtasks", "versions", "n-shot", "n-samples
 def _trim(raw: dict[str, Any]) -> dict[str, Any]:
     out = {k: raw[k] for k in _KEEP if k in raw}
     cfg = raw.get("config", {})
-    out["config"] = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v))
-                     for k, v in cfg.items() if k != "model_args"}
+    out["config"] = {
+        k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v))
+        for k, v in cfg.items()
+        if k != "model_args"
+    }
     out["lm_eval_version"] = _lm_eval_version()
     return out
 
@@ -234,13 +268,27 @@ def result_rows(results: dict[str, Any], metrics: str = "paper") -> list[dict[st
             chosen = list(found)
         else:
             want = PAPER_METRIC.get(task)
-            chosen = [want if want in found else "acc_norm" if "acc_norm" in found else "acc" if "acc" in found
-                      else next(iter(found))]
+            chosen = [
+                want
+                if want in found
+                else "acc_norm"
+                if "acc_norm" in found
+                else "acc"
+                if "acc" in found
+                else next(iter(found))
+            ]
         n = n_samples.get(task, {})
         for name in chosen:
             value, err = found[name]
-            rows.append({"task": task, "metric": name, "value": value, "stderr": err,
-                         "n": n.get("effective") if isinstance(n, dict) else None})
+            rows.append(
+                {
+                    "task": task,
+                    "metric": name,
+                    "value": value,
+                    "stderr": err,
+                    "n": n.get("effective") if isinstance(n, dict) else None,
+                }
+            )
     return rows
 
 
@@ -297,9 +345,18 @@ def evaluate_tasks(
         with _rng_kept():
             lm = hflm(model, tokenizer, batch_size, device, max_length, add_bos_token)
             raw = lm_eval.simple_evaluate(
-                model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=task_manager(tasks,
-                include_path), log_samples=False, bootstrap_iters=bootstrap_iters, random_seed=seed,
-                numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+                model=lm,
+                tasks=tasks,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                task_manager=task_manager(tasks, include_path),
+                log_samples=False,
+                bootstrap_iters=bootstrap_iters,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+            )
     finally:
         model.train(was_training)
     if raw is None:  # not lm-eval's rank 0 (never the case for a model object: HFLM runs it single-process)

@@ -37,8 +37,9 @@ def refuse_pickles(path: str | os.PathLike, key: str = "pretrained") -> None:
         )
 
 
-def from_pretrained(name_or_path: str | os.PathLike, *, allow_pickle: bool = False, key: str = "pretrained",
-                    **kwargs: Any):
+def from_pretrained(
+    name_or_path: str | os.PathLike, *, allow_pickle: bool = False, key: str = "pretrained", **kwargs: Any
+):
     """``AutoModelForCausalLM.from_pretrained`` that reads safetensors only (``allow_pickle`` lifts that: then
     transformers may read ``pytorch_model.bin``). Remote code stays off unless ``trust_remote_code=True`` is given."""
     from transformers import AutoModelForCausalLM
@@ -46,8 +47,9 @@ def from_pretrained(name_or_path: str | os.PathLike, *, allow_pickle: bool = Fal
     if not allow_pickle:
         refuse_pickles(name_or_path, key)
     kwargs.setdefault("trust_remote_code", False)
-    return AutoModelForCausalLM.from_pretrained(str(name_or_path), use_safetensors=None if allow_pickle else True,
-                                                **kwargs)
+    return AutoModelForCausalLM.from_pretrained(
+        str(name_or_path), use_safetensors=None if allow_pickle else True, **kwargs
+    )
 
 
 def refused_checkpoint(path: str | os.PathLike, err: Exception) -> PickleRefused:

@@ -123,8 +123,9 @@ class SparsityReport:
             lines.append(f"| {k} (groups) | {c.pruned} | {c.total} | {c.fraction:.4f} |")
         for i, c in sorted(self.layers.items()):
             lines.append(f"| layer {i} | {c.pruned} | {c.total} | {c.fraction:.4f} |")
-        lines.append(f"| targeted weights | {self.targeted.pruned} | {self.targeted.total} | "
-                     f"{self.targeted.fraction:.4f} |")
+        lines.append(
+            f"| targeted weights | {self.targeted.pruned} | {self.targeted.total} | {self.targeted.fraction:.4f} |"
+        )
         lines.append(f"| all parameters | {self.model.pruned} | {self.model.total} | {self.model.fraction:.4f} |")
         return "\n".join(lines)
 
@@ -176,8 +177,12 @@ class MaskSet:
         return mask if rows is None else rows.gather(mask.to(torch.uint8)).to(torch.bool)
 
     def _group_factors(self, name: str, like: torch.Tensor) -> list[torch.Tensor]:
-        return [_group_factor(m, keep.to(like.device), like.shape)
-                for key, keep in self.groups.items() for m in self.group_sets[key].members if m.name == name]
+        return [
+            _group_factor(m, keep.to(like.device), like.shape)
+            for key, keep in self.groups.items()
+            for m in self.group_sets[key].members
+            if m.name == name
+        ]
 
     def factors(self, name: str, like: torch.Tensor) -> list[torch.Tensor]:
         """Broadcastable keep factors (bool, on ``like``'s device) whose product is the parameter's keep mask.
@@ -280,8 +285,8 @@ class MaskSet:
                 if is_dtensor(p):  # the stash is in row-major order: this rank's rows are one contiguous slice
                     first, rows = local_rows(p)
                     start = int(pruned[:first].sum())
-                    pruned = pruned[first:first + rows]
-                    vals = vals[start:start + int(pruned.sum())]
+                    pruned = pruned[first : first + rows]
+                    vals = vals[start : start + int(pruned.sum())]
                 lp = local(p)
                 lp[pruned.to(lp.device)] = vals.to(lp.device, lp.dtype)
         try:
@@ -319,6 +324,7 @@ class MaskSet:
 
         self._handles.append(register_optimizer_step_post_hook(post_step))
         if sharded:
+
             def pre_step(optimizer, args, kwargs):
                 masks = ref()
                 if masks is not None:
@@ -426,7 +432,11 @@ class MaskSet:
         self.groups = {k: v.to(torch.bool) for k, v in state["groups"].items()}
         self.group_sets = {
             k: GroupSet(
-                d["kind"], d["layer"], d["count"], tuple(Member(*m) for m in d["members"]), d["partitions"],
+                d["kind"],
+                d["layer"],
+                d["count"],
+                tuple(Member(*m) for m in d["members"]),
+                d["partitions"],
                 tuple(d["numels"]),
             )
             for k, d in state["group_sets"].items()

@@ -39,8 +39,9 @@ class PerplexityMetric(torchmetrics.Metric):
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         target = labels[:, 1:].to(logits.device)
-        nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=self.ignore_index,
-                              reduction="sum")
+        nll = F.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=self.ignore_index, reduction="sum"
+        )
         self.nll_sum += nll.detach().to(self.nll_sum.dtype)
         self.token_count += (target != self.ignore_index).sum().to(self.token_count.dtype)
 

@@ -53,7 +53,8 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     merge_at_end: bool = True
 
 
@@ -84,15 +85,24 @@ def build_model(
     """A causal LM from a hub name or local path (``from_pretrained``, safetensors only unless ``allow_pickle``) or
     from a config dict (``{"model_type": "llama", ...}``, random init seeded by ``seed``)."""
     if (pretrained is None) == (config is None):
-        raise ValueError("give exactly one of pretrained= (hub name or path) and config= (dict with model_type). "
-                         "HINT: set model.pretrained or model.config")
+        raise ValueError(
+            "give exactly one of pretrained= (hub name or path) and config= (dict with model_type). "
+            "HINT: set model.pretrained or model.config"
+        )
     torch_dtype = _dtype(dtype, "dtype")
     kwargs: dict[str, Any] = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if pretrained is not None:
-        return from_pretrained(pretrained, allow_pickle=allow_pickle, key="model.pretrained", dtype=torch_dtype,
-                               trust_remote_code=trust_remote_code, revision=revision, **kwargs)
+        return from_pretrained(
+            pretrained,
+            allow_pickle=allow_pickle,
+            key="model.pretrained",
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            **kwargs,
+        )
     cfg = dict(config)
     if "model_type" not in cfg:
         raise ValueError(f"config={config} has no model_type. HINT: e.g. config: {{model_type: llama, ...}}")
@@ -100,8 +110,9 @@ def build_model(
     hf_config = AutoConfig.for_model(model_type, **cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        out = AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype, trust_remote_code=trust_remote_code,
-                                               **kwargs)
+        out = AutoModelForCausalLM.from_config(
+            hf_config, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
     return out
 
 
@@ -182,13 +193,21 @@ class DistillationModule(pl.LightningModule):
         self.teacher_mode = teacher
         self.masks: MaskSet | None = None  # set by the pruning callback; the lifted teacher reads it
         self.weights_frozen = False  # set by the importance callback during scoring steps
-        self.student = build_model(pretrained, config, dtype=dtype, attn_implementation=attn_implementation,
-                                   trust_remote_code=trust_remote_code, revision=revision, seed=init_seed,
-                                   allow_pickle=allow_pickle)
+        self.student = build_model(
+            pretrained,
+            config,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            revision=revision,
+            seed=init_seed,
+            allow_pickle=allow_pickle,
+        )
         if gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
-        self.tokenizer = self._load_tokenizer(tokenizer_path or pretrained, trust_remote_code,
-                                              required=tokenizer_path is not None)
+        self.tokenizer = self._load_tokenizer(
+            tokenizer_path or pretrained, trust_remote_code, required=tokenizer_path is not None
+        )
         if keep_zeros:
             from .structure import ModelStructure
 
@@ -218,19 +237,26 @@ class DistillationModule(pl.LightningModule):
     def _inject_lora(self, lora: LoraSettings) -> None:
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+        cfg = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
         # get_peft_model wraps the modules of self.student in place; the base weights stay the same Parameter
         # objects (renamed ...base_layer.weight), so masks attached to them keep holding
         self._peft = get_peft_model(self.student, cfg)
         for name, mod in self.student.named_modules():
             if hasattr(mod, "lora_A") and hasattr(mod, "base_layer"):
                 for adapter in mod.lora_A:
-                    self._mask_adapter(name + ".weight", mod.base_layer.weight, mod.lora_A[adapter],
-                                       mod.lora_B[adapter])
+                    self._mask_adapter(
+                        name + ".weight", mod.base_layer.weight, mod.lora_A[adapter], mod.lora_B[adapter]
+                    )
 
-    def _mask_adapter(self, weight_name: str, weight: torch.Tensor, lora_a: torch.nn.Module,
-                      lora_b: torch.nn.Module) -> None:
+    def _mask_adapter(
+        self, weight_name: str, weight: torch.Tensor, lora_a: torch.nn.Module, lora_b: torch.nn.Module
+    ) -> None:
         """Make the adapter's update obey the masks of the weight it adapts: the layer computes ``(W + s·BA) ⊙ M``.
 
         FIX: masks zero ``W`` (frozen under LoRA) but the adapter path ``s·B·A·x`` is dense, so during recovery the
@@ -319,7 +345,8 @@ class DistillationModule(pl.LightningModule):
         if self._peft is not None:
             raise NotImplementedError(
                 "lora under ModelParallelStrategy (FSDP2) is not supported (the end-of-fit merge works on unsharded "
-                "weights). HINT: recover with lora under strategy: ddp, or without lora under FSDP")
+                "weights). HINT: recover with lora under strategy: ddp, or without lora under FSDP"
+            )
         dp = mesh["data_parallel"]
         if not is_sharded(self.student):
             shard_model(self.student, ModelStructure(self.student).layers, dp)
@@ -334,9 +361,16 @@ class DistillationModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.teacher_mode == "copy" and not self._teacher:
             hp = self.hparams
-            t = build_model(hp.pretrained, hp.config, dtype=hp.teacher_dtype or hp.dtype,
-                            attn_implementation=hp.attn_implementation, trust_remote_code=hp.trust_remote_code,
-                            revision=hp.revision, seed=hp.init_seed, allow_pickle=hp.allow_pickle)
+            t = build_model(
+                hp.pretrained,
+                hp.config,
+                dtype=hp.teacher_dtype or hp.dtype,
+                attn_implementation=hp.attn_implementation,
+                trust_remote_code=hp.trust_remote_code,
+                revision=hp.revision,
+                seed=hp.init_seed,
+                allow_pickle=hp.allow_pickle,
+            )
             t.requires_grad_(False)
             t.eval()
             self._teacher.append(t)
@@ -347,8 +381,10 @@ class DistillationModule(pl.LightningModule):
             from lightning.pytorch.utilities import rank_zero_info
 
             digest = record.get("sha256_all", record.get("sha256"))
-            rank_zero_info(f"data: source={record.get('source')} seed={record.get('seed')} "
-                           f"sequences={record.get('sequences')} sha256={digest}")
+            rank_zero_info(
+                f"data: source={record.get('source')} seed={record.get('seed')} "
+                f"sequences={record.get('sequences')} sha256={digest}"
+            )
             if self.logger is not None:
                 self.logger.log_hyperparams({"data": record})
         if self.teacher is not None and self._device_mesh is None:  # a sharded teacher is already placed
@@ -390,8 +426,9 @@ class DistillationModule(pl.LightningModule):
                 # logits = lm_head(final hidden state) for these families: the loss computes the teacher's logits
                 # a block of positions at a time from the hidden states (the head is not pruned, so lifting is not
                 # needed for it), and the teacher's full [positions, vocab] tensor never exists
-                hidden = self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                                    use_cache=False).last_hidden_state
+                hidden = self.student.get_decoder()(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                ).last_hidden_state
                 return ChunkedLogits(hidden, head)
             return self.student(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
@@ -431,8 +468,11 @@ class DistillationModule(pl.LightningModule):
         params = [p for p in self.student.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         warm, floor = hp.warmup_steps, hp.min_lr_ratio
 

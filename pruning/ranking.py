@@ -165,8 +165,10 @@ def saap_layer_rates(
     """
     if fluctuation == "batches":
         # the log σ₁σ₂ constant is dropped: a shift of every score would change the coefficient of variation
-        ind = [fluctuation_across_batches([s - s.new_tensor(_log_const(estimate, k)) for s in
-                                           estimate.batch_scores[k]]) for k in estimate.keys]
+        ind = [
+            fluctuation_across_batches([s - s.new_tensor(_log_const(estimate, k)) for s in estimate.batch_scores[k]])
+            for k in estimate.keys
+        ]
     elif fluctuation == "groups":
         ind = [fluctuation_across_groups(estimate.scores[k] - _log_const(estimate, k)) for k in estimate.keys]
     else:
@@ -202,9 +204,15 @@ def main(argv: list[str] | None = None) -> None:
     calib, _ = load_data(args, model)
     est = saap_scores(model, calib, args.granularity, per_layer_sigma=args.per_layer_sigma, device=args.device)
     rates, ind = saap_layer_rates(est, args.target, args.fluctuation, args.spread, args.max_rate, args.skip_layers)
-    out = {"method": "saap", "target": args.target, "granularity": args.granularity,
-           "criterion_options": est.criterion_options(), "layer_rates": rates, "fluctuation": ind,
-           "fluctuation_kind": args.fluctuation}
+    out = {
+        "method": "saap",
+        "target": args.target,
+        "granularity": args.granularity,
+        "criterion_options": est.criterion_options(),
+        "layer_rates": rates,
+        "fluctuation": ind,
+        "fluctuation_kind": args.fluctuation,
+    }
     from .search import write_json
 
     write_json(args.out, out)

@@ -84,8 +84,12 @@ class Schedule:
         n = math.ceil((self.end_step - self.start_step) / self.every)
         steps = [min(self.start_step + k * self.every, self.end_step) for k in range(n + 1)]
         return [
-            Event(t, self.cubic_sparsity(t, self.initial_sparsity, self.sparsity, self.start_step, self.end_step),
-                  self.alpha, self.temperature)
+            Event(
+                t,
+                self.cubic_sparsity(t, self.initial_sparsity, self.sparsity, self.start_step, self.end_step),
+                self.alpha,
+                self.temperature,
+            )
             for t in steps
         ]
 

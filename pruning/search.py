@@ -72,8 +72,9 @@ def dense_group_scores(
     acts, grads, groups = {}, {}, {}
     if crit.needs_activations:
         modules = {n.rsplit(".", 1)[0] for n in names}
-        coll = ActivationCollector({n: model.get_submodule(n) for n in sorted(modules)},
-                                   **crit.collector_options()).attach()
+        coll = ActivationCollector(
+            {n: model.get_submodule(n) for n in sorted(modules)}, **crit.collector_options()
+        ).attach()
         dev = torch.device(device) if device is not None else next(model.parameters()).device
         was = model.training
         model.eval()
@@ -86,9 +87,13 @@ def dense_group_scores(
             model.train(was)
         acts = coll.stats
     if crit.needs_gradients:
-        gc = GradientCollector(model, param_names=names if crit.grad_kinds else (),
-                               grad_kinds=crit.grad_kinds or ("sum",), group_sets=group_sets if crit.group_kinds
-                               else (), group_kinds=crit.group_kinds or ("coupled",))
+        gc = GradientCollector(
+            model,
+            param_names=names if crit.grad_kinds else (),
+            grad_kinds=crit.grad_kinds or ("sum",),
+            group_sets=group_sets if crit.group_kinds else (),
+            group_kinds=crit.group_kinds or ("coupled",),
+        )
         collect_gradients(model, calibration, gc, device=device, progress=progress)
         grads, groups = gc.stats, gc.group_stats
     weights = dict(model.named_parameters(remove_duplicate=False))
@@ -106,15 +111,24 @@ class PrunedPerplexity:
     structurally pruned model's perplexity without building it. Nothing but the pruned slices is copied.
     """
 
-    def __init__(self, model: nn.Module, calibration: Sequence[torch.Tensor], heldout: Sequence[torch.Tensor],
-                 criterion: str = "wanda", granularity: str = "mlp_neuron", criterion_options: dict | None = None,
-                 device: torch.device | str | None = None, progress: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        calibration: Sequence[torch.Tensor],
+        heldout: Sequence[torch.Tensor],
+        criterion: str = "wanda",
+        granularity: str = "mlp_neuron",
+        criterion_options: dict | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> None:
         self.model = model
         self.heldout = list(heldout)
         self.device = device
         self.group_sets = ModelStructure(model).group_sets(granularity)  # type: ignore[arg-type]
-        self.scores, self.criterion = dense_group_scores(model, calibration, criterion, granularity,
-                                                         criterion_options, device, progress)
+        self.scores, self.criterion = dense_group_scores(
+            model, calibration, criterion, granularity, criterion_options, device, progress
+        )
         self.params = dict(model.named_parameters(remove_duplicate=False))
 
     @property
@@ -186,8 +200,16 @@ class LLMOperator:
     the global random state left untouched. A chat template is used when the tokenizer has one.
     """
 
-    def __init__(self, path: str, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
-                 shown: int = 10, device: torch.device | str | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        path: str,
+        max_new_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 0.95,
+        shown: int = 10,
+        device: torch.device | str | None = None,
+        seed: int = 0,
+    ) -> None:
         from transformers import AutoTokenizer
 
         self.path = str(path)
@@ -202,8 +224,14 @@ class LLMOperator:
         self.seed = seed
         self.calls = 0
 
-    def prompt(self, kind: str, parents: Sequence[Sequence[float]], population: Sequence[tuple[list[float], float]],
-               target: float, max_rate: float) -> str:
+    def prompt(
+        self,
+        kind: str,
+        parents: Sequence[Sequence[float]],
+        population: Sequence[tuple[list[float], float]],
+        target: float,
+        max_rate: float,
+    ) -> str:
         n = len(parents[0])
         shown = sorted(population, key=lambda c: c[1])[: self.shown]
         lines = [
@@ -215,11 +243,12 @@ class LLMOperator:
         ]
         lines += [f"{_fmt(r)} perplexity: {f:.4f}" for r, f in shown]
         if kind == "crossover":
-            lines.append(f"Combine the two parents {_fmt(parents[0])} and {_fmt(parents[1])} by crossover into one "
-                         "new list that should have a lower perplexity.")
+            lines.append(
+                f"Combine the two parents {_fmt(parents[0])} and {_fmt(parents[1])} by crossover into one "
+                "new list that should have a lower perplexity."
+            )
         else:
-            lines.append(f"Mutate the parent {_fmt(parents[0])} into one new list that should have a lower "
-                         "perplexity.")
+            lines.append(f"Mutate the parent {_fmt(parents[0])} into one new list that should have a lower perplexity.")
         lines.append(f"Answer with the new list only, {n} numbers in square brackets: [r1, r2, ..., r{n}]")
         return "\n".join(lines)
 
@@ -227,27 +256,40 @@ class LLMOperator:
     def generate(self, prompt: str) -> str:
         tok = self.tokenizer
         if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
         else:
             text = prompt + "\n"
         ids = tok(text, return_tensors="pt").input_ids
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is not None and ids.shape[1] + self.max_new_tokens > limit:
-            ids = ids[:, -(limit - self.max_new_tokens):]  # keep the end: the question and the answer format
+            ids = ids[:, -(limit - self.max_new_tokens) :]  # keep the end: the question and the answer format
         ids = ids.to(self.model.device)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.calls += 1
         dev = self.model.device
         with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
             torch.manual_seed(self.seed * 100003 + self.calls)
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                      temperature=self.temperature, top_p=self.top_p,
-                                      max_new_tokens=self.max_new_tokens, pad_token_id=pad if pad is not None else 0)
-        return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=pad if pad is not None else 0,
+            )
+        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
-    def propose(self, kind: str, parents: Sequence[Sequence[float]], population: Sequence[tuple[list[float], float]],
-                target: float, max_rate: float) -> tuple[list[float] | None, str, str]:
+    def propose(
+        self,
+        kind: str,
+        parents: Sequence[Sequence[float]],
+        population: Sequence[tuple[list[float], float]],
+        target: float,
+        max_rate: float,
+    ) -> tuple[list[float] | None, str, str]:
         """``(rates or None, reason, answer)`` for one crossover or mutation."""
         answer = self.generate(self.prompt(kind, parents, population, target, max_rate))
         rates, reason = parse_rates(answer, len(parents[0]))
@@ -342,9 +384,17 @@ def evolve(
             t0 = time.perf_counter()
             cache[k] = float(fitness(rates))
             stats["evaluations"] += 1
-            evaluated.append({"generation": generation, "origin": origin, "rates": rates, "fitness": cache[k],
-                              "pruned": list(k), "mean_rate": sum(rates) / n,
-                              "seconds": round(time.perf_counter() - t0, 4)})
+            evaluated.append(
+                {
+                    "generation": generation,
+                    "origin": origin,
+                    "rates": rates,
+                    "fitness": cache[k],
+                    "pruned": list(k),
+                    "mean_rate": sum(rates) / n,
+                    "seconds": round(time.perf_counter() - t0, 4),
+                }
+            )
         return {"rates": rates, "fitness": cache[k], "origin": origin, "key": k}
 
     def pick(pop: list[dict]) -> dict:
@@ -362,10 +412,10 @@ def evolve(
     def operate(kind: str, parents: list[list[float]], pop: list[dict]) -> tuple[list[float], str]:
         if operator is not None:
             stats["llm_proposed"] += 1
-            proposed, reason, answer = operator.propose(kind, parents, [(c["rates"], c["fitness"]) for c in pop],
-                                                        target, max_rate)
-            llm_answers.append({"kind": kind, "usable": proposed is not None, "reason": reason,
-                                "answer": answer[:300]})
+            proposed, reason, answer = operator.propose(
+                kind, parents, [(c["rates"], c["fitness"]) for c in pop], target, max_rate
+            )
+            llm_answers.append({"kind": kind, "usable": proposed is not None, "reason": reason, "answer": answer[:300]})
             if proposed is not None:
                 stats["llm_used"] += 1
                 return repair(proposed), f"llm-{kind}"
@@ -375,11 +425,22 @@ def evolve(
 
     uniform = repair([target] * n)
     history: dict = {
-        "method": "self-pruner", "target": target, "counts": list(counts), "partitions": partitions,
-        "max_rate": max_rate, "seed": seed, "population": population, "generations_planned": generations,
-        "mutations": mutations, "crossovers": crossovers,
+        "method": "self-pruner",
+        "target": target,
+        "counts": list(counts),
+        "partitions": partitions,
+        "max_rate": max_rate,
+        "seed": seed,
+        "population": population,
+        "generations_planned": generations,
+        "mutations": mutations,
+        "crossovers": crossovers,
         "operator": operator.path if operator is not None else "classical",
-        **dict(info or {}), "generations": [], "evaluated": evaluated, "stats": stats, "llm_failures": llm_failures,
+        **dict(info or {}),
+        "generations": [],
+        "evaluated": evaluated,
+        "stats": stats,
+        "llm_failures": llm_failures,
         "llm_answers": llm_answers,
     }
 
@@ -400,11 +461,15 @@ def evolve(
 
     def record(gen: int) -> None:
         pop.sort(key=lambda c: c["fitness"])
-        history["generations"].append({
-            "generation": gen, "best_fitness": pop[0]["fitness"], "best_rates": pop[0]["rates"],
-            "population": [{"rates": c["rates"], "fitness": c["fitness"], "origin": c["origin"]} for c in pop],
-            **{k: stats[k] for k in stats},
-        })
+        history["generations"].append(
+            {
+                "generation": gen,
+                "best_fitness": pop[0]["fitness"],
+                "best_rates": pop[0]["rates"],
+                "population": [{"rates": c["rates"], "fitness": c["fitness"], "origin": c["origin"]} for c in pop],
+                **{k: stats[k] for k in stats},
+            }
+        )
         history["best"] = {"rates": pop[0]["rates"], "fitness": pop[0]["fitness"]}
         save()
 
@@ -423,12 +488,16 @@ def evolve(
         merged.update({c["key"]: c for c in pop})  # a survivor keeps its origin
         pop = sorted(merged.values(), key=lambda c: c["fitness"])[:population]
         record(gen)
-        bar.set_postfix(best=f"{pop[0]['fitness']:.4g}", evals=stats["evaluations"],
-                        **({"llm": f"{stats['llm_used']}/{stats['llm_proposed']}"} if operator else {}))
+        bar.set_postfix(
+            best=f"{pop[0]['fitness']:.4g}",
+            evals=stats["evaluations"],
+            **({"llm": f"{stats['llm_used']}/{stats['llm_proposed']}"} if operator else {}),
+        )
     bar.close()
     best = pop[0]
-    return SearchResult(rates=best["rates"], fitness=best["fitness"], uniform_fitness=history["uniform"]["fitness"],
-                        history=history)
+    return SearchResult(
+        rates=best["rates"], fitness=best["fitness"], uniform_fitness=history["uniform"]["fitness"], history=history
+    )
 
 
 def search_rates(
@@ -473,26 +542,43 @@ def search_rates(
     if fitness is None:
         if not calibration or not heldout:
             raise ValueError("search_rates needs calibration and heldout batches (or a fitness= function)")
-        fitness = PrunedPerplexity(model, list(calibration), list(heldout), criterion, granularity,
-                                   criterion_options, device, progress)
+        fitness = PrunedPerplexity(
+            model, list(calibration), list(heldout), criterion, granularity, criterion_options, device, progress
+        )
     operator = None
     if operator_model is not None:
         operator = LLMOperator(operator_model, seed=seed, **dict(operator_options or {}))
-    result = evolve([gs.count for gs in group_sets], target, fitness, partitions=group_sets[0].partitions,
-                    population=population, generations=generations, mutations=mutations, crossovers=crossovers,
-                    operator=operator, max_rate=max_rate, mutation_scale=mutation_scale, init_scale=init_scale,
-                    seed=seed, progress=progress, history_path=history_path,
-                    info={"criterion": criterion, "granularity": granularity,
-                          "criterion_options": dict(criterion_options or {})})
+    result = evolve(
+        [gs.count for gs in group_sets],
+        target,
+        fitness,
+        partitions=group_sets[0].partitions,
+        population=population,
+        generations=generations,
+        mutations=mutations,
+        crossovers=crossovers,
+        operator=operator,
+        max_rate=max_rate,
+        mutation_scale=mutation_scale,
+        init_scale=init_scale,
+        seed=seed,
+        progress=progress,
+        history_path=history_path,
+        info={"criterion": criterion, "granularity": granularity, "criterion_options": dict(criterion_options or {})},
+    )
     return result
 
 
 # ---------------------------------------------------------------------------------------------- command line
 def add_data_arguments(ap: argparse.ArgumentParser) -> None:
     """Model and calibration-data options shared by ``pruning.search`` and ``pruning.ranking``."""
-    ap.add_argument("--text", nargs="*", default=None,
-                    help="local text files for calibration (tokenised with the model's tokenizer); default: the "
-                    "offline stdlib corpus, byte-level (the demo model's tokenisation)")
+    ap.add_argument(
+        "--text",
+        nargs="*",
+        default=None,
+        help="local text files for calibration (tokenised with the model's tokenizer); default: the "
+        "offline stdlib corpus, byte-level (the demo model's tokenisation)",
+    )
     ap.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--calibration", type=int, default=32, help="calibration windows (scoring)")
@@ -552,15 +638,35 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(args.model, args.dtype, args.device)
     calib, held = load_data(args, model)
     history = args.history or str(Path(args.out).with_suffix("")) + ".history.json"
-    result = search_rates(model, calib, held, args.target, args.criterion, args.granularity,
-                          criterion_options=args.criterion_options, population=args.population,
-                          generations=args.generations, mutations=args.mutations, crossovers=args.crossovers,
-                          operator_model=args.operator_model,
-                          operator_options={"max_new_tokens": args.operator_max_new_tokens, "device": args.device},
-                          seed=args.seed, history_path=history, max_rate=args.max_rate, device=args.device)
-    out = {"method": "self-pruner", "target": args.target, "criterion": args.criterion,
-           "granularity": args.granularity, "layer_rates": result.rates, "fitness": result.fitness,
-           "uniform_fitness": result.uniform_fitness, "history": history}
+    result = search_rates(
+        model,
+        calib,
+        held,
+        args.target,
+        args.criterion,
+        args.granularity,
+        criterion_options=args.criterion_options,
+        population=args.population,
+        generations=args.generations,
+        mutations=args.mutations,
+        crossovers=args.crossovers,
+        operator_model=args.operator_model,
+        operator_options={"max_new_tokens": args.operator_max_new_tokens, "device": args.device},
+        seed=args.seed,
+        history_path=history,
+        max_rate=args.max_rate,
+        device=args.device,
+    )
+    out = {
+        "method": "self-pruner",
+        "target": args.target,
+        "criterion": args.criterion,
+        "granularity": args.granularity,
+        "layer_rates": result.rates,
+        "fitness": result.fitness,
+        "uniform_fitness": result.uniform_fitness,
+        "history": history,
+    }
     write_json(args.out, out)
     print(f"best held-out ppl {result.fitness:.4f} (uniform {result.uniform_fitness:.4f}); wrote {args.out}")
     print("layer_rates: [" + ", ".join(f"{r:.6g}" for r in result.rates) + "]")

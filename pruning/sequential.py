@@ -60,7 +60,10 @@ def layer_output(out) -> torch.Tensor:
 
 @torch.no_grad()
 def capture_inputs(
-    model: nn.Module, structure: ModelStructure, calibration: Iterable[torch.Tensor], device: torch.device,
+    model: nn.Module,
+    structure: ModelStructure,
+    calibration: Iterable[torch.Tensor],
+    device: torch.device,
     store: torch.device,
 ) -> list[tuple[torch.Tensor, dict]]:
     """Hidden states and keyword arguments reaching the first decoder layer, one entry per calibration batch."""
@@ -93,15 +96,18 @@ def _merge_value(values: list, sizes: list[int]):
             return first  # broadcast over the batch (rotary tables, cache positions)
         if all(torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n for v, n in zip(values, sizes)):
             return torch.cat(values)
-        raise ValueError(f"cannot merge calibration batches: a layer argument of shape {tuple(first.shape)} is "
-                         "neither shared nor per-sequence. HINT: use within_layer='dense'")
+        raise ValueError(
+            f"cannot merge calibration batches: a layer argument of shape {tuple(first.shape)} is "
+            "neither shared nor per-sequence. HINT: use within_layer='dense'"
+        )
     if isinstance(first, (tuple, list)):
         return type(first)(_merge_value([v[k] for v in values], sizes) for k in range(len(first)))
     if isinstance(first, dict):
         return {k: _merge_value([v[k] for v in values], sizes) for k in first}
     if any(v != first for v in values):
-        raise ValueError("cannot merge calibration batches: their layer arguments differ. HINT: use "
-                         "within_layer='dense'")
+        raise ValueError(
+            "cannot merge calibration batches: their layer arguments differ. HINT: use within_layer='dense'"
+        )
     return first
 
 
@@ -180,8 +186,9 @@ def run_layerwise(
             result = on_layer(i, forward_all)
             if one_pass:
                 if result is None or len(result) != len(inputs):
-                    raise RuntimeError("run_layerwise(one_pass=True): on_layer must return "
-                                       "forward_all(keep_outputs=True)")
+                    raise RuntimeError(
+                        "run_layerwise(one_pass=True): on_layer must return forward_all(keep_outputs=True)"
+                    )
                 inputs = [(out, kw) for out, (_, kw) in zip(result, inputs)]
                 layer.to(layer_home)
                 continue
@@ -189,9 +196,7 @@ def run_layerwise(
                 layer.to(layer_home)
                 break
             with torch.no_grad():
-                inputs = [
-                    (layer_output(layer(h.to(dev), **_to(kw, dev))).to(store_dev), kw) for h, kw in inputs
-                ]
+                inputs = [(layer_output(layer(h.to(dev), **_to(kw, dev))).to(store_dev), kw) for h, kw in inputs]
             layer.to(layer_home)
     finally:
         if dev != home:

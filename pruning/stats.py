@@ -118,8 +118,9 @@ class ActivationStats(Accumulator):
       the per-sample activations the mutual-information criterion compares.
     """
 
-    def __init__(self, with_mean: bool = False, kinds: Iterable[str] = ("sum_sq",), samples: int = 256,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, with_mean: bool = False, kinds: Iterable[str] = ("sum_sq",), samples: int = 256, seed: int = 0
+    ) -> None:
         super().__init__()
         self.with_mean = with_mean
         self.kinds = tuple(dict.fromkeys(("sum_sq", *kinds)))
@@ -246,9 +247,12 @@ class ActivationSamples:
         self._gen = None
 
     def state_dict(self) -> dict:
-        return {"rows": None if self.rows is None else self.rows.detach().cpu().clone(),
-                "keys": None if self.keys is None else self.keys.detach().cpu().clone(), "seen": self.seen,
-                "generator": None if self._gen is None else self._gen.get_state()}
+        return {
+            "rows": None if self.rows is None else self.rows.detach().cpu().clone(),
+            "keys": None if self.keys is None else self.keys.detach().cpu().clone(),
+            "seen": self.seen,
+            "generator": None if self._gen is None else self._gen.get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         dev = self.rows.device if self.rows is not None else torch.device("cpu")
@@ -356,9 +360,12 @@ class GradientStats(Accumulator):
         sh = self.shard
         for k in self.kinds:
             if sh is not None:  # the full per-sample term, summed over ranks onto this rank's rows
-                term = {"sum": lambda: g * scale, "sum_sq": lambda: g.square().mul_(scale * scale),
-                        "sum_abs": lambda: g.abs().mul_(scale),
-                        "sum_abs_gw": lambda: (g * weight.float()).abs_().mul_(scale)}[k]()
+                term = {
+                    "sum": lambda: g * scale,
+                    "sum_sq": lambda: g.square().mul_(scale * scale),
+                    "sum_abs": lambda: g.abs().mul_(scale),
+                    "sum_abs_gw": lambda: (g * weight.float()).abs_().mul_(scale),
+                }[k]()
                 self._buf(k, (sh.rows, *g.shape[1:]), g.device).add_(sh.scatter_sum(term))
                 continue
             buf = self._buf(k, g.shape, g.device)
@@ -541,8 +548,11 @@ class GroupGradientStats(Accumulator):
             # row and column members are summed apart, each in its own contiguous layout, and joined once at the
             # flush: adding a transposed tensor is a strided pass over memory (a few ms per MLP layer, cold), and
             # the cheap direction is into the [groups, hidden] sum
-            key, part = ("coupled", aligned) if aligned.is_contiguous() or not aligned.T.is_contiguous() \
+            key, part = (
+                ("coupled", aligned)
+                if aligned.is_contiguous() or not aligned.T.is_contiguous()
                 else ("coupled_t", aligned.T)
+            )
             if key in self._parts:
                 self._parts[key].add_(part)
             else:
@@ -585,8 +595,15 @@ class GroupGradientStats(Accumulator):
 class ActivationCollector:
     """Forward pre-hooks that feed :class:`ActivationStats` for a set of Linear modules (by module name)."""
 
-    def __init__(self, modules: dict[str, nn.Module], with_mean: bool = False, grad_enabled_only: bool = False,
-                 kinds: Iterable[str] = ("sum_sq",), samples: int = 256, seed: int = 0) -> None:
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        with_mean: bool = False,
+        grad_enabled_only: bool = False,
+        kinds: Iterable[str] = ("sum_sq",),
+        samples: int = 256,
+        seed: int = 0,
+    ) -> None:
         """``grad_enabled_only``: count only forwards run with autograd on (training steps), not the no-grad
         forwards of validation or of a teacher sharing the weights. ``kinds``, ``samples``, ``seed``: what each
         :class:`ActivationStats` keeps besides Σx² (a criterion says which: ``criterion.collector_options()``)."""
@@ -720,8 +737,9 @@ class GradientCollector:
             if sharded:
                 owner, _, attr = name.rpartition(".")
                 module = self.model.get_submodule(owner)
-                handles.append(module.register_forward_pre_hook(self._rebind(name, module, attr,
-                                                                             members.get(name, []))))
+                handles.append(
+                    module.register_forward_pre_hook(self._rebind(name, module, attr, members.get(name, [])))
+                )
             else:
                 handles.append(p.register_hook(self._hook(name, p, members.get(name, []))))
         self._handles = handles

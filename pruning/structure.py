@@ -187,9 +187,7 @@ class ModelStructure:
         self.layer_infos: list[LayerInfo] = []
         for i, layer in enumerate(self.layers):
             prefix = f"{self.family.layers}.{i}."
-            linears = {
-                prefix + n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and n
-            }
+            linears = {prefix + n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear) and n}
             self.layer_infos.append(LayerInfo(i, layer, prefix, linears))
         self._check_family()
 
@@ -294,9 +292,7 @@ class ModelStructure:
                     )
                 members = self._members_rows(layer, fam.q, hd)
                 members.append(Member(self.lname(layer, fam.o) + ".weight", 1, hd))
-                sets.append(
-                    GroupSet("query_head", layer, self.num_heads, tuple(members), partitions=self.num_kv_heads)
-                )
+                sets.append(GroupSet("query_head", layer, self.num_heads, tuple(members), partitions=self.num_kv_heads))
             elif kind == "layer":
                 if not self.pre_norm:
                     raise ValueError(

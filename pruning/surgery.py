@@ -242,7 +242,7 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
         if layer_i is not None:
             if layer_i in drop:
                 continue
-            name = f"{prefix}{new_index[layer_i]}.{name[len(prefix):].split('.', 1)[1]}"
+            name = f"{prefix}{new_index[layer_i]}.{name[len(prefix) :].split('.', 1)[1]}"
         element[name] = keep
     masks.element = element
     masks.groups, masks.group_sets, masks._stash = {}, {}, {}
@@ -252,8 +252,7 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
     return model
 
 
-def _rewrite_config(model: nn.Module, fam: FamilySpec, structure: ModelStructure, hd: int,
-                    changed_heads: bool) -> None:
+def _rewrite_config(model: nn.Module, fam: FamilySpec, structure: ModelStructure, hd: int, changed_heads: bool) -> None:
     """Describe the new widths in ``model.config``: stock fields when uniform, else ``per_layer_config``."""
     cfg = model.config
     widths = _layer_widths(model, fam, hd)
@@ -304,8 +303,9 @@ def _kept_per_layer(config: Any, fam: FamilySpec) -> list[dict[str, int]]:
     return [{a: int(getattr(config, a)) for a in attrs} for _ in range(n)]
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, tokenizer: Any = None,
-                    manifest: dict | None = None) -> Path:
+def save_pretrained(
+    model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, manifest: dict | None = None
+) -> Path:
     """Export ``model`` (safetensors), ``tokenizer`` and a ``pruning_manifest.json`` to ``path``, atomically.
 
     Everything is written to a temporary directory next to ``path`` (same filesystem) and swapped in by renames,

@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check pruning callbacks datamodules tests benchmarks
+.venv/bin/ruff format --check pruning callbacks datamodules tests benchmarks
 exec .venv/bin/python -m pytest tests "$@"

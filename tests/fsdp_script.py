@@ -53,8 +53,9 @@ class Held(Recording):
 
     def collected(self, lazy: bool = False):
         if self.gradients is not None:
-            self.held.append({k: {kind: tuple(t.shape) for kind, t in s.sums.items()}
-                              for k, s in self.gradients.stats.items()})
+            self.held.append(
+                {k: {kind: tuple(t.shape) for kind, t in s.sums.items()} for k, s in self.gradients.stats.items()}
+            )
         return super().collected(lazy)
 
 
@@ -65,8 +66,11 @@ def whole_at_read(reads: list):
     read = ScoreContext.grad_stat
 
     def recording(ctx, weight_name, kind):
-        whole = sorted(n for n, s in ctx.grad.items()
-                       if s.shard is not None and any(t.shape[0] == s.shard.total for t in s.sums.values()))
+        whole = sorted(
+            n
+            for n, s in ctx.grad.items()
+            if s.shard is not None and any(t.shape[0] == s.shard.total for t in s.sums.values())
+        )
         reads.append((weight_name, whole))
         return read(ctx, weight_name, kind)
 
@@ -81,11 +85,22 @@ def trainer(max_steps: int, callbacks: list, world: int):
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    kw = dict(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2) \
-        if world == 2 else dict(devices=1, accumulate_grad_batches=2)
-    return pl.Trainer(accelerator="cpu", max_steps=max_steps, callbacks=callbacks, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      use_distributed_sampler=False, **kw)
+    kw = (
+        dict(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2)
+        if world == 2
+        else dict(devices=1, accumulate_grad_batches=2)
+    )
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        **kw,
+    )
 
 
 def loader(tr, world: int):
@@ -97,8 +112,15 @@ def loader(tr, world: int):
     return Resumable(data, batch_size=1, sampler=sampler, shuffle=False)
 
 
-def run(criterion: str, world: int, max_steps: int = MAX_STEPS, export: Path | None = None, ckpt: str | None = None,
-        save: str | None = None, schedules: dict = SCHEDULES) -> dict:
+def run(
+    criterion: str,
+    world: int,
+    max_steps: int = MAX_STEPS,
+    export: Path | None = None,
+    ckpt: str | None = None,
+    save: str | None = None,
+    schedules: dict = SCHEDULES,
+) -> dict:
     granularity, events = schedules[criterion]
     m = module(lr=1e-2, weight_decay=0.1)
     ic = Held()
@@ -119,15 +141,29 @@ def run(criterion: str, world: int, max_steps: int = MAX_STEPS, export: Path | N
         mask = pc.masks.sharded_mask(name, p)
         # the element masks each rank holds after the event: (its rows of the parameter, the rows held)
         info["element_held"] = {k: (local_rows(params[k]), v.clone()) for k, v in pc.masks.element.items()}
-        info.update(mask_dtensor=is_dtensor(mask), mask_placements=[str(x) for x in mask.placements],
-                    mask_local=mask.to_local().clone(), local_weight=p.to_local().detach().clone())
+        info.update(
+            mask_dtensor=is_dtensor(mask),
+            mask_placements=[str(x) for x in mask.placements],
+            mask_local=mask.to_local().clone(),
+            local_weight=p.to_local().detach().clone(),
+        )
         weights = full_state_dict(m.student)  # collective; full on rank 0
     else:
         weights = {k: v.detach().clone() for k, v in m.student.state_dict().items()}
-    return {"rank": tr.global_rank, "world": tr.world_size, "snapshots": ic.snapshots, "masks": pc.masks.state_dict(),
-            "history": pc.history, "weights": weights, "info": info, "global_step": tr.global_step,
-            "teacher_stash": sorted(pc.masks._stash), "held": ic.held,
-            "grads_at_step": ic.grads_at_step, "whole_at_read": reads}
+    return {
+        "rank": tr.global_rank,
+        "world": tr.world_size,
+        "snapshots": ic.snapshots,
+        "masks": pc.masks.state_dict(),
+        "history": pc.history,
+        "weights": weights,
+        "info": info,
+        "global_step": tr.global_step,
+        "teacher_stash": sorted(pc.masks._stash),
+        "held": ic.held,
+        "grads_at_step": ic.grads_at_step,
+        "whole_at_read": reads,
+    }
 
 
 if __name__ == "__main__":

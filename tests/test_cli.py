@@ -19,8 +19,16 @@ from pruning.cli import lightning_cli
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"model_type": "llama", "vocab_size": 256, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+TINY = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
 
 
 def tiny_demo_config(tmp_path: Path) -> Path:
@@ -82,8 +90,14 @@ def test_config_error_names_the_key(tmp_path):
 def test_two_nodes_on_localhost(tmp_path):
     path = tiny_demo_config(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", str(ROOT / "scripts" / "multinode_local.sh"), str(path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "multinode_local.sh"), str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((tmp_path / "report.json").read_text())
     assert rows[-1]["model"] == "recovered"

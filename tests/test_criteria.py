@@ -61,8 +61,11 @@ def test_magnitude_example_keeps_last_two():
 def test_gblm_l2_hand_computed():
     # |W| * ||X|| = [1,2,3,4]; G = sqrt([100,0,0,0]) = [10,0,0,0]; alpha=1 -> [11,2,3,4]
     w = T([[1.0, -2.0, 3.0, -4.0]])
-    ctx = ScoreContext(weights={"l.weight": w}, act={"l": act([1.0, 1.0, 1.0, 1.0])},
-                       grad={"l.weight": grad(sum_sq=[[100.0, 0.0, 0.0, 0.0]])})
+    ctx = ScoreContext(
+        weights={"l.weight": w},
+        act={"l": act([1.0, 1.0, 1.0, 1.0])},
+        grad={"l.weight": grad(sum_sq=[[100.0, 0.0, 0.0, 0.0]])},
+    )
     crit = get_criterion("gblm", alpha=1.0, gradient_norm="l2")
     assert crit.grad_kinds == ("sum_sq",)
     scores = crit.element_scores("l.weight", ctx)
@@ -76,8 +79,11 @@ def test_gblm_l2_hand_computed():
 def test_gblm_l1_hand_computed():
     # G = sum_abs = [0,5,0,0]; alpha=2 -> [1, 2 + 2*2*5, 3, 4] = [1,22,3,4]
     w = T([[1.0, 2.0, 3.0, 4.0]])
-    ctx = ScoreContext(weights={"l.weight": w}, act={"l": act([1.0, 1.0, 1.0, 1.0])},
-                       grad={"l.weight": grad(sum_abs=[[0.0, 5.0, 0.0, 0.0]])})
+    ctx = ScoreContext(
+        weights={"l.weight": w},
+        act={"l": act([1.0, 1.0, 1.0, 1.0])},
+        grad={"l.weight": grad(sum_abs=[[0.0, 5.0, 0.0, 0.0]])},
+    )
     crit = get_criterion("gblm", alpha=2.0, gradient_norm="l1")
     assert crit.grad_kinds == ("sum_abs",)
     scores = crit.element_scores("l.weight", ctx)
@@ -90,8 +96,10 @@ def _two_member_groupset() -> tuple[GroupSet, dict, dict]:
     gs = GroupSet("mlp_neuron", 0, 2, (Member("a.weight", 0, 1), Member("b.weight", 1, 1)), numels=(6, 6))
     weights = {"a.weight": T([[1.0, -1.0, 2.0], [1.0, 1.0, 1.0]]), "b.weight": torch.ones(3, 2)}
     # G*W of a: [[5,-5,0],[1,1,1]];  G*W of b: [[1,0],[1,0],[-1,1]]
-    grads = {"a.weight": grad(sum=[[5.0, 5.0, 0.0], [1.0, 1.0, 1.0]]),
-             "b.weight": grad(sum=[[1.0, 0.0], [1.0, 0.0], [-1.0, 1.0]])}
+    grads = {
+        "a.weight": grad(sum=[[5.0, 5.0, 0.0], [1.0, 1.0, 1.0]]),
+        "b.weight": grad(sum=[[1.0, 0.0], [1.0, 0.0], [-1.0, 1.0]]),
+    }
     return gs, weights, grads
 
 
@@ -121,12 +129,19 @@ def test_sdm_coupled_statistic_hand_computed():
     weights = {k: torch.ones(2, 2) for k in ("gate.weight", "up.weight", "down.weight")}
     stat = GroupGradientStats(gs, ("coupled",))
     # sample 1: s[0,0]=|1+1-2|=0, s[0,1]=|2-3+1|=0, s[1,0]=|0+1+0|=1, s[1,1]=|1+1+1|=3 -> mean_j = [0, 2]
-    stat.update({"gate.weight": T([[1.0, 2.0], [0.0, 1.0]]), "up.weight": T([[1.0, -3.0], [1.0, 1.0]]),
-                 "down.weight": T([[-2.0, 0.0], [1.0, 1.0]])}, weights)
+    stat.update(
+        {
+            "gate.weight": T([[1.0, 2.0], [0.0, 1.0]]),
+            "up.weight": T([[1.0, -3.0], [1.0, 1.0]]),
+            "down.weight": T([[-2.0, 0.0], [1.0, 1.0]]),
+        },
+        weights,
+    )
     torch.testing.assert_close(stat.sums["coupled"], T([0.0, 2.0]))
     # sample 2: s = |1 + 1 + 0| = 2 everywhere -> mean_j = [2, 2]
-    stat.update({"gate.weight": torch.ones(2, 2), "up.weight": torch.ones(2, 2), "down.weight": torch.zeros(2, 2)},
-                weights)
+    stat.update(
+        {"gate.weight": torch.ones(2, 2), "up.weight": torch.ones(2, 2), "down.weight": torch.zeros(2, 2)}, weights
+    )
     torch.testing.assert_close(stat.sums["coupled"], T([2.0, 4.0]))
     assert stat.count == 2
     sdm = get_criterion("sdm")
@@ -137,8 +152,13 @@ def test_sdm_coupled_statistic_hand_computed():
 
 def test_sdm_coupled_statistic_matches_loop_formula():
     """s_n[i,j] = |g_gate w_gate + g_up w_up + g_down[j,i] w_down[j,i]|, score[i] = mean_j sum_n s_n[i,j]."""
-    gs = GroupSet("mlp_neuron", 0, 3, (Member("gate.weight", 0, 1), Member("up.weight", 0, 1),
-                                         Member("down.weight", 1, 1)), numels=(12, 12, 12))
+    gs = GroupSet(
+        "mlp_neuron",
+        0,
+        3,
+        (Member("gate.weight", 0, 1), Member("up.weight", 0, 1), Member("down.weight", 1, 1)),
+        numels=(12, 12, 12),
+    )
     g = torch.Generator().manual_seed(0)
 
     def ints(*shape):
@@ -155,9 +175,11 @@ def test_sdm_coupled_statistic_matches_loop_formula():
         for i in range(3):
             tot = 0.0
             for j in range(4):
-                v = (s["gate.weight"][i, j] * weights["gate.weight"][i, j]
-                     + s["up.weight"][i, j] * weights["up.weight"][i, j]
-                     + s["down.weight"][j, i] * weights["down.weight"][j, i]).item()
+                v = (
+                    s["gate.weight"][i, j] * weights["gate.weight"][i, j]
+                    + s["up.weight"][i, j] * weights["up.weight"][i, j]
+                    + s["down.weight"][j, i] * weights["down.weight"][j, i]
+                ).item()
                 imp[i][j] += abs(v)
                 tot += v
             vector[i] += abs(tot)
@@ -194,11 +216,15 @@ def _element_case(method: str) -> tuple[dict, ScoreContext]:
         w = T([[4.0, -7.0, 3.0, -1.0, 1.0, -3.0, 2.0, -5.0]])  # |w| * [2,1,2,1,...]
         return {}, ScoreContext(weights={"l.weight": w}, act={"l": act(T([2.0, 1.0] * 4) ** 2)})
     if method == "gblm":  # |W|=1, ||X||=1, alpha=1: 1 + G
-        return {"alpha": 1.0}, ScoreContext(weights={"l.weight": -ones}, act={"l": act(torch.ones(8))},
-                                            grad={"l.weight": grad(sum_sq=(SCORES - 1) ** 2)})
+        return {"alpha": 1.0}, ScoreContext(
+            weights={"l.weight": -ones},
+            act={"l": act(torch.ones(8))},
+            grad={"l.weight": grad(sum_sq=(SCORES - 1) ** 2)},
+        )
     if method == "gblm_l1":
         return {"alpha": 1.0, "gradient_norm": "l1"}, ScoreContext(
-            weights={"l.weight": ones}, act={"l": act(torch.ones(8))}, grad={"l.weight": grad(sum_abs=SCORES - 1)})
+            weights={"l.weight": ones}, act={"l": act(torch.ones(8))}, grad={"l.weight": grad(sum_abs=SCORES - 1)}
+        )
     if method == "taylor":
         w = T([[2.0, -1.0, 2.0, -1.0, 2.0, -1.0, 2.0, -1.0]])
         g = T([[4.0, 7.0, -3.0, 1.0, 1.0, 3.0, -2.0, -5.0]])
@@ -342,8 +368,11 @@ def _fake_ctx(model, structure, seed=0):
     for name, lin in structure.layer_infos[0].linears.items():
         acts[name] = act(torch.rand(lin.in_features, generator=g) + 0.1)
         shape = lin.weight.shape
-        grads[name + ".weight"] = grad(sum=torch.randn(shape, generator=g), sum_sq=torch.rand(shape, generator=g),
-                                       sum_abs=torch.rand(shape, generator=g))
+        grads[name + ".weight"] = grad(
+            sum=torch.randn(shape, generator=g),
+            sum_sq=torch.rand(shape, generator=g),
+            sum_abs=torch.rand(shape, generator=g),
+        )
     return ScoreContext(weights=weights, act=acts, grad=grads)
 
 
@@ -352,15 +381,25 @@ def _slices(structure, kind):
     hd, rep = structure.head_dim, structure.num_heads // structure.num_kv_heads
     p = "model.layers.0."
     if kind == "mlp_neuron":
-        return [[(p + "mlp.gate_proj", 0, i, i + 1), (p + "mlp.up_proj", 0, i, i + 1),
-                 (p + "mlp.down_proj", 1, i, i + 1)] for i in range(64)]
+        return [
+            [(p + "mlp.gate_proj", 0, i, i + 1), (p + "mlp.up_proj", 0, i, i + 1), (p + "mlp.down_proj", 1, i, i + 1)]
+            for i in range(64)
+        ]
     if kind == "attention_head":
-        return [[(p + "self_attn.q_proj", 0, g * rep * hd, (g + 1) * rep * hd),
-                 (p + "self_attn.k_proj", 0, g * hd, (g + 1) * hd), (p + "self_attn.v_proj", 0, g * hd, (g + 1) * hd),
-                 (p + "self_attn.o_proj", 1, g * rep * hd, (g + 1) * rep * hd)] for g in range(2)]
+        return [
+            [
+                (p + "self_attn.q_proj", 0, g * rep * hd, (g + 1) * rep * hd),
+                (p + "self_attn.k_proj", 0, g * hd, (g + 1) * hd),
+                (p + "self_attn.v_proj", 0, g * hd, (g + 1) * hd),
+                (p + "self_attn.o_proj", 1, g * rep * hd, (g + 1) * rep * hd),
+            ]
+            for g in range(2)
+        ]
     if kind == "query_head":
-        return [[(p + "self_attn.q_proj", 0, h * hd, (h + 1) * hd), (p + "self_attn.o_proj", 1, h * hd, (h + 1) * hd)]
-                for h in range(4)]
+        return [
+            [(p + "self_attn.q_proj", 0, h * hd, (h + 1) * hd), (p + "self_attn.o_proj", 1, h * hd, (h + 1) * hd)]
+            for h in range(4)
+        ]
     if kind == "layer":
         return [[(n, 0, 0, lin.out_features) for n, lin in structure.layer_infos[0].linears.items()]]
     raise AssertionError(kind)
@@ -508,8 +547,7 @@ def test_global_query_head_pruning_keeps_heads_in_every_kv_group():
     from pruning import prune
 
     model = tiny_model("llama", layers=3)
-    res = prune(model, method="magnitude", granularity="query_head", allocation="global", sparsity=0.5,
-                progress=False)
+    res = prune(model, method="magnitude", granularity="query_head", allocation="global", sparsity=0.5, progress=False)
     for key, keep in res.masks.groups.items():
         per_partition = keep.view(2, 2).sum(1)
         assert (per_partition >= 1).all() and per_partition[0] == per_partition[1], key

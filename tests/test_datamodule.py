@@ -121,8 +121,9 @@ def test_instruct_labels_mask_the_prompt(tmp_path):
     packed = dm(tmp_path / "alpaca.jsonl", tmp_path, mode="instruct", instruct_packing=True, seq_len=16).sequences()
     text = (prompts[0] + responses[0] + prompts[1] + responses[1]).encode()
     assert torch.equal(packed["input_ids"], cut(text, 16)) and "attention_mask" not in packed
-    label_stream = [IGNORE_INDEX] * len(prompts[0]) + list(b"3\n\n") + [IGNORE_INDEX] * len(prompts[1]) + list(
-        b"Hello\n\n")
+    label_stream = (
+        [IGNORE_INDEX] * len(prompts[0]) + list(b"3\n\n") + [IGNORE_INDEX] * len(prompts[1]) + list(b"Hello\n\n")
+    )
     n = len(text) // 16
     assert packed["labels"].flatten().tolist() == label_stream[: n * 16]
 
@@ -223,8 +224,15 @@ class Recorder(LightningModule):
 
 def fit(steps: int, data: TextDataModule, ckpt_in=None, ckpt_out=None) -> list[torch.Tensor]:
     module = Recorder()
-    trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_in)
     if ckpt_out is not None:
         trainer.save_checkpoint(ckpt_out)
@@ -273,17 +281,20 @@ def test_record_sha256_is_stable_and_tracks_the_data(tmp_path):
     assert {"source", "split", "mode", "seq_len", "seed", "sequences", "tokens", "world_size"} <= set(ranks[0])
 
 
-@pytest.mark.parametrize("kwargs,key", [
-    (dict(mode="bogus"), "mode"),
-    (dict(seq_len=1), "seq_len"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(source="./no/such/file.txt"), "source"),
-    (dict(train_split="validation"), "train_split"),
-    (dict(instruct_fields={"answer": "a"}), "instruct_fields"),
-    (dict(add_bos=True), "add_bos"),
-    (dict(mode="instruct"), "mode"),
-    (dict(max_bytes=0), "max_bytes"),
-])
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        (dict(mode="bogus"), "mode"),
+        (dict(seq_len=1), "seq_len"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(source="./no/such/file.txt"), "source"),
+        (dict(train_split="validation"), "train_split"),
+        (dict(instruct_fields={"answer": "a"}), "instruct_fields"),
+        (dict(add_bos=True), "add_bos"),
+        (dict(mode="instruct"), "mode"),
+        (dict(max_bytes=0), "max_bytes"),
+    ],
+)
 def test_bad_arguments_name_the_key(kwargs, key):
     with pytest.raises(ValueError, match=rf"{key}=.*HINT: .*{key}") as err:
         TextDataModule(**kwargs)

@@ -28,8 +28,11 @@ def test_sparsity_out_of_range(llama, sparsity):
 
 
 def test_unknown_method_lists_known(llama):
-    with pytest.raises(ValueError, match=r"method='obs' is not a known criterion; choose from \[.*'gblm', "
-                                         r".*'magnitude', .*'sdm', .*'taylor', .*'wanda'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"method='obs' is not a known criterion; choose from \[.*'gblm', "
+        r".*'magnitude', .*'sdm', .*'taylor', .*'wanda'\]",
+    ):
         pruning.prune(llama, method="obs", progress=False)
 
 
@@ -65,18 +68,20 @@ def test_rates_without_layer_rates(llama):
 def test_sdm_pure_kl_on_unpruned_model(llama, data):
     before = {n: p.detach().clone() for n, p in llama.named_parameters()}
     with pytest.raises(ValueError, match=r"alpha=1, temperature=1 on an unpruned model.*identically zero"):
-        pruning.prune(llama, data, method="sdm", granularity="mlp_neuron", alpha=1.0, temperature=1.0,
-                      progress=False)
+        pruning.prune(llama, data, method="sdm", granularity="mlp_neuron", alpha=1.0, temperature=1.0, progress=False)
     # nothing was changed
     assert all(torch.equal(p, before[n]) for n, p in llama.named_parameters())
     # alpha < 1 is fine
-    res = pruning.prune(llama, data, method="sdm", granularity="mlp_neuron", alpha=0.5, temperature=1.0,
-                        sparsity=0.25, progress=False)
+    res = pruning.prune(
+        llama, data, method="sdm", granularity="mlp_neuron", alpha=0.5, temperature=1.0, sparsity=0.25, progress=False
+    )
     assert res.info["kept_groups_per_layer"] == {0: 48, 1: 48}
 
 
-@pytest.mark.parametrize("method,granularity", [("taylor", "unstructured"), ("gblm", "unstructured"),
-                                                ("sdm", "mlp_neuron"), ("wanda", "unstructured")])
+@pytest.mark.parametrize(
+    "method,granularity",
+    [("taylor", "unstructured"), ("gblm", "unstructured"), ("sdm", "mlp_neuron"), ("wanda", "unstructured")],
+)
 def test_calibration_required(llama, method, granularity):
     with pytest.raises(ValueError, match=rf"method='{method}' needs calibration data"):
         pruning.prune(llama, method=method, granularity=granularity, progress=False)

@@ -28,8 +28,13 @@ from pruning.metrics import PerplexityMetric
 
 torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
 
-DOCS = ["def add(a, b):\n    return a + b\n", "", "class Point:\n    x: int = 0\n    y: int = 0\n",
-        "print('héllo')  # non-ASCII bytes too\n", "import os\nprint(os.sep)\n"]
+DOCS = [
+    "def add(a, b):\n    return a + b\n",
+    "",
+    "class Point:\n    x: int = 0\n    y: int = 0\n",
+    "print('héllo')  # non-ASCII bytes too\n",
+    "import os\nprint(os.sep)\n",
+]
 
 
 def byte_model(seed: int = 0):
@@ -75,12 +80,18 @@ def hand_ppl(model, ids: list[int], seq_len: int, stride: int | None, bos: str, 
     return math.exp(nll / count), count
 
 
-@pytest.mark.parametrize(("seq_len", "stride", "bos"), [(16, None, "none"), (16, 5, "none"), (16, None, "window"),
-                                                       (16, 4, "window"), (16, None, "stream")])
+@pytest.mark.parametrize(
+    ("seq_len", "stride", "bos"),
+    [(16, None, "none"), (16, 5, "none"), (16, None, "window"), (16, 4, "window"), (16, None, "stream")],
+)
 def test_perplexity_equals_hand_computation(text_file, seq_len, stride, bos):
     model = byte_model()
-    protocol = PerplexityProtocol(source=str(text_file), seq_len=seq_len, stride=stride,
-                                  add_bos={"none": False, "window": True, "stream": "stream"}[bos])
+    protocol = PerplexityProtocol(
+        source=str(text_file),
+        seq_len=seq_len,
+        stride=stride,
+        add_bos={"none": False, "window": True, "stream": "stream"}[bos],
+    )
     tok = bos_tokenizer() if bos != "none" else "bytes"
     res = evaluate_perplexity(model, tok, protocol, batch_size=3)
     ids = list("\n\n".join(DOCS).encode())
@@ -95,9 +106,18 @@ def test_perplexity_equals_hand_computation(text_file, seq_len, stride, bos):
 
 def test_protocol_is_recorded_and_defaults_are_the_papers(text_file):
     p = PerplexityProtocol()
-    assert p.as_dict() == {"source": "wikitext", "dataset_config": "wikitext-2-raw-v1", "split": "test",
-                           "text_field": "text", "joiner": "\n\n", "seq_len": 2048, "stride": 2048,
-                           "add_bos": "none", "max_windows": None, "source_kind": "hub"}
+    assert p.as_dict() == {
+        "source": "wikitext",
+        "dataset_config": "wikitext-2-raw-v1",
+        "split": "test",
+        "text_field": "text",
+        "joiner": "\n\n",
+        "seq_len": 2048,
+        "stride": 2048,
+        "add_bos": "none",
+        "max_windows": None,
+        "source_kind": "hub",
+    }
     model = byte_model()
     res = evaluate_perplexity(model, "bytes", {"source": str(text_file), "seq_len": 8, "max_windows": 3})
     assert res.windows == 3 and res.tokens == 3 * 7 and res.tokenizer == "bytes"
@@ -211,19 +231,41 @@ def test_callback_logs_dense_and_pruned_numbers(text_file, tmp_path):
             for k, v in metrics.items():
                 self.logged[k] = (float(v), step)
 
-    cfg = dict(model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = dict(
+        model_type="llama",
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     module = DistillationModule(config=cfg, attn_implementation="eager", lr=1e-2)
     g = torch.Generator().manual_seed(0)
     data = DataLoader([{"input_ids": torch.randint(0, 256, (16,), generator=g)} for _ in range(8)], batch_size=2)
-    pruner = PruningCallback(criterion="magnitude", granularity="mlp_neuron",
-                             schedule=Schedule(kind="one_shot", step=2, sparsity=0.3))
-    evaluation = EvaluationCallback(perplexity={"source": str(text_file), "seq_len": 16}, tasks=["stdlib_mc"],
-                                    limit=4, batch_size=4, when=["fit_start", "after_pruning", "fit_end"],
-                                    path=str(tmp_path / "eval.json"))
+    pruner = PruningCallback(
+        criterion="magnitude", granularity="mlp_neuron", schedule=Schedule(kind="one_shot", step=2, sparsity=0.3)
+    )
+    evaluation = EvaluationCallback(
+        perplexity={"source": str(text_file), "seq_len": 16},
+        tasks=["stdlib_mc"],
+        limit=4,
+        batch_size=4,
+        when=["fit_start", "after_pruning", "fit_end"],
+        path=str(tmp_path / "eval.json"),
+    )
     logger = Recorder()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, callbacks=[evaluation, pruner], logger=logger,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=4,
+        callbacks=[evaluation, pruner],
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, data)
     logged = logger.logged
     for moment, step in [("fit_start", 0), ("after_pruning", 2), ("fit_end", 4)]:

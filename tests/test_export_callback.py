@@ -32,9 +32,15 @@ def test_export_on_fit_end_compacts_and_reloads(tmp_path):
     result = pruning.prune(model, calib(), method="magnitude", sparsity=0.5, granularity="mlp_neuron")
     module = UserModule(model, result.masks)
     data = torch.utils.data.DataLoader(torch.randint(0, 128, (4, 16)), batch_size=2)
-    trainer = Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False,
-                      callbacks=[ExportOnFitEnd(tmp_path / "export", manifest={"method": "magnitude"})])
+    trainer = Trainer(
+        max_steps=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ExportOnFitEnd(tmp_path / "export", manifest={"method": "magnitude"})],
+    )
     trainer.fit(module, data)
     assert model.config.intermediate_size == 32  # compacted in place: half the neurons are gone
     ids = torch.randint(0, 128, (1, 12))

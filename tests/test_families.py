@@ -70,10 +70,14 @@ def test_llama_neuron_members_by_name():
 
 def test_unsupported_model_error():
     torch.manual_seed(0)
-    gpt2 = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2,
-                                                       n_positions=32))
-    with pytest.raises(pruning.UnsupportedModelError, match=r"gpt2.*supported: llama, mistral, opt, qwen2, qwen3"
-                                                           r".*register_family"):
+    gpt2 = AutoModelForCausalLM.from_config(
+        GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    )
+    with pytest.raises(
+        pruning.UnsupportedModelError,
+        match=r"gpt2.*supported: llama, mistral, opt, qwen2, qwen3"
+        r".*register_family",
+    ):
         ModelStructure(gpt2)
     with pytest.raises(pruning.UnsupportedModelError, match="register_family"):
         pruning.prune(gpt2, method="magnitude", progress=False)

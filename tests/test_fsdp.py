@@ -34,8 +34,14 @@ SCRIPT = Path(__file__).parent / "fsdp_script.py"
 
 def _two_ranks(tmp_path: Path, criterion: str, mode: str) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), criterion, mode],
-                          cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), criterion, mode],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [torch.load(tmp_path / f"{mode}_rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
@@ -105,7 +111,7 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, criterion):
             assert info["element_held"] and set(info["element_held"]) == set(whole)
             for k, ((first, n), held) in info["element_held"].items():
                 assert held.shape[0] == n < whole[k].shape[0], (k, tuple(held.shape))
-                assert torch.equal(held, whole[k][first:first + n]), k
+                assert torch.equal(held, whole[k][first : first + n]), k
             # ... and gathered whole one decoder layer at a time at the event: when a criterion reads a weight's
             # statistics, only its layer's are whole (the whole model's at once would hold every layer's)
             layer_of = ModelStructure(module().student).layer_of
@@ -215,12 +221,29 @@ def test_layer_scope_reads_each_layer_inside_its_scope(granularity):
     only zeros): the masks equal those of the whole model at once."""
     from tiny import tiny_model
 
-    want = prune(tiny_model("llama", layers=2, seed=1), None, "magnitude", 0.5, granularity, sequential=False,
-                 include_lm_head=granularity == "unstructured", progress=False)
+    want = prune(
+        tiny_model("llama", layers=2, seed=1),
+        None,
+        "magnitude",
+        0.5,
+        granularity,
+        sequential=False,
+        include_lm_head=granularity == "unstructured",
+        progress=False,
+    )
     model = tiny_model("llama", layers=2, seed=1)
     scope, entered = _placeholders(model, ModelStructure(model))
-    got = prune(model, None, "magnitude", 0.5, granularity, sequential=False, layer_scope=scope,
-                include_lm_head=granularity == "unstructured", progress=False)
+    got = prune(
+        model,
+        None,
+        "magnitude",
+        0.5,
+        granularity,
+        sequential=False,
+        layer_scope=scope,
+        include_lm_head=granularity == "unstructured",
+        progress=False,
+    )
     assert entered == ([0, 1, None] if granularity == "unstructured" else [0, 1])
     assert_same_masks(got.masks, want.masks)
 
@@ -234,5 +257,14 @@ def test_layer_scope_only_where_layers_are_scored_alone():
     assert not scores_layer_by_layer("magnitude", "layer", "uniform", None)
     assert not scores_layer_by_layer("sparsegpt", "unstructured", "uniform", "row")  # rewrites the weights
     with pytest.raises(ValueError, match="needs every layer's weights at once. HINT"):
-        prune(module().student, None, "magnitude", 0.5, "mlp_neuron", allocation="global", sequential=False,
-              layer_scope=lambda i: contextlib.nullcontext(), progress=False)
+        prune(
+            module().student,
+            None,
+            "magnitude",
+            0.5,
+            "mlp_neuron",
+            allocation="global",
+            sequential=False,
+            layer_scope=lambda i: contextlib.nullcontext(),
+            progress=False,
+        )

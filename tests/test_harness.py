@@ -104,15 +104,26 @@ def test_lm_eval_in_process_offline(offline):
 
 
 def test_rows_and_table_record_the_metric():
-    raw = {"results": {
-        "hellaswag": {"alias": "hellaswag", "acc,none": 0.5, "acc_stderr,none": 0.01, "acc_norm,none": 0.6,
-                      "acc_norm_stderr,none": 0.02},
-        "boolq": {"alias": "boolq", "acc,none": 0.7, "acc_stderr,none": 0.03},
-        "winogrande": {"acc,none": 0.55, "acc_stderr,none": "N/A", "sample_len": 10},
-    }, "n-samples": {"boolq": {"original": 10, "effective": 10}}}
+    raw = {
+        "results": {
+            "hellaswag": {
+                "alias": "hellaswag",
+                "acc,none": 0.5,
+                "acc_stderr,none": 0.01,
+                "acc_norm,none": 0.6,
+                "acc_norm_stderr,none": 0.02,
+            },
+            "boolq": {"alias": "boolq", "acc,none": 0.7, "acc_stderr,none": 0.03},
+            "winogrande": {"acc,none": 0.55, "acc_stderr,none": "N/A", "sample_len": 10},
+        },
+        "n-samples": {"boolq": {"original": 10, "effective": 10}},
+    }
     rows = result_rows(raw)
     assert [(r["task"], r["metric"], r["value"]) for r in rows] == [
-        ("hellaswag", "acc_norm", 0.6), ("boolq", "acc", 0.7), ("winogrande", "acc", 0.55)]
+        ("hellaswag", "acc_norm", 0.6),
+        ("boolq", "acc", 0.7),
+        ("winogrande", "acc", 0.55),
+    ]
     assert rows[1]["n"] == 10 and rows[2]["stderr"] is None
     table = markdown_table(rows)
     assert table.splitlines()[0] == "| task | metric | value | stderr |"
@@ -139,8 +150,23 @@ def test_eval_command_on_an_export(tmp_path, capsys, monkeypatch):
     text.write_text("import os\nprint(os.getcwd())\n" * 20)
     out_json = tmp_path / "eval.json"
     before = sorted(os.listdir(export))
-    out = main([str(export), "--perplexity", str(text), "--seq-len", "32", "--tasks", "stdlib_mc", "--limit", "4",
-                "--json", str(out_json), "--device", "cpu"])
+    out = main(
+        [
+            str(export),
+            "--perplexity",
+            str(text),
+            "--seq-len",
+            "32",
+            "--tasks",
+            "stdlib_mc",
+            "--limit",
+            "4",
+            "--json",
+            str(out_json),
+            "--device",
+            "cpu",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "perplexity " in printed and "| stdlib_mc | acc |" in printed
     saved = json.loads(out_json.read_text())
@@ -161,13 +187,29 @@ def test_eval_command_on_a_lightning_checkpoint(tmp_path, capsys):
     from pruning.evaluation import evaluate_perplexity
     from pruning.module import DistillationModule
 
-    cfg = dict(model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = dict(
+        model_type="llama",
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     module = DistillationModule(config=cfg, attn_implementation="eager", lr=1e-2)
     g = torch.Generator().manual_seed(0)
     data = DataLoader([{"input_ids": torch.randint(0, 256, (16,), generator=g)} for _ in range(2)], batch_size=2)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, data)
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)

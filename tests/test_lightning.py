@@ -25,8 +25,16 @@ from pruning.structure import ModelStructure, named_parameters
 
 torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
 
-CFG = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+CFG = dict(
+    model_type="llama",
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
 SEQ = 16
 TWO_STAGE = [Event(4, 0.1), Event(8, 0.3, alpha=0.42, temperature=0.5)]  # SDMPrune: CE, then distillation
 
@@ -54,8 +62,17 @@ def calibration(seqs) -> list[torch.Tensor]:
 
 
 def trainer(max_steps: int, callbacks: list, **kw) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, callbacks=callbacks, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kw)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kw,
+    )
 
 
 def module(**kw) -> DistillationModule:
@@ -167,8 +184,9 @@ def test_sdm_two_stage_equals_core():
     first = copy.deepcopy(a.masks.groups)
     # stage 2: distillation against the original (masks lifted), as the core computes it
     want = reference_grads(ref_model, "sdm", "mlp_neuron", SEQS[4:8], alpha=0.42, temperature=0.5, masks=a.masks)
-    b = prune_core(ref_model, SEQS[4:8], "sdm", 0.3, "mlp_neuron", masks=a.masks, alpha=0.42, temperature=0.5,
-                   keep_original=True)
+    b = prune_core(
+        ref_model, SEQS[4:8], "sdm", 0.3, "mlp_neuron", masks=a.masks, alpha=0.42, temperature=0.5, keep_original=True
+    )
     assert_same_stats(ic.snapshots[1]["gradients"], want)
     assert_same_masks(pc.masks, b.masks)
     # stage 2 changed more than stage 1's masks, and the distillation loss mattered: CE scores differ
@@ -251,11 +269,14 @@ def test_scoring_steps_change_no_weight(freeze):
 
 
 # ---------------------------------------------------------------------------------------------------- 3. hold
-@pytest.mark.parametrize("criterion,granularity,accumulate,precision", [
-    ("wanda", "unstructured", 1, "32-true"),
-    ("wanda", "unstructured", 2, "bf16-mixed"),
-    ("sdm", "mlp_neuron", 2, "32-true"),
-])
+@pytest.mark.parametrize(
+    "criterion,granularity,accumulate,precision",
+    [
+        ("wanda", "unstructured", 1, "32-true"),
+        ("wanda", "unstructured", 2, "bf16-mixed"),
+        ("sdm", "mlp_neuron", 2, "32-true"),
+    ],
+)
 def test_masks_hold_through_recovery(criterion, granularity, accumulate, precision):
     """Steps 0-3 train (AdamW moments build up everywhere), 4-5 score, the event at 6 prunes, 6-25 recover: neither
     the moments from before the mask nor weight decay may revive a pruned weight."""
@@ -277,8 +298,7 @@ def test_masks_hold_through_recovery(criterion, granularity, accumulate, precisi
 
 
 # ---------------------------------------------------------------------------------------------------- 4. LoRA
-LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj",
-                                                               "down_proj"])
+LORA = LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
 PROBE = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(99))
 
 
@@ -472,8 +492,11 @@ def test_per_sequence_gradients_need_batch_size_one():
 def test_fp16_loss_scaling_with_gradient_statistics():
     """fp16 AMP (a GradScaler; on CPU only through an explicit plugin) is refused for gradient criteria."""
     ic, pc = ImportanceCallback(), PruningCallback("taylor", "mlp_neuron", Schedule(step=2))
-    with pytest.raises(ValueError, match=r"precision='16-mixed': fp16 loss scaling .* HINT: score with precision "
-                                         r"bf16-mixed"):
+    with pytest.raises(
+        ValueError,
+        match=r"precision='16-mixed': fp16 loss scaling .* HINT: score with precision "
+        r"bf16-mixed",
+    ):
         trainer(3, [ic, pc], plugins=[MixedPrecision("16-mixed", "cpu")]).fit(module(), loader())
     # activation statistics do not read gradients: fp16 is fine for them
     ic, pc = ImportanceCallback(), PruningCallback("wanda", "unstructured", Schedule(step=2))
@@ -482,8 +505,11 @@ def test_fp16_loss_scaling_with_gradient_statistics():
 
 
 def test_lifted_teacher_on_weight_changing_step():
-    with pytest.raises(RuntimeError, match=r"alpha=0.5 with teacher='lifted' on a step that changes weights.*"
-                                           r"HINT: set teacher: copy"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"alpha=0.5 with teacher='lifted' on a step that changes weights.*"
+        r"HINT: set teacher: copy",
+    ):
         trainer(1, []).fit(module(alpha=0.5), loader())
     # an event's distillation loss on scoring steps that are not frozen is refused the same way
     ic = ImportanceCallback(freeze_weights=False)

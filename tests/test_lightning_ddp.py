@@ -52,9 +52,17 @@ def run(criterion: str, world: int) -> tuple[dict, object]:
     ic = Recording()
     pc = PruningCallback(criterion, granularity, Schedule(kind="steps", events=events))
     kw = dict(strategy="ddp", devices=2) if world == 2 else dict(devices=1, accumulate_grad_batches=2)
-    tr = pl.Trainer(accelerator="cpu", max_steps=MAX_STEPS, callbacks=[ic, pc], logger=False,
-                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                    use_distributed_sampler=False, **kw)
+    tr = pl.Trainer(
+        accelerator="cpu",
+        max_steps=MAX_STEPS,
+        callbacks=[ic, pc],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        **kw,
+    )
     data = loader(SEQS)
     if world == 2:
         # Lightning 2.6's own DistributedSampler for a training loader always shuffles (it ignores the loader's
@@ -84,8 +92,14 @@ def _masks(state: dict):
 @pytest.mark.parametrize("criterion", list(SCHEDULES))
 def test_ddp_two_ranks_equal_one_process(tmp_path, criterion):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path), criterion], cwd=Path(__file__).parent.parent,
-                          env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path), criterion],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)

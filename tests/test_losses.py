@@ -13,12 +13,15 @@ from pruning.gradients import distillation_loss
 torch.set_num_threads(1)
 
 
-@pytest.mark.parametrize("shape, alpha, tau, dtype, tol", [
-    ((1, 9, 17), 0.0, 1.0, torch.float32, 1e-6),
-    ((2, 7, 13), 0.42, 0.5, torch.float32, 1e-6),
-    ((3, 5, 11), 1.0, 2.0, torch.float64, 1e-6),
-    ((2, 6, 10), 0.3, 0.7, torch.bfloat16, 1e-2),
-])
+@pytest.mark.parametrize(
+    "shape, alpha, tau, dtype, tol",
+    [
+        ((1, 9, 17), 0.0, 1.0, torch.float32, 1e-6),
+        ((2, 7, 13), 0.42, 0.5, torch.float32, 1e-6),
+        ((3, 5, 11), 1.0, 2.0, torch.float64, 1e-6),
+        ((2, 6, 10), 0.3, 0.7, torch.bfloat16, 1e-2),
+    ],
+)
 def test_fused_equals_plain(shape, alpha, tau, dtype, tol):
     g = torch.Generator().manual_seed(0)
     zs = torch.randn(*shape, generator=g).to(dtype).requires_grad_()
@@ -95,17 +98,26 @@ def test_collect_gradients_with_a_separate_teacher_equals_the_lifted_one():
     from pruning.structure import ModelStructure
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32))
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+    )
     original = copy.deepcopy(model).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, 64, (2, 12), generator=g)]
     masks = pruning.prune(model, calib, "magnitude", 0.25, "mlp_neuron", keep_original=True, progress=False).masks
     stats = []
     for kw in ({"masks": masks}, {"teacher": original}):  # without the teacher: the student itself
-        coll = GradientCollector(model, param_names=(), group_sets=ModelStructure(model).group_sets("mlp_neuron"),
-                                 group_kinds=("coupled",))
+        coll = GradientCollector(
+            model, param_names=(), group_sets=ModelStructure(model).group_sets("mlp_neuron"), group_kinds=("coupled",)
+        )
         collect_gradients(model, calib, coll, alpha=0.42, temperature=0.5, progress=False, **kw)
         stats.append({k: s.sums["coupled"].clone() for k, s in coll.group_stats.items()})
     assert stats[0].keys() == stats[1].keys()

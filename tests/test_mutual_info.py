@@ -38,9 +38,9 @@ def test_alpha2_closed_form_matches_the_definition():
     Z = torch.randn(40, 5, generator=g)
     Z[:, 1] = Z[:, 0] ** 2 + 0.1 * Z[:, 1]
     Zs, _ = standardize(Z)
-    assert silverman_width(40, "normal") == pytest.approx(1.06 * 40 ** -0.2)
+    assert silverman_width(40, "normal") == pytest.approx(1.06 * 40**-0.2)
     sigma = silverman_width(40)
-    assert sigma == pytest.approx(0.9 * 40 ** -0.2)
+    assert sigma == pytest.approx(0.9 * 40**-0.2)
 
     def S(A):
         return -math.log2(float(torch.trace(A.double() @ A.double())))
@@ -154,17 +154,31 @@ def planted_model():
 def test_prune_removes_planted_copies_first(planted_model, cluster_size):
     model, batches = planted_model
     m = copy.deepcopy(model)
-    res = pruning.prune(m, batches, method="mutual_info", sparsity=len(PAIRS) / 64, granularity="mlp_neuron",
-                        criterion_options={"cluster_size": cluster_size, "samples": 128}, progress=False)
+    res = pruning.prune(
+        m,
+        batches,
+        method="mutual_info",
+        sparsity=len(PAIRS) / 64,
+        granularity="mlp_neuron",
+        criterion_options={"cluster_size": cluster_size, "samples": 128},
+        progress=False,
+    )
     for layer in range(2):
         removed = set(torch.nonzero(~res.masks.groups[f"mlp_neuron.{layer}"]).flatten().tolist())
         assert len(removed) == len(PAIRS) and all(len(removed & {a, b}) == 1 for a, b in PAIRS), removed
     diag = res.info["diagnostics"]["mlp_neuron.0"]
     assert diag["samples"] == 128 and diag["neurons"] == 64 and "seconds" in diag
     # monotone: a second, larger event keeps the first removals (now constant neurons) and widths stay uniform
-    res2 = pruning.prune(m, batches, method="mutual_info", sparsity=0.25, granularity="mlp_neuron",
-                         criterion_options={"cluster_size": cluster_size, "samples": 128}, masks=res.masks,
-                         progress=False)
+    res2 = pruning.prune(
+        m,
+        batches,
+        method="mutual_info",
+        sparsity=0.25,
+        granularity="mlp_neuron",
+        criterion_options={"cluster_size": cluster_size, "samples": 128},
+        masks=res.masks,
+        progress=False,
+    )
     assert set(res2.info["kept_groups_per_layer"].values()) == {48}
     for layer in range(2):
         assert not (res2.masks.groups[f"mlp_neuron.{layer}"] & ~res.masks.groups[f"mlp_neuron.{layer}"]).any()
@@ -181,24 +195,53 @@ def test_prune_from_collected_statistics(planted_model):
         for b in batches:
             m(input_ids=b)
     coll.detach()
-    res = pruning.prune(m, None, method="mutual_info", sparsity=len(PAIRS) / 64, granularity="mlp_neuron",
-                        activations=coll, sequential=False, criterion_options={"samples": 96}, progress=False)
+    res = pruning.prune(
+        m,
+        None,
+        method="mutual_info",
+        sparsity=len(PAIRS) / 64,
+        granularity="mlp_neuron",
+        activations=coll,
+        sequential=False,
+        criterion_options={"samples": 96},
+        progress=False,
+    )
     removed = set(torch.nonzero(~res.masks.groups["mlp_neuron.1"]).flatten().tolist())
     assert all(len(removed & {a, b}) == 1 for a, b in PAIRS)
     plain = ActivationCollector(mods)
     with pytest.raises(KeyError, match="per-sample activations"):
-        pruning.prune(copy.deepcopy(model), None, method="mutual_info", sparsity=0.1, granularity="mlp_neuron",
-                      activations=plain, sequential=False)
+        pruning.prune(
+            copy.deepcopy(model),
+            None,
+            method="mutual_info",
+            sparsity=0.1,
+            granularity="mlp_neuron",
+            activations=plain,
+            sequential=False,
+        )
 
 
 def test_threshold_removes_only_pairs_above_it(planted_model):
     model, batches = planted_model
-    res = pruning.prune(copy.deepcopy(model), batches, method="mutual_info", sparsity=0.5, granularity="mlp_neuron",
-                        criterion_options={"threshold": 0.999, "samples": 128}, progress=False)
+    res = pruning.prune(
+        copy.deepcopy(model),
+        batches,
+        method="mutual_info",
+        sparsity=0.5,
+        granularity="mlp_neuron",
+        criterion_options={"threshold": 0.999, "samples": 128},
+        progress=False,
+    )
     assert set(res.info["kept_groups_per_layer"].values()) == {64 - len(PAIRS)}
     with pytest.raises(ValueError, match="no global ranking"):  # ranks of different layers are not comparable
-        pruning.prune(copy.deepcopy(model), batches, method="mutual_info", sparsity=0.2, granularity="mlp_neuron",
-                      allocation="global")
+        pruning.prune(
+            copy.deepcopy(model),
+            batches,
+            method="mutual_info",
+            sparsity=0.2,
+            granularity="mlp_neuron",
+            allocation="global",
+        )
 
 
 def test_registration_and_refusals():
@@ -215,8 +258,17 @@ def test_registration_and_refusals():
 
 def test_owl_with_mutual_info(planted_model):
     model, batches = planted_model
-    res = pruning.prune(copy.deepcopy(model), batches, method="mutual_info", sparsity=0.25, granularity="mlp_neuron",
-                        allocation="owl", owl_m=2.0, criterion_options={"samples": 64}, progress=False)
+    res = pruning.prune(
+        copy.deepcopy(model),
+        batches,
+        method="mutual_info",
+        sparsity=0.25,
+        granularity="mlp_neuron",
+        allocation="owl",
+        owl_m=2.0,
+        criterion_options={"samples": 64},
+        progress=False,
+    )
     rates = res.info["layer_rates"]
     assert rates[0] != rates[1] and sum(rates) / 2 == pytest.approx(0.25)
 
@@ -262,8 +314,9 @@ def _ddp_worker(rank: int, port: int, path: str) -> None:
         lone.reduce()  # a collective on both ranks all the same
         torch.save({"lone": lone.compute(), "lone_seen": lone.seen}, f"{path}.lone{rank}")
         if rank == 0:
-            torch.save({"gram": s.sums["gram"], "rows": s.sample_rows(), "seen": s.reservoir.seen,
-                        "count": s.count}, path)
+            torch.save(
+                {"gram": s.sums["gram"], "rows": s.sample_rows(), "seen": s.reservoir.seen, "count": s.count}, path
+            )
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -50,15 +50,32 @@ def test_quality_benchmark_miniature(tiny_ref, tmp_path):
     settings = [s for s in quality.SETTINGS if s.key in ("unstructured50", "mlp30")]
     labels = ("wanda", "taylor", "sdm", "saap + ranking", "self-pruner (wanda)")
     methods = [m for m in quality.METHODS if m.label in labels]
-    res = quality.run(ref, settings=settings, methods=methods, calibration=4, calib_batch=2, eval_windows=4,
-                      recovery_steps=2, recovery_batch=2, search_windows=2,
-                      search={"population": 3, "generations": 1, "mutations": 1, "crossovers": 1},
-                      out=tmp_path, log=lambda *_: None)
+    res = quality.run(
+        ref,
+        settings=settings,
+        methods=methods,
+        calibration=4,
+        calib_batch=2,
+        eval_windows=4,
+        recovery_steps=2,
+        recovery_batch=2,
+        search_windows=2,
+        search={"population": 3, "generations": 1, "mutations": 1, "crossovers": 1},
+        out=tmp_path,
+        log=lambda *_: None,
+    )
     rows = {(r["setting"], r["method"]): r for r in res["rows"]}
     # sdm, saap + ranking and the search are structured only: no unstructured cell; every other cell ran
-    assert set(rows) == {("dense", "dense"), ("unstructured50", "wanda"), ("unstructured50", "taylor"),
-                         ("mlp30", "wanda"), ("mlp30", "taylor"), ("mlp30", "sdm"), ("mlp30", "saap + ranking"),
-                         ("mlp30", "self-pruner (wanda)")}
+    assert set(rows) == {
+        ("dense", "dense"),
+        ("unstructured50", "wanda"),
+        ("unstructured50", "taylor"),
+        ("mlp30", "wanda"),
+        ("mlp30", "taylor"),
+        ("mlp30", "sdm"),
+        ("mlp30", "saap + ranking"),
+        ("mlp30", "self-pruner (wanda)"),
+    }
     # the non-uniform rows: one rate per layer, the mean rate of the uniform rows (whole neurons, rounded down per
     # layer: the nonzero counts below are equal); the search scored candidates on its own split
     n_layers, width = ref.model.config.num_hidden_layers, ref.model.config.intermediate_size

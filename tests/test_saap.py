@@ -165,20 +165,29 @@ def test_saap_layer_rates_from_fluctuation():
     g = torch.Generator().manual_seed(0)
     base = torch.rand(64, generator=g) + 0.5
     noise = [0.6, 0.3, 0.01, 0.1]
-    batch_scores = {f"mlp_neuron.{i}": [base * (1 + n * torch.randn(64, generator=g)).abs() for _ in range(5)]
-                    for i, n in enumerate(noise)}
+    batch_scores = {
+        f"mlp_neuron.{i}": [base * (1 + n * torch.randn(64, generator=g)).abs() for _ in range(5)]
+        for i, n in enumerate(noise)
+    }
     keys = list(batch_scores)
-    est = SAAPEstimate(granularity="mlp_neuron", keys=keys, per_batch={}, sigmas={k: (1.0, 1.0) for k in keys},
-                       scores={k: torch.stack(v).sum(0) for k, v in batch_scores.items()}, batch_scores=batch_scores,
-                       counts=[64] * 4)
+    est = SAAPEstimate(
+        granularity="mlp_neuron",
+        keys=keys,
+        per_batch={},
+        sigmas={k: (1.0, 1.0) for k in keys},
+        scores={k: torch.stack(v).sum(0) for k, v in batch_scores.items()},
+        batch_scores=batch_scores,
+        counts=[64] * 4,
+    )
     rates, ind = ranking.saap_layer_rates(est, 0.25, spread=0.2)
     assert ind[2] < ind[3] < ind[1] < ind[0]
     assert rates[2] > rates[3] > rates[1] > rates[0]
     assert sum(rates) / 4 == 0.25
     # the rates drive pruning.prune directly
     model = tiny_model("llama", 4)
-    res = pruning.prune(model, None, "magnitude", 0.25, "mlp_neuron", allocation="rates", layer_rates=rates,
-                        progress=False)
+    res = pruning.prune(
+        model, None, "magnitude", 0.25, "mlp_neuron", allocation="rates", layer_rates=rates, progress=False
+    )
     assert [64 - res.info["kept_groups_per_layer"][i] for i in range(4)] == [round(r * 64) for r in rates]
 
 
@@ -211,19 +220,51 @@ def test_saap_through_the_callbacks_equals_core(source, tmp_path):
     seqs = [torch.randint(0, 128, (16,), generator=g) for _ in range(4)]
     opts = {"sigma": [0.5, 2.0]}
     if source == "inline":
-        pc = PruningCallback("saap", "mlp_neuron", Schedule(step=4, sparsity=0.25), allocation="rates",
-                             layer_rates=[0.125, 0.375], criterion_options=opts)
+        pc = PruningCallback(
+            "saap",
+            "mlp_neuron",
+            Schedule(step=4, sparsity=0.25),
+            allocation="rates",
+            layer_rates=[0.125, 0.375],
+            criterion_options=opts,
+        )
     else:
         path = tmp_path / "saap.json"
-        path.write_text(json.dumps({"method": "saap", "target": 0.25, "granularity": "mlp_neuron",
-                                    "criterion_options": opts, "layer_rates": [0.125, 0.375]}))
-        pc = PruningCallback("saap", "mlp_neuron", Schedule(step=4, sparsity=0.25), allocation="rates",
-                             rates_file=str(path))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, max_steps=5, callbacks=[ImportanceCallback(), pc])
+        path.write_text(
+            json.dumps(
+                {
+                    "method": "saap",
+                    "target": 0.25,
+                    "granularity": "mlp_neuron",
+                    "criterion_options": opts,
+                    "layer_rates": [0.125, 0.375],
+                }
+            )
+        )
+        pc = PruningCallback(
+            "saap", "mlp_neuron", Schedule(step=4, sparsity=0.25), allocation="rates", rates_file=str(path)
+        )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=5,
+        callbacks=[ImportanceCallback(), pc],
+    )
     trainer.fit(module, DataLoader([{"input_ids": s} for s in seqs] * 2, batch_size=1))
-    res = pruning.prune(ref, [s[None] for s in seqs], "saap", 0.25, "mlp_neuron", allocation="rates",
-                        layer_rates=[0.125, 0.375], criterion_options=opts, progress=False)
+    res = pruning.prune(
+        ref,
+        [s[None] for s in seqs],
+        "saap",
+        0.25,
+        "mlp_neuron",
+        allocation="rates",
+        layer_rates=[0.125, 0.375],
+        criterion_options=opts,
+        progress=False,
+    )
     assert [int(pc.masks.groups[f"mlp_neuron.{i}"].sum()) for i in range(2)] == [56, 40]
     for k in res.masks.groups:
         assert torch.equal(pc.masks.groups[k], res.masks.groups[k]), k
@@ -244,8 +285,11 @@ def test_rates_file_errors_name_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"rates_file='.*missing.json': no such file. HINT: write it first"):
         alloc.load_rates_file(tmp_path / "missing.json")
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({"method": "self-pruner", "criterion": "wanda", "granularity": "mlp_neuron",
-                                "layer_rates": [0.2, 0.4]}))
+    path.write_text(
+        json.dumps(
+            {"method": "self-pruner", "criterion": "wanda", "granularity": "mlp_neuron", "layer_rates": [0.2, 0.4]}
+        )
+    )
     with pytest.raises(ValueError, match="has 2 layer rates, the model has 4 layers"):
         alloc.load_rates_file(path, "wanda", "mlp_neuron", 4)
     with pytest.raises(ValueError, match="granularity='mlp_neuron', not 'attention_head'"):
@@ -258,8 +302,16 @@ def test_rates_file_errors_name_the_key(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- group fine-tuning
-CFG = dict(model_type="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+CFG = dict(
+    model_type="llama",
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 class Snapshots(pl.Callback):
@@ -294,8 +346,15 @@ def test_group_finetune_trains_one_group_at_a_time(mode):
     data = [{"input_ids": torch.randint(0, 128, (16,), generator=g)} for _ in range(8)]
     snaps = Snapshots()
     cb = GroupFinetuneCallback(groups=2, steps_per_group=2, start_step=1, mode=mode)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, max_steps=6, callbacks=[cb, snaps])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=6,
+        callbacks=[cb, snaps],
+    )
     trainer.fit(module, DataLoader(data, batch_size=1))
     assert cb.layer_groups == [[0, 1], [2, 3]]
     s = snaps.states

@@ -39,12 +39,28 @@ def test_lora_checkpoint_loads_with_weights_only(tmp_path):
     from pruning.eval_cli import load_for_eval
     from pruning.module import DistillationModule, LoraSettings
 
-    cfg = dict(model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    cfg = dict(
+        model_type="llama",
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
     module = DistillationModule(config=cfg, attn_implementation="eager", lora=LoraSettings(r=2, merge_at_end=False))
     data = DataLoader([{"input_ids": torch.randint(0, 256, (16,))} for _ in range(2)], batch_size=2)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, data)
     trainer.save_checkpoint(tmp_path / "lora.ckpt")
     model, _, info = load_for_eval(str(tmp_path / "lora.ckpt"))

@@ -12,8 +12,10 @@ def test_one_shot():
 
 
 def test_steps_from_dicts_sorted_with_loss():
-    s = Schedule(kind="steps", events=[{"step": 20, "sparsity": 0.3, "alpha": 0.42, "temperature": 0.5},
-                                       {"step": 10, "sparsity": 0.025}])
+    s = Schedule(
+        kind="steps",
+        events=[{"step": 20, "sparsity": 0.3, "alpha": 0.42, "temperature": 0.5}, {"step": 10, "sparsity": 0.025}],
+    )
     assert s.plan() == [Event(10, 0.025), Event(20, 0.3, 0.42, 0.5)]
     assert s.final_sparsity() == 0.3
 
@@ -22,8 +24,13 @@ def test_cubic_by_hand():
     # s_t = s_f + (s_0 - s_f)(1 - (t - t0)/(t1 - t0))^3 with s0 = 0, sf = 0.8, t0 = 0, t1 = 100, every 25
     s = Schedule(kind="cubic", initial_sparsity=0.0, sparsity=0.8, start_step=0, end_step=100, every=25)
     got = [(e.step, round(e.sparsity, 6)) for e in s.plan()]
-    want = [(0, 0.0), (25, round(0.8 - 0.8 * 0.75**3, 6)), (50, round(0.8 - 0.8 * 0.5**3, 6)),
-            (75, round(0.8 - 0.8 * 0.25**3, 6)), (100, 0.8)]
+    want = [
+        (0, 0.0),
+        (25, round(0.8 - 0.8 * 0.75**3, 6)),
+        (50, round(0.8 - 0.8 * 0.5**3, 6)),
+        (75, round(0.8 - 0.8 * 0.25**3, 6)),
+        (100, 0.8),
+    ]
     assert got == want
     # the last event lands on end_step even when `every` does not divide the span
     s = Schedule(kind="cubic", sparsity=0.5, start_step=10, end_step=45, every=10)
@@ -38,8 +45,10 @@ def test_cubic_by_hand():
         ({"kind": "steps"}, "needs schedule.events"),
         ({"kind": "cubic", "start_step": 5, "end_step": 5}, "schedule.end_step=5"),
         ({"kind": "one_shot", "sparsity": 1.0}, r"sparsity=1.0 at step 0 must be in \[0, 1\)"),
-        ({"kind": "steps", "events": [{"step": 5, "sparsity": 0.1}, {"step": 5, "sparsity": 0.2}]},
-         "strictly increasing"),
+        (
+            {"kind": "steps", "events": [{"step": 5, "sparsity": 0.1}, {"step": 5, "sparsity": 0.2}]},
+            "strictly increasing",
+        ),
     ],
 )
 def test_bad_schedules(kwargs, match):

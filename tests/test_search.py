@@ -39,8 +39,19 @@ def _check_constraint(history: dict, target: float, max_rate: float) -> None:
 
 def test_search_beats_uniform_on_planted_fitness(tmp_path):
     path = tmp_path / "history.json"
-    result = evolve([32] * 8, 0.25, planted, population=12, generations=15, mutations=6, crossovers=6, seed=0,
-                    progress=False, history_path=path, max_rate=0.75)
+    result = evolve(
+        [32] * 8,
+        0.25,
+        planted,
+        population=12,
+        generations=15,
+        mutations=6,
+        crossovers=6,
+        seed=0,
+        progress=False,
+        history_path=path,
+        max_rate=0.75,
+    )
     assert result.uniform_fitness == pytest.approx(planted([0.25] * 8))
     assert result.fitness < 0.5 * result.uniform_fitness
     assert result.rates[0] < 0.25 < result.rates[7]  # the sensitive layers lose less
@@ -62,8 +73,20 @@ def test_search_rates_with_a_fitness_hook_and_query_heads():
         seen.append(list(rates))
         return sum(s * r * r for s, r in zip([10.0, 1.0, 1.0, 0.1], rates))
 
-    result = search_rates(model, None, None, 0.25, granularity="query_head", population=4, generations=3,
-                          mutations=2, crossovers=2, progress=False, max_rate=0.5, fitness=fitness)
+    result = search_rates(
+        model,
+        None,
+        None,
+        0.25,
+        granularity="query_head",
+        population=4,
+        generations=3,
+        mutations=2,
+        crossovers=2,
+        progress=False,
+        max_rate=0.5,
+        fitness=fitness,
+    )
     assert all(sum(r) / 4 == 0.25 and all(x in (0.0, 0.5) for x in r) for r in seen)
     assert result.fitness < result.uniform_fitness
     assert result.history["granularity"] == "query_head"
@@ -81,8 +104,14 @@ def _planted_model():
     start = torch.randint(0, 128, (8, 1), generator=g)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        text = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=23,
-                              min_new_tokens=23, pad_token_id=0)
+        text = model.generate(
+            start,
+            attention_mask=torch.ones_like(start),
+            do_sample=True,
+            max_new_tokens=23,
+            min_new_tokens=23,
+            pad_token_id=0,
+        )
     return model, [text[:4], text[4:]]
 
 
@@ -93,13 +122,33 @@ def test_search_on_a_planted_model_beats_uniform_and_matches_prune():
     # fitness is the perplexity of the model pruning.prune builds with those rates (dense statistics)
     rates = [0.125, 0.25, 0.5, 0.125]
     pruned = copy.deepcopy(model)
-    pruning.prune(pruned, data, "wanda", 0.25, "mlp_neuron", allocation="rates", layer_rates=rates,
-                  sequential=False, progress=False)
+    pruning.prune(
+        pruned,
+        data,
+        "wanda",
+        0.25,
+        "mlp_neuron",
+        allocation="rates",
+        layer_rates=rates,
+        sequential=False,
+        progress=False,
+    )
     assert fit(rates) == pytest.approx(perplexity(pruned, heldout), rel=1e-6)
     dense = perplexity(model, heldout)
     assert fit([0.0] * 4) == pytest.approx(dense, rel=1e-6)  # the model is restored after every candidate
-    result = search_rates(model, data, heldout, 0.5, "wanda", population=8, generations=4, mutations=4,
-                          crossovers=4, progress=False, max_rate=0.9)
+    result = search_rates(
+        model,
+        data,
+        heldout,
+        0.5,
+        "wanda",
+        population=8,
+        generations=4,
+        mutations=4,
+        crossovers=4,
+        progress=False,
+        max_rate=0.9,
+    )
     assert result.fitness < result.uniform_fitness
     assert result.rates[0] + result.rates[1] < result.rates[2] + result.rates[3]
     _check_constraint(result.history, 0.5, 0.9)
@@ -128,17 +177,35 @@ def _save_tiny_operator(path) -> None:
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
     tok.save_pretrained(path)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                      eos_token_id=1, bos_token_id=1, pad_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=1,
+        bos_token_id=1,
+        pad_token_id=1,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
 
 
 def test_llm_operator_with_a_tiny_local_model_falls_back(tmp_path):
     _save_tiny_operator(tmp_path / "op")
-    result = evolve([16] * 4, 0.25, lambda r: planted(list(r) * 2), population=4, generations=2, mutations=2,
-                    crossovers=2, progress=False, operator=LLMOperator(str(tmp_path / "op"), max_new_tokens=24),
-                    max_rate=0.75)
+    result = evolve(
+        [16] * 4,
+        0.25,
+        lambda r: planted(list(r) * 2),
+        population=4,
+        generations=2,
+        mutations=2,
+        crossovers=2,
+        progress=False,
+        operator=LLMOperator(str(tmp_path / "op"), max_new_tokens=24),
+        max_rate=0.75,
+    )
     stats = result.history["stats"]
     assert stats["llm_proposed"] == 8
     assert stats["llm_used"] + stats["llm_fallback"] == 8
@@ -166,8 +233,18 @@ class ScriptedOperator(LLMOperator):
 
 def test_llm_answers_are_parsed_validated_and_repaired():
     op = ScriptedOperator()
-    result = evolve([16] * 4, 0.25, lambda r: planted(list(r) * 2), population=4, generations=2, mutations=2,
-                    crossovers=2, progress=False, operator=op, max_rate=0.75)
+    result = evolve(
+        [16] * 4,
+        0.25,
+        lambda r: planted(list(r) * 2),
+        population=4,
+        generations=2,
+        mutations=2,
+        crossovers=2,
+        progress=False,
+        operator=op,
+        max_rate=0.75,
+    )
     stats = result.history["stats"]
     assert stats["llm_used"] == 4 and stats["llm_fallback"] == 4
     assert result.history["llm_failures"] == {"no bracketed list of numbers": 4}
@@ -181,13 +258,38 @@ def test_llm_answers_are_parsed_validated_and_repaired():
 # ------------------------------------------------------------------------------------------------ command lines
 def test_search_and_ranking_command_lines(tmp_path, capsys):
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
-                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                                 max_position_embeddings=64)).save_pretrained(tmp_path / "m")
+    AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=256,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(tmp_path / "m")
     data = ["--seq-len", "16", "--calibration", "4", "--heldout", "4", "--batch-size", "2"]
     out = tmp_path / "rates.json"
-    search.main(["--model", str(tmp_path / "m"), "--target", "0.25", "--population", "3", "--generations", "1",
-                 "--mutations", "1", "--crossovers", "1", "--out", str(out), *data])
+    search.main(
+        [
+            "--model",
+            str(tmp_path / "m"),
+            "--target",
+            "0.25",
+            "--population",
+            "3",
+            "--generations",
+            "1",
+            "--mutations",
+            "1",
+            "--crossovers",
+            "1",
+            "--out",
+            str(out),
+            *data,
+        ]
+    )
     written = json.loads(out.read_text())
     assert len(written["layer_rates"]) == 2 and sum(written["layer_rates"]) / 2 == 0.25
     assert json.loads((tmp_path / "rates.history.json").read_text())["generations"]

@@ -24,6 +24,7 @@ def _collect_sum_sq(model, modules: dict[str, nn.Linear], batches) -> dict[str, 
         def fn(mod, args):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             sums[name] += (x * x).sum(0)
+
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
@@ -73,8 +74,11 @@ def reference_neurons(model, batches, sparsity=0.5) -> dict[str, torch.Tensor]:
         mods = {p + "gate_proj": mlp.gate_proj, p + "up_proj": mlp.up_proj, p + "down_proj": mlp.down_proj}
         norms = {n: s.sqrt() for n, s in _collect_sum_sq(model, mods, batches).items()}
         g, u, d = (m.weight.detach() for m in mods.values())
-        score = ((g.abs() * norms[p + "gate_proj"]).sum(1) + (u.abs() * norms[p + "up_proj"]).sum(1)
-                 + (d.abs() * norms[p + "down_proj"]).sum(0))
+        score = (
+            (g.abs() * norms[p + "gate_proj"]).sum(1)
+            + (u.abs() * norms[p + "up_proj"]).sum(1)
+            + (d.abs() * norms[p + "down_proj"]).sum(0)
+        )
         n_keep = score.numel() - int(sparsity * score.numel())
         keep = torch.zeros(score.numel(), dtype=torch.bool)
         keep[score.argsort(descending=True)[:n_keep]] = True
@@ -129,8 +133,7 @@ def test_sequential_differs_from_dense_statistics(setup):
 def test_non_sequential_wanda_uses_dense_statistics(setup):
     model, batches = setup
     ref = reference_unstructured(copy.deepcopy(model), batches)
-    res = pruning.prune(copy.deepcopy(model), batches, method="wanda", sparsity=0.5, sequential=False,
-                        progress=False)
+    res = pruning.prune(copy.deepcopy(model), batches, method="wanda", sparsity=0.5, sequential=False, progress=False)
     # layer 0 sees the same inputs either way; later layers differ
     for name in ref:
         if ".layers.0." in name:
@@ -143,8 +146,9 @@ def test_sequential_wanda_neurons_match_reference(setup, offload):
     model, batches = setup
     ref = reference_neurons(copy.deepcopy(model), batches)
     kw = {"device": "cpu", "store": "cpu"} if offload else {}
-    res = pruning.prune(copy.deepcopy(model), batches, method="wanda", sparsity=0.5, granularity="mlp_neuron",
-                        progress=False, **kw)
+    res = pruning.prune(
+        copy.deepcopy(model), batches, method="wanda", sparsity=0.5, granularity="mlp_neuron", progress=False, **kw
+    )
     assert set(res.masks.groups) == set(ref)
     for key, keep in ref.items():
         assert torch.equal(res.masks.groups[key], keep), key
@@ -156,8 +160,11 @@ def test_sequential_2_4_matches_reference(setup):
     ref_model = copy.deepcopy(model).eval()
     ref = {}
     for layer_idx in range(LAYERS):
-        mods = {f"model.layers.{layer_idx}.{n}": m for n, m in ref_model.model.layers[layer_idx].named_modules()
-                if isinstance(m, nn.Linear)}
+        mods = {
+            f"model.layers.{layer_idx}.{n}": m
+            for n, m in ref_model.model.layers[layer_idx].named_modules()
+            if isinstance(m, nn.Linear)
+        }
         sums = _collect_sum_sq(ref_model, mods, batches)
         for name, lin in mods.items():
             score = lin.weight.detach().abs() * sums[name].sqrt()[None, :]
@@ -167,8 +174,7 @@ def test_sequential_2_4_matches_reference(setup):
             with torch.no_grad():
                 lin.weight.mul_(keep)
             ref[name + ".weight"] = keep
-    res = pruning.prune(copy.deepcopy(model), batches, method="wanda", sparsity=0.5, granularity="2:4",
-                        progress=False)
+    res = pruning.prune(copy.deepcopy(model), batches, method="wanda", sparsity=0.5, granularity="2:4", progress=False)
     _check_element(res, ref)
 
 
@@ -188,8 +194,10 @@ def reference_true_sequential(model, batches, sparsity=0.5) -> dict[str, torch.T
     model.eval()
     order: list[str] = []
     mods = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n}
-    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: order.append(n) if n not in order else None)
-               for n, m in mods.items()]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, a, n=n: order.append(n) if n not in order else None)
+        for n, m in mods.items()
+    ]
     with torch.no_grad():
         model(input_ids=batches[0], use_cache=False)
     for h in handles:
@@ -230,15 +238,23 @@ def test_within_layer_sequential_matches_linear_by_linear_reference(family):
 def test_within_layer_sequential_refuses_structured(setup):
     model, batches = setup
     with pytest.raises(ValueError, match="within_layer='sequential' prunes each Linear on its own"):
-        pruning.prune(copy.deepcopy(model), batches, method="wanda", sparsity=0.3, granularity="mlp_neuron",
-                      within_layer="sequential", progress=False)
+        pruning.prune(
+            copy.deepcopy(model),
+            batches,
+            method="wanda",
+            sparsity=0.3,
+            granularity="mlp_neuron",
+            within_layer="sequential",
+            progress=False,
+        )
 
 
 def test_within_layer_sequential_sparsegpt_runs_2_4(setup):
     model, batches = setup
     work = copy.deepcopy(model)
-    res = pruning.prune(work, batches, method="sparsegpt", sparsity=0.5, granularity="2:4",
-                        within_layer="sequential", progress=False)
+    res = pruning.prune(
+        work, batches, method="sparsegpt", sparsity=0.5, granularity="2:4", within_layer="sequential", progress=False
+    )
     for name, keep in res.masks.element.items():
         assert (keep.reshape(keep.shape[0], -1, 4).sum(-1) == 2).all(), name
         assert (work.get_parameter(name)[~keep] == 0).all()

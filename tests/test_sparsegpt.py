@@ -97,8 +97,7 @@ def _wanda(W: torch.Tensor, X: torch.Tensor, granularity: str) -> torch.Tensor:
 def test_reconstruction_error_below_wanda(weights, granularity):
     """‖WX − ŴX‖ on the calibration inputs and on held-out inputs of the same distribution."""
     X, X_test = _inputs(0), _inputs(5)
-    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(2)) if weights == "random" else \
-        _trained_weight(X)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(2)) if weights == "random" else _trained_weight(X)
     nm = None if granularity == "unstructured" else tuple(int(x) for x in granularity.split(":"))
     keep, W_sgpt, _ = sparsegpt_prune(W, 2 * X.T @ X, None if nm else 0.5, nm)
     W_wanda = _wanda(W, X, granularity)
@@ -247,8 +246,7 @@ def test_prune_from_collected_statistics(tiny):
     coll.detach()
     state = coll.state_dict()  # checkpointable like every statistic
     assert state[next(iter(state))]["sums"]["gram"].shape == (32, 32)
-    res = pruning.prune(m, None, method="sparsegpt", sparsity=0.5, activations=coll, sequential=False,
-                        progress=False)
+    res = pruning.prune(m, None, method="sparsegpt", sparsity=0.5, activations=coll, sequential=False, progress=False)
     assert res.report.targeted.fraction == pytest.approx(0.5)
     plain = ActivationCollector(s.targets())
     with pytest.raises(KeyError, match="Gram matrix"):

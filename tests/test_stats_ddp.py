@@ -85,8 +85,9 @@ def test_two_rank_reduce_equals_one_process(tmp_path):
     _assert_same(got, want)
     # the comparison is not vacuous: a single rank's half differs from the whole
     half = _statistics(_batches()[0::2])
-    assert not torch.allclose(half["grad"]["mlp_neuron.1"]["sums"]["coupled"],
-                              want["grad"]["mlp_neuron.1"]["sums"]["coupled"])
+    assert not torch.allclose(
+        half["grad"]["mlp_neuron.1"]["sums"]["coupled"], want["grad"]["mlp_neuron.1"]["sums"]["coupled"]
+    )
 
 
 def test_reduce_without_process_group_is_noop():
@@ -101,7 +102,6 @@ def test_reduce_without_process_group_is_noop():
     act.reduce()
     for k, v in act.state_dict().items():
         assert torch.equal(v["sums"]["sum_sq"], before[k])
-
 
 
 # ---------------------------------------------------------------------------------------------- row-sharded (FSDP2)
@@ -213,7 +213,7 @@ def test_row_sharded_gradient_statistics(tmp_path):
         assert r["merged"]["count"] == 4 and r["merged"]["rows_sharded"]
         for k in GRAD_KINDS:
             torch.testing.assert_close(r["merged"]["sums"][k], half.sums[k], msg=k)
-            torch.testing.assert_close(r["resumed_rows"][k], half.sums[k][off:off + n], msg=k)
+            torch.testing.assert_close(r["resumed_rows"][k], half.sums[k][off : off + n], msg=k)
         assert r["resumed_count"] == (4 if r is ranks[0] else 0)
         for state in (r["reduced"], r["resumed"], r["fsdp_to_ddp"], r["ddp_to_fsdp"]):
             assert state["count"] == 2 * SAMPLES and not state["rows_sharded"]

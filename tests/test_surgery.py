@@ -53,8 +53,9 @@ def _expected_drop(model, masks: pruning.MaskSet) -> int:
         if gs.kind == "layer" and removed:
             linear_names = {m.name for m in gs.members}
             prefix = structure.layer_infos[gs.layer].prefix
-            drop += sum(p.numel() for n, p in model.named_parameters()
-                        if n.startswith(prefix) and n not in linear_names)
+            drop += sum(
+                p.numel() for n, p in model.named_parameters() if n.startswith(prefix) and n not in linear_names
+            )
     return drop
 
 
@@ -62,8 +63,7 @@ def _expected_drop(model, masks: pruning.MaskSet) -> int:
 def test_compact_equals_masked_and_reload(tmp_path: Path, family: str, granularity: str) -> None:
     model = tiny_model(family, layers=4)
     sparsity = 0.25 if granularity == "layer" else 0.5
-    res = pruning.prune(model, calib(), method="magnitude", sparsity=sparsity, granularity=granularity,
-                        progress=False)
+    res = pruning.prune(model, calib(), method="magnitude", sparsity=sparsity, granularity=granularity, progress=False)
     ids = _ids()
     masked = _logits(model, ids)
     masked_gen = _greedy(model, ids)
@@ -114,8 +114,9 @@ def test_uniform_export_loads_with_plain_transformers(tmp_path: Path) -> None:
         "assert 'pruning' not in sys.modules\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     torch.testing.assert_close(load_file(str(tmp_path / "logits.safetensors"))["logits"], ref, atol=ATOL, rtol=0)
     manifest = json.loads((tmp_path / "export" / "pruning_manifest.json").read_text())
@@ -132,14 +133,37 @@ def test_non_uniform_export_roundtrip(tmp_path: Path, how: str) -> None:
 
     model = tiny_model("qwen3" if how == "query_head_rates" else "llama", layers=2)
     if how == "global":
-        res = pruning.prune(model, calib(), method="magnitude", sparsity=0.5, granularity="mlp_neuron",
-                            allocation="global", progress=False)
+        res = pruning.prune(
+            model,
+            calib(),
+            method="magnitude",
+            sparsity=0.5,
+            granularity="mlp_neuron",
+            allocation="global",
+            progress=False,
+        )
     elif how == "rates":
-        res = pruning.prune(model, calib(), method="magnitude", sparsity=0.5, granularity="mlp_neuron",
-                            allocation="rates", layer_rates=[0.25, 0.5], progress=False)
+        res = pruning.prune(
+            model,
+            calib(),
+            method="magnitude",
+            sparsity=0.5,
+            granularity="mlp_neuron",
+            allocation="rates",
+            layer_rates=[0.25, 0.5],
+            progress=False,
+        )
     else:
-        res = pruning.prune(model, calib(), method="magnitude", sparsity=0.5, granularity="query_head",
-                            allocation="rates", layer_rates=[0.0, 0.5], progress=False)
+        res = pruning.prune(
+            model,
+            calib(),
+            method="magnitude",
+            sparsity=0.5,
+            granularity="query_head",
+            allocation="rates",
+            layer_rates=[0.0, 0.5],
+            progress=False,
+        )
     kept = [int(k.sum()) for k in res.masks.groups.values()]
     if len(set(kept)) == 1:
         pytest.skip(f"allocation {how} happened to keep the same width everywhere: {kept}")
@@ -163,10 +187,10 @@ def test_element_masks_are_reindexed(tmp_path: Path) -> None:
     model = tiny_model("llama", layers=4)
     res = pruning.prune(model, calib(), method="magnitude", sparsity=0.5, granularity="unstructured", progress=False)
     masks = res.masks
-    pruning.prune(model, calib(), method="magnitude", sparsity=0.5, granularity="mlp_neuron", masks=masks,
-                  progress=False)
-    pruning.prune(model, calib(), method="magnitude", sparsity=0.25, granularity="layer", masks=masks,
-                  progress=False)
+    pruning.prune(
+        model, calib(), method="magnitude", sparsity=0.5, granularity="mlp_neuron", masks=masks, progress=False
+    )
+    pruning.prune(model, calib(), method="magnitude", sparsity=0.25, granularity="layer", masks=masks, progress=False)
     ids = _ids()
     ref = _logits(model, ids)
     pruning.compact(model, masks)

@@ -79,7 +79,13 @@ class Criterion:
     grad_kinds: ClassVar[tuple[str, ...]] = ()
     group_kinds: ClassVar[tuple[str, ...]] = ()
     granularities: ClassVar[tuple[str, ...]] = (
-        "unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer",
+        "unstructured",
+        "2:4",
+        "4:8",
+        "mlp_neuron",
+        "attention_head",
+        "query_head",
+        "layer",
     )
 
     @property
@@ -95,7 +101,12 @@ class Criterion:
         raise NotImplementedError
 
     def prune_weight(
-        self, name: str, ctx: ScoreContext, sparsity: float, nm: tuple[int, int] | None, scope: str,
+        self,
+        name: str,
+        ctx: ScoreContext,
+        sparsity: float,
+        nm: tuple[int, int] | None,
+        scope: str,
         prev_keep: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """For ``reconstructs`` criteria: ``(keep mask, new weight, info)`` of one weight at ``sparsity`` (or N:M)."""

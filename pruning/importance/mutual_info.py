@@ -67,7 +67,7 @@ def standardize(Z: torch.Tensor, robust: bool = False) -> tuple[torch.Tensor, to
 def silverman_width(m: int, rule: str = "robust") -> float:
     """Kernel width in units of the scale :func:`standardize` divides by: ``0.9 · m^(−1/5)`` (``robust``, with the
     robust scale) or ``1.06 · m^(−1/5)`` (``normal``, the normal-reference rule, with the std)."""
-    return (0.9 if rule == "robust" else 1.06) * m ** -0.2
+    return (0.9 if rule == "robust" else 1.06) * m**-0.2
 
 
 def _k2_upper(Zs: torch.Tensor, iu: tuple[torch.Tensor, torch.Tensor], sigma: float) -> torch.Tensor:
@@ -88,7 +88,7 @@ def entropy2(Zs: torch.Tensor, sigma: float | None = None, chunk: int = 256) -> 
     iu = torch.triu_indices(m, m, 1, device=Zs.device)
     out = []
     for a in range(0, Zs.shape[1], chunk):
-        fro = m + 2 * _k2_upper(Zs[:, a:a + chunk], (iu[0], iu[1]), sigma).sum(1, dtype=torch.float64)  # ‖K‖_F²
+        fro = m + 2 * _k2_upper(Zs[:, a : a + chunk], (iu[0], iu[1]), sigma).sum(1, dtype=torch.float64)  # ‖K‖_F²
         out.append(2 * math.log2(m) - torch.log2(fro))
     return torch.cat(out).float()
 
@@ -104,17 +104,17 @@ def mi2_matrix(Zs: torch.Tensor, sigma: float | None = None, chunk: int = 512) -
     log_fro = torch.empty(n, dtype=torch.float64, device=Zs.device)
     M = torch.empty(n, n, dtype=torch.float32, device=Zs.device)
     for a in range(0, n, chunk):
-        Ga = _k2_upper(Zs[:, a:a + chunk], iu, sigma)
-        log_fro[a:a + chunk] = torch.log2(m + 2 * Ga.sum(1).double())
+        Ga = _k2_upper(Zs[:, a : a + chunk], iu, sigma)
+        log_fro[a : a + chunk] = torch.log2(m + 2 * Ga.sum(1).double())
         for b in range(a, n, chunk):
-            Gb = Ga if b == a else _k2_upper(Zs[:, b:b + chunk], iu, sigma)
+            Gb = Ga if b == a else _k2_upper(Zs[:, b : b + chunk], iu, sigma)
             joint = torch.log2(m + 2 * (Ga @ Gb.T).double())  # log₂ ‖K_k∘K_l‖_F²
-            M[a:a + chunk, b:b + chunk] = joint.float()
+            M[a : a + chunk, b : b + chunk] = joint.float()
             if b != a:
-                M[b:b + chunk, a:a + chunk] = joint.T.float()
+                M[b : b + chunk, a : a + chunk] = joint.T.float()
     # I = 2 log₂ m − log₂‖K_k‖² − log₂‖K_l‖² + log₂‖K_k∘K_l‖², added a block of rows at a time (no n² temporary)
     for a in range(0, n, chunk):
-        M[a:a + chunk] += (2 * math.log2(m) - log_fro[a:a + chunk, None] - log_fro[None, :]).float()
+        M[a : a + chunk] += (2 * math.log2(m) - log_fro[a : a + chunk, None] - log_fro[None, :]).float()
     entropy = (2 * math.log2(m) - log_fro).float()
     return M, entropy
 
@@ -122,11 +122,12 @@ def mi2_matrix(Zs: torch.Tensor, sigma: float | None = None, chunk: int = 512) -
 def renyi_entropy(A: torch.Tensor, alpha: float) -> torch.Tensor:
     """``S_α(A) = 1/(1−α) · log₂ tr(A^α)`` for trace-normalised PSD matrices ``A`` [..., m, m] (eigenvalues)."""
     lam = torch.linalg.eigvalsh(A.double()).clamp_min(0)
-    return torch.log2((lam ** alpha).sum(-1)) / (1 - alpha)
+    return torch.log2((lam**alpha).sum(-1)) / (1 - alpha)
 
 
-def mi_alpha_pairs(Zs: torch.Tensor, pairs: torch.Tensor, alpha: float, sigma: float | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def mi_alpha_pairs(
+    Zs: torch.Tensor, pairs: torch.Tensor, alpha: float, sigma: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``I_α`` for the given neuron ``pairs`` [p, 2] (a pair ``(k, k)`` gives the self-information) and every
     neuron's ``S_α``, by eigendecompositions (any α)."""
     m, n = Zs.shape
@@ -135,10 +136,10 @@ def mi_alpha_pairs(Zs: torch.Tensor, pairs: torch.Tensor, alpha: float, sigma: f
     ent = renyi_entropy(K / m, alpha)
     mi = torch.empty(pairs.shape[0], dtype=torch.float64)
     for s in range(0, pairs.shape[0], 64):
-        p = pairs[s:s + 64]
+        p = pairs[s : s + 64]
         J = K[p[:, 0]] * K[p[:, 1]]
         joint = renyi_entropy(J / J.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None], alpha)
-        mi[s:s + 64] = ent[p[:, 0]] + ent[p[:, 1]] - joint
+        mi[s : s + 64] = ent[p[:, 0]] + ent[p[:, 1]] - joint
     return mi.float(), ent.float()
 
 
@@ -196,11 +197,11 @@ def _join_nearest(U: torch.Tensor, clusters: list[torch.Tensor], cap: int, chunk
     best_val = torch.empty(n)
     best_idx = torch.empty(n, dtype=torch.long)
     for a in range(0, n, chunk):
-        S = (U[a:a + chunk] @ U.T).abs_()
+        S = (U[a : a + chunk] @ U.T).abs_()
         rows = torch.arange(S.shape[0], device=S.device)
         S[rows, rows + a] = -1.0
         v, i = S.max(1)
-        best_val[a:a + chunk], best_idx[a:a + chunk] = v.cpu(), i.cpu()
+        best_val[a : a + chunk], best_idx[a : a + chunk] = v.cpu(), i.cpu()
     sizes = torch.bincount(label, minlength=len(clusters)).tolist()
     lab, nn_idx = label.tolist(), best_idx.tolist()
     fixed = [False] * n
@@ -301,16 +302,21 @@ def redundancy_order(
         if normalize:
             half = M.diagonal().clone().div_(2).clamp_min_(1e-12)
             for a in range(0, M.shape[0], 1024):  # in place, by rows: all-pairs mode holds n² floats once
-                M[a:a + 1024].div_(half[a:a + 1024, None] + half[None, :])
+                M[a : a + 1024].div_(half[a : a + 1024, None] + half[None, :])
         M.fill_diagonal_(float("-inf"))
         mats.append(M.float().numpy())
         pairs += c.numel() * (c.numel() - 1) // 2
     t2 = time.perf_counter()
     scores, value = _greedy(n, clusters, mats, constant.cpu().numpy(), entropy.numpy(), energy, victim)
     t3 = time.perf_counter()
-    info = {"neurons": n, "samples": m, "clusters": len(clusters),
-            "largest_cluster": max((int(c.numel()) for c in clusters), default=0), "pairs": pairs,
-            "seconds": {"cluster": t1 - t0, "mi": t2 - t1, "greedy": t3 - t2}}
+    info = {
+        "neurons": n,
+        "samples": m,
+        "clusters": len(clusters),
+        "largest_cluster": max((int(c.numel()) for c in clusters), default=0),
+        "pairs": pairs,
+        "seconds": {"cluster": t1 - t0, "mi": t2 - t1, "greedy": t3 - t2},
+    }
     return RedundancyOrder(torch.from_numpy(scores).float(), torch.from_numpy(value).float(), info)
 
 
@@ -439,15 +445,25 @@ class MutualInfo(Criterion):
         module = out_member.name.rsplit(".", 1)[0]
         stats = ctx.act.get(module)
         if stats is None or getattr(stats, "reservoir", None) is None:
-            raise KeyError(f"no per-sample activations for {module}: mutual_info needs ActivationCollector(..., "
-                           "**criterion.collector_options()) (kinds=('sum_sq', 'samples'))")
+            raise KeyError(
+                f"no per-sample activations for {module}: mutual_info needs ActivationCollector(..., "
+                "**criterion.collector_options()) (kinds=('sum_sq', 'samples'))"
+            )
         Z = stats.sample_rows()
         if Z.shape[1] != gs.count:
             raise ValueError(f"{module}: {Z.shape[1]} activations per sample for {gs.count} neurons")
         w_out = ctx.weights[out_member.name].detach().float()
-        order = redundancy_order(Z, alpha=self.alpha, normalize=self.normalize, cluster_size=self.cluster_size,
-                                 kmeans_iters=self.kmeans_iters, seed=self.seed, out_norm=w_out.norm(dim=0),
-                                 victim=self.victim, kernel_width=self.kernel_width)
+        order = redundancy_order(
+            Z,
+            alpha=self.alpha,
+            normalize=self.normalize,
+            cluster_size=self.cluster_size,
+            kmeans_iters=self.kmeans_iters,
+            seed=self.seed,
+            out_norm=w_out.norm(dim=0),
+            victim=self.victim,
+            kernel_width=self.kernel_width,
+        )
         self._floors[gs.key] = order.keep_floor(self.threshold)
         self.diagnostics[gs.key] = order.info
         return order.scores

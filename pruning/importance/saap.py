@@ -89,8 +89,10 @@ def learn_uncertainty_weights(
     ``history``, if given, receives ``(σ₁, σ₂)`` after every iteration (starting with ``(1, 1)``).
     """
     if len(per_batch_terms) < 2:
-        raise ValueError(f"learning σ needs per-batch terms from at least 2 calibration batches, got "
-                         f"{len(per_batch_terms)}. HINT: split the calibration data into more batches")
+        raise ValueError(
+            f"learning σ needs per-batch terms from at least 2 calibration batches, got "
+            f"{len(per_batch_terms)}. HINT: split the calibration data into more batches"
+        )
     x = torch.stack([torch.stack([normalise(v, how), normalise(e, how)]) for v, e in per_batch_terms])
     x = x.double()  # [B, 2, G]
     means = x.mean(0)  # [2, G]
@@ -148,8 +150,9 @@ class SAAP(Criterion):
         return (1.0, 1.0) if s is None else (float(s[0]), float(s[1]))
 
     def element_scores(self, name: str, ctx: ScoreContext) -> torch.Tensor:
-        raise ValueError("saap scores structured groups only; use granularity='mlp_neuron', 'attention_head' or "
-                         "'query_head'")
+        raise ValueError(
+            "saap scores structured groups only; use granularity='mlp_neuron', 'attention_head' or 'query_head'"
+        )
 
     def group_scores(self, gs: GroupSet, ctx: ScoreContext) -> torch.Tensor:
         vec = normalise(vector_term(gs, ctx), self.normalise)
@@ -209,8 +212,9 @@ def saap_scores(
     structure = ModelStructure(model)
     group_sets = structure.group_sets(granularity)
     names = sorted({m.name for gs in group_sets for m in gs.members})
-    collector = GradientCollector(model, param_names=names, grad_kinds=("sum_abs_gw",), group_sets=group_sets,
-                                  group_kinds=("vector",))
+    collector = GradientCollector(
+        model, param_names=names, grad_kinds=("sum_abs_gw",), group_sets=group_sets, group_kinds=("vector",)
+    )
     weights = dict(model.named_parameters(remove_duplicate=False))
     batches = [c if c.dim() == 2 else c.unsqueeze(0) for c in calibration]
     per_batch: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {gs.key: [] for gs in group_sets}
@@ -231,14 +235,25 @@ def saap_scores(
         sigmas = {k: learn_uncertainty_weights(per_batch[k], how=how) for k in keys}
     else:  # one pair: every layer's groups are observations of the same two noise levels
         pooled = [
-            (torch.cat([normalise(per_batch[k][b][0], how) for k in keys]),
-             torch.cat([normalise(per_batch[k][b][1], how) for k in keys]))
+            (
+                torch.cat([normalise(per_batch[k][b][0], how) for k in keys]),
+                torch.cat([normalise(per_batch[k][b][1], how) for k in keys]),
+            )
             for b in range(len(batches))
         ]
         pair = learn_uncertainty_weights(pooled, how=how, history=history)
         sigmas = {k: pair for k in keys}
     scores = {k: fuse(normalise(total_vec[k], how), normalise(total_elem[k], how), sigmas[k]) for k in keys}
     batch_scores = {k: [fuse(normalise(v, how), normalise(e, how), sigmas[k]) for v, e in per_batch[k]] for k in keys}
-    return SAAPEstimate(granularity=granularity, keys=keys, per_batch=per_batch, sigmas=sigmas, scores=scores,
-                        batch_scores=batch_scores, counts=[gs.count for gs in group_sets],
-                        partitions=group_sets[0].partitions, normalise=how, sigma_history=history)
+    return SAAPEstimate(
+        granularity=granularity,
+        keys=keys,
+        per_batch=per_batch,
+        sigmas=sigmas,
+        scores=scores,
+        batch_scores=batch_scores,
+        counts=[gs.count for gs in group_sets],
+        partitions=group_sets[0].partitions,
+        normalise=how,
+        sigma_history=history,
+    )

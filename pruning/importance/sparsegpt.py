@@ -134,10 +134,10 @@ def sparsegpt_prune(
                 K1 &= ~forced[:, i1:i2]
         for j in range(B):
             if nm is not None and j % m == 0:
-                s = saliency(W1[:, j:j + m], d[j:j + m], i1 + j, i1 + j + m)
-                K1[:, j:j + m].scatter_(1, torch.topk(s, m - n, dim=1, largest=False).indices, False)
+                s = saliency(W1[:, j : j + m], d[j : j + m], i1 + j, i1 + j + m)
+                K1[:, j : j + m].scatter_(1, torch.topk(s, m - n, dim=1, largest=False).indices, False)
                 if forced is not None:
-                    K1[:, j:j + m] &= ~forced[:, i1 + j:i1 + j + m]
+                    K1[:, j : j + m] &= ~forced[:, i1 + j : i1 + j + m]
             w = W1[:, j]
             q = w * K1[:, j]
             e = (w - q) / d[j]
@@ -218,12 +218,25 @@ class SparseGPT(Criterion):
         return stats.sums["gram"] * (2.0 / max(stats.count, 1))
 
     def prune_weight(
-        self, name: str, ctx: ScoreContext, sparsity: float, nm: tuple[int, int] | None, scope: str,
+        self,
+        name: str,
+        ctx: ScoreContext,
+        sparsity: float,
+        nm: tuple[int, int] | None,
+        scope: str,
         prev_keep: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         w = ctx.weights[name]
         keep, w_new, info = sparsegpt_prune(
-            w, self.hessian(name, ctx).to(w.device), None if nm else sparsity, nm, blocksize=self.blocksize,
-            percdamp=self.percdamp, scope=scope, prev_keep=prev_keep, max_retries=self.max_retries)
+            w,
+            self.hessian(name, ctx).to(w.device),
+            None if nm else sparsity,
+            nm,
+            blocksize=self.blocksize,
+            percdamp=self.percdamp,
+            scope=scope,
+            prev_keep=prev_keep,
+            max_retries=self.max_retries,
+        )
         self.diagnostics[name] = info
         return keep, w_new, info

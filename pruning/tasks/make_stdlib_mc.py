@@ -87,8 +87,8 @@ def _transpositions(text: str) -> list[str]:
             continue
         for i in range(len(word) - 1):
             if word[i] != word[i + 1]:
-                typo = word[:i] + word[i + 1] + word[i] + word[i + 2:]
-                out.append(text[: mo.start()] + typo + text[mo.end():])
+                typo = word[:i] + word[i + 1] + word[i] + word[i + 2 :]
+                out.append(text[: mo.start()] + typo + text[mo.end() :])
     return sorted(set(out))
 
 
@@ -113,8 +113,7 @@ def make_items(n_items: int = N_ITEMS, seed: int = SEED) -> list[dict]:
         label = rng.randrange(N_CHOICES)
         choices = distractors[:label] + [truth] + distractors[label:]
         used.add((name, line))
-        items.append({"id": len(items), "source": f"{name}:{line}", "context": ctx, "choices": choices,
-                      "label": label})
+        items.append({"id": len(items), "source": f"{name}:{line}", "context": ctx, "choices": choices, "label": label})
     return items
 
 
