@@ -2,7 +2,7 @@
 layer-at-a-time peak.
 
 FSDP part: Lightning ``ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)`` on ``N`` CPU processes,
-:class:`pruning.module.DistillationModule` with a ``copy`` teacher (sharded like the student by ``configure_model``),
+:class:`pruning.lightning.DistillationModule` with a ``copy`` teacher (sharded like the student by ``configure_model``),
 SDMPrune's distillation scoring (``sdm``, ``mlp_neuron``, α=0.42, τ=0.5) for ``--steps`` optimiser steps of one
 sequence per rank, then one pruning event. ``N = 1`` is the same code on one process (FSDP over a mesh of one:
 nothing sharded). Measured in every rank (Linux ``/proc``): RSS after setup (the model sharded, freed memory
@@ -70,10 +70,10 @@ MEASURES = {"rss": MALLOC_EXACT, "rss_default": {}, "tensor": MALLOC_EXACT}
 def worker(args) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
+    from pruning.callbacks import ImportanceCallback, PruningCallback
     from torch.utils.data import DataLoader, DistributedSampler
 
-    from callbacks import ImportanceCallback, PruningCallback
-    from pruning.module import DistillationModule
+    from pruning.lightning.module import DistillationModule
     from pruning.schedule import Event, Schedule
 
     torch.set_num_threads(1)
@@ -150,7 +150,7 @@ def worker(args) -> None:
 # ---------------------------------------------------------------------------------------------- one-shot worker
 def oneshot_worker(args) -> None:
     from pruning import prune
-    from pruning.module import build_model
+    from pruning.lightning.module import build_model
 
     torch.set_num_threads(1)
     out = {"rss_imports": settle()}

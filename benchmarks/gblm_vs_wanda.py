@@ -25,9 +25,9 @@ import quality  # noqa: E402
 import reference_model as refm  # noqa: E402
 
 from pruning import prune  # noqa: E402
-from pruning.data import batches, windows  # noqa: E402
 from pruning.stats import ActivationCollector  # noqa: E402
 from pruning.structure import ModelStructure  # noqa: E402
+from pruning.text.stdlib import batches, windows  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> str:

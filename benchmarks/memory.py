@@ -11,10 +11,11 @@ is a second copy of the model (``copy.deepcopy`` in the core path, what SDMPrune
 
 Two paths, each configuration in a fresh subprocess (peaks per process do not mix):
 
-- ``core``: :func:`pruning.prune` for stage A, :func:`pruning.gradients.collect_gradients` for stage B (only the
+- ``core``: :func:`pruning.prune` for stage A, :func:`pruning.losses.collect_gradients` for stage B (only the
   MLP weights require gradients; ``.grad`` read after each backward);
-- ``lightning``: ``Trainer`` + :class:`pruning.module.DistillationModule` + :class:`callbacks.ImportanceCallback`
-  (``freeze_weights=True``) + :class:`callbacks.PruningCallback` (``sdm``, ``mlp_neuron``, events at steps N
+- ``lightning``: ``Trainer`` + :class:`pruning.lightning.DistillationModule` +
+  :class:`pruning.callbacks.ImportanceCallback`
+  (``freeze_weights=True``) + :class:`pruning.callbacks.PruningCallback` (``sdm``, ``mlp_neuron``, events at steps N
   (α=0) and 2N (α, τ)), batches of one sequence. Every parameter of the module requires gradients, so ``.grad``
   of the whole model exists during each backward (dropped before the optimiser step).
 
@@ -78,8 +79,8 @@ def stash_bytes(masks) -> int:
 # ---------------------------------------------------------------------------------------------- core path
 def child_core(args, kl: bool, teacher_mode: str, out: dict) -> None:
     import pruning
-    from pruning.gradients import collect_gradients
-    from pruning.module import build_model
+    from pruning.lightning.module import build_model
+    from pruning.losses import collect_gradients
     from pruning.stats import GradientCollector
     from pruning.structure import ModelStructure
 
@@ -127,10 +128,10 @@ def child_lightning(args, kl: bool, teacher_mode: str, out: dict) -> None:
     import warnings
 
     import lightning.pytorch as pl
+    from pruning.callbacks import ImportanceCallback, PruningCallback
     from torch.utils.data import DataLoader
 
-    from callbacks import ImportanceCallback, PruningCallback
-    from pruning.module import DistillationModule
+    from pruning.lightning.module import DistillationModule
     from pruning.schedule import Event, Schedule
 
     warnings.filterwarnings("ignore")
@@ -192,10 +193,10 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     # everything a configuration imports, before the baseline
     import lightning.pytorch  # noqa: F401
+    import pruning.callbacks  # noqa: F401
 
-    import callbacks  # noqa: F401
     import pruning  # noqa: F401
-    import pruning.module  # noqa: F401
+    import pruning.lightning.module  # noqa: F401
 
     path, kl, teacher = CONFIGS[args.config]
     out: dict = {"rss_imports": settle()}

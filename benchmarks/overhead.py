@@ -1,4 +1,5 @@
-"""Per-step overhead of :class:`callbacks.ImportanceCallback` in a Lightning training step, as a ratio against the
+"""Per-step overhead of :class:`pruning.callbacks.ImportanceCallback` in a Lightning training step, as a ratio
+against the
 same step without it, measured in one run.
 
 A Llama-family model (random init, fp32, SDPA) is trained by a Lightning ``Trainer`` (CPU, no logger, no
@@ -49,9 +50,9 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probes import emit  # noqa: E402
+from pruning.callbacks import ImportanceCallback, PruningCallback  # noqa: E402
 
-from callbacks import ImportanceCallback, PruningCallback  # noqa: E402
-from pruning.module import DistillationModule  # noqa: E402
+from pruning.lightning.module import DistillationModule  # noqa: E402
 from pruning.schedule import Schedule  # noqa: E402
 
 # name -> (criterion, granularity, freeze_weights, what is collected)

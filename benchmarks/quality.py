@@ -17,9 +17,11 @@ the granularity prunes a fresh copy of the dense model; cells a criterion does n
   the lifted original, α=0.42, t=0.5: the paper's 30 % row, used at every sparsity) collects its own on the
   stage-A-pruned model. SAAP's σ is learned once per granularity (:func:`pruning.importance.saap.saap_scores`).
 - **Non-uniform rows** (per-layer rates with the same mean, so the same parameter count): ``wanda + OWL``,
-  ``saap + ranking`` (SAAP's importance-fluctuation ranking of the layers, :func:`pruning.ranking.saap_layer_rates`)
+  ``saap + ranking`` (SAAP's importance-fluctuation ranking of the layers,
+  :func:`pruning.allocation.ranking.saap_layer_rates`)
   and ``self-pruner (wanda)`` (Self-Pruner's evolutionary search of the layer rates with Wanda's group scores,
-  :func:`pruning.search.search_rates`, scaled down to ``--search-population`` × ``--search-generations``; fitness is
+  :func:`pruning.allocation.search.search_rates`, scaled down to ``--search-population`` ×
+  ``--search-generations``; fitness is
   the perplexity on ``--search-windows`` seeded windows of the *train* stream, never the held-out files).
 - **Identical masks**: the sha256 of every pruned model's zero pattern is recorded; methods that pruned exactly the
   same weights are listed (with only 4 KV groups per layer, several criteria make the same choice).
@@ -65,14 +67,14 @@ import reference_model as refm  # noqa: E402
 
 from pruning import allocation as alloc  # noqa: E402
 from pruning import calibration_fingerprint, get_criterion, prune  # noqa: E402
-from pruning.data import batches as split_batches  # noqa: E402
-from pruning.data import windows  # noqa: E402
-from pruning.gradients import collect_gradients  # noqa: E402
+from pruning.allocation.ranking import saap_layer_rates  # noqa: E402
+from pruning.allocation.search import search_rates  # noqa: E402
 from pruning.importance.saap import saap_scores  # noqa: E402
-from pruning.ranking import saap_layer_rates  # noqa: E402
-from pruning.search import search_rates  # noqa: E402
+from pruning.losses import collect_gradients  # noqa: E402
 from pruning.stats import GradientCollector  # noqa: E402
 from pruning.structure import ModelStructure  # noqa: E402
+from pruning.text.stdlib import batches as split_batches  # noqa: E402
+from pruning.text.stdlib import windows  # noqa: E402
 
 # GBLM's authors average the activation term over the N samples and scale gradients by 100: against our raw norms
 # their weighting is α = 100·√N (see pruning/importance/gblm.py); the project's default is α = 100.

@@ -1,7 +1,7 @@
 """The reference model of the quality benchmark: a Llama-family model that has learned something, trained offline.
 
 Tiny random models prove that code runs; comparing criteria needs a model whose weights carry knowledge. This
-script trains one on the bundled corpus (the Python standard library's source, :mod:`pruning.data`: files split
+script trains one on the bundled corpus (the Python standard library's source, :mod:`pruning.text`: files split
 into train and held-out *by file*):
 
 1. a byte-level BPE tokenizer (``tokenizers``) trained on the **train split only**, wrapped as a
@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pruning.data import stdlib_files, stdlib_root  # noqa: E402
-from pruning.evaluation import IGNORE_INDEX, PerplexityProtocol, score_windows, token_stream  # noqa: E402
+from pruning.evaluation.perplexity import IGNORE_INDEX, PerplexityProtocol, score_windows, token_stream  # noqa: E402
+from pruning.text.stdlib import stdlib_files, stdlib_root  # noqa: E402
 
 SPECIAL = "<|endoftext|>"
 DEFAULT_CACHE = Path(".cache/reference-model")
@@ -406,7 +406,7 @@ def load_or_train(
             "sha256": tok_sha,
         },
         "corpus": {
-            "source": "Python standard library source (pruning.data.stdlib_files), split by file",
+            "source": "Python standard library source (pruning.text.stdlib_files), split by file",
             "sha256": corpus,
             "train_files": len(train_docs),
             "train_tokens": int(train_ids.numel()),

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 
-from pruning.evaluation import PerplexityProtocol, evaluate_perplexity, token_stream
+from pruning.evaluation.perplexity import PerplexityProtocol, evaluate_perplexity, token_stream
 
 from .export import find_hf_model
 
@@ -19,11 +19,13 @@ WHEN = ("fit_start", "after_pruning", "fit_end")
 
 class EvaluationCallback(pl.Callback):
     """Evaluates the LightningModule's Hugging Face model (``model_attr``, else ``.student``, else ``.model``) with
-    :func:`pruning.evaluation.evaluate_perplexity` and/or lm-eval (:func:`pruning.harness.evaluate_tasks`, on the
+    :func:`pruning.evaluation.evaluate_perplexity` and/or lm-eval
+    (:func:`pruning.evaluation.harness.evaluate_tasks`, on the
     model object in memory: nothing is written) at the moments in ``when``:
 
     - ``fit_start``: before the first training step, i.e. the dense model (the baseline, in the same run);
-    - ``after_pruning``: right after the last event of the :class:`callbacks.PruningCallback` in ``trainer.callbacks``
+    - ``after_pruning``: right after the last event of the :class:`pruning.callbacks.PruningCallback` in
+      ``trainer.callbacks``
       (before any recovery step changes the weights);
     - ``fit_end``: the recovered model.
 
@@ -32,7 +34,8 @@ class EvaluationCallback(pl.Callback):
     lm-eval's trimmed output) if given. Perplexity windows are shared among the ranks (the sums are all-reduced);
     lm-eval runs on global rank 0 while the others wait.
 
-    The tokenizer is the module's ``tokenizer`` attribute, or :func:`pruning.harness.byte_tokenizer` (perplexity:
+    The tokenizer is the module's ``tokenizer`` attribute, or :func:`pruning.evaluation.harness.byte_tokenizer`
+    (perplexity:
     ``"bytes"``) for a model with a 256-entry vocabulary.
 
     Args:
@@ -121,7 +124,7 @@ class EvaluationCallback(pl.Callback):
             metrics["ppl"] = res.ppl
         if self.tasks:
             if trainer.is_global_zero:
-                from pruning.harness import byte_tokenizer, evaluate_tasks
+                from pruning.evaluation.harness import byte_tokenizer, evaluate_tasks
 
                 out = evaluate_tasks(
                     model,

@@ -14,7 +14,7 @@ from pruning.stats import ActivationCollector, GradientCollector
 
 class ImportanceCallback(pl.Callback):
     """Collects, during the training steps that lead up to each pruning event, the statistics the
-    :class:`~callbacks.PruningCallback`'s criterion needs (it tells this callback what to collect and when).
+    :class:`~pruning.callbacks.PruningCallback`'s criterion needs (it tells this callback what to collect and when).
 
     Which hooks, and what "a sample" is:
 

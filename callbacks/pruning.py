@@ -13,8 +13,8 @@ from torch import nn
 
 from pruning import MaskSet, ModelStructure, get_criterion, prune
 from pruning import allocation as alloc
-from pruning.api import STRUCTURED, _check_args, _parse_nm, scores_layer_by_layer
 from pruning.distributed import fsdp_modules, is_sharded, local, local_part, unsharded, unsharded_module
+from pruning.pipeline.oneshot import STRUCTURED, _check_args, _parse_nm, scores_layer_by_layer
 from pruning.schedule import Schedule
 from pruning.stats import ActivationCollector, GradientCollector
 
@@ -71,7 +71,7 @@ class PruningCallback(pl.Callback):
     The model is the LightningModule's Hugging Face model (``model_attr``, else ``.student``, else ``.model``),
     whose forward returns HF-style outputs (``.logits``); the module's ``training_step`` computes the loss. If the
     module has the attributes ``masks`` (set to this callback's masks), ``alpha``/``temperature`` (set per event
-    from the schedule) and ``weights_frozen``, they are used — :class:`pruning.module.DistillationModule` has all.
+    from the schedule) and ``weights_frozen``, they are used — :class:`pruning.lightning.DistillationModule` has all.
 
     Args:
         criterion: ``magnitude | wanda | taylor | gblm | sdm`` (any registered criterion).
@@ -212,7 +212,8 @@ class PruningCallback(pl.Callback):
             raise ValueError(
                 f"criterion={self.criterion_name!r} needs statistics from training steps: add exactly one "
                 f"ImportanceCallback to trainer.callbacks (found {len(imps)}). HINT: in YAML, "
-                "trainer.callbacks: [{class_path: callbacks.ImportanceCallback}, {class_path: callbacks.PruningCallback"
+                "trainer.callbacks: [{class_path: pruning.callbacks.ImportanceCallback}, "
+                "{class_path: pruning.callbacks.PruningCallback"
                 ", init_args: {...}}]"
             )
         self.importance = imps[0]

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from pruning import prune
-from pruning.gradients import next_token_ce
+from pruning.losses import next_token_ce
 
 from .export import find_hf_model
 from .pruning import PruningCallback

@@ -2,7 +2,7 @@
 
 Sources
     ``"stdlib"`` (the bundled offline corpus: the Python standard library's source, split into ``train`` and
-    ``heldout`` by file, see :mod:`pruning.data`), a local file / directory / glob of ``.txt``, ``.json``, ``.jsonl``
+    ``heldout`` by file, see :mod:`pruning.text`), a local file / directory / glob of ``.txt``, ``.json``, ``.jsonl``
     or ``.parquet`` files (read with ``datasets.load_dataset("text" | "json" | "parquet", data_files=...)``), or the
     name of a dataset on the Hugging Face hub (``datasets.load_dataset(name, dataset_config, split=...)``).
 
@@ -10,10 +10,10 @@ Modes (every batch is a dict of ``LongTensor[B, L]``: ``input_ids``, ``labels`` 
 loss is taken, the model shifting labels itself as Hugging Face models do, and ``attention_mask`` only in modes that
 pad)
     ``packed``: documents are tokenised and joined, each followed by the separator (the bytes tokenizer:
-    ``"\\n\\n"``, exactly as :func:`pruning.data.stdlib_bytes`; a Hugging Face tokenizer: ``[BOS] doc [EOS]``), and
+    ``"\\n\\n"``, exactly as :func:`pruning.text.stdlib_bytes`; a Hugging Face tokenizer: ``[BOS] doc [EOS]``), and
     the stream is cut into consecutive ``seq_len`` sequences (the remainder is dropped).
     ``windows``: the papers' calibration protocol, ``num_samples`` windows of ``seq_len`` tokens at seeded random
-    offsets of that stream (:func:`pruning.data.windows`).
+    offsets of that stream (:func:`pruning.text.windows`).
     ``instruct``: Alpaca rows (``instruction``, optional ``input``, ``output``) in the Stanford Alpaca prompt; the
     prompt's tokens are labelled −100, the response (and EOS) is labelled; each example is padded to ``seq_len``
     (padding: label −100, ``attention_mask`` 0) or, with ``instruct_packing``, examples are packed like documents.
@@ -60,8 +60,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
-from pruning.api import calibration_fingerprint
-from pruning.data import BYTE_VOCAB, stdlib_files, windows
+from pruning.pipeline.oneshot import calibration_fingerprint
+from pruning.text.stdlib import BYTE_VOCAB, stdlib_files, windows
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -73,7 +73,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
-BYTES_SEPARATOR = b"\n\n"  # what the bytes tokenizer puts after every document (as pruning.data.stdlib_bytes)
+BYTES_SEPARATOR = b"\n\n"  # what the bytes tokenizer puts after every document (as pruning.text.stdlib_bytes)
 MODES = ("packed", "windows", "instruct")
 SAMPLE_BY = ("document", "paragraph", "line")
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -118,7 +118,7 @@ def _invalid(key: str, value: Any, allowed: str, hint: str | None = None) -> Val
 
 @functools.cache
 def _stdlib_files(split: str) -> tuple[Path, ...]:
-    """:func:`pruning.data.stdlib_files`, walked once per process (the walk costs most of the reading time)."""
+    """:func:`pruning.text.stdlib_files`, walked once per process (the walk costs most of the reading time)."""
     return tuple(stdlib_files(split))
 
 
@@ -465,7 +465,7 @@ class _Sequences(Dataset):
         return _Sequences(self.input_ids[index], pick(self.labels), pick(self.attention_mask))
 
     def sha256(self) -> str:
-        """sha256 of the int64 token ids (row-major), the scheme of :func:`pruning.api.calibration_fingerprint`."""
+        """sha256 of the int64 token ids (row-major), the scheme of :func:`pruning.pipeline.calibration_fingerprint`."""
         return hashlib.sha256(self.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
 
     def counts(self) -> dict[str, int]:
@@ -791,7 +791,7 @@ class TextDataModule(LightningDataModule):
             or its first padded examples in instruct mode), split between ranks; 0 turns validation off.
         calibration_samples: Windows drawn by :meth:`calibration_dataloader` (one-shot pruning's calibration set).
         max_bytes: Stop reading a split after this many bytes of text (the bytes tokenizer's stream is cut at
-            exactly this length, separators included, as ``pruning.data.stdlib_bytes``); null: 4,000,000 for the
+            exactly this length, separators included, as ``pruning.text.stdlib_bytes``); null: 4,000,000 for the
             stdlib corpus, no limit for other sources. Windows (training and calibration) from a source without a
             limit are drawn from its first 8 × N × `seq_len` tokens.
         max_documents: Stop reading a split after this many documents; null: no limit.

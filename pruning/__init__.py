@@ -1,13 +1,13 @@
 """Prune decoder-only LLMs: structure discovery, masks that hold, statistics, criteria, one-shot pruning.
 
-The core knows torch and transformers only; the Lightning module and CLI live in their own files.
+The core knows torch and transformers only and never imports lightning; the Lightning-facing module and CLI live in
+``pruning.lightning``, the callbacks in ``pruning.callbacks``, the DataModule in ``pruning.datamodules``.
 """
 
-from .api import GRANULARITIES, PruneResult, calibration_fingerprint, prune
-from .gradients import collect_gradients, distillation_loss
 from .importance import CRITERIA, Criterion, ScoreContext, get_criterion, register
+from .losses import collect_gradients, distillation_loss
 from .masks import MaskSet, SparsityReport, nm_mask
-from .sequential import run_layerwise
+from .pipeline import GRANULARITIES, PruneResult, calibration_fingerprint, prune, run_layerwise
 from .stats import (
     ActivationCollector,
     ActivationStats,

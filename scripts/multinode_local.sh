@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 pids=()
 for rank in 0 1; do
   .venv/bin/torchrun --nnodes 2 --nproc-per-node 1 --node-rank "$rank" --master-addr 127.0.0.1 \
-    --master-port "$PORT" -m pruning.cli fit --config "$CONFIG" \
+    --master-port "$PORT" -m pruning fit --config "$CONFIG" \
     --trainer.num_nodes 2 --trainer.devices 1 --trainer.strategy ddp "$@" &
   pids+=($!)
 done

@@ -18,9 +18,9 @@ torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
+from pruning.callbacks import ExportOnFitEnd, PruningCallback  # noqa: E402
 from test_lightning import SEQS, Recording, Resumable, module, samples  # noqa: E402
 
-from callbacks import ExportOnFitEnd, PruningCallback  # noqa: E402
 from pruning.distributed import full_state_dict, is_dtensor, local_rows  # noqa: E402
 from pruning.importance import ScoreContext  # noqa: E402
 from pruning.schedule import Event, Schedule  # noqa: E402

@@ -15,9 +15,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from pruning.cli import lightning_cli
+from pruning.lightning.cli import lightning_cli
 
-torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "model_type": "llama",
@@ -86,6 +85,7 @@ def test_config_error_names_the_key(tmp_path):
         lightning_cli(["fit", "--config", str(path), "--model.alpha", "1.5"])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun on localhost")
 def test_two_nodes_on_localhost(tmp_path):
     path = tiny_demo_config(tmp_path)

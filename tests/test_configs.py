@@ -6,14 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 from lightning.pytorch.cli import LightningCLI
+from pruning.datamodules import TextDataModule
 
-from datamodules import TextDataModule
-from pruning.module import DistillationModule
+from pruning.lightning.module import DistillationModule
 from pruning.schedule import Schedule
-
-torch.set_num_threads(1)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

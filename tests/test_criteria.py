@@ -17,8 +17,6 @@ from pruning.structure import GroupSet, Member, ModelStructure
 
 T = torch.tensor
 
-torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
-
 
 def act(sum_sq) -> ActivationStats:
     s = ActivationStats()

@@ -1,21 +1,18 @@
 """TextDataModule: hand-joined token streams, seeded windows, Alpaca labels, disjoint equal shards, exact resume."""
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 import torch
+from lightning.pytorch import LightningModule, Trainer
+from pruning.datamodules import TextDataModule, alpaca_prompt
+from pruning.datamodules.text import IGNORE_INDEX
 
-torch.set_num_threads(1)
-
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
-
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
-from lightning.pytorch import LightningModule, Trainer  # noqa: E402
-
-from datamodules import TextDataModule, alpaca_prompt  # noqa: E402
-from datamodules.text import IGNORE_INDEX  # noqa: E402
-from pruning.data import stdlib_bytes, windows  # noqa: E402
+from pruning.text.stdlib import stdlib_bytes, windows
 
 
 def cut(stream: bytes, seq_len: int) -> torch.Tensor:
@@ -77,7 +74,7 @@ def test_stdlib_matches_the_core_corpus_and_windows_are_seeded(tmp_path):
     train = stdlib_bytes("train", max_bytes=200_000)
     seqs = a.sequences("train")["input_ids"]
     assert seqs.shape == (16, 32)
-    assert torch.equal(seqs, windows(train, 32, 16, seed=0))  # the papers' N x L protocol, as pruning.data draws it
+    assert torch.equal(seqs, windows(train, 32, 16, seed=0))  # the papers' N x L protocol, as pruning.text draws it
     assert torch.equal(seqs, b.sequences("train")["input_ids"])
     assert not torch.equal(seqs, c.sequences("train")["input_ids"])
     # held-out: non-overlapping windows of the held-out files from their start; calibration: seeded windows
@@ -86,7 +83,7 @@ def test_stdlib_matches_the_core_corpus_and_windows_are_seeded(tmp_path):
     assert [x.shape for x in calib] == [(4, 32), (4, 32)]
     assert torch.equal(torch.cat(calib), windows(train, 32, 8, seed=0))
     assert [b["input_ids"].shape for b in a.calibration_dataloader()] == [(1, 32)] * 8
-    from pruning.api import calibration_fingerprint
+    from pruning.pipeline.oneshot import calibration_fingerprint
 
     assert a.record["calibration"]["sha256"] == calibration_fingerprint(calib)["sha256"]
 

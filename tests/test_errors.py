@@ -8,8 +8,6 @@ from tiny import calib, tiny_model
 
 import pruning
 
-torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
-
 
 @pytest.fixture()
 def llama():

@@ -16,17 +16,15 @@ import torch.nn.functional as F
 from tiny import tiny_model
 from torch.utils.data import DataLoader
 
-from pruning.evaluation import (
+from pruning.evaluation.harness import _bytes_to_unicode, byte_tokenizer
+from pruning.evaluation.metrics import PerplexityMetric
+from pruning.evaluation.perplexity import (
     PerplexityProtocol,
     evaluate_perplexity,
     perplexity,
     perplexity_windows,
     token_stream,
 )
-from pruning.harness import _bytes_to_unicode, byte_tokenizer
-from pruning.metrics import PerplexityMetric
-
-torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
 
 DOCS = [
     "def add(a, b):\n    return a + b\n",
@@ -137,7 +135,7 @@ def test_protocol_is_recorded_and_defaults_are_the_papers(text_file):
 
 def test_old_function_and_the_stdlib_preset_agree():
     """``evaluate_perplexity`` on the stdlib preset scores exactly the demo's windows (``pruning.perplexity``)."""
-    from pruning.data import stdlib_bytes, windows
+    from pruning.text.stdlib import stdlib_bytes, windows
 
     model = byte_model()
     protocol = PerplexityProtocol.preset("stdlib", seq_len=32, max_windows=6)
@@ -188,6 +186,7 @@ def _worker(rank: int, port: int, path: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_two_ranks_equal_one_process(text_file, tmp_path):
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_worker, args=(_free_port(), str(text_file), out), nprocs=2, join=True)
@@ -205,10 +204,10 @@ def test_callback_logs_dense_and_pruned_numbers(text_file, tmp_path):
     # lightning imported here, not at the top: the two-rank test's spawned processes import this module
     import lightning.pytorch as pl
     from lightning.pytorch.loggers.logger import Logger
+    from pruning.callbacks import PruningCallback
+    from pruning.callbacks.evaluation import EvaluationCallback
 
-    from callbacks import PruningCallback
-    from callbacks.evaluation import EvaluationCallback
-    from pruning.module import DistillationModule
+    from pruning.lightning.module import DistillationModule
     from pruning.schedule import Schedule
 
     class Recorder(Logger):

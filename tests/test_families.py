@@ -27,8 +27,6 @@ PER_GROUP = {
     "opt": {"mlp_neuron": 65, "attention_head": 1048, "layer": 8416},
 }
 
-torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
-
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_structure_counts(family):

@@ -19,15 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-torch.set_num_threads(1)
-
-sys.path.insert(0, str(Path(__file__).parent))
 from fsdp_script import RESUME, SCHEDULES, run  # noqa: E402
 from test_lightning import CFG, assert_pruned_zero, assert_same_masks, assert_same_stats, module  # noqa: E402
 
 from pruning import MaskSet, ModelStructure, compact, prune, save_pretrained  # noqa: E402
-from pruning.api import scores_layer_by_layer  # noqa: E402
+from pruning.pipeline.oneshot import scores_layer_by_layer  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "fsdp_script.py"
 
@@ -73,6 +69,7 @@ def _tensors(path: Path) -> dict:
     return out
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("criterion", list(SCHEDULES))
 def test_fsdp_two_ranks_equal_one_process(tmp_path, criterion):
     ranks = _two_ranks(tmp_path, criterion, "full")
@@ -148,6 +145,7 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, criterion):
         assert cfg["intermediate_size"] < CFG["intermediate_size"] or "intermediate_sizes" in str(cfg)
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("criterion", list(RESUME))
 def test_fsdp_resume_mid_window(tmp_path, criterion):
     """A run stopped at step 3, inside a scoring window (sdm: event 2 at step 4, step 2 scored before the checkpoint

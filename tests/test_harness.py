@@ -15,7 +15,7 @@ from tiny import tiny_model
 from transformers import PreTrainedModel
 
 import pruning
-from pruning.harness import (
+from pruning.evaluation.harness import (
     DEFAULT_TASKS,
     PAPER_METRIC,
     TASKS_DIR,
@@ -25,9 +25,7 @@ from pruning.harness import (
     markdown_table,
     result_rows,
 )
-from pruning.tasks import read_jsonl
-
-torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
+from pruning.evaluation.tasks import read_jsonl
 
 
 def byte_model(seed: int = 0):
@@ -141,7 +139,7 @@ def test_papers_suite_names_exist_in_lm_eval_index():
 
 
 def test_eval_command_on_an_export(tmp_path, capsys, monkeypatch):
-    from pruning.eval_cli import main
+    from pruning.commands.eval import main
 
     export = tmp_path / "export"
     pruning.save_pretrained(byte_model(seed=1), export, tokenizer=byte_tokenizer())
@@ -183,9 +181,9 @@ def test_eval_command_on_a_lightning_checkpoint(tmp_path, capsys):
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from pruning.eval_cli import main
-    from pruning.evaluation import evaluate_perplexity
-    from pruning.module import DistillationModule
+    from pruning.commands.eval import main
+    from pruning.evaluation.perplexity import evaluate_perplexity
+    from pruning.lightning.module import DistillationModule
 
     cfg = dict(
         model_type="llama",

@@ -11,19 +11,17 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
+from pruning.callbacks import ExportOnFitEnd, ImportanceCallback, PruningCallback
 from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import pruning
-from callbacks import ExportOnFitEnd, ImportanceCallback, PruningCallback
 from pruning import get_criterion
-from pruning.gradients import collect_gradients
-from pruning.module import DistillationModule, LoraSettings
+from pruning.lightning.module import DistillationModule, LoraSettings
+from pruning.losses import collect_gradients
 from pruning.schedule import Event, Schedule
 from pruning.stats import ActivationCollector, GradientCollector
 from pruning.structure import ModelStructure, named_parameters
-
-torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
 
 CFG = dict(
     model_type="llama",

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
-
 sys.path.insert(0, str(Path(__file__).parent))
+from pruning.callbacks import PruningCallback  # noqa: E402
 from test_lightning import (  # noqa: E402
     SEQS,
     Recording,
@@ -31,7 +30,6 @@ from test_lightning import (  # noqa: E402
     module,
 )
 
-from callbacks import PruningCallback  # noqa: E402
 from pruning.schedule import Event, Schedule  # noqa: E402
 
 SCHEDULES = {
@@ -89,6 +87,7 @@ def _masks(state: dict):
     return masks
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("criterion", list(SCHEDULES))
 def test_ddp_two_ranks_equal_one_process(tmp_path, criterion):
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")

@@ -8,9 +8,7 @@ import math
 import pytest
 import torch
 
-from pruning.gradients import distillation_loss
-
-torch.set_num_threads(1)
+from pruning.losses import distillation_loss
 
 
 @pytest.mark.parametrize(
@@ -62,13 +60,9 @@ def test_plain_formula_by_hand():
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_chunked_teacher_logits_equal_full_logits(family):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
     from tiny import calib, tiny_model
 
-    from pruning.gradients import ChunkedLogits
+    from pruning.losses import ChunkedLogits
 
     model = tiny_model(family, layers=2)
     ids = calib(n=2, seq=12)[0]
@@ -93,7 +87,7 @@ def test_collect_gradients_with_a_separate_teacher_equals_the_lifted_one():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import pruning
-    from pruning.gradients import collect_gradients
+    from pruning.losses import collect_gradients
     from pruning.stats import GradientCollector
     from pruning.structure import ModelStructure
 

@@ -24,8 +24,6 @@ from pruning.importance.mutual_info import (
 )
 from pruning.stats import ActivationCollector, ActivationSamples, ActivationStats
 
-torch.set_num_threads(1)  # 2 shared CPU cores
-
 
 def _gram(z: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.exp(-(z[:, None] - z[None, :]).square() / (2 * sigma**2))
@@ -322,6 +320,7 @@ def _ddp_worker(rank: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_two_rank_reduce_of_gram_and_samples(tmp_path):
     """Gram matrices add up like every sum; the samples are the 32 smallest keys over both ranks' rows."""
     import socket

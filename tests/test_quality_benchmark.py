@@ -21,7 +21,6 @@ import run_all  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny_ref(tmp_path_factory):
-    torch.set_num_threads(1)
     preset = dataclasses.replace(refm.PRESETS["tiny"], steps=6, max_train_bytes=60_000, max_heldout_bytes=20_000)
     cache = tmp_path_factory.mktemp("ref")
     ref = refm.load_or_train(preset, cache, name="tiny", log=lambda *_: None)
@@ -46,7 +45,6 @@ def test_reference_model_manifest_and_cache(tiny_ref):
 
 def test_quality_benchmark_miniature(tiny_ref, tmp_path):
     ref, _, _ = tiny_ref
-    torch.set_num_threads(1)
     settings = [s for s in quality.SETTINGS if s.key in ("unstructured50", "mlp30")]
     labels = ("wanda", "taylor", "sdm", "saap + ranking", "self-pruner (wanda)")
     methods = [m for m in quality.METHODS if m.label in labels]
@@ -111,10 +109,10 @@ def test_shared_gradients_equal_prune_own(tiny_ref):
     import copy
 
     import pruning
-    import pruning.data
+    import pruning.text.stdlib
 
     ref, preset, _ = tiny_ref
-    calib = [pruning.data.windows(ref.train_ids, preset.seq_len, 4, seed=0)]
+    calib = [pruning.text.windows(ref.train_ids, preset.seq_len, 4, seed=0)]
     shared = quality.shared_gradients(ref.model, calib, {"mlp_neuron"})
     for method, gran, opts in (("taylor", "mlp_neuron", {"mode": "vector"}), ("gblm", "unstructured", {})):
         a, b = copy.deepcopy(ref.model), copy.deepcopy(ref.model)

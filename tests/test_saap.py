@@ -8,18 +8,16 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from pruning.callbacks.group_finetune import GroupFinetuneCallback
 from tiny import calib, tiny_model
 from torch.utils.data import DataLoader
 
 import pruning
-from callbacks.group_finetune import GroupFinetuneCallback
-from pruning import ranking
+from pruning.allocation import ranking
 from pruning.importance import ScoreContext, get_criterion
 from pruning.importance.saap import SAAPEstimate, fuse, learn_uncertainty_weights, normalise, saap_scores
 from pruning.stats import GradientStats, GroupGradientStats
 from pruning.structure import GroupSet, Member
-
-torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
 
 T = torch.tensor
 
@@ -209,8 +207,9 @@ def test_saap_through_the_callbacks_equals_core(source, tmp_path):
     import copy
     import json
 
-    from callbacks import ImportanceCallback, PruningCallback
-    from pruning.module import DistillationModule
+    from pruning.callbacks import ImportanceCallback, PruningCallback
+
+    from pruning.lightning.module import DistillationModule
     from pruning.schedule import Schedule
 
     cfg = dict(CFG, num_hidden_layers=2)
@@ -273,7 +272,8 @@ def test_saap_through_the_callbacks_equals_core(source, tmp_path):
 def test_rates_file_errors_name_the_key(tmp_path):
     import json
 
-    from callbacks import PruningCallback
+    from pruning.callbacks import PruningCallback
+
     from pruning import allocation as alloc
     from pruning.schedule import Schedule
 
@@ -338,7 +338,7 @@ def _changed(before: dict, after: dict) -> set[str]:
 
 @pytest.mark.parametrize("mode", ["drop_grads", "requires_grad"])
 def test_group_finetune_trains_one_group_at_a_time(mode):
-    from pruning.module import DistillationModule
+    from pruning.lightning.module import DistillationModule
 
     pl.seed_everything(0, verbose=False)
     module = DistillationModule(config=CFG, attn_implementation="eager", lr=1e-2, weight_decay=0.1)

@@ -21,7 +21,7 @@ class _Payload:
 
 
 def test_eval_refuses_a_checkpoint_with_a_payload(tmp_path):
-    from pruning.eval_cli import main
+    from pruning.commands.eval import main
 
     marker = tmp_path / "payload-ran"
     ckpt = tmp_path / "crafted.ckpt"
@@ -36,8 +36,8 @@ def test_lora_checkpoint_loads_with_weights_only(tmp_path):
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from pruning.eval_cli import load_for_eval
-    from pruning.module import DistillationModule, LoraSettings
+    from pruning.commands.eval import load_for_eval
+    from pruning.lightning.module import DistillationModule, LoraSettings
 
     cfg = dict(
         model_type="llama",
@@ -82,7 +82,7 @@ def pickled_export(tmp_path):
 
 def test_pickled_weights_are_refused_unless_allowed(pickled_export):
     from pruning import load_pretrained
-    from pruning.module import DistillationModule
+    from pruning.lightning.module import DistillationModule
 
     path, model = pickled_export
     with pytest.raises(PickleRefused, match="only as pickles .*pytorch_model.bin.*allow_pickle=True"):
@@ -94,7 +94,7 @@ def test_pickled_weights_are_refused_unless_allowed(pickled_export):
 
 
 def test_eval_refuses_pickled_weights(pickled_export):
-    from pruning.eval_cli import main
+    from pruning.commands.eval import main
 
     path, _ = pickled_export
     with pytest.raises(SystemExit, match="only as pickles.*--allow-pickle"):
@@ -102,7 +102,7 @@ def test_eval_refuses_pickled_weights(pickled_export):
 
 
 def test_search_refuses_pickled_weights(pickled_export):
-    from pruning.search import load_model
+    from pruning.commands.search import load_model
 
     path, _ = pickled_export
     with pytest.raises(PickleRefused, match="--model="):

@@ -13,11 +13,10 @@ from tiny import calib, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import pruning
-from pruning import ranking, search
-from pruning.evaluation import perplexity
-from pruning.search import LLMOperator, PrunedPerplexity, evolve, parse_rates, search_rates
-
-torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
+from pruning.allocation.search import LLMOperator, PrunedPerplexity, evolve, parse_rates, search_rates
+from pruning.commands import rank as rank_command
+from pruning.commands import search as search_command
+from pruning.evaluation.perplexity import perplexity
 
 SENSITIVITY = [20.0, 20.0, 5.0, 1.0, 1.0, 0.2, 0.2, 0.2]
 
@@ -271,7 +270,7 @@ def test_search_and_ranking_command_lines(tmp_path, capsys):
     ).save_pretrained(tmp_path / "m")
     data = ["--seq-len", "16", "--calibration", "4", "--heldout", "4", "--batch-size", "2"]
     out = tmp_path / "rates.json"
-    search.main(
+    search_command.main(
         [
             "--model",
             str(tmp_path / "m"),
@@ -295,6 +294,6 @@ def test_search_and_ranking_command_lines(tmp_path, capsys):
     assert json.loads((tmp_path / "rates.history.json").read_text())["generations"]
     assert "layer_rates: [" in capsys.readouterr().out
     out = tmp_path / "saap.json"
-    ranking.main(["--model", str(tmp_path / "m"), "--target", "0.25", "--out", str(out), *data])
+    rank_command.main(["--model", str(tmp_path / "m"), "--target", "0.25", "--out", str(out), *data])
     written = json.loads(out.read_text())
     assert sum(written["layer_rates"]) / 2 == 0.25 and len(written["criterion_options"]["sigma"]) == 2

@@ -13,8 +13,6 @@ import pruning
 
 LAYERS = 3
 
-torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
-
 
 def _collect_sum_sq(model, modules: dict[str, nn.Linear], batches) -> dict[str, torch.Tensor]:
     """Σ_tokens x² of each module's input, from whole-model forwards."""

@@ -17,8 +17,6 @@ from pruning.importance.sparsegpt import inverse_cholesky, sparsegpt_prune
 from pruning.stats import ActivationCollector, ActivationStats
 from pruning.structure import ModelStructure
 
-torch.set_num_threads(1)  # 2 shared CPU cores
-
 T = torch.tensor
 
 

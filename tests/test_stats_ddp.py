@@ -10,13 +10,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny import calib, tiny_model
 
-from pruning.gradients import collect_gradients
+from pruning.losses import collect_gradients
 from pruning.stats import ActivationCollector, GradientCollector
 from pruning.structure import ModelStructure
 
 GRAD_KINDS = ("sum", "sum_sq", "sum_abs", "sum_abs_gw")
-
-torch.set_num_threads(1)  # 2 shared CPU cores: oversubscribed threads make tiny models 10x slower
 
 
 def _batches():
@@ -72,6 +70,7 @@ def _assert_same(got: dict, want: dict, prefix: str = "") -> None:
             assert got[k] == want[k], prefix + k
 
 
+@pytest.mark.multiprocess
 def test_two_rank_reduce_equals_one_process(tmp_path):
     path = str(tmp_path / "rank0.pt")
     mp.spawn(_worker, args=(_free_port(), path), nprocs=2, join=True)
@@ -191,6 +190,7 @@ def _sharded_worker(rank: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_row_sharded_gradient_statistics(tmp_path):
     """Each rank keeps only its rows of Σ (reduce-scattered per sample); reduce gathers the sums of one process that
     saw every sample; a merged (checkpoint) state resumes on the rows, and across modes (sharded ↔ DDP)."""

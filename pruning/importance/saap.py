@@ -204,7 +204,7 @@ def saap_scores(
     the whole calibration set use the summed statistics, exactly what ``pruning.prune(method='saap',
     criterion_options=estimate.criterion_options())`` computes from the same calibration data.
     """
-    from ..gradients import collect_gradients
+    from ..losses import collect_gradients
     from ..stats import GradientCollector
 
     if granularity not in SAAP_GRANULARITIES:

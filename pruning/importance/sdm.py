@@ -19,7 +19,7 @@ class SDM(Criterion):
     teacher being the original model. The sum over the coupled weights comes before the absolute value. The
     statistic is accumulated by :class:`~pruning.stats.GroupGradientStats` (``'coupled'``) in fp32 (the authors'
     ×100 scaling only kept bf16 in range). Attention KV groups use the same form, aligned on the hidden axis.
-    The loss that produces the gradients belongs to the caller (``pruning.gradients`` or the Lightning module).
+    The loss that produces the gradients belongs to the caller (``pruning.losses`` or the Lightning module).
     """
 
     name = "sdm"

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .structure import ModelStructure
+from ..structure import ModelStructure
 
 
 class _StopForward(Exception):

@@ -50,7 +50,7 @@ def select_unstructured(
 
 def select_nm(scores: torch.Tensor, n: int, m: int, prev_keep: torch.Tensor | None = None) -> torch.Tensor:
     """Keep the ``n`` highest of every ``m`` consecutive input columns in each row."""
-    from .masks import nm_mask
+    from ..masks import nm_mask
 
     return nm_mask(_exclude_pruned(scores.float(), prev_keep), n, m)
 

@@ -1,6 +1,7 @@
 """Local lm-eval tasks shipped with the package (YAML + data), usable offline.
 
-``pruning.harness`` points lm-eval's ``TaskManager(include_path=...)`` at this directory; the stock ``lm_eval`` CLI can
+``pruning.evaluation.harness`` points lm-eval's ``TaskManager(include_path=...)`` at this directory; the stock
+``lm_eval`` CLI can
 too (``lm_eval --include_path <this directory> --tasks stdlib_mc ...``, with this package importable).
 
 - ``stdlib_mc``: 4-way multiple choice on the Python standard library's held-out source (the split the demo model

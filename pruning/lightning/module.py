@@ -36,9 +36,9 @@ import torch
 import torchmetrics
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from .gradients import ChunkedLogits, distillation_loss, next_token_ce
-from .loading import from_pretrained
-from .masks import MaskSet
+from ..loading import from_pretrained
+from ..losses import ChunkedLogits, distillation_loss, next_token_ce
+from ..masks import MaskSet
 
 # causal LMs whose logits are exactly lm_head(final hidden state) (no soft-capping or logit scale)
 _PLAIN_HEAD = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "OPTForCausalLM"}
@@ -209,7 +209,7 @@ class DistillationModule(pl.LightningModule):
             tokenizer_path or pretrained, trust_remote_code, required=tokenizer_path is not None
         )
         if keep_zeros:
-            from .structure import ModelStructure
+            from ..structure import ModelStructure
 
             names = [n + ".weight" for n in ModelStructure(self.student).targets()]
             self.masks = MaskSet.from_zeros(self.student, names)
@@ -328,8 +328,8 @@ class DistillationModule(pl.LightningModule):
         mesh = self._device_mesh
         if mesh is None:
             return
-        from .distributed import is_sharded, shard_model
-        from .structure import ModelStructure
+        from ..distributed import is_sharded, shard_model
+        from ..structure import ModelStructure
 
         names = tuple(mesh.mesh_dim_names or ())
         tp = mesh["tensor_parallel"].size() if "tensor_parallel" in names else 1

@@ -9,7 +9,7 @@ Examples::
 
 The model is evaluated where it was loaded (in memory; lm-eval wraps the object, nothing is written besides
 ``--json``). Exports load with :func:`pruning.load_pretrained` (stock and per-layer exports alike); ``.ckpt`` files with
-:meth:`pruning.module.DistillationModule.load_from_checkpoint` (the student, masks already in its weights), unpickled
+:meth:`pruning.lightning.DistillationModule.load_from_checkpoint` (the student, masks already in its weights), unpickled
 with ``weights_only=True``; anything else is a hub name for ``AutoModelForCausalLM.from_pretrained`` (safetensors
 only unless ``--allow-pickle``).
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .loading import PickleRefused, from_pretrained, refused_checkpoint
+from ..loading import PickleRefused, from_pretrained, refused_checkpoint
 
 __all__ = ["load_for_eval", "main"]
 
@@ -68,7 +68,7 @@ def load_for_eval(
         kwargs["attn_implementation"] = attn_implementation
     path = Path(target).expanduser()
     if path.suffix == ".ckpt":
-        from .module import DistillationModule
+        from ..lightning.module import DistillationModule
 
         try:
             module = DistillationModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
@@ -89,7 +89,7 @@ def load_for_eval(
             tok = AutoTokenizer.from_pretrained(tok)
         return model.eval(), tok, {"kind": "lightning_checkpoint", "path": str(path.resolve())}
     if path.is_dir():
-        from .surgery import load_pretrained
+        from ..surgery import load_pretrained
 
         model = load_pretrained(path, allow_pickle=allow_pickle, **kwargs)
         manifest = path / "pruning_manifest.json"
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     if args.perplexity is None and not args.tasks:
         raise SystemExit("pruning eval: nothing to do. HINT: --perplexity stdlib|wikitext|FILE and/or --tasks ...")
-    from .evaluation import PerplexityProtocol, evaluate_perplexity
-    from .harness import DEFAULT_TASKS, byte_tokenizer, evaluate_tasks, markdown_table
+    from ..evaluation.harness import DEFAULT_TASKS, byte_tokenizer, evaluate_tasks, markdown_table
+    from ..evaluation.perplexity import PerplexityProtocol, evaluate_perplexity
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

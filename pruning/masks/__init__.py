@@ -38,8 +38,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .distributed import RowShard, from_local_like, is_dtensor, local, local_part, local_rows, shard_like
-from .structure import GroupSet, Member, named_parameters
+from ..distributed import RowShard, from_local_like, is_dtensor, local, local_part, local_rows, shard_like
+from ..structure import GroupSet, Member, named_parameters
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -446,7 +446,7 @@ class MaskSet:
     def report(self, model: nn.Module, targets: Iterable[str] | None = None) -> SparsityReport:
         """Sparsity of the masks (entries masked out, not natural zeros). ``targets``: the parameter names the
         pruning considered (default: the masked parameters)."""
-        from .structure import ModelStructure, UnsupportedModelError
+        from ..structure import ModelStructure, UnsupportedModelError
 
         try:
             structure: ModelStructure | None = ModelStructure(model)

@@ -1,14 +1,13 @@
-"""The ``pruning`` console script.
+"""The ``pruning`` console script: one subcommand per task.
 
-- ``pruning fit --config configs/<recipe>.yaml`` (and ``validate``, ``test``, ``--print_config``): LightningCLI over
-  :class:`pruning.module.DistillationModule` and :class:`datamodules.TextDataModule`; callbacks come from the
-  config's ``trainer.callbacks``.
+- ``pruning fit --config configs/<recipe>.yaml`` (and ``validate``, ``test``, ``--print_config``): pruning while
+  training, through LightningCLI (:mod:`pruning.lightning.cli`).
 - ``pruning demo-model``: train (or reuse) the small Llama that the offline demo config prunes.
 - ``pruning demo``: the one-shot comparison of every criterion on that model (no training loop).
 - ``pruning eval PATH``: held-out perplexity (recorded protocol) and lm-eval tasks of an export, a checkpoint or a
-  hub model, in-process (:mod:`pruning.eval_cli`).
-- ``pruning search``: Self-Pruner's evolutionary search of per-layer rates (:mod:`pruning.search`).
-- ``pruning rank``: SAAP's importance-fluctuation ranking into per-layer rates (:mod:`pruning.ranking`).
+  hub model, in-process (:mod:`pruning.commands.eval`).
+- ``pruning search``: Self-Pruner's evolutionary search of per-layer rates (:mod:`pruning.commands.search`).
+- ``pruning rank``: SAAP's importance-fluctuation ranking into per-layer rates (:mod:`pruning.commands.rank`).
 """
 
 from __future__ import annotations
@@ -29,23 +28,6 @@ def _threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
-def lightning_cli(args: list[str] | None = None, run: bool = True):
-    """Build the LightningCLI (``run=False`` only parses and instantiates: used by the config tests)."""
-    from lightning.pytorch.cli import LightningCLI
-
-    from datamodules import TextDataModule
-
-    from .module import DistillationModule
-
-    return LightningCLI(
-        DistillationModule,
-        TextDataModule,
-        args=args,
-        run=run,
-        save_config_kwargs={"overwrite": True},
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
@@ -60,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if argv and argv[0] == "eval":
         _threads()
-        from .eval_cli import main as eval_main
+        from .eval import main as eval_main
 
         eval_main(argv[1:])
         return
@@ -71,11 +53,13 @@ def main(argv: list[str] | None = None) -> None:
 
             search(argv[1:])
         else:
-            from .ranking import main as rank
+            from .rank import main as rank
 
             rank(argv[1:])
         return
     _threads()
+    from ..lightning.cli import lightning_cli
+
     lightning_cli(argv)
 
 

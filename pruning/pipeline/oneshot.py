@@ -12,13 +12,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import allocation as alloc
-from .gradients import collect_gradients
-from .importance import ScoreContext, get_criterion
-from .masks import MaskSet, SparsityReport
-from .sequential import run_layerwise
-from .stats import ActivationCollector, ActivationStats, GradientCollector
-from .structure import GroupSet, ModelStructure
+from .. import allocation as alloc
+from ..importance import ScoreContext, get_criterion
+from ..losses import collect_gradients
+from ..masks import MaskSet, SparsityReport
+from ..stats import ActivationCollector, ActivationStats, GradientCollector
+from ..structure import GroupSet, ModelStructure
+from .layerwise import run_layerwise
 
 Granularity = Literal["unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer"]
 Allocation = Literal["uniform", "global", "owl", "rates"]

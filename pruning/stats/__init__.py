@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import RowShard, is_sharded
-from .structure import GroupSet
+from ..distributed import RowShard, is_sharded
+from ..structure import GroupSet
 
 GradStat = str  # "sum" | "sum_sq" | "sum_abs" | "sum_abs_gw"
 GRAD_STATS = ("sum", "sum_sq", "sum_abs", "sum_abs_gw")

@@ -5,7 +5,7 @@ Perplexities are comparable only when the protocol is the same, so every number 
 
 - **source**: a hub dataset (``datasets.load_dataset(source, dataset_config, split=split)``, column ``text_field``),
   a local file or glob (``.txt``: each file one document; ``.jsonl`` / ``.json`` / ``.parquet``: the ``text_field``
-  of every row), or ``"stdlib"``: the bundled offline corpus (:mod:`pruning.data`, ``split`` ``heldout`` or
+  of every row), or ``"stdlib"``: the bundled offline corpus (:mod:`pruning.text`, ``split`` ``heldout`` or
   ``train``, one document per file).
 - **joiner**: the documents are joined into one text with it (``"\\n\\n"``: the papers' WikiText-2 protocol).
 - **tokenisation**: the joined text is tokenised once, without special tokens; ``tokenizer="bytes"`` gives its UTF-8
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gradients import next_token_ce
+from ..losses import next_token_ce
 
 __all__ = [
     "BOS_MODES",
@@ -241,7 +241,7 @@ def load_documents(protocol: PerplexityProtocol) -> list[str] | list[bytes]:
     """The documents of the protocol's source, in order (``bytes`` for ``stdlib``, ``str`` otherwise)."""
     p = protocol
     if p.kind == "stdlib":
-        from .data import stdlib_files
+        from ..text.stdlib import stdlib_files
 
         if p.split not in ("heldout", "train"):
             raise ValueError(f"perplexity source 'stdlib' has the splits 'heldout' and 'train', not {p.split!r}")

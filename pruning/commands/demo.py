@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from . import prune
-from .data import BYTE_VOCAB, batches, stdlib_bytes, windows
-from .evaluation import perplexity
+from .. import prune
+from ..evaluation.perplexity import perplexity
+from ..text.stdlib import BYTE_VOCAB, batches, stdlib_bytes, windows
 
 
 def demo_config() -> LlamaConfig:
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         if method == "saap":
             # SAAP: σ of the fused importance learned on the calibration batches, then the importance-fluctuation
             # ranking turns the target into per-layer rates (mean = target)
-            from .importance.saap import saap_scores
-            from .ranking import saap_layer_rates
+            from ..allocation.ranking import saap_layer_rates
+            from ..importance.saap import saap_scores
 
             est = saap_scores(model, calib, gran, progress=False)
             rates, _ = saap_layer_rates(est, sparsity)

@@ -1,6 +1,6 @@
-"""Regenerate ``stdlib_mc/stdlib_mc.jsonl`` (deterministic): ``python -m pruning.tasks.make_stdlib_mc``.
+"""Regenerate ``stdlib_mc/stdlib_mc.jsonl`` (deterministic): ``python -m pruning.evaluation.tasks.make_stdlib_mc``.
 
-Every item is a prefix of a Python file from the standard library's *held-out* split (:func:`pruning.data.
+Every item is a prefix of a Python file from the standard library's *held-out* split (:func:`pruning.text.
 stdlib_files`, split by file, so a model trained on the ``train`` split has never seen it), cut at a line start, and
 four candidate continuations: the true next line(s) and three copies of it with one typo each (two adjacent
 characters swapped inside an identifier of at least four characters): minimal pairs, as in BLiMP. The choices have
@@ -20,7 +20,7 @@ import re
 import sys
 from pathlib import Path
 
-from pruning.data import stdlib_files, stdlib_root
+from pruning.text.stdlib import stdlib_files, stdlib_root
 
 OUT = Path(__file__).resolve().parent / "stdlib_mc" / "stdlib_mc.jsonl"
 N_ITEMS = 100

@@ -5,7 +5,8 @@ Find rates ``p_1..p_L`` with ``mean(p) = target`` that minimise the held-out per
 model. A population of candidates evolves for ``generations`` rounds; each round adds ``mutations`` mutants and
 ``crossovers`` children of tournament-selected parents, and the best ``population`` distinct candidates survive
 (elitist). The constraint is never left to the operators: every candidate, whoever proposed it, goes through the
-repair :func:`pruning.ranking.project_rates` (whole groups, ``[0, max_rate]``, mean = target) before it is scored.
+repair :func:`pruning.allocation.ranking.project_rates` (whole groups, ``[0, max_rate]``, mean = target) before it
+is scored.
 
 Operators are classical (Gaussian mutation, uniform crossover) unless ``operator_model`` names a local Hugging
 Face causal LM: then every mutation and crossover is first asked of that model, prompted as the paper does (the
@@ -13,34 +14,31 @@ population with its perplexities, the parents, the constraint, the answer format
 (the first bracketed list of numbers), validated (one number per layer, each in ``[0, 1)``) and repaired; an
 unusable answer falls back to the classical operator, and the history counts both.
 
-``python -m pruning.search`` runs the search on a model and writes the best rates for a recipe's
-``PruningCallback(allocation: rates, layer_rates: [...])``.
+``pruning search`` (:mod:`pruning.commands.search`) runs the search on a model and writes the best rates for a
+recipe's ``PruningCallback(allocation: rates, rates_file: ...)``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import allocation as alloc
-from .evaluation import perplexity
-from .importance import Criterion, ScoreContext, get_criterion
-from .loading import from_pretrained
+from .. import allocation as alloc
+from ..evaluation.perplexity import perplexity
+from ..importance import Criterion, ScoreContext, get_criterion
+from ..io import write_json
+from ..loading import from_pretrained
+from ..structure import ModelStructure
 from .ranking import project_rates
-from .structure import ModelStructure
 
 SEARCH_GRANULARITIES = ("mlp_neuron", "attention_head", "query_head")
 Fitness = Callable[[Sequence[float]], float]
@@ -59,8 +57,8 @@ def dense_group_scores(
     """Group scores of every layer from statistics of the dense model over ``calibration`` (all layers at once, as
     the Lightning callbacks score), and the criterion that gave them. They do not depend on the rates, so one pass
     serves every candidate."""
-    from .gradients import collect_gradients
-    from .stats import ActivationCollector, GradientCollector
+    from ..losses import collect_gradients
+    from ..stats import ActivationCollector, GradientCollector
 
     crit = get_criterion(criterion, **dict(criterion_options or {}))
     crit.check_granularity(granularity)
@@ -311,21 +309,6 @@ class SearchResult:
     history: dict = field(default_factory=dict)
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON atomically: a temporary file in the same directory, then renamed over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def evolve(
     counts: Sequence[int],
     target: float,
@@ -348,7 +331,7 @@ def evolve(
 ) -> SearchResult:
     """The evolutionary search over per-layer rates, for any ``fitness`` (lower is better).
 
-    ``counts``: groups per layer (``partitions`` as in :func:`~pruning.ranking.project_rates`). The initial
+    ``counts``: groups per layer (``partitions`` as in :func:`~pruning.allocation.ranking.project_rates`). The initial
     population is the uniform allocation plus random ones (``target + init_scale·N(0, 1)`` per layer, repaired);
     parents are chosen by tournament (best of ``tournament`` drawn at random); a classical mutation adds
     ``mutation_scale·N(0, 1)`` to a random half of the layers, a classical crossover takes each layer's rate from
@@ -567,110 +550,3 @@ def search_rates(
         info={"criterion": criterion, "granularity": granularity, "criterion_options": dict(criterion_options or {})},
     )
     return result
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def add_data_arguments(ap: argparse.ArgumentParser) -> None:
-    """Model and calibration-data options shared by ``pruning.search`` and ``pruning.ranking``."""
-    ap.add_argument(
-        "--text",
-        nargs="*",
-        default=None,
-        help="local text files for calibration (tokenised with the model's tokenizer); default: the "
-        "offline stdlib corpus, byte-level (the demo model's tokenisation)",
-    )
-    ap.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--calibration", type=int, default=32, help="calibration windows (scoring)")
-    ap.add_argument("--heldout", type=int, default=16, help="held-out windows (fitness)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--device", default=None, help="e.g. cuda (default: where the model loads, CPU)")
-
-
-def load_model(path: str, dtype: str = "float32", device: str | None = None) -> nn.Module:
-    model = from_pretrained(path, key="--model", dtype=getattr(torch, dtype)).eval()
-    return model.to(device) if device is not None else model
-
-
-def load_data(args: argparse.Namespace, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Calibration and held-out windows from one token stream: scoring windows from its first 90 %, held-out
-    windows from the rest, so the two never overlap."""
-    from .data import batches, stdlib_bytes, windows
-
-    if args.text:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(args.tokenizer or model.name_or_path)
-        text = "\n\n".join(Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text)
-        ids = torch.tensor(tok(text).input_ids, dtype=torch.long)
-    else:
-        ids = stdlib_bytes("train", max_bytes=4_000_000)
-    cut = int(ids.numel() * 0.9)
-    need = args.seq_len + 1
-    if cut < need or ids.numel() - cut < need:
-        raise ValueError(f"{ids.numel()} tokens are too few for windows of {args.seq_len}")
-    calib = windows(ids[:cut], args.seq_len, args.calibration, seed=args.seed)
-    held = windows(ids[cut:], args.seq_len, args.heldout, seed=args.seed + 1)
-    return list(batches(calib, args.batch_size)), list(batches(held, args.batch_size))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m pruning.search``: Self-Pruner's rate search; writes the best rates as JSON for a recipe."""
-    ap = argparse.ArgumentParser(prog="python -m pruning.search", description=main.__doc__)
-    ap.add_argument("--model", required=True, help="local path or hub name of the model to prune")
-    ap.add_argument("--target", type=float, required=True, help="mean pruning rate over the layers")
-    ap.add_argument("--criterion", default="wanda")
-    ap.add_argument("--criterion-options", type=json.loads, default=None, help='JSON, e.g. \'{"mode": "vector"}\'')
-    ap.add_argument("--granularity", default="mlp_neuron", choices=list(SEARCH_GRANULARITIES))
-    ap.add_argument("--population", type=int, default=30)
-    ap.add_argument("--generations", type=int, default=20)
-    ap.add_argument("--mutations", type=int, default=10)
-    ap.add_argument("--crossovers", type=int, default=10)
-    ap.add_argument("--max-rate", type=float, default=0.9)
-    ap.add_argument("--operator-model", default=None, help="local causal LM used as the genetic operator")
-    ap.add_argument("--operator-max-new-tokens", type=int, default=256)
-    ap.add_argument("--out", default="self_pruner_rates.json", help="best rates (JSON)")
-    ap.add_argument("--history", default=None, help="search history (JSON; default: <out>.history.json)")
-    add_data_arguments(ap)
-    args = ap.parse_args(argv)
-    model = load_model(args.model, args.dtype, args.device)
-    calib, held = load_data(args, model)
-    history = args.history or str(Path(args.out).with_suffix("")) + ".history.json"
-    result = search_rates(
-        model,
-        calib,
-        held,
-        args.target,
-        args.criterion,
-        args.granularity,
-        criterion_options=args.criterion_options,
-        population=args.population,
-        generations=args.generations,
-        mutations=args.mutations,
-        crossovers=args.crossovers,
-        operator_model=args.operator_model,
-        operator_options={"max_new_tokens": args.operator_max_new_tokens, "device": args.device},
-        seed=args.seed,
-        history_path=history,
-        max_rate=args.max_rate,
-        device=args.device,
-    )
-    out = {
-        "method": "self-pruner",
-        "target": args.target,
-        "criterion": args.criterion,
-        "granularity": args.granularity,
-        "layer_rates": result.rates,
-        "fitness": result.fitness,
-        "uniform_fitness": result.uniform_fitness,
-        "history": history,
-    }
-    write_json(args.out, out)
-    print(f"best held-out ppl {result.fitness:.4f} (uniform {result.uniform_fitness:.4f}); wrote {args.out}")
-    print("layer_rates: [" + ", ".join(f"{r:.6g}" for r in result.rates) + "]")
-
-
-if __name__ == "__main__":
-    main()

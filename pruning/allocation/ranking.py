@@ -1,14 +1,13 @@
 """SAAP's layer ranking: an importance-fluctuation indicator per layer decides which layers lose how much.
 
 Also the repair every non-uniform allocation here needs (:func:`project_rates`): per-layer rates in whole groups,
-within ``[0, max_rate]``, whose mean is the target. ``python -m pruning.ranking`` runs SAAP's estimation on a
-model and writes the learned σ and the layer rates for a recipe (``criterion_options`` and ``layer_rates``).
+within ``[0, max_rate]``, whose mean is the target. ``pruning rank`` (:mod:`pruning.commands.rank`) runs SAAP's
+estimation on a model and writes the learned σ and the layer rates for a recipe (``criterion_options`` and
+``rates_file``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -180,44 +179,3 @@ def saap_layer_rates(
 def _log_const(estimate, key: str) -> float:
     s1, s2 = estimate.sigmas[key]
     return math.log(s1 * s2)
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> None:
-    """``python -m pruning.ranking``: SAAP's σ and layer rates for a model, written as JSON for a recipe."""
-    from .importance.saap import saap_scores
-    from .search import add_data_arguments, load_data, load_model
-
-    ap = argparse.ArgumentParser(prog="python -m pruning.ranking", description=main.__doc__)
-    ap.add_argument("--model", required=True, help="local path or hub name of the model")
-    ap.add_argument("--target", type=float, required=True, help="mean pruning rate over the layers")
-    ap.add_argument("--granularity", default="mlp_neuron", choices=["mlp_neuron", "attention_head", "query_head"])
-    ap.add_argument("--fluctuation", default="batches", choices=["batches", "groups"])
-    ap.add_argument("--spread", type=float, default=0.1, help="rates range over target ± spread before repair")
-    ap.add_argument("--max-rate", type=float, default=0.9)
-    ap.add_argument("--skip-layers", type=int, nargs="*", default=[], help="layers left unpruned")
-    ap.add_argument("--per-layer-sigma", action="store_true", help="one σ pair per layer instead of one")
-    ap.add_argument("--out", default="saap_rates.json")
-    add_data_arguments(ap)
-    args = ap.parse_args(argv)
-    model = load_model(args.model, args.dtype, args.device)
-    calib, _ = load_data(args, model)
-    est = saap_scores(model, calib, args.granularity, per_layer_sigma=args.per_layer_sigma, device=args.device)
-    rates, ind = saap_layer_rates(est, args.target, args.fluctuation, args.spread, args.max_rate, args.skip_layers)
-    out = {
-        "method": "saap",
-        "target": args.target,
-        "granularity": args.granularity,
-        "criterion_options": est.criterion_options(),
-        "layer_rates": rates,
-        "fluctuation": ind,
-        "fluctuation_kind": args.fluctuation,
-    }
-    from .search import write_json
-
-    write_json(args.out, out)
-    print(json.dumps({"criterion_options": out["criterion_options"], "layer_rates": rates}))
-
-
-if __name__ == "__main__":
-    main()

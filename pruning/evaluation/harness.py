@@ -3,7 +3,7 @@
 The model object (masked or physically pruned, student or teacher) is wrapped in lm-eval's own Hugging Face wrapper
 (``lm_eval.models.huggingface.HFLM(pretrained=<model>)``) and evaluated with ``lm_eval.simple_evaluate``: no fork of
 the harness, nothing saved to disk first. Task names resolve against lm-eval's task index plus the local tasks shipped
-in ``pruning/tasks`` (``stdlib_mc``: offline, data included) and any ``include_path`` given.
+in ``pruning/evaluation/tasks`` (``stdlib_mc``: offline, data included) and any ``include_path`` given.
 
 Which number is reported per task (``PAPER_METRIC``) follows the pruning papers' tables (LLM-Pruner, SDMPrune and the
 works comparing with them): ``acc_norm`` (length-normalised log-likelihood) wherever lm-eval has it, i.e. PIQA,
@@ -50,7 +50,7 @@ __all__ = [
 #: The zero-shot suite of the pruning papers (lm-eval task names; hub datasets, so not runnable offline).
 DEFAULT_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
-#: Tasks shipped in ``pruning/tasks`` (offline; data included).
+#: Tasks shipped in ``pruning/evaluation/tasks`` (offline; data included).
 LOCAL_TASKS = ("stdlib_mc",)
 
 #: The metric reported per task (papers' convention, see the module docstring); others: ``acc_norm`` if lm-eval
@@ -89,7 +89,7 @@ BYTE_EOS_ID = 0  # NUL: never in text; lm-eval needs an EOS (prefix of empty con
 
 
 def byte_tokenizer():
-    """A ``transformers`` fast tokenizer whose ids are the UTF-8 byte values 0..255 (what :mod:`pruning.data` and the
+    """A ``transformers`` fast tokenizer whose ids are the UTF-8 byte values 0..255 (what :mod:`pruning.text` and the
     ``bytes`` tokenizer of the DataModule feed byte-level models), built offline with no download.
 
     No BOS is added; EOS = pad = id 0 (the NUL byte, absent from text), so every id stays inside a 256-entry
@@ -125,7 +125,7 @@ def tokenizer_for(model: nn.Module, tokenizer: Any = None):
             return byte_tokenizer()
         raise ValueError(
             f"no tokenizer for a model with vocab_size={vocab}. HINT: pass tokenizer= (a name, a path or "
-            "a tokenizer object); byte-level models (vocab 256) use pruning.harness.byte_tokenizer()"
+            "a tokenizer object); byte-level models (vocab 256) use pruning.evaluation.harness.byte_tokenizer()"
         )
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
@@ -145,7 +145,8 @@ def _include_paths(include_path: str | Path | Sequence[str | Path] | None) -> li
 
 
 def task_manager(tasks: Sequence[str] = (), include_path: str | Path | Sequence[str | Path] | None = None):
-    """lm-eval's ``TaskManager`` over the local tasks (``pruning/tasks`` + ``include_path``) and, unless every task
+    """lm-eval's ``TaskManager`` over the local tasks (``pruning/evaluation/tasks`` + ``include_path``) and, unless
+    every task
     in ``tasks`` is local, lm-eval's own task index (indexing it takes ~10 s, so local-only runs skip it)."""
     from lm_eval.tasks import TaskManager
 

@@ -1,0 +1,121 @@
+"""``pruning search``: Self-Pruner's evolutionary search of per-layer rates on a model; writes the best rates as
+JSON for a recipe's ``PruningCallback(allocation: rates, rates_file: ...)``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..allocation.search import SEARCH_GRANULARITIES, search_rates
+from ..io import write_json
+from ..loading import from_pretrained
+
+
+def add_data_arguments(ap: argparse.ArgumentParser) -> None:
+    """Model and calibration-data options shared by ``pruning.allocation.search`` and ``pruning.allocation.ranking``."""
+    ap.add_argument(
+        "--text",
+        nargs="*",
+        default=None,
+        help="local text files for calibration (tokenised with the model's tokenizer); default: the "
+        "offline stdlib corpus, byte-level (the demo model's tokenisation)",
+    )
+    ap.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--calibration", type=int, default=32, help="calibration windows (scoring)")
+    ap.add_argument("--heldout", type=int, default=16, help="held-out windows (fitness)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default=None, help="e.g. cuda (default: where the model loads, CPU)")
+
+
+def load_model(path: str, dtype: str = "float32", device: str | None = None) -> nn.Module:
+    model = from_pretrained(path, key="--model", dtype=getattr(torch, dtype)).eval()
+    return model.to(device) if device is not None else model
+
+
+def load_data(args: argparse.Namespace, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Calibration and held-out windows from one token stream: scoring windows from its first 90 %, held-out
+    windows from the rest, so the two never overlap."""
+    from ..text.stdlib import batches, stdlib_bytes, windows
+
+    if args.text:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer or model.name_or_path)
+        text = "\n\n".join(Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text)
+        ids = torch.tensor(tok(text).input_ids, dtype=torch.long)
+    else:
+        ids = stdlib_bytes("train", max_bytes=4_000_000)
+    cut = int(ids.numel() * 0.9)
+    need = args.seq_len + 1
+    if cut < need or ids.numel() - cut < need:
+        raise ValueError(f"{ids.numel()} tokens are too few for windows of {args.seq_len}")
+    calib = windows(ids[:cut], args.seq_len, args.calibration, seed=args.seed)
+    held = windows(ids[cut:], args.seq_len, args.heldout, seed=args.seed + 1)
+    return list(batches(calib, args.batch_size)), list(batches(held, args.batch_size))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``pruning search``: Self-Pruner's rate search; writes the best rates as JSON for a recipe."""
+    ap = argparse.ArgumentParser(prog="pruning search", description=main.__doc__)
+    ap.add_argument("--model", required=True, help="local path or hub name of the model to prune")
+    ap.add_argument("--target", type=float, required=True, help="mean pruning rate over the layers")
+    ap.add_argument("--criterion", default="wanda")
+    ap.add_argument("--criterion-options", type=json.loads, default=None, help='JSON, e.g. \'{"mode": "vector"}\'')
+    ap.add_argument("--granularity", default="mlp_neuron", choices=list(SEARCH_GRANULARITIES))
+    ap.add_argument("--population", type=int, default=30)
+    ap.add_argument("--generations", type=int, default=20)
+    ap.add_argument("--mutations", type=int, default=10)
+    ap.add_argument("--crossovers", type=int, default=10)
+    ap.add_argument("--max-rate", type=float, default=0.9)
+    ap.add_argument("--operator-model", default=None, help="local causal LM used as the genetic operator")
+    ap.add_argument("--operator-max-new-tokens", type=int, default=256)
+    ap.add_argument("--out", default="self_pruner_rates.json", help="best rates (JSON)")
+    ap.add_argument("--history", default=None, help="search history (JSON; default: <out>.history.json)")
+    add_data_arguments(ap)
+    args = ap.parse_args(argv)
+    model = load_model(args.model, args.dtype, args.device)
+    calib, held = load_data(args, model)
+    history = args.history or str(Path(args.out).with_suffix("")) + ".history.json"
+    result = search_rates(
+        model,
+        calib,
+        held,
+        args.target,
+        args.criterion,
+        args.granularity,
+        criterion_options=args.criterion_options,
+        population=args.population,
+        generations=args.generations,
+        mutations=args.mutations,
+        crossovers=args.crossovers,
+        operator_model=args.operator_model,
+        operator_options={"max_new_tokens": args.operator_max_new_tokens, "device": args.device},
+        seed=args.seed,
+        history_path=history,
+        max_rate=args.max_rate,
+        device=args.device,
+    )
+    out = {
+        "method": "self-pruner",
+        "target": args.target,
+        "criterion": args.criterion,
+        "granularity": args.granularity,
+        "layer_rates": result.rates,
+        "fitness": result.fitness,
+        "uniform_fitness": result.uniform_fitness,
+        "history": history,
+    }
+    write_json(args.out, out)
+    print(f"best held-out ppl {result.fitness:.4f} (uniform {result.uniform_fitness:.4f}); wrote {args.out}")
+    print("layer_rates: [" + ", ".join(f"{r:.6g}" for r in result.rates) + "]")
+
+
+if __name__ == "__main__":
+    main()
