@@ -11,7 +11,7 @@ is a second copy of the model (``copy.deepcopy`` in the core path, what SDMPrune
 
 Two paths, each configuration in a fresh subprocess (peaks per process do not mix):
 
-- ``core``: :func:`pruning.prune` for stage A, :func:`pruning.losses.collect_gradients` for stage B (only the
+- ``core``: :func:`pruning.prune` for stage A, :func:`pruning.pipeline.collect_gradients` for stage B (only the
   MLP weights require gradients; ``.grad`` read after each backward);
 - ``lightning``: ``Trainer`` + :class:`pruning.lightning.DistillationModule` +
   :class:`pruning.callbacks.ImportanceCallback`
@@ -80,7 +80,7 @@ def stash_bytes(masks) -> int:
 def child_core(args, kl: bool, teacher_mode: str, out: dict) -> None:
     import pruning
     from pruning.lightning.module import build_model
-    from pruning.losses import collect_gradients
+    from pruning.pipeline import collect_gradients
     from pruning.stats import GradientCollector
     from pruning.structure import ModelStructure
 

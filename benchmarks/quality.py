@@ -15,7 +15,7 @@ the granularity prunes a fresh copy of the dense model; cells a criterion does n
   stage A, saap) share one pass over the calibration set (one backward per sequence, every statistic they need
   collected at once), which is exactly what each ``prune`` call would compute alone. SDM's stage B (KL + CE against
   the lifted original, α=0.42, t=0.5: the paper's 30 % row, used at every sparsity) collects its own on the
-  stage-A-pruned model. SAAP's σ is learned once per granularity (:func:`pruning.importance.saap.saap_scores`).
+  stage-A-pruned model. SAAP's σ is learned once per granularity (:func:`pruning.allocation.ranking.saap_scores`).
 - **Non-uniform rows** (per-layer rates with the same mean, so the same parameter count): ``wanda + OWL``,
   ``saap + ranking`` (SAAP's importance-fluctuation ranking of the layers,
   :func:`pruning.allocation.ranking.saap_layer_rates`)
@@ -67,10 +67,12 @@ import reference_model as refm  # noqa: E402
 
 from pruning import allocation as alloc  # noqa: E402
 from pruning import calibration_fingerprint, get_criterion, prune  # noqa: E402
-from pruning.allocation.ranking import saap_layer_rates  # noqa: E402
+from pruning.allocation.ranking import (
+    saap_layer_rates,  # noqa: E402
+    saap_scores,  # noqa: E402
+)
 from pruning.allocation.search import search_rates  # noqa: E402
-from pruning.importance.saap import saap_scores  # noqa: E402
-from pruning.losses import collect_gradients  # noqa: E402
+from pruning.pipeline import collect_gradients  # noqa: E402
 from pruning.stats import GradientCollector  # noqa: E402
 from pruning.structure import ModelStructure  # noqa: E402
 from pruning.text.stdlib import batches as split_batches  # noqa: E402

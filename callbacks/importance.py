@@ -111,7 +111,7 @@ class ImportanceCallback(pl.Callback):
             return
         event = self._event_for(trainer.global_step)
         if event is None:
-            self._deactivate(pl_module)
+            self.deactivate(pl_module)
             return
         if not self._active:
             self._activate(pl_module, event)
@@ -156,7 +156,7 @@ class ImportanceCallback(pl.Callback):
             drop_placeholder_optimizer_state(opt)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._deactivate(pl_module)
+        self.deactivate(pl_module)
 
     def _activate(self, pl_module: pl.LightningModule, event: Event) -> None:
         if self.activations is not None:
@@ -175,7 +175,8 @@ class ImportanceCallback(pl.Callback):
             self._dropper = DropGradients(pl_module).attach()
         self._active = True
 
-    def _deactivate(self, pl_module: pl.LightningModule) -> None:
+    def deactivate(self, pl_module: pl.LightningModule) -> None:
+        """Stop collecting (hooks off, the module's loss and weights as before the window)."""
         if not self._active:
             return
         if self.activations is not None:

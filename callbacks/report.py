@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch.distributed as dist
 
 from pruning import prune
 from pruning.losses import next_token_ce
+from pruning.options import PruneOptions
 
 from .export import find_hf_model
 from .pruning import PruningCallback
@@ -99,18 +101,18 @@ class PruningReport(pl.Callback):
         self._row(trainer, pl_module, label, find_hf_model(pl_module))
         if self.baseline and self._dense is not None:
             base = self._dense.to(pl_module.device)
+            sparsity = pruner.schedule.final_sparsity()
+            selection = dataclasses.replace(pruner.options, method=self.baseline, criterion_options={})
+            options = PruneOptions.of(selection, sparsity=sparsity)
             calib = None
-            if pruner.criterion.needs_activations or self.baseline != "magnitude":
+            if pruner.options.criterion().needs_activations or self.baseline != "magnitude":
                 dm = trainer.datamodule
                 calib = (
                     dm.calibration_batches(32)
                     if hasattr(dm, "calibration_batches")
                     else [b["input_ids"] for _, b in zip(range(32), dm.train_dataloader())]
                 )
-            opts = {k: v for k, v in pruner.options.items() if k != "layer_rates" or v is not None}
-            res = prune(
-                base, calib, self.baseline, pruner.schedule.final_sparsity(), pruner.granularity, progress=False, **opts
-            )
+            res = prune(base, calib, options=options, progress=False)
             self._baseline_masks = res.masks
             name = f"baseline ({self.baseline}, {pruner.granularity} {pruner.schedule.final_sparsity():.0%})"
             loader = trainer.datamodule.val_dataloader()

@@ -5,9 +5,10 @@ The core knows torch and transformers only and never imports lightning; the Ligh
 """
 
 from .importance import CRITERIA, Criterion, ScoreContext, get_criterion, register
-from .losses import collect_gradients, distillation_loss
+from .losses import distillation_loss
 from .masks import MaskSet, SparsityReport, nm_mask
-from .pipeline import GRANULARITIES, PruneResult, calibration_fingerprint, prune, run_layerwise
+from .options import GRANULARITIES, Granularity, PruneOptions, SelectionOptions
+from .pipeline import Pruner, PruneResult, calibration_fingerprint, collect_gradients, prune, run_layerwise
 from .stats import (
     ActivationCollector,
     ActivationStats,
@@ -27,11 +28,15 @@ __all__ = [
     "FamilySpec",
     "GradientCollector",
     "GradientStats",
+    "Granularity",
     "GroupGradientStats",
     "GroupSet",
     "MaskSet",
     "ModelStructure",
+    "PruneOptions",
     "PruneResult",
+    "Pruner",
+    "SelectionOptions",
     "ScoreContext",
     "SparsityReport",
     "UnsupportedModelError",

@@ -262,3 +262,14 @@ def drop_placeholder_optimizer_state(optimizer: torch.optim.Optimizer) -> bool:
                 return False
     optimizer.state.clear()
     return True
+
+
+def broadcast_parameters(model: nn.Module, names, src: int = 0) -> None:  # TEMPORARY (lead)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    params = dict(model.named_parameters())
+    for k in names:
+        t = params[k].data.to(device)
+        dist.broadcast(t, src=src)
+        params[k].data.copy_(t)

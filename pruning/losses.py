@@ -1,22 +1,18 @@
-"""Per-sample gradients for the gradient-based criteria, and the (self-)distillation loss that produces them."""
+"""The losses whose gradients score and train: next-token cross-entropy and SDMPrune's (self-)distillation loss."""
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .masks import MaskSet
-from .stats import GradientCollector
+from .options import IGNORE_INDEX
 
 
 def next_token_ce(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Shifted next-token cross-entropy in fp32; label -100 is ignored."""
     lg = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    return F.cross_entropy(lg, labels[:, 1:].reshape(-1), ignore_index=-100, reduction=reduction)
+    return F.cross_entropy(lg, labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def distillation_loss(
@@ -56,7 +52,7 @@ def distillation_loss(
     ce = next_token_ce(student_logits, labels) if alpha < 1 else student_logits.new_zeros(())
     if alpha == 0 or teacher_logits is None:
         return ce
-    valid = labels[:, 1:] != -100
+    valid = labels[:, 1:] != IGNORE_INDEX
     log_ps = F.log_softmax(student_logits[:, :-1].float(), dim=-1)
     log_pt = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
@@ -86,7 +82,7 @@ class _FusedDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, labels, teacher, alpha, temperature, chunk):  # type: ignore[override]
         target_all = labels[:, 1:].to(student.device)
-        n = (target_all != -100).sum().clamp_min(1).to(torch.float32)
+        n = (target_all != IGNORE_INDEX).sum().clamp_min(1).to(torch.float32)
         grad = torch.zeros(student.shape, dtype=torch.float32, device=student.device)
         ce_sum = torch.zeros((), dtype=torch.float64, device=student.device)
         kl_sum = torch.zeros((), dtype=torch.float64, device=student.device)
@@ -95,7 +91,7 @@ class _FusedDistillation(torch.autograd.Function):
             for lo in range(0, positions, chunk):
                 hi = min(lo + chunk, positions)
                 target = target_all[b, lo:hi]
-                ok = target != -100
+                ok = target != IGNORE_INDEX
                 tgt = target.clamp_min(0)[:, None]
                 log_ps = F.log_softmax(student[b, lo:hi].float(), dim=-1)
                 g = grad[b, lo:hi]  # a view: the chunk's gradient is written in place
@@ -122,89 +118,3 @@ class _FusedDistillation(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
         return grad.mul_(grad_out).to(ctx.dtype), None, None, None, None, None
-
-
-def check_distillation_gradient(alpha: float, temperature: float, masks: MaskSet | None, model=None) -> None:
-    """Refuse a loss whose gradient is identically zero: KL alone at τ = 1 while the student equals the teacher."""
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha={alpha} must be in [0, 1]")
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be > 0")
-    pruned = False
-    if masks is not None and model is not None and len(masks):
-        pruned = masks.report(model).model.pruned > 0
-    if alpha == 1 and temperature == 1 and not pruned:
-        raise ValueError(
-            "alpha=1, temperature=1 on an unpruned model: the student equals the teacher, so KL(teacher ‖ student)"
-            " and its gradient are identically zero and every score would be 0. HINT: use SDMPrune's two stages: "
-            "first score with cross-entropy (alpha=0) and prune lightly, then score with alpha>0 against the "
-            "original model; or set alpha<1 or temperature!=1."
-        )
-
-
-def iter_sequences(calibration: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
-    """Split every [batch, seq] tensor into [1, seq] samples: per-sample statistics are per sequence."""
-    for batch in calibration:
-        batch = batch if batch.dim() == 2 else batch.unsqueeze(0)
-        for row in batch:
-            yield row.unsqueeze(0)
-
-
-def collect_gradients(
-    model: nn.Module,
-    calibration: Iterable[torch.Tensor],
-    collector: GradientCollector,
-    *,
-    alpha: float = 0.0,
-    temperature: float = 1.0,
-    masks: MaskSet | None = None,
-    teacher: nn.Module | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-) -> GradientCollector:
-    """Backward once per sequence and feed ``collector``; weights are not changed.
-
-    With ``alpha > 0`` the teacher is the same model with the masks lifted (``masks`` must have been applied with
-    ``keep_original=True``; with no masks at all the teacher is the model itself): no second copy is held. Or
-    ``teacher``: a separate frozen model (SDMPrune's own arrangement, a second set of weights), run without
-    gradients. Only the parameters the collector reads require gradients during the pass.
-    """
-    check_distillation_gradient(alpha, temperature, masks, model)
-    if alpha > 0 and teacher is None and masks is not None and len(masks) and not masks.has_original:
-        raise ValueError(
-            "alpha>0 needs the original weights for the teacher, but these masks were applied without "
-            "keep_original=True. HINT: apply the masks with MaskSet.apply(model, keep_original=True)."
-        )
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    wanted = set(collector.params) | set(collector._group_params)
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training = model.training
-    model.eval()
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in wanted)
-        p.grad = None
-    try:
-        for ids in tqdm(iter_sequences(calibration), desc="gradients", unit="seq", disable=not progress):
-            ids = ids.to(device)
-            target = None
-            if alpha > 0 and teacher is not None:
-                with torch.no_grad():
-                    target = teacher(input_ids=ids, use_cache=False).logits
-            elif alpha > 0 and masks is not None and masks.has_original:
-                # before the student's forward: lifting writes the weights that backward will read
-                with torch.no_grad(), masks.lifted(model):
-                    target = model(input_ids=ids, use_cache=False).logits
-            logits = model(input_ids=ids, use_cache=False).logits
-            if alpha > 0 and target is None:  # nothing pruned yet: the teacher is the student itself
-                target = logits.detach()
-            loss = distillation_loss(logits, ids, target, alpha, temperature)
-            del logits, target  # the fused loss keeps only its gradient: nothing else of [seq, vocab] lives on
-            loss.backward()
-            collector.update()
-            for p in model.parameters():
-                p.grad = None
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
-        model.train(was_training)
-    return collector

@@ -23,7 +23,8 @@ from fsdp_script import RESUME, SCHEDULES, run  # noqa: E402
 from test_lightning import CFG, assert_pruned_zero, assert_same_masks, assert_same_stats, module  # noqa: E402
 
 from pruning import MaskSet, ModelStructure, compact, prune, save_pretrained  # noqa: E402
-from pruning.pipeline.oneshot import scores_layer_by_layer  # noqa: E402
+from pruning.options import PruneOptions, SelectionOptions  # noqa: E402
+from pruning.pipeline import Pruner, prune_from_statistics  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "fsdp_script.py"
 
@@ -215,54 +216,40 @@ def _placeholders(model, structure):
 
 @pytest.mark.parametrize("granularity", ["unstructured", "mlp_neuron"])
 def test_layer_scope_reads_each_layer_inside_its_scope(granularity):
-    """``prune(layer_scope=...)`` scores layer i with the parameters registered inside scope i (outside it, here,
-    only zeros): the masks equal those of the whole model at once."""
+    """``prune_from_statistics(layer_scope=...)`` scores layer i with the parameters registered inside scope i
+    (outside it, here, only zeros): the masks equal those of the whole model at once."""
     from tiny import tiny_model
 
-    want = prune(
-        tiny_model("llama", layers=2, seed=1),
-        None,
-        "magnitude",
-        0.5,
-        granularity,
-        sequential=False,
-        include_lm_head=granularity == "unstructured",
-        progress=False,
+    options = PruneOptions(
+        method="magnitude", sparsity=0.5, granularity=granularity, include_lm_head=granularity == "unstructured"
     )
+    want = prune(tiny_model("llama", layers=2, seed=1), options=options, progress=False)
     model = tiny_model("llama", layers=2, seed=1)
     scope, entered = _placeholders(model, ModelStructure(model))
-    got = prune(
-        model,
-        None,
-        "magnitude",
-        0.5,
-        granularity,
-        sequential=False,
-        layer_scope=scope,
-        include_lm_head=granularity == "unstructured",
-        progress=False,
-    )
+    pruner = Pruner(model, options)
+    prune_from_statistics(pruner, layer_scope=scope)
+    got = pruner.result()
     assert entered == ([0, 1, None] if granularity == "unstructured" else [0, 1])
     assert_same_masks(got.masks, want.masks)
 
 
 def test_layer_scope_only_where_layers_are_scored_alone():
-    assert scores_layer_by_layer("gblm", "unstructured", "uniform", "row")
-    assert scores_layer_by_layer("sdm", "mlp_neuron", "rates", None)
-    assert not scores_layer_by_layer("gblm", "unstructured", "global", "row")
-    assert not scores_layer_by_layer("gblm", "unstructured", "uniform", "global")
-    assert not scores_layer_by_layer("sdm", "mlp_neuron", "owl", None)
-    assert not scores_layer_by_layer("magnitude", "layer", "uniform", None)
-    assert not scores_layer_by_layer("sparsegpt", "unstructured", "uniform", "row")  # rewrites the weights
+    def alone(method, granularity, allocation, scope):
+        rates = [0.5, 0.5] if allocation == "rates" else None
+        return SelectionOptions(
+            method, granularity, allocation=allocation, scope=scope, layer_rates=rates
+        ).scores_layers_alone
+
+    assert alone("gblm", "unstructured", "uniform", "row")
+    assert alone("sdm", "mlp_neuron", "rates", None)
+    assert not alone("gblm", "unstructured", "global", "row")
+    assert not alone("gblm", "unstructured", "uniform", "global")
+    assert not alone("sdm", "mlp_neuron", "owl", None)
+    assert not alone("magnitude", "layer", "uniform", None)
+    assert not alone("sparsegpt", "unstructured", "uniform", "row")  # rewrites the weights
+    model = module().student
+    pruner = Pruner(
+        model, PruneOptions(method="magnitude", sparsity=0.5, granularity="mlp_neuron", allocation="global")
+    )
     with pytest.raises(ValueError, match="needs every layer's weights at once. HINT"):
-        prune(
-            module().student,
-            None,
-            "magnitude",
-            0.5,
-            "mlp_neuron",
-            allocation="global",
-            sequential=False,
-            layer_scope=lambda i: contextlib.nullcontext(),
-            progress=False,
-        )
+        prune_from_statistics(pruner, layer_scope=lambda i: contextlib.nullcontext())

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import pruning
 from pruning import get_criterion
 from pruning.lightning.module import DistillationModule, LoraSettings
-from pruning.losses import collect_gradients
+from pruning.pipeline import collect_gradients
 from pruning.schedule import Event, Schedule
 from pruning.stats import ActivationCollector, GradientCollector
 from pruning.structure import ModelStructure, named_parameters

@@ -87,7 +87,7 @@ def test_collect_gradients_with_a_separate_teacher_equals_the_lifted_one():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import pruning
-    from pruning.losses import collect_gradients
+    from pruning.pipeline import collect_gradients
     from pruning.stats import GradientCollector
     from pruning.structure import ModelStructure
 

@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader
 
 import pruning
 from pruning.allocation import ranking
+from pruning.allocation.ranking import SAAPEstimate, saap_scores
 from pruning.importance import ScoreContext, get_criterion
-from pruning.importance.saap import SAAPEstimate, fuse, learn_uncertainty_weights, normalise, saap_scores
+from pruning.importance.saap import fuse, learn_uncertainty_weights, normalise
 from pruning.stats import GradientStats, GroupGradientStats
 from pruning.structure import GroupSet, Member
 

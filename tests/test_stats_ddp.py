@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny import calib, tiny_model
 
-from pruning.losses import collect_gradients
+from pruning.pipeline import collect_gradients
 from pruning.stats import ActivationCollector, GradientCollector
 from pruning.structure import ModelStructure
 

@@ -1,18 +1,33 @@
-"""SAAP's layer ranking: an importance-fluctuation indicator per layer decides which layers lose how much.
-
-Also the repair every non-uniform allocation here needs (:func:`project_rates`): per-layer rates in whole groups,
-within ``[0, max_rate]``, whose mean is the target. ``pruning rank`` (:mod:`pruning.commands.rank`) runs SAAP's
-estimation on a model and writes the learned σ and the layer rates for a recipe (``criterion_options`` and
-``rates_file``).
+"""SAAP's layer ranking: an importance-fluctuation indicator per layer decides which layers lose how much (the
+rates are repaired into whole groups with the target mean by :func:`pruning.allocation.rates.project_rates`).
+``pruning rank`` (:mod:`pruning.commands.rank`) runs SAAP's estimation on a model and writes the learned σ and the
+layer rates for a recipe (``criterion_options`` and ``rates_file``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..importance.saap import (
+    SAAP_GRANULARITIES,
+    Normalise,
+    element_term,
+    fuse,
+    learn_uncertainty_weights,
+    normalise,
+    vector_term,
+)
+from ..options import PruneOptions
+from ..pipeline.calibration import calibration_batches, collect_gradients
+from ..pipeline.pruner import Pruner
+from .rates import project_rates
 
 Fluctuation = Literal["batches", "groups"]
 
@@ -35,87 +50,6 @@ def fluctuation_across_groups(scores: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- rates
-def project_rates(
-    rates: Sequence[float],
-    target: float,
-    counts: Sequence[int],
-    partitions: int = 1,
-    max_rate: float = 0.9,
-    fixed_zero: Sequence[int] = (),
-) -> list[float]:
-    """The nearest allocation that can be pruned: rates in whole groups, in ``[0, max_rate]``, mean = ``target``.
-
-    ``counts[l]``: groups in layer ``l``; with ``partitions`` > 1 (query heads in KV groups) a layer moves in
-    steps of one group per partition (a *unit*). A common shift ``τ`` is found by bisection such that
-    ``mean(clip(r_l + τ, 0, hi_l)) = target`` (clip-and-shift: the order of the layers' rates is kept), then
-    each layer's pruned units are rounded down and the remaining units go to the layers with the largest
-    fractional parts. Returned rates are ``k_l / units_l``, so ``pruning.prune(allocation='rates')`` removes
-    exactly ``k_l`` units per layer. Their mean equals ``target`` whenever ``target · Σ units`` is a whole number
-    (equal layers), else it is the closest reachable value (within half a unit of one layer).
-    ``fixed_zero``: layers that are not pruned at all (the others make up for them).
-    """
-    n_layers = len(counts)
-    if len(rates) != n_layers:
-        raise ValueError(f"{len(rates)} rates given for {n_layers} layers")
-    if not 0 <= target < 1:
-        raise ValueError(f"target={target} must be in [0, 1)")
-    if not 0 < max_rate < 1:
-        raise ValueError(f"max_rate={max_rate} must be in (0, 1)")
-    p = max(1, partitions)
-    units = [c // p for c in counts]
-    fixed = set(fixed_zero)
-    hi = [0 if i in fixed else min(int(math.floor(max_rate * u + 1e-9)), u - 1) for i, u in enumerate(units)]
-    goal = target * n_layers  # Σ k_l / u_l
-    reachable = sum(h / u for h, u in zip(hi, units))
-    if goal > reachable + 1e-9:
-        raise ValueError(
-            f"target={target} cannot be met with max_rate={max_rate}"
-            + (f" and layers {sorted(fixed)} left unpruned" if fixed else "")
-            + f": the most the layers can lose is a mean rate of {reachable / n_layers:.4f}. "
-            "HINT: raise max_rate or lower the target"
-        )
-    r = [float(x) for x in rates]
-    cap = [h / u for h, u in zip(hi, units)]
-
-    def mean_at(tau: float) -> float:
-        return sum(min(max(x + tau, 0.0), c) for x, c in zip(r, cap)) / n_layers
-
-    lo_t, hi_t = -max(r) - 1.0, 1.0 - min(r) + 1.0
-    for _ in range(200):
-        mid = (lo_t + hi_t) / 2
-        if mean_at(mid) < target:
-            lo_t = mid
-        else:
-            hi_t = mid
-    cont = [min(max(x + hi_t, 0.0), c) * u for x, c, u in zip(r, cap, units)]  # real units per layer
-    k = [min(int(math.floor(x + 1e-9)), h) for x, h in zip(cont, hi)]
-    frac = [x - kk for x, kk in zip(cont, k)]
-
-    def err(kk: list[int]) -> float:
-        return goal - sum(a / u for a, u in zip(kk, units))
-
-    # hand out (or take back) single units, largest fractional part first, while that brings the mean closer
-    for _ in range(sum(units) + 1):
-        e = err(k)
-        if e > 0:
-            order = sorted((i for i in range(n_layers) if k[i] < hi[i]), key=lambda i: (-frac[i], i))
-            best = next((i for i in order if abs(e - 1 / units[i]) < abs(e) - 1e-12), None)
-            if best is None:
-                break
-            k[best] += 1
-            frac[best] -= 1
-        elif e < 0:
-            order = sorted((i for i in range(n_layers) if k[i] > 0), key=lambda i: (frac[i], i))
-            best = next((i for i in order if abs(e + 1 / units[i]) < abs(e) - 1e-12), None)
-            if best is None:
-                break
-            k[best] -= 1
-            frac[best] += 1
-        else:
-            break
-    return [kk / u for kk, u in zip(k, units)]
-
-
 def ranked_rates(
     indicator: Sequence[float],
     target: float,
@@ -153,7 +87,7 @@ def saap_layer_rates(
     max_rate: float = 0.9,
     skip_layers: Sequence[int] = (),
 ) -> tuple[list[float], list[float]]:
-    """SAAP's non-uniform rates from a :class:`~pruning.importance.saap.SAAPEstimate`: ``(rates, indicator)``.
+    """SAAP's non-uniform rates from a :class:`SAAPEstimate`: ``(rates, indicator)``.
 
     The indicator is the *importance fluctuation* of each layer's fused group scores: ``batches`` (default) —
     across calibration batches (:func:`fluctuation_across_batches`); ``groups`` — across the layer's groups
@@ -179,3 +113,95 @@ def saap_layer_rates(
 def _log_const(estimate, key: str) -> float:
     s1, s2 = estimate.sigmas[key]
     return math.log(s1 * s2)
+
+
+# ---------------------------------------------------------------------------------------------- SAAP's estimate
+@dataclass
+class SAAPEstimate:
+    """What :func:`saap_scores` measured: per group-set key (e.g. ``mlp_neuron.3``) the per-batch terms, σ, the
+    fused scores of the whole calibration set and the fused scores of every batch (for the fluctuation ranking)."""
+
+    granularity: str
+    keys: list[str]
+    per_batch: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+    sigmas: dict[str, tuple[float, float]]
+    scores: dict[str, torch.Tensor]
+    batch_scores: dict[str, list[torch.Tensor]]
+    counts: list[int]
+    partitions: int = 1
+    normalise: Normalise = "mean"
+    sigma_history: list[tuple[float, float]] = field(default_factory=list)
+
+    def criterion_options(self) -> dict:
+        """``criterion_options`` for ``pruning.prune(method='saap')``: the learned σ (one pair, or one per layer)."""
+        pairs = {tuple(v) for v in self.sigmas.values()}
+        if len(pairs) == 1:
+            return {"sigma": list(next(iter(pairs))), "normalise": self.normalise}
+        return {"sigmas": {k: list(v) for k, v in self.sigmas.items()}, "normalise": self.normalise}
+
+
+def saap_scores(
+    model: nn.Module,
+    calibration: Iterable[torch.Tensor],
+    granularity: Literal["mlp_neuron", "attention_head", "query_head"] = "mlp_neuron",
+    *,
+    per_layer_sigma: bool = False,
+    how: Normalise = "mean",
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> SAAPEstimate:
+    """Measure SAAP's two terms on every calibration batch separately, learn σ and fuse.
+
+    Every ``[batch, seq]`` tensor of ``calibration`` is one estimate (its sequences are the samples, one backward
+    each, gradients of plain next-token cross-entropy on the model as it is). σ is one pair for the whole model
+    (the paper's two scalars; ``per_layer_sigma`` learns one pair per layer), learned by
+    :func:`learn_uncertainty_weights` on the per-batch terms, each layer normalised on its own. The fused scores of
+    the whole calibration set use the summed statistics, exactly what ``pruning.prune(method='saap',
+    criterion_options=estimate.criterion_options())`` computes from the same calibration data.
+    """
+    if granularity not in SAAP_GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r}: saap scores {list(SAAP_GRANULARITIES)}")
+    pruner = Pruner(model, PruneOptions(method="saap", granularity=granularity, sparsity=0.0))
+    group_sets = pruner.targets.group_sets
+    collector = pruner.gradient_collector()
+    batches = calibration_batches(calibration)
+    per_batch: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {gs.key: [] for gs in group_sets}
+    total_vec = {gs.key: torch.zeros(gs.count) for gs in group_sets}
+    total_elem = {gs.key: torch.zeros(gs.count) for gs in group_sets}
+    for ids in tqdm(batches, desc="saap", unit="batch", disable=not progress):
+        collector.reset()
+        collect_gradients(model, [ids], collector, device=device, progress=False)
+        ctx = pruner.context(gradients=collector)
+        for gs in group_sets:
+            v, e = vector_term(gs, ctx).cpu().clone(), element_term(gs, ctx).cpu()  # the buffers are reset
+            per_batch[gs.key].append((v, e))
+            total_vec[gs.key] += v
+            total_elem[gs.key] += e
+    keys = [gs.key for gs in group_sets]
+    history: list[tuple[float, float]] = []
+    if per_layer_sigma:
+        sigmas = {k: learn_uncertainty_weights(per_batch[k], how=how) for k in keys}
+    else:  # one pair: every layer's groups are observations of the same two noise levels
+        pooled = [
+            (
+                torch.cat([normalise(per_batch[k][b][0], how) for k in keys]),
+                torch.cat([normalise(per_batch[k][b][1], how) for k in keys]),
+            )
+            for b in range(len(batches))
+        ]
+        pair = learn_uncertainty_weights(pooled, how=how, history=history)
+        sigmas = {k: pair for k in keys}
+    scores = {k: fuse(normalise(total_vec[k], how), normalise(total_elem[k], how), sigmas[k]) for k in keys}
+    batch_scores = {k: [fuse(normalise(v, how), normalise(e, how), sigmas[k]) for v, e in per_batch[k]] for k in keys}
+    return SAAPEstimate(
+        granularity=granularity,
+        keys=keys,
+        per_batch=per_batch,
+        sigmas=sigmas,
+        scores=scores,
+        batch_scores=batch_scores,
+        counts=[gs.count for gs in group_sets],
+        partitions=group_sets[0].partitions,
+        normalise=how,
+        sigma_history=history,
+    )

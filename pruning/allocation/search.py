@@ -5,7 +5,7 @@ Find rates ``p_1..p_L`` with ``mean(p) = target`` that minimise the held-out per
 model. A population of candidates evolves for ``generations`` rounds; each round adds ``mutations`` mutants and
 ``crossovers`` children of tournament-selected parents, and the best ``population`` distinct candidates survive
 (elitist). The constraint is never left to the operators: every candidate, whoever proposed it, goes through the
-repair :func:`pruning.allocation.ranking.project_rates` (whole groups, ``[0, max_rate]``, mean = target) before it
+repair :func:`pruning.allocation.rates.project_rates` (whole groups, ``[0, max_rate]``, mean = target) before it
 is scored.
 
 Operators are classical (Gaussian mutation, uniform crossover) unless ``operator_model`` names a local Hugging
@@ -34,11 +34,15 @@ from tqdm.auto import tqdm
 
 from .. import allocation as alloc
 from ..evaluation.perplexity import perplexity
-from ..importance import Criterion, ScoreContext, get_criterion
+from ..importance import Criterion
 from ..io import write_json
 from ..loading import from_pretrained
+from ..options import PruneOptions
+from ..pipeline.calibration import calibration_batches, collect_gradients
+from ..pipeline.drive import collect_activations
+from ..pipeline.pruner import Pruner
 from ..structure import ModelStructure
-from .ranking import project_rates
+from .rates import project_rates
 
 SEARCH_GRANULARITIES = ("mlp_neuron", "attention_head", "query_head")
 Fitness = Callable[[Sequence[float]], float]
@@ -57,46 +61,19 @@ def dense_group_scores(
     """Group scores of every layer from statistics of the dense model over ``calibration`` (all layers at once, as
     the Lightning callbacks score), and the criterion that gave them. They do not depend on the rates, so one pass
     serves every candidate."""
-    from ..losses import collect_gradients
-    from ..stats import ActivationCollector, GradientCollector
-
-    crit = get_criterion(criterion, **dict(criterion_options or {}))
-    crit.check_granularity(granularity)
+    options = PruneOptions(
+        method=criterion, granularity=granularity, criterion_options=criterion_options or {}, sparsity=0.0
+    )
     if granularity not in SEARCH_GRANULARITIES:
         raise ValueError(f"granularity={granularity!r}: the rate search prunes {list(SEARCH_GRANULARITIES)}")
-    structure = ModelStructure(model)
-    group_sets = structure.group_sets(granularity)  # type: ignore[arg-type]
-    names = sorted({m.name for gs in group_sets for m in gs.members})
-    acts, grads, groups = {}, {}, {}
-    if crit.needs_activations:
-        modules = {n.rsplit(".", 1)[0] for n in names}
-        coll = ActivationCollector(
-            {n: model.get_submodule(n) for n in sorted(modules)}, **crit.collector_options()
-        ).attach()
-        dev = torch.device(device) if device is not None else next(model.parameters()).device
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for ids in tqdm(calibration, desc="activations", unit="batch", disable=not progress):
-                    model(input_ids=ids.to(dev), use_cache=False)
-        finally:
-            coll.detach()
-            model.train(was)
-        acts = coll.stats
-    if crit.needs_gradients:
-        gc = GradientCollector(
-            model,
-            param_names=names if crit.grad_kinds else (),
-            grad_kinds=crit.grad_kinds or ("sum",),
-            group_sets=group_sets if crit.group_kinds else (),
-            group_kinds=crit.group_kinds or ("coupled",),
-        )
-        collect_gradients(model, calibration, gc, device=device, progress=progress)
-        grads, groups = gc.stats, gc.group_stats
-    weights = dict(model.named_parameters(remove_duplicate=False))
-    ctx = ScoreContext(weights=weights, act=acts, grad=grads, group=groups)
-    return [crit.group_scores(gs, ctx).float().cpu() for gs in group_sets], crit
+    pruner = Pruner(model, options)
+    calibration = calibration_batches(calibration)
+    activations = collect_activations(pruner, calibration, device)
+    gradients = pruner.gradient_collector()
+    if gradients is not None:
+        collect_gradients(model, calibration, gradients, device=device, progress=progress)
+    ctx = pruner.context(activations, gradients)
+    return [pruner.criterion.group_scores(gs, ctx).float().cpu() for gs in pruner.targets.group_sets], pruner.criterion
 
 
 class PrunedPerplexity:
@@ -331,7 +308,7 @@ def evolve(
 ) -> SearchResult:
     """The evolutionary search over per-layer rates, for any ``fitness`` (lower is better).
 
-    ``counts``: groups per layer (``partitions`` as in :func:`~pruning.allocation.ranking.project_rates`). The initial
+    ``counts``: groups per layer (``partitions`` as in :func:`~pruning.allocation.rates.project_rates`). The initial
     population is the uniform allocation plus random ones (``target + init_scale·N(0, 1)`` per layer, repaired);
     parents are chosen by tournament (best of ``tournament`` drawn at random); a classical mutation adds
     ``mutation_scale·N(0, 1)`` to a random half of the layers, a classical crossover takes each layer's rate from

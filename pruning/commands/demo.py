@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> None:
         if method == "saap":
             # SAAP: σ of the fused importance learned on the calibration batches, then the importance-fluctuation
             # ranking turns the target into per-layer rates (mean = target)
-            from ..allocation.ranking import saap_layer_rates
-            from ..importance.saap import saap_scores
+            from ..allocation.ranking import saap_layer_rates, saap_scores
 
             est = saap_scores(model, calib, gran, progress=False)
             rates, _ = saap_layer_rates(est, sparsity)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..allocation.ranking import saap_layer_rates
-from ..importance.saap import saap_scores
+from ..allocation.ranking import saap_layer_rates, saap_scores
 from ..io import write_json
 from .search import add_data_arguments, load_data, load_model
 

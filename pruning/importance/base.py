@@ -78,10 +78,13 @@ class Criterion:
     global_ranking: ClassVar[bool] = True
     grad_kinds: ClassVar[tuple[str, ...]] = ()
     group_kinds: ClassVar[tuple[str, ...]] = ()
+    # True when the gradients it reads may come from a distillation loss against the unpruned model (SDMPrune's
+    # KL+CE): then pruning.prune accepts alpha / temperature for it
+    distills: ClassVar[bool] = False
+    # granularity kinds it scores (Granularity.kind: "n:m" stands for every N:M pattern)
     granularities: ClassVar[tuple[str, ...]] = (
         "unstructured",
-        "2:4",
-        "4:8",
+        "n:m",
         "mlp_neuron",
         "attention_head",
         "query_head",
@@ -128,9 +131,10 @@ class Criterion:
         return total
 
     def check_granularity(self, granularity: str) -> None:
-        gran = "n:m" if ":" in granularity and granularity not in self.granularities else granularity
-        if gran not in self.granularities:
+        from ..options import Granularity
+
+        if Granularity.parse(granularity).kind not in self.granularities:
+            supported = [g if g != "n:m" else "N:M (e.g. 2:4)" for g in self.granularities]
             raise ValueError(
-                f"method={self.name!r} does not support granularity={granularity!r}; "
-                f"it supports {list(self.granularities)}"
+                f"method={self.name!r} does not support granularity={granularity!r}; it supports {supported}"
             )

@@ -25,7 +25,6 @@ class GBLM(Criterion):
 
     name = "gblm"
     needs_activations = True
-    granularities = ("unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer")
     alpha: float = 100.0
     gradient_norm: Literal["l2", "l1"] = "l2"
 

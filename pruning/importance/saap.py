@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
 
-from ..structure import GroupSet, ModelStructure
+from ..structure import GroupSet
 from .base import Criterion, ScoreContext, register
 
 Normalise = Literal["mean", "minmax"]
@@ -125,8 +123,9 @@ class SAAP(Criterion):
 
     σ comes from the options: ``sigma: [σ₁, σ₂]`` for every layer, or ``sigmas: {"mlp_neuron.3": [σ₁, σ₂], ...}``
     per group set (falling back to ``sigma``). Learning σ needs per-batch statistics, which the summed statistics
-    of ``pruning.prune`` and of the Lightning callbacks do not keep: :func:`saap_scores` measures them on
-    calibration batches and returns options to pass here (``criterion_options=estimate.criterion_options()``).
+    of ``pruning.prune`` and of the Lightning callbacks do not keep: :func:`pruning.allocation.ranking.saap_scores`
+    measures them on calibration batches and returns options to pass here
+    (``criterion_options=estimate.criterion_options()``).
     Without σ the default is σ₁ = σ₂ = 1 (equal weights ½), the starting point of the learning.
     """
 
@@ -158,102 +157,3 @@ class SAAP(Criterion):
         vec = normalise(vector_term(gs, ctx), self.normalise)
         elem = normalise(element_term(gs, ctx), self.normalise).to(vec.device)
         return fuse(vec, elem, self.sigma_of(gs.key))
-
-
-# ---------------------------------------------------------------------------------------------- one-shot helper
-@dataclass
-class SAAPEstimate:
-    """What :func:`saap_scores` measured: per group-set key (e.g. ``mlp_neuron.3``) the per-batch terms, σ, the
-    fused scores of the whole calibration set and the fused scores of every batch (for the fluctuation ranking)."""
-
-    granularity: str
-    keys: list[str]
-    per_batch: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
-    sigmas: dict[str, tuple[float, float]]
-    scores: dict[str, torch.Tensor]
-    batch_scores: dict[str, list[torch.Tensor]]
-    counts: list[int]
-    partitions: int = 1
-    normalise: Normalise = "mean"
-    sigma_history: list[tuple[float, float]] = field(default_factory=list)
-
-    def criterion_options(self) -> dict:
-        """``criterion_options`` for ``pruning.prune(method='saap')``: the learned σ (one pair, or one per layer)."""
-        pairs = {tuple(v) for v in self.sigmas.values()}
-        if len(pairs) == 1:
-            return {"sigma": list(next(iter(pairs))), "normalise": self.normalise}
-        return {"sigmas": {k: list(v) for k, v in self.sigmas.items()}, "normalise": self.normalise}
-
-
-def saap_scores(
-    model: nn.Module,
-    calibration: Iterable[torch.Tensor],
-    granularity: Literal["mlp_neuron", "attention_head", "query_head"] = "mlp_neuron",
-    *,
-    per_layer_sigma: bool = False,
-    how: Normalise = "mean",
-    device: torch.device | str | None = None,
-    progress: bool = True,
-) -> SAAPEstimate:
-    """Measure SAAP's two terms on every calibration batch separately, learn σ and fuse.
-
-    Every ``[batch, seq]`` tensor of ``calibration`` is one estimate (its sequences are the samples, one backward
-    each, gradients of plain next-token cross-entropy on the model as it is). σ is one pair for the whole model
-    (the paper's two scalars; ``per_layer_sigma`` learns one pair per layer), learned by
-    :func:`learn_uncertainty_weights` on the per-batch terms, each layer normalised on its own. The fused scores of
-    the whole calibration set use the summed statistics, exactly what ``pruning.prune(method='saap',
-    criterion_options=estimate.criterion_options())`` computes from the same calibration data.
-    """
-    from ..losses import collect_gradients
-    from ..stats import GradientCollector
-
-    if granularity not in SAAP_GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r}: saap scores {list(SAAP_GRANULARITIES)}")
-    structure = ModelStructure(model)
-    group_sets = structure.group_sets(granularity)
-    names = sorted({m.name for gs in group_sets for m in gs.members})
-    collector = GradientCollector(
-        model, param_names=names, grad_kinds=("sum_abs_gw",), group_sets=group_sets, group_kinds=("vector",)
-    )
-    weights = dict(model.named_parameters(remove_duplicate=False))
-    batches = [c if c.dim() == 2 else c.unsqueeze(0) for c in calibration]
-    per_batch: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {gs.key: [] for gs in group_sets}
-    total_vec = {gs.key: torch.zeros(gs.count) for gs in group_sets}
-    total_elem = {gs.key: torch.zeros(gs.count) for gs in group_sets}
-    for ids in tqdm(batches, desc="saap", unit="batch", disable=not progress):
-        collector.reset()
-        collect_gradients(model, [ids], collector, device=device, progress=False)
-        ctx = ScoreContext(weights=weights, grad=collector.stats, group=collector.group_stats)
-        for gs in group_sets:
-            v, e = vector_term(gs, ctx).cpu().clone(), element_term(gs, ctx).cpu()  # the buffers are reset
-            per_batch[gs.key].append((v, e))
-            total_vec[gs.key] += v
-            total_elem[gs.key] += e
-    keys = [gs.key for gs in group_sets]
-    history: list[tuple[float, float]] = []
-    if per_layer_sigma:
-        sigmas = {k: learn_uncertainty_weights(per_batch[k], how=how) for k in keys}
-    else:  # one pair: every layer's groups are observations of the same two noise levels
-        pooled = [
-            (
-                torch.cat([normalise(per_batch[k][b][0], how) for k in keys]),
-                torch.cat([normalise(per_batch[k][b][1], how) for k in keys]),
-            )
-            for b in range(len(batches))
-        ]
-        pair = learn_uncertainty_weights(pooled, how=how, history=history)
-        sigmas = {k: pair for k in keys}
-    scores = {k: fuse(normalise(total_vec[k], how), normalise(total_elem[k], how), sigmas[k]) for k in keys}
-    batch_scores = {k: [fuse(normalise(v, how), normalise(e, how), sigmas[k]) for v, e in per_batch[k]] for k in keys}
-    return SAAPEstimate(
-        granularity=granularity,
-        keys=keys,
-        per_batch=per_batch,
-        sigmas=sigmas,
-        scores=scores,
-        batch_scores=batch_scores,
-        counts=[gs.count for gs in group_sets],
-        partitions=group_sets[0].partitions,
-        normalise=how,
-        sigma_history=history,
-    )

@@ -24,6 +24,7 @@ class SDM(Criterion):
 
     name = "sdm"
     group_kinds = ("coupled",)
+    distills = True
     granularities = ("mlp_neuron", "attention_head", "query_head")
 
     def element_scores(self, name: str, ctx: ScoreContext) -> torch.Tensor:

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..options import STRUCTURED
 from .base import Criterion, ScoreContext, register
-
-STRUCTURED = ("mlp_neuron", "attention_head", "query_head", "layer")
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_retries: int = 6) -> tuple[torch.Tensor, dict]:
@@ -178,7 +177,7 @@ class SparseGPT(Criterion):
     act_kinds = ("sum_sq", "gram")
     reconstructs = True
     global_ranking = False
-    granularities = ("unstructured", "2:4", "4:8")
+    granularities = ("unstructured", "n:m")
     blocksize: int = 128
     percdamp: float = 0.01
     max_retries: int = 6
@@ -199,8 +198,7 @@ class SparseGPT(Criterion):
                 "supported. HINT: use 'unstructured', '2:4' or '4:8', or a scoring criterion (wanda, gblm, "
                 "taylor, ...) for neurons, heads or layers"
             )
-        if ":" not in granularity and granularity not in self.granularities:
-            super().check_granularity(granularity)
+        super().check_granularity(granularity)
 
     def element_scores(self, name: str, ctx: ScoreContext) -> torch.Tensor:
         w = ctx.weights[name].detach().float()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -37,30 +36,15 @@ import torchmetrics
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..loading import from_pretrained
+from ..lora import LoraSettings
+from ..lora import inject as inject_lora
+from ..lora import merge as merge_lora
 from ..losses import ChunkedLogits, distillation_loss, next_token_ce
 from ..masks import MaskSet
 
 # causal LMs whose logits are exactly lm_head(final hidden state) (no soft-capping or logit scale)
 _PLAIN_HEAD = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "OPTForCausalLM"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class LoraSettings:
-    """LoRA recovery (PEFT). SDMPrune's: r=8, alpha=16, dropout=0.05 on q,k,v,o,gate,up,down."""
-
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
-    merge_at_end: bool = True
-
-
-# checkpoints of a module built with lora=LoraSettings(...) hold it in their hyper-parameters; it is plain data, so it
-# may be rebuilt by torch.load(weights_only=True) (resume, `pruning eval x.ckpt`)
-torch.serialization.add_safe_globals([LoraSettings])
 
 
 def _dtype(name: str | None, key: str) -> torch.dtype | None:
@@ -216,7 +200,7 @@ class DistillationModule(pl.LightningModule):
         self._teacher: list[PreTrainedModel] = []  # a list keeps the copy out of children, state_dict, optimiser
         self._peft = None
         if lora is not None:
-            self._inject_lora(lora)
+            self._peft = inject_lora(self.student, lora, lambda: self.masks)
         self.val_nll = torchmetrics.SumMetric()
         self.val_tokens = torchmetrics.SumMetric()
 
@@ -234,88 +218,13 @@ class DistillationModule(pl.LightningModule):
                 raise
             return None  # a model directory without tokenizer files (e.g. the byte-level demo model)
 
-    def _inject_lora(self, lora: LoraSettings) -> None:
-        from peft import LoraConfig, get_peft_model
-
-        cfg = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=list(lora.target_modules),
-            task_type="CAUSAL_LM",
-        )
-        # get_peft_model wraps the modules of self.student in place; the base weights stay the same Parameter
-        # objects (renamed ...base_layer.weight), so masks attached to them keep holding
-        self._peft = get_peft_model(self.student, cfg)
-        for name, mod in self.student.named_modules():
-            if hasattr(mod, "lora_A") and hasattr(mod, "base_layer"):
-                for adapter in mod.lora_A:
-                    self._mask_adapter(
-                        name + ".weight", mod.base_layer.weight, mod.lora_A[adapter], mod.lora_B[adapter]
-                    )
-
-    def _mask_adapter(
-        self, weight_name: str, weight: torch.Tensor, lora_a: torch.nn.Module, lora_b: torch.nn.Module
-    ) -> None:
-        """Make the adapter's update obey the masks of the weight it adapts: the layer computes ``(W + s·BA) ⊙ M``.
-
-        FIX: masks zero ``W`` (frozen under LoRA) but the adapter path ``s·B·A·x`` is dense, so during recovery the
-        pruned weights were effectively revived, and the model trained and validated was not the one written after
-        the merge (``merge_lora`` adds ``s·BA`` and re-zeroes the pruned entries): on a tiny Llama with 50 %
-        unstructured masks the logits moved by 0.2 at the merge. Row factors of the mask (pruned outputs: MLP
-        neurons' gate/up rows, heads' q/k/v rows) scale the adapter's output, column factors (down/o columns) its
-        input, at no cost; element masks (unstructured, N:M) need the dense ``(B·A) ⊙ M``, computed per forward from
-        the adapter's input. The masks are read at every forward (``self.masks``, set by the pruning callback), so
-        later events are followed; without masks on this weight the adapter runs untouched.
-        """
-        state: dict[str, torch.Tensor] = {}
-
-        def factors() -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-            masks = self.masks
-            if masks is None or weight_name not in masks.names():
-                return None, None, None
-            rows = cols = elem = None
-            for f in masks.factors(weight_name, weight):
-                if f.shape == weight.shape:
-                    elem = f if elem is None else elem & f
-                elif f.shape[0] == weight.shape[0]:
-                    rows = f.reshape(-1) if rows is None else rows & f.reshape(-1)
-                else:
-                    cols = f.reshape(-1) if cols is None else cols & f.reshape(-1)
-            return rows, cols, elem
-
-        def before_a(module, args):
-            state.clear()
-            rows, cols, elem = factors()
-            x = args[0]
-            if cols is not None:
-                x = x * cols.to(x.dtype)
-            if elem is not None:
-                state["x"] = x
-            state["rows"], state["elem"] = rows, elem
-            return (x, *args[1:]) if cols is not None else None
-
-        def after_b(module, args, out):
-            rows, elem, x = state.pop("rows", None), state.pop("elem", None), state.pop("x", None)
-            if elem is not None:
-                delta = lora_b.weight @ lora_a.weight  # [out, in]: the update the merge will add (before scaling)
-                out = torch.nn.functional.linear(x.to(delta.dtype), delta * elem.to(delta.dtype))
-            if rows is not None:
-                out = out * rows.to(out.dtype)
-            return out
-
-        lora_a.register_forward_pre_hook(before_a)
-        lora_b.register_forward_hook(after_b)
-
     def merge_lora(self) -> None:
         """Merge the adapters into the base weights and drop them, then re-apply the masks (a merge adds B·A to
         every entry, pruned ones included)."""
         if self._peft is None:
             return
-        self.student = self._peft.merge_and_unload()
+        self.student = merge_lora(self._peft, self.masks)
         self._peft = None
-        if self.masks is not None:
-            self.masks.reapply() if self.masks._params else self.masks.apply(self.student)
 
     def configure_model(self) -> None:
         """FSDP2 under ``ModelParallelStrategy``: ``fully_shard`` each decoder layer, then the root, of the student
@@ -389,7 +298,7 @@ class DistillationModule(pl.LightningModule):
                 self.logger.log_hyperparams({"data": record})
         if self.teacher is not None and self._device_mesh is None:  # a sharded teacher is already placed
             self.teacher.to(self.device)
-        if self.masks is not None and len(self.masks) and not self.masks._handles:
+        if self.masks is not None and len(self.masks) and not self.masks.attached:
             self.masks.attach(self.student)  # keep_zeros: held through every optimiser step
 
     def on_fit_end(self) -> None:
@@ -419,7 +328,7 @@ class DistillationModule(pl.LightningModule):
             )
         ctx = masks.lifted(self.student) if masks is not None and masks.has_original else nullcontext()
         head = self.student.get_output_embeddings()
-        head_masked = masks is not None and any(p is head.weight for p in masks._resolve(self.student).values())
+        head_masked = masks is not None and any(p is head.weight for p in masks.resolve(self.student).values())
         with ctx:
             sharded = type(head.weight).__name__ == "DTensor"  # FSDP: only the root's forward gathers the head
             if type(self.student).__name__ in _PLAIN_HEAD and not head_masked and not sharded:

@@ -230,6 +230,31 @@ class MaskSet:
     def __len__(self) -> int:
         return len(self.names())
 
+    # TEMPORARY (lead): the public surface the masks-stats branch adds; replaced by its implementation at merge
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def resolve(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return self._resolve(model)
+
+    def held_as_rows(self, name: str) -> bool:
+        return name in self._rows
+
+    def broadcast_(self, src: int = 0) -> bool:
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return False
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        changed = False
+        for store in (self.element, self.groups):
+            for k in sorted(k for k in store if store is not self.element or k not in self._rows):
+                t = store[k].to(device=device, dtype=torch.uint8)
+                dist.broadcast(t, src=src)
+                new = t.to(store[k].device, torch.bool)
+                changed |= not torch.equal(new, store[k])
+                store[k] = new
+        return changed
+
     # ------------------------------------------------------------------ applying
     def _resolve(self, model: nn.Module) -> dict[str, nn.Parameter]:
         params = named_parameters(model)

@@ -689,6 +689,10 @@ class GradientCollector:
         # (a trainer may have divided the loss by its accumulation count or multiplied it by an fp16 loss scale)
         self.grad_scale = 1.0
 
+    @property
+    def parameters(self) -> dict[str, nn.Parameter]:  # TEMPORARY (lead): replaced by the masks-stats branch
+        return {**self.params, **self._group_params}
+
     def update(self) -> None:
         for n, p in self.params.items():
             if p.grad is not None:

@@ -1,0 +1,125 @@
+"""Calibration passes: the data a one-shot run scores on, its record, and the per-sequence gradients of the
+gradient criteria (activations are collected by forward hooks, see :mod:`pruning.stats`)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..losses import distillation_loss
+from ..masks import MaskSet
+from ..stats import GradientCollector
+
+
+def calibration_batches(calibration: Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
+    """The calibration data as ``[batch, seq]`` token-id tensors (a ``[seq]`` tensor is one sequence)."""
+    batches = [] if calibration is None else [c if c.dim() == 2 else c.unsqueeze(0) for c in calibration]
+    for c in batches:
+        if c.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"calibration tensors must hold token ids (int64), got {c.dtype}")
+    return batches
+
+
+def calibration_fingerprint(batches: Sequence[torch.Tensor]) -> dict:
+    """Count and sha256 of the token ids (int64, row-major, in order): the same number means the same data."""
+    h = hashlib.sha256()
+    tokens = 0
+    for b in batches:
+        h.update(b.detach().to(torch.int64).cpu().contiguous().numpy().tobytes())
+        tokens += b.numel()
+    return {
+        "batches": len(batches),
+        "sequences": sum(b.shape[0] for b in batches),
+        "tokens": tokens,
+        "sha256": h.hexdigest(),
+    }
+
+
+def check_distillation_gradient(alpha: float, temperature: float, masks: MaskSet | None, model=None) -> None:
+    """Refuse a loss whose gradient is identically zero: KL alone at τ = 1 while the student equals the teacher."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha={alpha} must be in [0, 1]")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    pruned = False
+    if masks is not None and model is not None and len(masks):
+        pruned = masks.report(model).model.pruned > 0
+    if alpha == 1 and temperature == 1 and not pruned:
+        raise ValueError(
+            "alpha=1, temperature=1 on an unpruned model: the student equals the teacher, so KL(teacher ‖ student)"
+            " and its gradient are identically zero and every score would be 0. HINT: use SDMPrune's two stages: "
+            "first score with cross-entropy (alpha=0) and prune lightly, then score with alpha>0 against the "
+            "original model; or set alpha<1 or temperature!=1."
+        )
+
+
+def iter_sequences(calibration: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
+    """Split every [batch, seq] tensor into [1, seq] samples: per-sample statistics are per sequence."""
+    for batch in calibration:
+        batch = batch if batch.dim() == 2 else batch.unsqueeze(0)
+        for row in batch:
+            yield row.unsqueeze(0)
+
+
+def collect_gradients(
+    model: nn.Module,
+    calibration: Iterable[torch.Tensor],
+    collector: GradientCollector,
+    *,
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    masks: MaskSet | None = None,
+    teacher: nn.Module | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> GradientCollector:
+    """Backward once per sequence and feed ``collector``; weights are not changed.
+
+    With ``alpha > 0`` the teacher is the same model with the masks lifted (``masks`` must have been applied with
+    ``keep_original=True``; with no masks at all the teacher is the model itself): no second copy is held. Or
+    ``teacher``: a separate frozen model (SDMPrune's own arrangement, a second set of weights), run without
+    gradients. Only the parameters the collector reads require gradients during the pass.
+    """
+    check_distillation_gradient(alpha, temperature, masks, model)
+    if alpha > 0 and teacher is None and masks is not None and len(masks) and not masks.has_original:
+        raise ValueError(
+            "alpha>0 needs the original weights for the teacher, but these masks were applied without "
+            "keep_original=True. HINT: apply the masks with MaskSet.apply(model, keep_original=True)."
+        )
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    wanted = set(collector.parameters)
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    model.eval()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in wanted)
+        p.grad = None
+    try:
+        for ids in tqdm(iter_sequences(calibration), desc="gradients", unit="seq", disable=not progress):
+            ids = ids.to(device)
+            target = None
+            if alpha > 0 and teacher is not None:
+                with torch.no_grad():
+                    target = teacher(input_ids=ids, use_cache=False).logits
+            elif alpha > 0 and masks is not None and masks.has_original:
+                # before the student's forward: lifting writes the weights that backward will read
+                with torch.no_grad(), masks.lifted(model):
+                    target = model(input_ids=ids, use_cache=False).logits
+            logits = model(input_ids=ids, use_cache=False).logits
+            if alpha > 0 and target is None:  # nothing pruned yet: the teacher is the student itself
+                target = logits.detach()
+            loss = distillation_loss(logits, ids, target, alpha, temperature)
+            del logits, target  # the fused loss keeps only its gradient: nothing else of [seq, vocab] lives on
+            loss.backward()
+            collector.update()
+            for p in model.parameters():
+                p.grad = None
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+        model.train(was_training)
+    return collector
