@@ -78,9 +78,33 @@ class ImportanceCallback(pl.Callback):
         self._dropper: DropGradients | None = None
 
     # ------------------------------------------------------------------ set up by the pruning callback
+    @staticmethod
+    def of(trainer: pl.Trainer, criterion: str) -> ImportanceCallback:
+        """The one ImportanceCallback of ``trainer`` (a criterion that reads statistics of training steps needs it)."""
+        found = [c for c in trainer.callbacks if isinstance(c, ImportanceCallback)]
+        if len(found) != 1:
+            raise ValueError(
+                f"criterion={criterion!r} needs statistics from training steps: add exactly one ImportanceCallback "
+                f"to trainer.callbacks (found {len(found)}). HINT: in YAML, trainer.callbacks: [{{class_path: "
+                "pruning.callbacks.ImportanceCallback}, {class_path: pruning.callbacks.PruningCallback, init_args: "
+                "{...}}]"
+            )
+        return found[0]
+
     def configure(
-        self, activations: ActivationCollector | None, gradients: GradientCollector | None, events: list[Event]
+        self,
+        trainer: pl.Trainer,
+        activations: ActivationCollector | None,
+        gradients: GradientCollector | None,
+        events: list[Event],
     ) -> None:
+        """Collect ``activations`` / ``gradients`` in the windows before ``events`` (the pruning callback's)."""
+        if gradients is not None and str(trainer.precision).startswith("16"):
+            raise ValueError(
+                f"trainer.precision={trainer.precision!r}: fp16 loss scaling multiplies the gradients the statistics "
+                "read by a changing scale (and overflowing steps add infinities). HINT: score with precision "
+                "bf16-mixed, bf16-true or 32-true"
+            )
         self.activations = activations
         self.gradients = gradients
         if activations is not None:

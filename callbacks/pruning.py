@@ -7,12 +7,17 @@ from typing import Literal
 import lightning.pytorch as pl
 
 from pruning import MaskSet
-from pruning.allocation import load_rates_file
-from pruning.lora import base_layers
-from pruning.options import PruneOptions, SelectionOptions
-from pruning.pipeline.event import event_collectors, prune_event, scores_one_layer_at_a_time
+from pruning.distributed import broadcast_parameters
+from pruning.options import SelectionOptions
+from pruning.pipeline.event import (
+    check_schedule,
+    event_collectors,
+    event_options,
+    prune_event,
+    scores_one_layer_at_a_time,
+    with_model_rates,
+)
 from pruning.schedule import Event, Schedule
-from pruning.structure import ModelStructure
 
 from .export import find_hf_model
 from .importance import ImportanceCallback
@@ -20,15 +25,13 @@ from .importance import ImportanceCallback
 
 class PruningCallback(pl.Callback):
     """At each event of ``schedule``: scores (from the :class:`ImportanceCallback`'s statistics, or the weights alone)
-    → masks (monotone) → applied in place and kept applied through training by :meth:`MaskSet.attach` (gradients
-    masked, pruned weights and optimiser state re-zeroed after every optimiser step: any optimiser, gradient
-    accumulation, precision, DDP or FSDP2). Sparsity per layer and in total is logged through the Lightning logger.
+    → masks (monotone) → applied in place and kept applied through training by :meth:`MaskSet.attach` (any optimiser,
+    gradient accumulation, precision, DDP or FSDP2). Sparsity per layer and in total goes to the Lightning logger.
 
     An event at step ``k`` fires at the end of the micro-batch whose optimiser step makes ``global_step == k``
-    (``k = 0``: before the first step). Every rank computes the masks from the same all-reduced statistics; rank 0's
-    masks are then broadcast so that they are bit-identical everywhere. Under FSDP2 the event unshards one decoder
-    layer at a time when the selection reads each layer alone, else the whole model
-    (:func:`pruning.pipeline.event.prune_event`); between events only the shards are held.
+    (``k = 0``: before the first step). Every rank computes the masks from the same all-reduced statistics, then rank
+    0's are broadcast. The event itself is :func:`pruning.pipeline.event.prune_event` (FSDP2: one decoder layer
+    unsharded at a time when the selection reads each layer alone).
 
     The model is the LightningModule's Hugging Face model (``model_attr``, else ``.student``, else ``.model``). If the
     module has the attributes ``masks`` (set to this callback's masks), ``alpha``/``temperature`` (set per event from
@@ -60,15 +63,7 @@ class PruningCallback(pl.Callback):
     ) -> None:
         self.schedule = schedule if schedule is not None else Schedule()
         self.options = SelectionOptions(method=criterion, granularity=granularity, **options)
-        for e in self.schedule.plan():
-            self.event_options(e)  # every event's sparsity, α and τ checked now
-        crit = self.options.criterion()
-        if (crit.needs_activations or crit.needs_gradients) and self.schedule.plan()[0].step < 1:
-            raise ValueError(
-                f"criterion={criterion!r} scores from statistics collected on training steps before the event, but "
-                f"the first event is at step {self.schedule.plan()[0].step}. HINT: schedule the first event at a "
-                "step >= 1 (e.g. schedule: {kind: one_shot, step: 32, sparsity: 0.3})."
-            )
+        check_schedule(self.options, self.schedule)  # every event's sparsity, α and τ, before any training step
         self.keep_original = keep_original
         self.model_attr = model_attr
         self.log_layers = log_layers
@@ -79,32 +74,12 @@ class PruningCallback(pl.Callback):
         self._pending_state: dict | None = None
         self._model = None
 
-    # the names other callbacks and reports read
-    @property
-    def criterion_name(self) -> str:
-        return self.options.method
-
-    @property
-    def granularity(self) -> str:
-        return str(self.options.unit)
-
-    def event_options(self, event: Event) -> PruneOptions:
-        """The options of one event of the schedule."""
-        loss = {k: v for k, v in (("alpha", event.alpha), ("temperature", event.temperature)) if v is not None}
-        if not self.options.criterion().distills:
-            loss = {}  # the module's loss during the window, whatever it is; the criterion reads its gradients
-        return PruneOptions.of(self.options, sparsity=event.sparsity, **loss)
-
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         model = self._model = find_hf_model(pl_module, self.model_attr)
-        if self.options.rates_file is not None:
-            with base_layers(model):
-                n_layers = ModelStructure(model).num_layers
-            rates, learned = load_rates_file(self.options.rates_file, self.options.method, self.granularity, n_layers)
-            self.options = self.options.with_rates(rates, learned)
+        self.options = with_model_rates(self.options, model)
         if self.keep_original is None:
             lifted = getattr(pl_module, "teacher_mode", None) == "lifted"
             self.keep_original = lifted and not self.options.criterion().reconstructs
@@ -118,25 +93,11 @@ class PruningCallback(pl.Callback):
                 f"the schedule sets alpha/temperature, but {type(pl_module).__name__} has no `alpha` and "
                 "`temperature` attributes that its loss reads. HINT: remove them from the schedule"
             )
-        activations, gradients = event_collectors(model, self.event_options(events[0]))
+        activations, gradients = event_collectors(model, event_options(self.options, events[0]))
         if activations is None and gradients is None:
             return
-        imps = [c for c in trainer.callbacks if isinstance(c, ImportanceCallback)]
-        if len(imps) != 1:
-            raise ValueError(
-                f"criterion={self.criterion_name!r} needs statistics from training steps: add exactly one "
-                f"ImportanceCallback to trainer.callbacks (found {len(imps)}). HINT: in YAML, trainer.callbacks: "
-                "[{class_path: pruning.callbacks.ImportanceCallback}, {class_path: pruning.callbacks.PruningCallback"
-                ", init_args: {...}}]"
-            )
-        if gradients is not None and str(trainer.precision).startswith("16"):
-            raise ValueError(
-                f"trainer.precision={trainer.precision!r}: fp16 loss scaling multiplies the gradients the statistics "
-                "read by a changing scale (and overflowing steps add infinities). HINT: score with precision "
-                "bf16-mixed, bf16-true or 32-true"
-            )
-        self.importance = imps[0]
-        self.importance.configure(activations, gradients, events)
+        self.importance = ImportanceCallback.of(trainer, self.options.method)
+        self.importance.configure(trainer, activations, gradients, events)
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -169,7 +130,7 @@ class PruningCallback(pl.Callback):
 
     # ------------------------------------------------------------------ the event
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: Event) -> None:
-        model, options = self._model, self.event_options(event)
+        model, options = self._model, event_options(self.options, event)
         activations = gradients = None
         if self.importance is not None:
             self.importance.deactivate(pl_module)
@@ -179,8 +140,6 @@ class PruningCallback(pl.Callback):
         model.train(was_training)
         self.masks.broadcast_()  # rank 0's masks, bit-equal everywhere
         if result.info.get("unsharded_for_scoring") is None and self.options.criterion().reconstructs:
-            from pruning.distributed import broadcast_parameters
-
             broadcast_parameters(model, sorted(self.masks.element))  # SparseGPT rewrote the kept weights
         self.masks.attach(model)
         samples = 0

@@ -97,7 +97,8 @@ class PruningReport(pl.Callback):
         if self._pruned_done or pruner is None or pruner.done < len(pruner.schedule.plan()):
             return
         self._pruned_done = True
-        label = f"pruned ({pruner.criterion_name}, {pruner.granularity} {pruner.schedule.final_sparsity():.0%})"
+        what = f"{pruner.options.unit} {pruner.schedule.final_sparsity():.0%}"
+        label = f"pruned ({pruner.options.method}, {what})"
         self._row(trainer, pl_module, label, find_hf_model(pl_module))
         if self.baseline and self._dense is not None:
             base = self._dense.to(pl_module.device)
@@ -114,7 +115,7 @@ class PruningReport(pl.Callback):
                 )
             res = prune(base, calib, options=options, progress=False)
             self._baseline_masks = res.masks
-            name = f"baseline ({self.baseline}, {pruner.granularity} {pruner.schedule.final_sparsity():.0%})"
+            name = f"baseline ({self.baseline}, {what})"
             loader = trainer.datamodule.val_dataloader()
             nll, tokens = heldout_nll(base, loader, pl_module.device)
             self.rows.append(

@@ -10,13 +10,49 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from ..allocation import load_rates_file
 from ..distributed import fsdp_modules, is_sharded, local, local_part, unsharded, unsharded_module
 from ..lora import base_layers
 from ..masks import MaskSet
-from ..options import PruneOptions
+from ..options import PruneOptions, SelectionOptions
+from ..schedule import Event, Schedule
 from ..stats import ActivationCollector, GradientCollector
+from ..structure import ModelStructure
 from .drive import prune_from_statistics
 from .pruner import Pruner, PruneResult
+
+
+def event_options(selection: SelectionOptions, event: Event) -> PruneOptions:
+    """The options of one scheduled event: ``selection`` at the event's sparsity, with its scoring loss (α, τ) for a
+    criterion that distills (for the others the loss is the training module's, whatever it is)."""
+    loss = {k: v for k, v in (("alpha", event.alpha), ("temperature", event.temperature)) if v is not None}
+    return PruneOptions.of(selection, sparsity=event.sparsity, **(loss if selection.criterion().distills else {}))
+
+
+def check_schedule(selection: SelectionOptions, schedule: Schedule) -> None:
+    """Every event's options are valid (sparsity, α, τ), and a criterion that reads statistics of training steps has
+    steps before its first event."""
+    events = schedule.plan()
+    for e in events:
+        event_options(selection, e)
+    crit = selection.criterion()
+    if (crit.needs_activations or crit.needs_gradients) and events[0].step < 1:
+        raise ValueError(
+            f"criterion={selection.method!r} scores from statistics collected on training steps before the event, "
+            f"but the first event is at step {events[0].step}. HINT: schedule the first event at a step >= 1 (e.g. "
+            "schedule: {kind: one_shot, step: 32, sparsity: 0.3})."
+        )
+
+
+def with_model_rates(selection: SelectionOptions, model: nn.Module) -> SelectionOptions:
+    """``selection`` with its ``rates_file`` read for ``model`` (checked against its layers; SAAP's learned σ
+    under the options given)."""
+    if selection.rates_file is None:
+        return selection
+    with base_layers(model):
+        layers = ModelStructure(model).num_layers
+    rates, learned = load_rates_file(selection.rates_file, selection.method, str(selection.unit), layers)
+    return selection.with_rates(rates, learned)
 
 
 def event_collectors(
