@@ -13,7 +13,8 @@ from tiny import calib, tiny_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import pruning
-from pruning.allocation.search import LLMOperator, PrunedPerplexity, evolve, parse_rates, search_rates
+from pruning.allocation.operators import LLMOperator, parse_rates
+from pruning.allocation.search import PrunedPerplexity, evolve, search_rates
 from pruning.commands import rank as rank_command
 from pruning.commands import search as search_command
 from pruning.evaluation.perplexity import perplexity

@@ -20,10 +20,8 @@ recipe's ``PruningCallback(allocation: rates, rates_file: ...)``.
 
 from __future__ import annotations
 
-import math
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,12 +34,12 @@ from .. import allocation as alloc
 from ..evaluation.perplexity import perplexity
 from ..importance import Criterion
 from ..io import write_json
-from ..loading import from_pretrained
 from ..options import PruneOptions
 from ..pipeline.calibration import calibration_batches, collect_gradients
 from ..pipeline.drive import collect_activations
 from ..pipeline.pruner import Pruner
 from ..structure import ModelStructure
+from .operators import LLMOperator
 from .rates import project_rates
 
 SEARCH_GRANULARITIES = ("mlp_neuron", "attention_head", "query_head")
@@ -142,139 +140,6 @@ class PrunedPerplexity:
                 p.index_copy_(dim, idx, vals)
 
 
-# ---------------------------------------------------------------------------------------------- LLM operator
-_LIST = re.compile(r"\[([^\[\]]*)\]")
-_NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
-
-
-def parse_rates(text: str, n_layers: int) -> tuple[list[float] | None, str]:
-    """The first bracketed list in ``text`` with one number per layer, each in ``[0, 1)``: ``(rates, 'ok')``, or
-    ``(None, reason)`` when no list in the answer is usable."""
-    reason = "no bracketed list of numbers"
-    for body in _LIST.findall(text):
-        nums = _NUMBER.findall(body)
-        if not nums:
-            continue
-        if len(nums) != n_layers:
-            reason = f"a list of {len(nums)} numbers, not {n_layers}"
-            continue
-        vals = [float(x) for x in nums]
-        if not all(math.isfinite(v) and 0 <= v < 1 for v in vals):
-            reason = "rates outside [0, 1)"
-            continue
-        return vals, "ok"
-    return None, reason
-
-
-class LLMOperator:
-    """A local Hugging Face causal LM asked to do crossover and mutation, as Self-Pruner does with GPT-4.
-
-    The prompt lists the best candidates of the population with their perplexity (lower is better), states the
-    constraint (mean rate, range) and the operator, names the parent(s) and asks for one new list
-    ``[r1, ..., rL]``. Generation is sampled (``temperature``, ``top_p``), at most ``max_new_tokens`` tokens, with
-    the global random state left untouched. A chat template is used when the tokenizer has one.
-    """
-
-    def __init__(
-        self,
-        path: str,
-        max_new_tokens: int = 256,
-        temperature: float = 0.7,
-        top_p: float = 0.95,
-        shown: int = 10,
-        device: torch.device | str | None = None,
-        seed: int = 0,
-    ) -> None:
-        from transformers import AutoTokenizer
-
-        self.path = str(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = from_pretrained(path, key="operator_model").eval()
-        if device is not None:
-            self.model.to(device)
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.shown = shown
-        self.seed = seed
-        self.calls = 0
-
-    def prompt(
-        self,
-        kind: str,
-        parents: Sequence[Sequence[float]],
-        population: Sequence[tuple[list[float], float]],
-        target: float,
-        max_rate: float,
-    ) -> str:
-        n = len(parents[0])
-        shown = sorted(population, key=lambda c: c[1])[: self.shown]
-        lines = [
-            f"You are an expert in pruning large language models. A model with {n} decoder layers is pruned "
-            f"layer by layer: rate r_i is the fraction of layer i's structures that are removed. The average of "
-            f"the {n} rates must be {target:.4f} and every rate must be between 0 and {max_rate:.2f}. Lower "
-            "perplexity is better.",
-            "Here are pruning-rate lists found so far with their perplexity:",
-        ]
-        lines += [f"{_fmt(r)} perplexity: {f:.4f}" for r, f in shown]
-        if kind == "crossover":
-            lines.append(
-                f"Combine the two parents {_fmt(parents[0])} and {_fmt(parents[1])} by crossover into one "
-                "new list that should have a lower perplexity."
-            )
-        else:
-            lines.append(f"Mutate the parent {_fmt(parents[0])} into one new list that should have a lower perplexity.")
-        lines.append(f"Answer with the new list only, {n} numbers in square brackets: [r1, r2, ..., r{n}]")
-        return "\n".join(lines)
-
-    @torch.no_grad()
-    def generate(self, prompt: str) -> str:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-        else:
-            text = prompt + "\n"
-        ids = tok(text, return_tensors="pt").input_ids
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and ids.shape[1] + self.max_new_tokens > limit:
-            ids = ids[:, -(limit - self.max_new_tokens) :]  # keep the end: the question and the answer format
-        ids = ids.to(self.model.device)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.calls += 1
-        dev = self.model.device
-        with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
-            torch.manual_seed(self.seed * 100003 + self.calls)
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                max_new_tokens=self.max_new_tokens,
-                pad_token_id=pad if pad is not None else 0,
-            )
-        return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-    def propose(
-        self,
-        kind: str,
-        parents: Sequence[Sequence[float]],
-        population: Sequence[tuple[list[float], float]],
-        target: float,
-        max_rate: float,
-    ) -> tuple[list[float] | None, str, str]:
-        """``(rates or None, reason, answer)`` for one crossover or mutation."""
-        answer = self.generate(self.prompt(kind, parents, population, target, max_rate))
-        rates, reason = parse_rates(answer, len(parents[0]))
-        return rates, reason, answer
-
-
-def _fmt(rates: Sequence[float]) -> str:
-    return "[" + ", ".join(f"{r:.3f}" for r in rates) + "]"
-
-
 # ---------------------------------------------------------------------------------------------- the search
 @dataclass
 class SearchResult:
@@ -286,178 +151,199 @@ class SearchResult:
     history: dict = field(default_factory=dict)
 
 
-def evolve(
-    counts: Sequence[int],
-    target: float,
-    fitness: Fitness,
-    *,
-    partitions: int = 1,
-    population: int = 30,
-    generations: int = 20,
-    mutations: int = 10,
-    crossovers: int = 10,
-    operator: LLMOperator | None = None,
-    max_rate: float = 0.9,
-    mutation_scale: float = 0.05,
-    init_scale: float = 0.1,
-    tournament: int = 3,
-    seed: int = 0,
-    progress: bool = True,
-    history_path: str | os.PathLike | None = None,
-    info: dict | None = None,
-) -> SearchResult:
-    """The evolutionary search over per-layer rates, for any ``fitness`` (lower is better).
+class Evolution:
+    """Self-Pruner's evolutionary search over per-layer rates, for any ``fitness`` (lower is better).
 
     ``counts``: groups per layer (``partitions`` as in :func:`~pruning.allocation.rates.project_rates`). The initial
     population is the uniform allocation plus random ones (``target + init_scale·N(0, 1)`` per layer, repaired);
     parents are chosen by tournament (best of ``tournament`` drawn at random); a classical mutation adds
     ``mutation_scale·N(0, 1)`` to a random half of the layers, a classical crossover takes each layer's rate from
-    one parent or the other. Every candidate is repaired and keyed by its pruned counts per layer; fitness is
-    cached on that key, so a candidate met twice is scored once. With ``history_path`` the history is rewritten
-    (atomically) after every generation; ``info`` is recorded in it as well.
+    one parent or the other; with an ``operator`` model, crossover and mutation are first asked of it. Every
+    candidate is repaired and keyed by its pruned counts per layer; fitness is cached on that key, so a candidate met
+    twice is scored once. With ``history_path`` the history is rewritten (atomically) after every generation;
+    ``info`` is recorded in it as well.
     """
-    for name, v in (("population", population), ("generations", generations)):
-        if v < 1:
-            raise ValueError(f"{name}={v} must be >= 1")
-    if mutations < 0 or crossovers < 0 or mutations + crossovers == 0:
-        raise ValueError(f"mutations={mutations}, crossovers={crossovers}: need at least one new candidate a round")
-    rng = random.Random(seed)
-    n = len(counts)
-    units = [c // max(1, partitions) for c in counts]
-    cache: dict[tuple[int, ...], float] = {}
-    evaluated: list[dict] = []
-    stats = {"evaluations": 0, "cache_hits": 0, "llm_proposed": 0, "llm_used": 0, "llm_fallback": 0}
-    llm_failures: dict[str, int] = {}
-    llm_answers: list[dict] = []  # every answer of the operator model (first 300 characters), for inspection
 
-    def repair(rates: Sequence[float]) -> list[float]:
-        return project_rates(rates, target, counts, partitions, max_rate)
+    def __init__(
+        self,
+        counts: Sequence[int],
+        target: float,
+        fitness: Fitness,
+        *,
+        partitions: int = 1,
+        population: int = 30,
+        generations: int = 20,
+        mutations: int = 10,
+        crossovers: int = 10,
+        operator: LLMOperator | None = None,
+        max_rate: float = 0.9,
+        mutation_scale: float = 0.05,
+        init_scale: float = 0.1,
+        tournament: int = 3,
+        seed: int = 0,
+        history_path: str | os.PathLike | None = None,
+        info: dict | None = None,
+    ) -> None:
+        for name, v in (("population", population), ("generations", generations)):
+            if v < 1:
+                raise ValueError(f"{name}={v} must be >= 1")
+        if mutations < 0 or crossovers < 0 or mutations + crossovers == 0:
+            raise ValueError(f"mutations={mutations}, crossovers={crossovers}: need at least one new candidate a round")
+        self.counts, self.target, self.fitness, self.partitions = list(counts), target, fitness, partitions
+        self.size, self.generations, self.mutations, self.crossovers = population, generations, mutations, crossovers
+        self.operator, self.max_rate, self.tournament = operator, max_rate, tournament
+        self.mutation_scale, self.init_scale = mutation_scale, init_scale
+        self.history_path = history_path
+        self.rng = random.Random(seed)
+        self.units = [c // max(1, partitions) for c in counts]
+        self.cache: dict[tuple[int, ...], float] = {}
+        self.stats = {"evaluations": 0, "cache_hits": 0, "llm_proposed": 0, "llm_used": 0, "llm_fallback": 0}
+        self.history: dict = {
+            "method": "self-pruner",
+            "target": target,
+            "counts": list(counts),
+            "partitions": partitions,
+            "max_rate": max_rate,
+            "seed": seed,
+            "population": population,
+            "generations_planned": generations,
+            "mutations": mutations,
+            "crossovers": crossovers,
+            "operator": operator.path if operator is not None else "classical",
+            **dict(info or {}),
+            "generations": [],
+            "evaluated": [],
+            "stats": self.stats,
+            "llm_failures": {},
+            "llm_answers": [],  # every answer of the operator model (first 300 characters), for inspection
+        }
 
-    def key(rates: Sequence[float]) -> tuple[int, ...]:
-        return tuple(int(round(r * u)) for r, u in zip(rates, units))
+    # ---------------------------------------------------------------------------------------------- candidates
+    def repair(self, rates: Sequence[float]) -> list[float]:
+        return project_rates(rates, self.target, self.counts, self.partitions, self.max_rate)
 
-    def score(rates: list[float], origin: str, generation: int) -> dict:
-        k = key(rates)
-        if k in cache:
-            stats["cache_hits"] += 1
+    def key(self, rates: Sequence[float]) -> tuple[int, ...]:
+        return tuple(int(round(r * u)) for r, u in zip(rates, self.units))
+
+    def score(self, rates: list[float], origin: str, generation: int) -> dict:
+        """A candidate with its fitness (cached by its pruned counts per layer)."""
+        k = self.key(rates)
+        if k in self.cache:
+            self.stats["cache_hits"] += 1
         else:
             t0 = time.perf_counter()
-            cache[k] = float(fitness(rates))
-            stats["evaluations"] += 1
-            evaluated.append(
+            self.cache[k] = float(self.fitness(rates))
+            self.stats["evaluations"] += 1
+            self.history["evaluated"].append(
                 {
                     "generation": generation,
                     "origin": origin,
                     "rates": rates,
-                    "fitness": cache[k],
+                    "fitness": self.cache[k],
                     "pruned": list(k),
-                    "mean_rate": sum(rates) / n,
+                    "mean_rate": sum(rates) / len(rates),
                     "seconds": round(time.perf_counter() - t0, 4),
                 }
             )
-        return {"rates": rates, "fitness": cache[k], "origin": origin, "key": k}
+        return {"rates": rates, "fitness": self.cache[k], "origin": origin, "key": k}
 
-    def pick(pop: list[dict]) -> dict:
-        return min(rng.sample(pop, min(tournament, len(pop))), key=lambda c: c["fitness"])
+    # ---------------------------------------------------------------------------------------------- operators
+    def pick(self, pop: list[dict]) -> dict:
+        """Tournament selection: the best of ``tournament`` candidates drawn at random."""
+        return min(self.rng.sample(pop, min(self.tournament, len(pop))), key=lambda c: c["fitness"])
 
-    def classical(kind: str, parents: list[list[float]]) -> list[float]:
+    def classical(self, kind: str, parents: list[list[float]]) -> list[float]:
+        n = len(self.counts)
         if kind == "crossover":
-            return [parents[rng.random() < 0.5][i] for i in range(n)]
+            return [parents[self.rng.random() < 0.5][i] for i in range(n)]
         child = list(parents[0])
-        layers = rng.sample(range(n), max(1, n // 2))
-        for i in layers:
-            child[i] += mutation_scale * rng.gauss(0.0, 1.0)
+        for i in self.rng.sample(range(n), max(1, n // 2)):
+            child[i] += self.mutation_scale * self.rng.gauss(0.0, 1.0)
         return child
 
-    def operate(kind: str, parents: list[list[float]], pop: list[dict]) -> tuple[list[float], str]:
-        if operator is not None:
-            stats["llm_proposed"] += 1
-            proposed, reason, answer = operator.propose(
-                kind, parents, [(c["rates"], c["fitness"]) for c in pop], target, max_rate
+    def operate(self, kind: str, parents: list[list[float]], pop: list[dict]) -> tuple[list[float], str]:
+        """A crossover or mutation: the operator model's answer when it gives a usable one, else the classical."""
+        if self.operator is not None:
+            self.stats["llm_proposed"] += 1
+            proposed, reason, answer = self.operator.propose(
+                kind, parents, [(c["rates"], c["fitness"]) for c in pop], self.target, self.max_rate
             )
-            llm_answers.append({"kind": kind, "usable": proposed is not None, "reason": reason, "answer": answer[:300]})
+            self.history["llm_answers"].append(
+                {"kind": kind, "usable": proposed is not None, "reason": reason, "answer": answer[:300]}
+            )
             if proposed is not None:
-                stats["llm_used"] += 1
-                return repair(proposed), f"llm-{kind}"
-            stats["llm_fallback"] += 1
-            llm_failures[reason] = llm_failures.get(reason, 0) + 1
-        return repair(classical(kind, parents)), kind
+                self.stats["llm_used"] += 1
+                return self.repair(proposed), f"llm-{kind}"
+            self.stats["llm_fallback"] += 1
+            failures = self.history["llm_failures"]
+            failures[reason] = failures.get(reason, 0) + 1
+        return self.repair(self.classical(kind, parents)), kind
 
-    uniform = repair([target] * n)
-    history: dict = {
-        "method": "self-pruner",
-        "target": target,
-        "counts": list(counts),
-        "partitions": partitions,
-        "max_rate": max_rate,
-        "seed": seed,
-        "population": population,
-        "generations_planned": generations,
-        "mutations": mutations,
-        "crossovers": crossovers,
-        "operator": operator.path if operator is not None else "classical",
-        **dict(info or {}),
-        "generations": [],
-        "evaluated": evaluated,
-        "stats": stats,
-        "llm_failures": llm_failures,
-        "llm_answers": llm_answers,
-    }
+    # ---------------------------------------------------------------------------------------------- the run
+    def initial_population(self) -> list[dict]:
+        n = len(self.counts)
+        uniform = self.repair([self.target] * n)
+        pop = [self.score(uniform, "uniform", 0)]
+        self.history["uniform"] = {"rates": uniform, "fitness": pop[0]["fitness"]}
+        seen = {pop[0]["key"]}
+        tries = 0
+        while len(pop) < self.size and tries < 20 * self.size:
+            tries += 1
+            rates = self.repair([self.target + self.init_scale * self.rng.gauss(0.0, 1.0) for _ in range(n)])
+            cand = self.score(rates, "random", 0)
+            if cand["key"] not in seen:
+                seen.add(cand["key"])
+                pop.append(cand)
+        return pop
 
-    def save() -> None:
-        if history_path is not None:
-            write_json(history_path, history)
+    def generation(self, pop: list[dict], gen: int) -> list[dict]:
+        """One round: crossovers, then mutations, then the best ``population`` distinct candidates survive."""
+        children = []
+        for _ in range(self.crossovers):
+            a, b = self.pick(pop), self.pick(pop)
+            rates, origin = self.operate("crossover", [a["rates"], b["rates"]], pop)
+            children.append(self.score(rates, origin, gen))
+        for _ in range(self.mutations):
+            rates, origin = self.operate("mutation", [self.pick(pop)["rates"]], pop)
+            children.append(self.score(rates, origin, gen))
+        merged = {c["key"]: c for c in children}
+        merged.update({c["key"]: c for c in pop})  # a survivor keeps its origin
+        return sorted(merged.values(), key=lambda c: c["fitness"])[: self.size]
 
-    pop = [score(uniform, "uniform", 0)]
-    history["uniform"] = {"rates": uniform, "fitness": pop[0]["fitness"]}
-    seen = {pop[0]["key"]}
-    tries = 0
-    while len(pop) < population and tries < 20 * population:
-        tries += 1
-        cand = score(repair([target + init_scale * rng.gauss(0.0, 1.0) for _ in range(n)]), "random", 0)
-        if cand["key"] not in seen:
-            seen.add(cand["key"])
-            pop.append(cand)
-
-    def record(gen: int) -> None:
+    def record(self, pop: list[dict], gen: int) -> None:
         pop.sort(key=lambda c: c["fitness"])
-        history["generations"].append(
+        self.history["generations"].append(
             {
                 "generation": gen,
                 "best_fitness": pop[0]["fitness"],
                 "best_rates": pop[0]["rates"],
                 "population": [{"rates": c["rates"], "fitness": c["fitness"], "origin": c["origin"]} for c in pop],
-                **{k: stats[k] for k in stats},
+                **dict(self.stats),
             }
         )
-        history["best"] = {"rates": pop[0]["rates"], "fitness": pop[0]["fitness"]}
-        save()
+        self.history["best"] = {"rates": pop[0]["rates"], "fitness": pop[0]["fitness"]}
+        if self.history_path is not None:
+            write_json(self.history_path, self.history)
 
-    record(0)
-    bar = tqdm(range(1, generations + 1), desc="self-pruner", unit="gen", disable=not progress)
-    for gen in bar:
-        children = []
-        for _ in range(crossovers):
-            a, b = pick(pop), pick(pop)
-            rates, origin = operate("crossover", [a["rates"], b["rates"]], pop)
-            children.append(score(rates, origin, gen))
-        for _ in range(mutations):
-            rates, origin = operate("mutation", [pick(pop)["rates"]], pop)
-            children.append(score(rates, origin, gen))
-        merged = {c["key"]: c for c in children}
-        merged.update({c["key"]: c for c in pop})  # a survivor keeps its origin
-        pop = sorted(merged.values(), key=lambda c: c["fitness"])[:population]
-        record(gen)
-        bar.set_postfix(
-            best=f"{pop[0]['fitness']:.4g}",
-            evals=stats["evaluations"],
-            **({"llm": f"{stats['llm_used']}/{stats['llm_proposed']}"} if operator else {}),
-        )
-    bar.close()
-    best = pop[0]
-    return SearchResult(
-        rates=best["rates"], fitness=best["fitness"], uniform_fitness=history["uniform"]["fitness"], history=history
-    )
+    def run(self, progress: bool = True) -> SearchResult:
+        pop = self.initial_population()
+        self.record(pop, 0)
+        bar = tqdm(range(1, self.generations + 1), desc="self-pruner", unit="gen", disable=not progress)
+        for gen in bar:
+            pop = self.generation(pop, gen)
+            self.record(pop, gen)
+            llm = {"llm": f"{self.stats['llm_used']}/{self.stats['llm_proposed']}"} if self.operator else {}
+            bar.set_postfix(best=f"{pop[0]['fitness']:.4g}", evals=self.stats["evaluations"], **llm)
+        bar.close()
+        best = pop[0]
+        return SearchResult(best["rates"], best["fitness"], self.history["uniform"]["fitness"], self.history)
+
+
+def evolve(
+    counts: Sequence[int], target: float, fitness: Fitness, *, progress: bool = True, **settings
+) -> SearchResult:
+    """:class:`Evolution` run to the end (``settings``: its keyword arguments)."""
+    return Evolution(counts, target, fitness, **settings).run(progress)
 
 
 def search_rates(

@@ -80,6 +80,17 @@ def sparsegpt_prune(
     (``percdamp``, ``damp``), ``retries`` of the Cholesky factorisation, and ``loss`` = Σ e²/2, the OBS estimate of
     ``‖WX − ŴX‖²_F`` on the calibration data (with ``H = 2XXᵀ``; per token when ``H`` is divided by the tokens).
     """
+    _check_inputs(W, H, sparsity, nm, scope, blocksize)
+    obs = _Elimination(W, H, percdamp, max_retries, prev_keep)
+    in_f = W.shape[1]
+    for i1 in range(0, in_f, blocksize):
+        i2 = min(i1 + blocksize, in_f)
+        keep = obs.block_keep(i1, i2, sparsity, scope) if nm is None else None
+        obs.eliminate(i1, i2, keep, nm)
+    return obs.result()
+
+
+def _check_inputs(W: torch.Tensor, H: torch.Tensor, sparsity, nm, scope: str, blocksize: int) -> None:
     if (sparsity is None) == (nm is None):
         raise ValueError("sparsegpt_prune needs exactly one of sparsity=... or nm=(n, m)")
     if sparsity is not None and not 0 <= sparsity < 1:
@@ -93,64 +104,84 @@ def sparsegpt_prune(
         n, m = nm
         if in_f % m or blocksize % m:
             raise ValueError(f"N:M {n}:{m} needs in_features ({in_f}) and blocksize ({blocksize}) divisible by {m}")
-    dev = W.device
-    W = W.detach().float().clone()
-    H = H.detach().to(dev, torch.float32).clone()
-    dead = H.diagonal() == 0
-    H.diagonal()[dead] = 1.0  # an input that is always zero: an identity row keeps H invertible and W irrelevant
-    U, info = inverse_cholesky(H, percdamp, max_retries)
-    forced = None if prev_keep is None else ~prev_keep.to(dev, torch.bool)
-    keep = torch.ones(out_f, in_f, dtype=torch.bool, device=dev)
-    loss = torch.zeros((), dtype=torch.float64, device=dev)
-    neg_inf = float("-inf")
 
-    def saliency(w: torch.Tensor, d: torch.Tensor, a: int, b: int) -> torch.Tensor:
+
+class _Elimination:
+    """The state of :func:`sparsegpt_prune`'s column-by-column elimination: the weights as updated so far (fp32),
+    the Cholesky factor ``U``, the keep mask, and the OBS loss."""
+
+    def __init__(self, W: torch.Tensor, H: torch.Tensor, percdamp: float, max_retries: int, prev_keep) -> None:
+        dev = W.device
+        self.W = W.detach().float().clone()
+        H = H.detach().to(dev, torch.float32).clone()
+        self.dead = H.diagonal() == 0
+        H.diagonal()[self.dead] = 1.0  # an input that is always zero: an identity row keeps H invertible
+        self.U, self.info = inverse_cholesky(H, percdamp, max_retries)
+        self.forced = None if prev_keep is None else ~prev_keep.to(dev, torch.bool)
+        self.keep = torch.ones(W.shape, dtype=torch.bool, device=dev)
+        self.loss = torch.zeros((), dtype=torch.float64, device=dev)
+
+    def saliency(self, w: torch.Tensor, d: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """OBS saliency ``w² / U[j,j]²`` of columns ``[a, b)``; dead inputs 0, entries pruned before -inf."""
         s = w.square() / d.square()[None, :]
-        s[:, dead[a:b]] = 0.0
-        if forced is not None:
-            s = s.masked_fill(forced[:, a:b], neg_inf)
+        s[:, self.dead[a:b]] = 0.0
+        if self.forced is not None:
+            s = s.masked_fill(self.forced[:, a:b], float("-inf"))
         return s
 
-    for i1 in range(0, in_f, blocksize):
-        i2 = min(i1 + blocksize, in_f)
-        B = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
+    def block_keep(self, i1: int, i2: int, sparsity: float, scope: str) -> torch.Tensor:
+        """Unstructured: the keep mask of columns ``[i1, i2)``, chosen at the start of the block."""
+        W1, d = self.W[:, i1:i2], self.U[i1:i2, i1:i2].diagonal()
+        K1 = torch.ones_like(W1, dtype=torch.bool)
+        s = self.saliency(W1, d, i1, i2)
+        if scope == "row":
+            k = _per_block(sparsity, i1, i2)
+            if k:
+                K1.scatter_(1, torch.topk(s, k, dim=1, largest=False).indices, False)
+        else:
+            k = _per_block(sparsity * self.W.shape[0], i1, i2)
+            if k:
+                K1.view(-1)[torch.topk(s.flatten(), k, largest=False).indices] = False
+        if self.forced is not None:
+            K1 &= ~self.forced[:, i1:i2]
+        return K1
+
+    def eliminate(self, i1: int, i2: int, K1: torch.Tensor | None, nm: tuple[int, int] | None) -> None:
+        """Eliminate columns ``[i1, i2)`` left to right (an N:M pattern chosen at every group of M columns, when
+        ``K1`` is None), then update the columns after the block at once."""
+        W, U = self.W, self.U
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         d = U1.diagonal()
         E1 = torch.zeros_like(W1)
-        K1 = torch.ones_like(W1, dtype=torch.bool)
-        if nm is None:
-            s = saliency(W1, d, i1, i2)
-            if scope == "row":
-                k = _per_block(sparsity, i1, i2)
-                if k:
-                    K1.scatter_(1, torch.topk(s, k, dim=1, largest=False).indices, False)
-            else:
-                k = _per_block(sparsity * out_f, i1, i2)
-                if k:
-                    K1.view(-1)[torch.topk(s.flatten(), k, largest=False).indices] = False
-            if forced is not None:
-                K1 &= ~forced[:, i1:i2]
-        for j in range(B):
-            if nm is not None and j % m == 0:
-                s = saliency(W1[:, j : j + m], d[j : j + m], i1 + j, i1 + j + m)
-                K1[:, j : j + m].scatter_(1, torch.topk(s, m - n, dim=1, largest=False).indices, False)
-                if forced is not None:
-                    K1[:, j : j + m] &= ~forced[:, i1 + j : i1 + j + m]
+        if K1 is None:
+            K1 = torch.ones_like(W1, dtype=torch.bool)
+        for j in range(i2 - i1):
+            if nm is not None and j % nm[1] == 0:
+                self._nm_group(W1, d, K1, i1, j, nm)
             w = W1[:, j]
             q = w * K1[:, j]
             e = (w - q) / d[j]
             W1[:, j:].sub_(e[:, None] * U1[j, j:][None, :])
             W1[:, j] = q
             E1[:, j] = e
-            loss += e.double().square().sum() / 2
+            self.loss += e.double().square().sum() / 2
         W[:, i1:i2] = W1
-        keep[:, i1:i2] = K1
-        if i2 < in_f:
+        self.keep[:, i1:i2] = K1
+        if i2 < W.shape[1]:
             W[:, i2:].sub_(E1 @ U[i1:i2, i2:])
-    W.masked_fill_(~keep, 0.0)
-    info["loss"] = float(loss)
-    return keep, W, info
+
+    def _nm_group(self, W1: torch.Tensor, d: torch.Tensor, K1: torch.Tensor, i1: int, j: int, nm) -> None:
+        """N:M: the N highest-saliency weights of each row of the group of M columns starting at ``j``."""
+        n, m = nm
+        s = self.saliency(W1[:, j : j + m], d[j : j + m], i1 + j, i1 + j + m)
+        K1[:, j : j + m].scatter_(1, torch.topk(s, m - n, dim=1, largest=False).indices, False)
+        if self.forced is not None:
+            K1[:, j : j + m] &= ~self.forced[:, i1 + j : i1 + j + m]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        self.W.masked_fill_(~self.keep, 0.0)
+        self.info["loss"] = float(self.loss)
+        return self.keep, self.W, self.info
 
 
 @register
