@@ -75,6 +75,7 @@ from pruning.stats import GradientCollector  # noqa: E402
 from pruning.structure import ModelStructure  # noqa: E402
 from pruning.text.stdlib import batches as split_batches  # noqa: E402
 from pruning.text.stdlib import windows  # noqa: E402
+from pruning.training import TrainConfig, train  # noqa: E402
 
 # GBLM's authors average the activation term over the N samples and scale gradients by 100: against our raw norms
 # their weighting is α = 100·√N (see pruning/importance/gblm.py); the project's default is α = 100.
@@ -271,26 +272,11 @@ def apply_method(model, method: Method, setting: Setting, calib, shared: Shared)
 
 
 def recover(model, masks, batches: torch.Tensor, lr: float) -> list[float]:
-    """A plain AdamW loop over ``batches`` ``[steps, batch, seq]`` with the masks held; returns the losses."""
-    model.train()
-    if masks is not None:
-        masks.attach(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    dev = next(model.parameters()).device
-    losses = []
-    try:
-        for ids in batches:
-            ids = ids.to(dev)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-    finally:
-        if masks is not None:
-            masks.detach()
-        model.eval()
+    """A plain AdamW run over ``batches`` ``[steps, batch, seq]`` (constant ``lr``, no weight decay, clipping 1.0)
+    with the masks held; returns the losses and leaves the model in eval mode."""
+    config = TrainConfig(steps=batches.shape[0], lr=lr, betas=(0.9, 0.95), weight_decay=0.0, clip_grad_norm=1.0)
+    losses = train(model, batches, config, masks=masks)
+    model.eval()
     return losses
 
 
