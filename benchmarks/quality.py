@@ -28,11 +28,11 @@ the granularity prunes a fresh copy of the dense model; cells a criterion does n
 - **Held-out perplexity**: ``--eval-windows`` non-overlapping windows of ``seq_len`` tokens evenly spaced over the
   held-out split (files never seen in training), the same windows for every row.
 - **Recovery**: the same token budget, batches and order for every method (``--recovery-steps`` × ``--recovery-batch``
-  sequences of the train stream, seeded and hashed), AdamW at a constant ``--recovery-lr`` (no weight decay), masks
-  held (``MaskSet.attach``). The default LR is a quarter of the LR the reference model's training ended with (5e-5
-  for ``cpu``): at the final LR itself, with or without warm-up, a fresh AdamW made the *dense* model worse on
-  held-out files in these few steps (checked once on a shorter-trained model, dense and magnitude only; not tuned
-  per method). The dense model gets the same recovery as a control: the reference model is
+  sequences of the train stream, seeded and hashed), AdamW at a constant ``--recovery-lr`` (no weight decay), masks held
+  (``MaskSet.attach``), through :func:`pruning.training.train`. The default LR is a quarter of the LR the reference
+  model's training ended with (5e-5 for ``cpu``): at the final LR itself, with or without warm-up, a fresh AdamW made
+  the *dense* model worse on held-out files in these few steps (checked once on a shorter-trained model, dense and
+  magnitude only; not tuned per method). The dense model gets the same recovery as a control: the reference model is
   under-trained, so part of any gain is plain extra training.
 
 Outputs (``--out``, default ``docs/``): ``quality.md`` (tables, head-to-head comparisons, protocol, timings),

@@ -9,7 +9,7 @@ into train and held-out *by file*):
 2. both splits tokenised once as the perplexity protocol does (files joined with ``"\\n\\n"``, one stream per split,
    :func:`pruning.evaluation.token_stream`), cached as ``uint16`` arrays;
 3. a Llama with grouped-query attention (GQA), tied embeddings, fp32, trained with AdamW on seeded random windows
-   of the train stream (warm-up, cosine decay to 10 %, gradient clipping 1.0);
+   of the train stream (warm-up, cosine decay to 10 %, gradient clipping 1.0; :func:`pruning.training.train`);
 4. held-out perplexity on evenly spaced non-overlapping windows of the held-out stream (:func:`heldout_windows`).
 
 Everything is cached under ``.cache/reference-model/<preset>/`` (``model.safetensors``, the tokenizer files, the token

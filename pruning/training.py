@@ -157,14 +157,14 @@ def train(
     stay exactly zero) and detached after; the model is left in the train/eval mode it came in."""
     was_training = model.training
     device = next(model.parameters()).device
-    if masks is not None:
-        masks.attach(model)
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config)
     losses: list[float] = []
     tokens, t0 = 0, time.time()
-    model.train()
+    if masks is not None:
+        masks.attach(model)
     try:
+        optimizer = make_optimizer(model, config)
+        scheduler = make_scheduler(optimizer, config)
+        model.train()
         for step, ids in enumerate(_batches(batches, config.steps)):
             ids = ids.to(device)
             with _autocast(device, config):
