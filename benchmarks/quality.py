@@ -28,11 +28,11 @@ the granularity prunes a fresh copy of the dense model; cells a criterion does n
 - **Held-out perplexity**: ``--eval-windows`` non-overlapping windows of ``seq_len`` tokens evenly spaced over the
   held-out split (files never seen in training), the same windows for every row.
 - **Recovery**: the same token budget, batches and order for every method (``--recovery-steps`` × ``--recovery-batch``
-  sequences of the train stream, seeded and hashed), AdamW at a constant ``--recovery-lr`` (no weight decay), masks
-  held (``MaskSet.attach``). The default LR is a quarter of the LR the reference model's training ended with (5e-5
-  for ``cpu``): at the final LR itself, with or without warm-up, a fresh AdamW made the *dense* model worse on
-  held-out files in these few steps (checked once on a shorter-trained model, dense and magnitude only; not tuned
-  per method). The dense model gets the same recovery as a control: the reference model is
+  sequences of the train stream, seeded and hashed), AdamW at a constant ``--recovery-lr`` (no weight decay), masks held
+  (``MaskSet.attach``), through :func:`pruning.training.train`. The default LR is a quarter of the LR the reference
+  model's training ended with (5e-5 for ``cpu``): at the final LR itself, with or without warm-up, a fresh AdamW made
+  the *dense* model worse on held-out files in these few steps (checked once on a shorter-trained model, dense and
+  magnitude only; not tuned per method). The dense model gets the same recovery as a control: the reference model is
   under-trained, so part of any gain is plain extra training.
 
 Outputs (``--out``, default ``docs/``): ``quality.md`` (tables, head-to-head comparisons, protocol, timings),
@@ -77,6 +77,7 @@ from pruning.stats import GradientCollector  # noqa: E402
 from pruning.structure import ModelStructure  # noqa: E402
 from pruning.text.stdlib import batches as split_batches  # noqa: E402
 from pruning.text.stdlib import windows  # noqa: E402
+from pruning.training import TrainConfig, train  # noqa: E402
 
 # GBLM's authors average the activation term over the N samples and scale gradients by 100: against our raw norms
 # their weighting is α = 100·√N (see pruning/importance/gblm.py); the project's default is α = 100.
@@ -273,26 +274,11 @@ def apply_method(model, method: Method, setting: Setting, calib, shared: Shared)
 
 
 def recover(model, masks, batches: torch.Tensor, lr: float) -> list[float]:
-    """A plain AdamW loop over ``batches`` ``[steps, batch, seq]`` with the masks held; returns the losses."""
-    model.train()
-    if masks is not None:
-        masks.attach(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    dev = next(model.parameters()).device
-    losses = []
-    try:
-        for ids in batches:
-            ids = ids.to(dev)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-    finally:
-        if masks is not None:
-            masks.detach()
-        model.eval()
+    """A plain AdamW run over ``batches`` ``[steps, batch, seq]`` (constant ``lr``, no weight decay, clipping 1.0)
+    with the masks held; returns the losses and leaves the model in eval mode."""
+    config = TrainConfig(steps=batches.shape[0], lr=lr, betas=(0.9, 0.95), weight_decay=0.0, clip_grad_norm=1.0)
+    losses = train(model, batches, config, masks=masks)
+    model.eval()
     return losses
 
 

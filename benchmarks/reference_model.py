@@ -9,7 +9,7 @@ into train and held-out *by file*):
 2. both splits tokenised once as the perplexity protocol does (files joined with ``"\\n\\n"``, one stream per split,
    :func:`pruning.evaluation.token_stream`), cached as ``uint16`` arrays;
 3. a Llama with grouped-query attention (GQA), tied embeddings, fp32, trained with AdamW on seeded random windows
-   of the train stream (warm-up, cosine decay to 10 %, gradient clipping 1.0);
+   of the train stream (warm-up, cosine decay to 10 %, gradient clipping 1.0; :func:`pruning.training.train`);
 4. held-out perplexity on evenly spaced non-overlapping windows of the held-out stream (:func:`heldout_windows`).
 
 Everything is cached under ``.cache/reference-model/<preset>/`` (``model.safetensors``, the tokenizer files, the token
@@ -39,6 +39,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -48,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pruning.evaluation.perplexity import IGNORE_INDEX, PerplexityProtocol, score_windows, token_stream  # noqa: E402
 from pruning.text.stdlib import stdlib_files, stdlib_root  # noqa: E402
+from pruning.training import RandomWindows, TrainConfig, train  # noqa: E402
 
 SPECIAL = "<|endoftext|>"
 DEFAULT_CACHE = Path(".cache/reference-model")
@@ -242,50 +244,33 @@ def build_config(p: Preset, vocab_size: int):
     return cfg
 
 
-def lr_at(step: int, p: Preset) -> float:
-    warm = max(1, round(p.warmup * p.steps))
-    if step < warm:
-        return p.lr * (step + 1) / warm
-    t = (step - warm) / max(1, p.steps - warm)
-    return p.lr * (p.min_lr + (1 - p.min_lr) * 0.5 * (1 + math.cos(math.pi * t)))
+def train_config(p: Preset, device: torch.device) -> TrainConfig:
+    """The preset's training: AdamW (β 0.9/0.95, no decay on 1-D weights), warm-up then cosine to ``min_lr``,
+    clipping 1.0, bf16 autocast on CUDA, about 20 progress lines."""
+    return TrainConfig(
+        steps=p.steps,
+        lr=p.lr,
+        weight_decay=p.weight_decay,
+        betas=(0.9, 0.95),
+        decay_vectors=False,
+        schedule="cosine",
+        warmup=p.warmup,
+        min_lr=p.min_lr,
+        clip_grad_norm=1.0,
+        autocast="bfloat16" if device.type == "cuda" else None,
+        log_every=max(1, p.steps // 20),
+    )
 
 
-def train_model(p: Preset, train_ids: torch.Tensor, vocab_size: int, device: torch.device, log=print):
+def train_model(
+    p: Preset, train_ids: torch.Tensor, vocab_size: int, device: torch.device, log: Callable[[str], None] = print
+) -> tuple[torch.nn.Module, list[float]]:
+    """A fresh model of the preset trained on seeded random windows of ``train_ids``: ``(model, losses)``."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(p.seed)
     model = AutoModelForCausalLM.from_config(build_config(p, vocab_size)).to(device)
-    decay = [q for n, q in model.named_parameters() if q.dim() >= 2]
-    no_decay = [q for n, q in model.named_parameters() if q.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=p.lr,
-        betas=(0.9, 0.95),
-    )
-    g = torch.Generator().manual_seed(p.seed)
-    amp = device.type == "cuda"
-    model.train()
-    t0 = time.time()
-    losses = []
-    every = max(1, p.steps // 20)
-    for step in range(p.steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, p)
-        starts = torch.randint(0, train_ids.numel() - p.seq_len, (p.batch,), generator=g)
-        ids = train_ids[starts[:, None] + torch.arange(p.seq_len)[None, :]].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if step % every == 0 or step == p.steps - 1:
-            dt = time.time() - t0
-            log(
-                f"  step {step + 1:5d}/{p.steps}  loss {losses[-1]:.3f}  lr {lr_at(step, p):.2e}  "
-                f"{(step + 1) * p.batch * p.seq_len / max(dt, 1e-9):.0f} tok/s  ({dt:.0f}s)"
-            )
+    losses = train(model, RandomWindows(train_ids, p.seq_len, p.batch, seed=p.seed), train_config(p, device), log=log)
     return model.eval(), losses
 
 

@@ -13,21 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny import BYTE_VOCAB, tiny_config_dict
 from transformers import AutoModelForCausalLM
 
 from pruning.lightning.cli import lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "model_type": "llama",
-    "vocab_size": 256,
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-}
+TINY = tiny_config_dict(vocab_size=BYTE_VOCAB)
 
 
 def tiny_demo_config(tmp_path: Path) -> Path:

@@ -112,9 +112,7 @@ def test_layer_granularity_on_post_norm_opt():
 
 
 def test_unsupported_model_via_prune():
-    from transformers import AutoModelForCausalLM, GPT2Config
-
-    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2))
+    model = tiny_model("gpt2", layers=1, attn=None, vocab_size=64, max_position_embeddings=1024)
     with pytest.raises(pruning.UnsupportedModelError, match=r"model_type='gpt2'.*register_family"):
         pruning.prune(model, method="magnitude", progress=False)
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from tiny import tiny_model
+from tiny import BYTE_VOCAB, byte_model, tiny_config_dict
 from torch.utils.data import DataLoader
 
 from pruning.evaluation.harness import _bytes_to_unicode, byte_tokenizer
@@ -33,10 +32,6 @@ DOCS = [
     "print('héllo')  # non-ASCII bytes too\n",
     "import os\nprint(os.sep)\n",
 ]
-
-
-def byte_model(seed: int = 0):
-    return tiny_model("llama", layers=2, seed=seed, vocab_size=256)
 
 
 @pytest.fixture
@@ -159,12 +154,6 @@ def test_metric_equals_function(text_file):
 
 
 # ---------------------------------------------------------------------------------------------------- two ranks
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, port: int, path: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -187,9 +176,9 @@ def _worker(rank: int, port: int, path: str, out: str) -> None:
 
 
 @pytest.mark.multiprocess
-def test_two_ranks_equal_one_process(text_file, tmp_path):
+def test_two_ranks_equal_one_process(text_file, tmp_path, free_port):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(_free_port(), str(text_file), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port, str(text_file), out), nprocs=2, join=True)
     got = torch.load(out)
     model = byte_model()
     want = evaluate_perplexity(model, "bytes", PerplexityProtocol(source=str(text_file), seq_len=16, stride=6))
@@ -230,16 +219,7 @@ def test_callback_logs_dense_and_pruned_numbers(text_file, tmp_path):
             for k, v in metrics.items():
                 self.logged[k] = (float(v), step)
 
-    cfg = dict(
-        model_type="llama",
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    cfg = tiny_config_dict(vocab_size=BYTE_VOCAB, max_position_embeddings=512)
     module = DistillationModule(config=cfg, attn_implementation="eager", lr=1e-2)
     g = torch.Generator().manual_seed(0)
     data = DataLoader([{"input_ids": torch.randint(0, 256, (16,), generator=g)} for _ in range(8)], batch_size=2)

@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from tiny import FAMILY_NAMES, VOCAB, calib, tiny_config, tiny_model
-from transformers import AutoModelForCausalLM, GPT2Config
+from tiny import FAMILY_NAMES, calib, tiny_config, tiny_model
 
 import pruning
 from pruning.structure import ModelStructure
@@ -67,10 +66,7 @@ def test_llama_neuron_members_by_name():
 
 
 def test_unsupported_model_error():
-    torch.manual_seed(0)
-    gpt2 = AutoModelForCausalLM.from_config(
-        GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=32)
-    )
+    gpt2 = tiny_model("gpt2", layers=1, seed=0, attn=None)
     with pytest.raises(
         pruning.UnsupportedModelError,
         match=r"gpt2.*supported: llama, mistral, opt, qwen2, qwen3"

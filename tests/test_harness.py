@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import BYTE_VOCAB, tiny_config_dict, tiny_model
 from transformers import PreTrainedModel
 
 import pruning
@@ -185,16 +185,7 @@ def test_eval_command_on_a_lightning_checkpoint(tmp_path, capsys):
     from pruning.evaluation.perplexity import evaluate_perplexity
     from pruning.lightning.module import DistillationModule
 
-    cfg = dict(
-        model_type="llama",
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    cfg = tiny_config_dict(vocab_size=BYTE_VOCAB)
     module = DistillationModule(config=cfg, attn_implementation="eager", lr=1e-2)
     g = torch.Generator().manual_seed(0)
     data = DataLoader([{"input_ids": torch.randint(0, 256, (16,), generator=g)} for _ in range(2)], batch_size=2)

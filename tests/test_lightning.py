@@ -12,8 +12,9 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 from pruning.callbacks import ExportOnFitEnd, ImportanceCallback, PruningCallback
+from tiny import tiny_config_dict, tiny_model
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 import pruning
 from pruning import get_criterion
@@ -23,16 +24,7 @@ from pruning.schedule import Event, Schedule
 from pruning.stats import ActivationCollector, GradientCollector
 from pruning.structure import ModelStructure, named_parameters
 
-CFG = dict(
-    model_type="llama",
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+CFG = tiny_config_dict()
 SEQ = 16
 TWO_STAGE = [Event(4, 0.1), Event(8, 0.3, alpha=0.42, temperature=0.5)]  # SDMPrune: CE, then distillation
 
@@ -418,10 +410,7 @@ class UserModule(pl.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        cfg = dict(CFG)
-        hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-        torch.manual_seed(0)
-        self.model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager")
+        self.model = tiny_model("llama", seed=0).train()
 
     def training_step(self, batch, batch_idx):
         return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss

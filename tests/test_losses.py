@@ -84,25 +84,14 @@ def test_collect_gradients_with_a_separate_teacher_equals_the_lifted_one():
     """``collect_gradients(teacher=...)`` (a frozen copy of the original) scores exactly as the lifted teacher."""
     import copy
 
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from tiny import tiny_model
 
     import pruning
     from pruning.pipeline import collect_gradients
     from pruning.stats import GradientCollector
     from pruning.structure import ModelStructure
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32,
-        )
-    )
+    model = tiny_model("llama", seed=0, attn=None, vocab_size=64, max_position_embeddings=32).train()
     original = copy.deepcopy(model).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, 64, (2, 12), generator=g)]

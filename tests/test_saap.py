@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from pruning.callbacks.group_finetune import GroupFinetuneCallback
-from tiny import calib, tiny_model
+from tiny import calib, tiny_config_dict, tiny_model
 from torch.utils.data import DataLoader
 
 import pruning
@@ -303,16 +303,7 @@ def test_rates_file_errors_name_the_key(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- group fine-tuning
-CFG = dict(
-    model_type="llama",
-    vocab_size=128,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+CFG = tiny_config_dict(layers=4, max_position_embeddings=64)
 
 
 class Snapshots(pl.Callback):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import BYTE_VOCAB, tiny_config_dict, tiny_model
 
 from pruning.loading import PickleRefused
 
@@ -39,16 +39,7 @@ def test_lora_checkpoint_loads_with_weights_only(tmp_path):
     from pruning.commands.eval import load_for_eval
     from pruning.lightning.module import DistillationModule, LoraSettings
 
-    cfg = dict(
-        model_type="llama",
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
+    cfg = tiny_config_dict(vocab_size=BYTE_VOCAB)
     module = DistillationModule(config=cfg, attn_implementation="eager", lora=LoraSettings(r=2, merge_at_end=False))
     data = DataLoader([{"input_ids": torch.randint(0, 256, (16,))} for _ in range(2)], batch_size=2)
     trainer = pl.Trainer(

@@ -9,8 +9,7 @@ import json
 
 import pytest
 import torch
-from tiny import calib, tiny_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from tiny import BYTE_VOCAB, calib, tiny_model
 
 import pruning
 from pruning.allocation.operators import LLMOperator, parse_rates
@@ -176,20 +175,9 @@ def _save_tiny_operator(path) -> None:
     backend.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
     tok.save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        eos_token_id=1,
-        bos_token_id=1,
-        pad_token_id=1,
-    )
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    ids = dict(eos_token_id=1, bos_token_id=1, pad_token_id=1)
+    model = tiny_model("llama", seed=0, attn=None, vocab_size=len(vocab), max_position_embeddings=4096, **ids)
+    model.save_pretrained(path)
 
 
 def test_llm_operator_with_a_tiny_local_model_falls_back(tmp_path):
@@ -257,18 +245,9 @@ def test_llm_answers_are_parsed_validated_and_repaired():
 
 # ------------------------------------------------------------------------------------------------ command lines
 def test_search_and_ranking_command_lines(tmp_path, capsys):
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(
-        LlamaConfig(
-            vocab_size=256,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    ).save_pretrained(tmp_path / "m")
+    tiny_model("llama", seed=0, attn=None, vocab_size=BYTE_VOCAB, max_position_embeddings=64).save_pretrained(
+        tmp_path / "m"
+    )
     data = ["--seq-len", "16", "--calibration", "4", "--heldout", "4", "--batch-size", "2"]
     out = tmp_path / "rates.json"
     search_command.main(

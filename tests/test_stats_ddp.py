@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -52,12 +50,6 @@ def _worker(rank: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _assert_same(got: dict, want: dict, prefix: str = "") -> None:
     assert set(got) == set(want), prefix
     for k in want:
@@ -71,9 +63,9 @@ def _assert_same(got: dict, want: dict, prefix: str = "") -> None:
 
 
 @pytest.mark.multiprocess
-def test_two_rank_reduce_equals_one_process(tmp_path):
+def test_two_rank_reduce_equals_one_process(tmp_path, free_port):
     path = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(_free_port(), path), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port, path), nprocs=2, join=True)
     got = torch.load(path)
     want = _statistics(_batches())  # no process group here: reduce is a no-op
     # counts: tokens for activations, sequences for gradients
@@ -191,13 +183,13 @@ def _sharded_worker(rank: int, port: int, path: str) -> None:
 
 
 @pytest.mark.multiprocess
-def test_row_sharded_gradient_statistics(tmp_path):
+def test_row_sharded_gradient_statistics(tmp_path, free_port):
     """Each rank keeps only its rows of Σ (reduce-scattered per sample); reduce gathers the sums of one process that
     saw every sample; a merged (checkpoint) state resumes on the rows, and across modes (sharded ↔ DDP)."""
     from pruning.stats import GradientStats
 
     path = str(tmp_path / "out")
-    mp.spawn(_sharded_worker, args=(_free_port(), path), nprocs=2, join=True)
+    mp.spawn(_sharded_worker, args=(free_port, path), nprocs=2, join=True)
     ranks = [torch.load(f"{path}.{r}") for r in range(2)]
     grads, w = _grads_and_weight()
     want = GradientStats(GRAD_KINDS)

@@ -1,48 +1,61 @@
-"""Tiny models of every supported family, built from their config classes (no download)."""
+"""Tiny models of every supported family, built from their config classes (no download): the one place the tests
+build models and model configs.
+
+Every family has hidden 32, 4 query heads (2 KV groups where the family has GQA), MLP 64, vocabulary 128 (``VOCAB``;
+``BYTE_VOCAB`` = 256 for byte-level text) and 128 positions; any config field can be overridden by keyword (passed to
+the config's constructor, so derived fields such as ``head_dim`` follow).
+"""
 
 from __future__ import annotations
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    MistralConfig,
-    OPTConfig,
-    Qwen2Config,
-    Qwen3Config,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 VOCAB = 128
-
-
-def tiny_config(family: str, layers: int = 2, **overrides):
-    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, max_position_embeddings=128)
-    if family == "llama":
-        cfg = LlamaConfig(intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, **common)
-    elif family == "mistral":
-        cfg = MistralConfig(intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, **common)
-    elif family == "qwen2":
-        cfg = Qwen2Config(intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, **common)
-    elif family == "qwen3":
-        cfg = Qwen3Config(intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8, **common)
-    elif family == "opt":
-        cfg = OPTConfig(ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32, **common)
-    else:
-        raise ValueError(family)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
-
-
+BYTE_VOCAB = 256  # byte-level text (pruning.text.stdlib, the byte tokenizer of the harness tests)
 FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3", "opt")
 
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, max_position_embeddings=128)
+_GQA = dict(intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
+_FAMILY = {
+    "llama": _GQA,
+    "mistral": _GQA,
+    "qwen2": _GQA,
+    "qwen3": {**_GQA, "head_dim": 8},
+    "opt": dict(ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32),
+    # not a supported family: for the tests of the "unsupported model" errors
+    "gpt2": dict(hidden_size=16, num_attention_heads=2, max_position_embeddings=32),
+}
 
-def tiny_model(family: str = "llama", layers: int = 2, seed: int = 0, **overrides):
+
+def tiny_config_dict(family: str = "llama", layers: int = 2, **overrides) -> dict:
+    """The tiny config as a plain dict with ``model_type``: what ``DistillationModule(config=...)`` takes."""
+    if family not in _FAMILY:
+        raise ValueError(f"family={family!r} must be one of {list(_FAMILY)}")
+    return {"model_type": family, **_COMMON, "num_hidden_layers": layers, **_FAMILY[family], **overrides}
+
+
+def tiny_config(family: str = "llama", layers: int = 2, **overrides) -> PretrainedConfig:
+    kw = tiny_config_dict(family, layers, **overrides)
+    return AutoConfig.for_model(kw.pop("model_type"), **kw)
+
+
+def tiny_model(
+    family: str = "llama", layers: int = 2, seed: int = 0, attn: str | None = "eager", **overrides
+) -> PreTrainedModel:
+    """A randomly initialised model (``torch.manual_seed(seed)``) in eval mode; ``attn=None`` keeps transformers'
+    default attention implementation."""
     torch.manual_seed(seed)
     cfg = tiny_config(family, layers, **overrides)
-    cfg._attn_implementation = "eager"
+    if attn is not None:
+        cfg._attn_implementation = attn
     model = AutoModelForCausalLM.from_config(cfg)
     return model.eval()
+
+
+def byte_model(seed: int = 0, **overrides) -> PreTrainedModel:
+    """The 2-layer tiny Llama with a byte vocabulary (256 ids), for byte-level text."""
+    return tiny_model("llama", layers=2, seed=seed, vocab_size=BYTE_VOCAB, **overrides)
 
 
 def calib(n: int = 4, seq: int = 16, seed: int = 0, batch: int = 2) -> list[torch.Tensor]:

@@ -11,14 +11,16 @@ import argparse
 import copy
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 
 from .. import prune
 from ..evaluation.perplexity import perplexity
 from ..text.stdlib import BYTE_VOCAB, batches, stdlib_bytes, windows
+from ..training import RandomWindows, TrainConfig, train
 
 
 def demo_config() -> LlamaConfig:
@@ -34,26 +36,17 @@ def demo_config() -> LlamaConfig:
     )
 
 
-def train_demo_model(steps: int, seq_len: int = 128, batch: int = 16, seed: int = 0, log=print):
+def train_demo_model(
+    steps: int, seq_len: int = 128, batch: int = 16, seed: int = 0, log: Callable[[str], None] = print
+) -> PreTrainedModel:
+    """The demo model trained ``steps`` steps on random windows of the stdlib train split (AdamW, one-cycle LR)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(demo_config())
-    data = stdlib_bytes("train", max_bytes=4_000_000)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    t0 = time.time()
-    for step in range(steps):
-        starts = torch.randint(0, data.numel() - seq_len, (batch,), generator=g).tolist()
-        ids = torch.stack([data[s : s + seq_len] for s in starts])
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            log(f"  train step {step:4d}/{steps}  loss {loss.item():.3f}  ({time.time() - t0:.0f}s)")
+    data = RandomWindows(stdlib_bytes("train", max_bytes=4_000_000), seq_len, batch, seed=seed)
+    config = TrainConfig(
+        steps=steps, lr=3e-3, weight_decay=0.01, schedule="onecycle", warmup=0.05, clip_grad_norm=1.0, log_every=100
+    )
+    train(model, data, config, log=log)
     return model.eval()
 
 
