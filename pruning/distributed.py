@@ -18,11 +18,13 @@ that parameter's gradient into the sharded ``.grad``.
   them (the statistics have read them already).
 - :class:`RowShard` is a rank's rows of a sharded parameter, for statistics of that parameter's size that each rank
   keeps on its own rows only (reduce-scatter in, all-gather out).
+- :func:`comm_device` is where tensors go for a collective of a process group; :func:`broadcast_parameters` puts one
+  rank's values of unsharded parameters on every rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -51,6 +53,35 @@ def fsdp_modules(model: nn.Module) -> list[nn.Module]:
 
 def is_sharded(model: nn.Module) -> bool:
     return bool(fsdp_modules(model)) or any(is_dtensor(p) for p in model.parameters())
+
+
+def comm_device(group=None) -> torch.device:
+    """The device a collective of ``group`` (default: the world) runs on: the current CUDA device under NCCL, else
+    the host (gloo)."""
+    backend = dist.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def broadcast_parameters(model: nn.Module, names: Iterable[str], src: int = 0) -> None:
+    """Rank ``src``'s values of the named parameters of ``model`` on every rank (after SparseGPT rewrote the kept
+    weights on each rank). Collective; a no-op without a process group of more than one rank. Not for sharded
+    parameters: each row of a shard has one owner already."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    params = dict(model.named_parameters())
+    names = sorted(names)
+    sharded = [k for k in names if is_dtensor(params[k])]
+    if sharded:
+        raise ValueError(
+            f"broadcast_parameters got sharded parameters {sharded[:3]}; it takes unsharded ones only. HINT: a "
+            "sharded parameter's rows have one owner each, nothing to broadcast"
+        )
+    device = comm_device()
+    for k in names:
+        p = params[k]
+        t = p.data.to(device)
+        dist.broadcast(t, src=src)
+        p.data.copy_(t)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -151,7 +151,7 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
     new shapes and names (layers renumbered; masks of removed layers dropped) and the stash of original values is
     dropped. If ``masks`` was attached it is re-attached to the compacted model.
     """
-    was_attached = bool(masks._handles)
+    was_attached = masks.attached
     masks.detach()
     cfg = model.config
     with global_widths(cfg):
@@ -244,9 +244,7 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
                 continue
             name = f"{prefix}{new_index[layer_i]}.{name[len(prefix) :].split('.', 1)[1]}"
         element[name] = keep
-    masks.element = element
-    masks.groups, masks.group_sets, masks._stash = {}, {}, {}
-    masks._params, masks._by_id = {}, {}
+    masks.reset_to(element)
     if was_attached:
         masks.attach(model)
     return model

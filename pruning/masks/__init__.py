@@ -38,7 +38,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from ..distributed import RowShard, from_local_like, is_dtensor, local, local_part, local_rows, shard_like
+from ..distributed import (
+    RowShard,
+    comm_device,
+    from_local_like,
+    is_dtensor,
+    local,
+    local_part,
+    local_rows,
+    shard_like,
+)
 from ..structure import GroupSet, Member, named_parameters
 
 
@@ -171,6 +180,18 @@ class MaskSet:
             out.update(m.name for m in self.group_sets[key].members)
         return out
 
+    def held_as_rows(self, name: str) -> bool:
+        """Whether the element mask of ``name`` is held as this rank's rows only (a row-sharded parameter of the
+        attached model), not at the parameter's global shape."""
+        return name in self._rows
+
+    def reset_to(self, element: dict[str, torch.Tensor]) -> None:
+        """Replace every mask by the whole element masks ``element`` (the masks of a model after surgery): no group
+        masks, no stash of original values, no parameter bindings (attach again to hold them)."""
+        self.element = dict(element)
+        self.groups, self.group_sets, self._stash = {}, {}, {}
+        self._params, self._by_id, self._rows = {}, {}, {}
+
     def _whole(self, name: str) -> torch.Tensor:
         """The element mask of ``name`` at the parameter's global shape: the rows held gathered (collective)."""
         mask, rows = self.element[name], self._rows.get(name)
@@ -231,7 +252,8 @@ class MaskSet:
         return len(self.names())
 
     # ------------------------------------------------------------------ applying
-    def _resolve(self, model: nn.Module) -> dict[str, nn.Parameter]:
+    def resolve(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The parameters of ``model`` the masks name, by name (sorted); ``KeyError`` if one is missing."""
         params = named_parameters(model)
         missing = [n for n in self.names() if n not in params]
         if missing:
@@ -239,12 +261,14 @@ class MaskSet:
         # sorted: applying to sharded parameters gathers some (the stash), a collective every rank runs in one order
         return {n: params[n] for n in sorted(self.names())}
 
+    _resolve = resolve  # the former private name, for callers not yet switched to resolve()
+
     @torch.no_grad()
     def apply(self, model: nn.Module, keep_original: bool = False, only: Iterable[str] | None = None) -> None:
         """Zero the pruned weights in place (of the parameters named in ``only``, default all). With
         ``keep_original`` the values being zeroed are stashed (on CPU) so that :meth:`lifted` can run the original
         model with the same parameters (the distillation teacher)."""
-        params = self._resolve(model)
+        params = self.resolve(model)
         if only is not None:
             only = set(only)
             params = {n: p for n, p in params.items() if n in only}
@@ -260,8 +284,8 @@ class MaskSet:
                 self._stash[name] = ([f.cpu() for f in fs], full[~_product(fs, full)].cpu())
             for f in self._local_factors(name, p):
                 local(p).mul_(f)
-        if self._handles:
-            self._params = self._resolve(model)
+        if self.attached:
+            self._params = self.resolve(model)
 
     @torch.no_grad()
     def reapply(self) -> None:
@@ -302,11 +326,23 @@ class MaskSet:
     def has_original(self) -> bool:
         return bool(self._stash)
 
+    def stash_bytes(self) -> int:
+        """Host memory the stash of original values holds (the pruned values and their compact mask factors)."""
+        return sum(
+            vals.numel() * vals.element_size() + sum(f.numel() * f.element_size() for f in factors)
+            for factors, vals in self._stash.values()
+        )
+
+    @property
+    def attached(self) -> bool:
+        """Whether :meth:`attach` holds the masks on a model (gradient and optimiser hooks in place)."""
+        return bool(self._handles)
+
     def attach(self, model: nn.Module) -> MaskSet:
         """Keep the masks applied through training: mask gradients and re-zero after every optimiser step."""
         self.detach()
         self.apply(model)
-        self._params = self._resolve(model)
+        self._params = self.resolve(model)
         self._hold_rows()
         self._by_id = {id(p): n for n, p in self._params.items()}
         sharded = False
@@ -396,6 +432,26 @@ class MaskSet:
             p = params[name]
             out.set_element(name, (p.full_tensor() if is_dtensor(p) else p) != 0)
         return out
+
+    @torch.no_grad()
+    def broadcast_(self, src: int = 0) -> bool:
+        """Rank ``src``'s masks on every rank; returns whether this rank's changed (then apply them again).
+
+        Masks computed from identical statistics on every rank may still differ in the last bit of a tie; this makes
+        them bit-equal. Element masks held as rows are skipped: they were made bit-equal when built and are not
+        whole here. Collective; a no-op without a process group of more than one rank."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return False
+        device = comm_device()
+        changed = False
+        for store, skip in ((self.element, self._rows), (self.groups, {})):
+            for k in sorted(k for k in store if k not in skip):
+                t = store[k].to(device=device, dtype=torch.uint8)
+                dist.broadcast(t, src=src)
+                new = t.to(store[k].device, torch.bool)
+                changed |= not torch.equal(new, store[k])
+                store[k] = new
+        return changed
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self, with_original: bool = False) -> dict:

@@ -689,6 +689,12 @@ class GradientCollector:
         # (a trainer may have divided the loss by its accumulation count or multiplied it by an fp16 loss scale)
         self.grad_scale = 1.0
 
+    @property
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """Every parameter whose gradient this collector reads, by name: those of the element statistics, then the
+        members of the group sets."""
+        return {**self.params, **self._group_params}
+
     def update(self) -> None:
         for n, p in self.params.items():
             if p.grad is not None:
