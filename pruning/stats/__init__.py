@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..distributed import RowShard, is_sharded
+from ..distributed import RowShard, RowSums, is_sharded
 from ..structure import GroupSet
 
 GradStat = str  # "sum" | "sum_sq" | "sum_abs" | "sum_abs_gw"
@@ -312,7 +312,8 @@ class GradientStats(Accumulator):
     the counts), and :meth:`reset` drops back to the rows. Whole sums given to :meth:`load_state_dict` are cut to the
     rows. ``reduce(lazy=True)`` sums the counts only and keeps the rows: :meth:`gather` makes the sums whole when
     they are read and :meth:`release` drops them back to the rows, so an event that scores one layer at a time holds
-    one layer's whole statistics, not the whole model's.
+    one layer's whole statistics, not the whole model's. Where the sums are is :attr:`sharding`
+    (:class:`~pruning.distributed.RowSums`).
     """
 
     def __init__(self, kinds: Iterable[GradStat] = ("sum_sq",)) -> None:
@@ -321,53 +322,29 @@ class GradientStats(Accumulator):
         bad = set(self.kinds) - set(GRAD_STATS)
         if bad:
             raise ValueError(f"gradient statistics {sorted(bad)} unknown; choose from {GRAD_STATS}")
-        self.shard: RowShard | None = None
-        self._whole = False  # sharded sums gathered whole by reduce() or gather() (until reset or release)
-        self._lazy = False  # reduced with lazy=True: counts summed, sums on the rows until gather()
-        self._rows: dict[str, torch.Tensor] = {}  # the rows while gather() holds the whole sums
-        # a rank > 0 that loaded merged (every rank's) whole sums: whether it keeps its rows of them or drops them
-        # depends on whether its parameter turns out row-sharded, known only once the model is (see _settle)
-        self._merged_on_rank = 0
+        self.sharding = RowSums()
+
+    @property
+    def shard(self) -> RowShard | None:
+        """The rows of the parameter this rank holds the sums on (``None``: whole)."""
+        return self.sharding.shard
 
     def set_shard(self, shard: RowShard | None) -> None:
         """Hold the sums on ``shard``'s rows from now on (whole sums already held are cut to them)."""
-        self.shard = shard
-        if shard is not None:
-            self._merged_on_rank = 0  # the rows of merged sums are this rank's share: kept
-        self._localize()
-
-    def _settle(self) -> None:
-        """Unsharded after all (DDP, or a checkpoint of a sharded run resumed unsharded): on a rank > 0 the merged
-        sums loaded from a checkpoint are rank 0's to count, so this rank starts from zero."""
-        if self.shard is None and self._merged_on_rank:
-            for t in self.sums.values():
-                t.zero_()
-            self._merged_on_rank = 0
-
-    def _localize(self) -> None:
-        sh = self.shard
-        if sh is None or self._whole:
-            return
-        for k, t in list(self.sums.items()):
-            if t.shape[0] == sh.total and sh.rows != sh.total:
-                self.sums[k] = sh.narrow(t)
+        self.sharding.set_shard(shard, self.sums)
 
     @torch.no_grad()
     def update(self, grad: torch.Tensor, weight: torch.Tensor | None = None, scale: float = 1.0) -> None:
         """``scale`` (> 0) multiplies the gradient first, without a copy of it (undoing a loss division)."""
-        self._settle()
+        self.sharding.settle(self.sums)
         g = grad.float()
-        sh = self.shard
+        if self.shard is not None:  # the full per-sample term, summed over ranks onto this rank's rows
+            for k in self.kinds:
+                rows = self._buf(k, self.sharding.row_shape(g.shape), g.device)
+                self.sharding.scatter_add(rows, _term(k, g, weight, scale))
+            self.count += 1
+            return
         for k in self.kinds:
-            if sh is not None:  # the full per-sample term, summed over ranks onto this rank's rows
-                term = {
-                    "sum": lambda: g * scale,
-                    "sum_sq": lambda: g.square().mul_(scale * scale),
-                    "sum_abs": lambda: g.abs().mul_(scale),
-                    "sum_abs_gw": lambda: (g * weight.float()).abs_().mul_(scale),
-                }[k]()
-                self._buf(k, (sh.rows, *g.shape[1:]), g.device).add_(sh.scatter_sum(term))
-                continue
             buf = self._buf(k, g.shape, g.device)
             if k == "sum":
                 buf.add_(g, alpha=scale)
@@ -385,58 +362,42 @@ class GradientStats(Accumulator):
     def reduce(self, group=None, lazy: bool = False) -> None:
         """Sum over ranks. Row-sharded: the counts are summed and the rows gathered whole, or with ``lazy`` kept
         on the rows until :meth:`gather` (an unsharded statistic is all-reduced either way)."""
-        self._settle()
-        sh = self.shard
-        if sh is None:
+        self.sharding.settle(self.sums)
+        if self.shard is None:
             return super().reduce(group)
-        if self._whole or self._lazy:
-            raise RuntimeError("statistics already reduced: reset() them before the next window")
         # the rows already hold every rank's samples (reduce-scattered per sample): gather them, sum the counts
+        self.sums = self.sharding.reduced(self.sums, lazy)
         self.count = _summed_count(self.count, group)
-        if lazy:
-            self._lazy = True
-            return
-        self._gather()
 
     @property
     def on_rows(self) -> bool:
         """Reduced with ``lazy=True`` and not gathered: the sums are this rank's rows of the reduced statistics."""
-        return self._lazy and not self._whole
+        return self.sharding.phase == "lazy"
 
     def gather(self) -> bool:
         """The lazily reduced rows gathered into the whole sums (until :meth:`release`); whether it gathered
         (``False``: already whole, or not lazily reduced). Collective: every rank gathers the same statistics in the
         same order."""
-        if not self.on_rows:
+        whole = self.sharding.gather(self.sums)
+        if whole is None:
             return False
-        self._rows = self.sums
-        self._gather()
+        self.sums = whole
         return True
 
     def release(self) -> None:
         """Back to the rows after :meth:`gather` (the whole sums are freed); no communication."""
-        if self._lazy and self._whole:
-            self.sums, self._rows = self._rows, {}
-            self._whole = False
-
-    def _gather(self) -> None:
-        sh = self.shard
-        dev = _comm_device(sh.group)
-        self.sums = {k: sh.gather(self.sums[k].to(dev)) for k in sorted(self.sums)}
-        self._whole = True
+        self.sums = self.sharding.release(self.sums)
 
     def reset(self) -> None:
-        self._merged_on_rank = 0
+        self.sharding.reset()
         if self.shard is not None:  # buffers of the rows are made again by the next update
             self.sums = {}
-            self._rows = {}
             self.count = 0
-            self._whole = self._lazy = False
             return
         super().reset()
 
     def state_dict(self) -> dict:
-        return dict(super().state_dict(), rows_sharded=self.shard is not None and not self._whole)
+        return dict(super().state_dict(), rows_sharded=self.shard is not None and not self.sharding.whole)
 
     def load_state_dict(self, state: dict) -> None:
         state = {k: v for k, v in state.items() if k != "rows_sharded"}
@@ -444,30 +405,37 @@ class GradientStats(Accumulator):
             if k in self.sums and self.sums[k].shape != v.shape:
                 del self.sums[k]
         super().load_state_dict(state)
-        self._whole = self._lazy = False
-        self._rows = {}
-        self._localize()
+        self.sharding.loaded()
+        self.sharding.localize(self.sums)
 
     def merged_state_dict(self, group=None) -> dict:
-        self._settle()
-        sh = self.shard
-        if sh is None or (self._whole and not self._lazy):
+        self.sharding.settle(self.sums)
+        if self.shard is None or self.sharding.phase == "whole":
             return super().merged_state_dict(group)
-        dev = _comm_device(sh.group)
-        rows = self._rows if self._whole else self.sums  # lazily reduced and gathered: the rows are kept apart
-        sums = {k: sh.gather(rows[k].to(dev)).cpu() for k in sorted(rows)}
-        count = self.count if self._lazy else _summed_count(self.count, group)  # lazily reduced: summed already
+        sums = self.sharding.whole_copy(self.sums)
+        count = self.count if self.sharding.lazy else _summed_count(self.count, group)  # lazily reduced: summed
         return {"sums": sums, "count": count, "rows_sharded": True}
 
     def load_merged_state_dict(self, state: dict, rank: int) -> None:
         # merged sums are whole and hold every rank's samples, whether the saving run was row-sharded or not. Row-
         # sharded now: each rank keeps its rows of them (cut when the shard is known); unsharded: rank 0 keeps them
-        # and the others start from zero (decided in _settle, as the shard may not be known yet). Rank 0 alone
-        # keeps the count.
+        # and the others start from zero (decided in RowSums.settle, as the shard may not be known yet). Rank 0
+        # alone keeps the count.
         self.load_state_dict(state)
         if rank:
             self.count = 0
-            self._merged_on_rank = 0 if self.shard is not None else rank
+            self.sharding.loaded_merged(rank)
+
+
+def _term(kind: GradStat, g: torch.Tensor, weight: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The per-sample term of one statistic, a new tensor (to be reduce-scattered onto a rank's rows)."""
+    if kind == "sum":
+        return g * scale
+    if kind == "sum_sq":
+        return g.square().mul_(scale * scale)
+    if kind == "sum_abs":
+        return g.abs().mul_(scale)
+    return (g * weight.float()).abs_().mul_(scale)
 
 
 def _aligned(t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
