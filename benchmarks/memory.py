@@ -70,12 +70,6 @@ def model_config(args) -> dict:
     )
 
 
-def stash_bytes(masks) -> int:
-    return sum(
-        v.numel() * v.element_size() + sum(f.numel() * f.element_size() for f in fs) for fs, v in masks._stash.values()
-    )
-
-
 # ---------------------------------------------------------------------------------------------- core path
 def child_core(args, kl: bool, teacher_mode: str, out: dict) -> None:
     import pruning
@@ -101,7 +95,7 @@ def child_core(args, kl: bool, teacher_mode: str, out: dict) -> None:
         keep_original=teacher is None,
         progress=False,
     )
-    out["stash_bytes"] = stash_bytes(res.masks)
+    out["stash_bytes"] = res.masks.stash_bytes()
     alpha, temp = (args.alpha, args.temperature) if kl else (0.0, 1.0)
     coll = GradientCollector(
         model, param_names=(), group_sets=ModelStructure(model).group_sets("mlp_neuron"), group_kinds=("coupled",)
@@ -162,7 +156,7 @@ def child_lightning(args, kl: bool, teacher_mode: str, out: dict) -> None:
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if trainer.global_step == n:
-                out["stash_bytes"] = stash_bytes(pruner.masks)
+                out["stash_bytes"] = pruner.masks.stash_bytes()
                 out["rss_before"] = settle()
             if trainer.global_step == 2 * n - 1:
                 out["peak"] = rss_peak()

@@ -239,7 +239,7 @@ def breakdown(module: DistillationModule, loader: DataLoader, names: list[str], 
         acts, grads = cbs[0].activations, cbs[0].gradients
         t_g = t_a = (0.0, 0.0)
         if grads is not None:
-            named = {**grads.params, **grads._group_params}
+            named = grads.parameters
             fake = {n: torch.randn_like(p) for n, p in named.items()}
             t_g = best_of(functools.partial(gradient_work, grads, named, fake), repeats)
         if acts is not None:

@@ -17,14 +17,18 @@ that parameter's gradient into the sharded ``.grad``.
 - :class:`DropGradients` drops the gradients of scoring steps that freeze the weights before FSDP reduce-scatters
   them (the statistics have read them already).
 - :class:`RowShard` is a rank's rows of a sharded parameter, for statistics of that parameter's size that each rank
-  keeps on its own rows only (reduce-scatter in, all-gather out).
+  keeps on its own rows only (reduce-scatter in, all-gather out); :class:`RowSums` is where such a statistic's sums
+  are (rows, whole, lazily reduced, gathered) and the moves between the places.
+- :func:`comm_device` is where tensors go for a collective of a process group; :func:`broadcast_parameters` puts one
+  rank's values of unsharded parameters on every rank.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -51,6 +55,35 @@ def fsdp_modules(model: nn.Module) -> list[nn.Module]:
 
 def is_sharded(model: nn.Module) -> bool:
     return bool(fsdp_modules(model)) or any(is_dtensor(p) for p in model.parameters())
+
+
+def comm_device(group=None) -> torch.device:
+    """The device a collective of ``group`` (default: the world) runs on: the current CUDA device under NCCL, else
+    the host (gloo)."""
+    backend = dist.get_backend(group)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def broadcast_parameters(model: nn.Module, names: Iterable[str], src: int = 0) -> None:
+    """Rank ``src``'s values of the named parameters of ``model`` on every rank (after SparseGPT rewrote the kept
+    weights on each rank). Collective; a no-op without a process group of more than one rank. Not for sharded
+    parameters: each row of a shard has one owner already."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    params = dict(model.named_parameters())
+    names = sorted(names)
+    sharded = [k for k in names if is_dtensor(params[k])]
+    if sharded:
+        raise ValueError(
+            f"broadcast_parameters got sharded parameters {sharded[:3]}; it takes unsharded ones only. HINT: a "
+            "sharded parameter's rows have one owner each, nothing to broadcast"
+        )
+    device = comm_device()
+    for k in names:
+        p = params[k]
+        t = p.data.to(device)
+        dist.broadcast(t, src=src)
+        p.data.copy_(t)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -152,6 +185,132 @@ class RowShard:
     def narrow(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's rows of a whole tensor (a copy, so the whole one can be freed)."""
         return full.narrow(0, self.offset, self.rows).clone()
+
+
+Sums = dict[str, torch.Tensor]
+
+
+class RowSums:
+    """Where the running sums of a statistic of one parameter are, when the parameter may be row-sharded (FSDP2),
+    and the moves between the places. The sums (name -> tensor) stay the statistic's: a method takes them and
+    returns them moved (or moves them in place, as it says).
+
+    Unsharded (``shard`` is ``None``) the sums are whole and nothing moves. Row-sharded, each rank holds its rows of
+    every sum, in one of four phases:
+
+    - ``"rows"``: accumulating; each per-sample term is reduce-scattered onto the rows (:meth:`scatter_add`);
+    - ``"whole"``: reduced (:meth:`reduced`), the rows gathered into the whole sums the criteria read;
+    - ``"lazy"``: reduced with ``lazy``: the sums still on the rows until they are read;
+    - ``"gathered"``: lazily reduced and gathered whole (:meth:`gather`), the rows kept apart until
+      :meth:`release` drops the whole sums and goes back to them (``"lazy"``).
+
+    :meth:`reset` starts over on the rows. A merged checkpoint (every rank's samples, whole) loaded on a rank > 0
+    before the model is sharded leaves the decision to :meth:`settle`: kept (cut to the rows) if the parameter turns
+    out row-sharded, dropped if it does not (rank 0's copy counts them once)."""
+
+    def __init__(self) -> None:
+        self.shard: RowShard | None = None
+        self.phase: Literal["rows", "whole", "lazy", "gathered"] = "rows"
+        self._kept: Sums = {}  # the rows while gathered
+        self._merged_elsewhere = False  # merged sums loaded on a rank > 0, the shard not known yet
+
+    @property
+    def whole(self) -> bool:
+        """Row-sharded sums gathered whole (until :meth:`reset`, or :meth:`release` after :meth:`gather`)."""
+        return self.phase in ("whole", "gathered")
+
+    @property
+    def lazy(self) -> bool:
+        """Reduced with ``lazy``: the counts are summed, the sums are whole only between gather and release."""
+        return self.phase in ("lazy", "gathered")
+
+    def set_shard(self, shard: RowShard | None, sums: Sums) -> None:
+        """Hold ``sums`` on ``shard``'s rows from now on (whole sums in ``sums`` are cut to them, in place)."""
+        self.shard = shard
+        if shard is not None:
+            self._merged_elsewhere = False  # the rows of merged sums are this rank's share: kept
+        self.localize(sums)
+
+    def localize(self, sums: Sums) -> None:
+        """Whole sums in ``sums`` (from a checkpoint) cut to this rank's rows, in place; nothing unless sharded and
+        on the rows."""
+        sh = self.shard
+        if sh is None or self.whole:
+            return
+        for k, t in list(sums.items()):
+            if t.shape[0] == sh.total and sh.rows != sh.total:
+                sums[k] = sh.narrow(t)
+
+    def loaded_merged(self, rank: int) -> None:
+        """Merged sums were just loaded on ``rank``: a rank > 0 keeps them only if the parameter is row-sharded
+        (see :meth:`settle`)."""
+        self._merged_elsewhere = bool(rank) and self.shard is None
+
+    def settle(self, sums: Sums) -> None:
+        """Unsharded after all (DDP, or a checkpoint of a sharded run resumed unsharded): merged sums a rank > 0
+        loaded are rank 0's to count, so this rank starts from zero (in place)."""
+        if self.shard is None and self._merged_elsewhere:
+            for t in sums.values():
+                t.zero_()
+            self._merged_elsewhere = False
+
+    def row_shape(self, shape: torch.Size) -> tuple[int, ...]:
+        """The shape of this rank's rows of a sum of ``shape``."""
+        return (self.shard.rows, *shape[1:])
+
+    def scatter_add(self, rows: torch.Tensor, term: torch.Tensor) -> None:
+        """Add the per-sample ``term`` (whole, this rank's own), summed over the ranks, onto this rank's ``rows``.
+        Collective: every rank adds its own term at once."""
+        rows.add_(self.shard.scatter_sum(term))
+
+    def reduced(self, sums: Sums, lazy: bool) -> Sums:
+        """The sums after the reduction (the rows already hold every rank's samples): gathered whole, or with
+        ``lazy`` left on the rows until :meth:`gather`. Collective unless ``lazy``."""
+        if self.phase != "rows":
+            raise RuntimeError("statistics already reduced: reset() them before the next window")
+        if lazy:
+            self.phase = "lazy"
+            return sums
+        self.phase = "whole"
+        return self._gathered(sums)
+
+    def gather(self, sums: Sums) -> Sums | None:
+        """The lazily reduced rows ``sums`` gathered whole, the rows kept for :meth:`release`; ``None`` (nothing
+        gathered) unless lazily reduced and on the rows. Collective."""
+        if self.phase != "lazy":
+            return None
+        self._kept = sums
+        self.phase = "gathered"
+        return self._gathered(sums)
+
+    def release(self, sums: Sums) -> Sums:
+        """The rows again after :meth:`gather` (the whole ``sums`` are dropped), else ``sums``; no communication."""
+        if self.phase != "gathered":
+            return sums
+        rows, self._kept = self._kept, {}
+        self.phase = "lazy"
+        return rows
+
+    def whole_copy(self, sums: Sums) -> Sums:
+        """The whole sums on the host, gathered from the rows (the ones kept apart when gathered), leaving ``sums``
+        as they are. Collective."""
+        rows = self._kept if self.phase == "gathered" else sums
+        return {k: v.cpu() for k, v in self._gathered(rows).items()}
+
+    def reset(self) -> None:
+        """Back to accumulating on the rows (the caller drops the sums)."""
+        self.phase = "rows"
+        self._kept = {}
+        self._merged_elsewhere = False
+
+    def loaded(self) -> None:
+        """Sums were just loaded (on the rows, or whole to be localized): accumulating on the rows."""
+        self.phase = "rows"
+        self._kept = {}
+
+    def _gathered(self, rows: Sums) -> Sums:
+        dev = comm_device(self.shard.group)
+        return {k: self.shard.gather(rows[k].to(dev)) for k in sorted(rows)}
 
 
 @contextmanager
@@ -262,14 +421,3 @@ def drop_placeholder_optimizer_state(optimizer: torch.optim.Optimizer) -> bool:
                 return False
     optimizer.state.clear()
     return True
-
-
-def broadcast_parameters(model: nn.Module, names, src: int = 0) -> None:  # TEMPORARY (lead)
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    params = dict(model.named_parameters())
-    for k in names:
-        t = params[k].data.to(device)
-        dist.broadcast(t, src=src)
-        params[k].data.copy_(t)

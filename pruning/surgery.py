@@ -39,6 +39,7 @@ from .loading import from_pretrained
 from .masks import MaskSet
 from .structure import FamilySpec, ModelStructure, family_of
 
+# ~525 lines: compaction and export/reload share the config helpers above; splitting the module in two is pending
 MANIFEST = "pruning_manifest.json"
 _ALLOW = "allow_global_per_layer_attribute_access"
 
@@ -151,16 +152,38 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
     new shapes and names (layers renumbered; masks of removed layers dropped) and the stash of original values is
     dropped. If ``masks`` was attached it is re-attached to the compacted model.
     """
-    was_attached = bool(masks._handles)
+    was_attached = masks.attached
     masks.detach()
     cfg = model.config
     with global_widths(cfg):
         structure = ModelStructure(model)
-    fam = structure.family
     num_layers, hd = structure.num_layers, structure.head_dim
-    params = dict(model.named_parameters(remove_duplicate=False))
+    per_layer = _keep_vectors(masks, dict(model.named_parameters(remove_duplicate=False)))
 
-    # ---- validate and collect keep vectors per layer
+    # slicing applied to each parameter: name -> {dim: kept indices}; used to re-index element masks
+    slices: dict[str, dict[int, torch.Tensor]] = {}
+    changed_heads = False
+    for i, kinds in sorted(per_layer.items()):
+        if "mlp_neuron" in kinds and not bool(kinds["mlp_neuron"].all()):
+            _shrink_mlp(structure, i, kinds["mlp_neuron"], slices)
+        if "attention_head" in kinds or "query_head" in kinds:
+            changed_heads |= _shrink_heads(structure, i, kinds, hd, slices)
+
+    drop = {i for i, kinds in per_layer.items() if "layer" in kinds and not bool(kinds["layer"].all())}
+    if drop and len(drop) == num_layers:
+        raise ValueError("the masks remove every decoder layer. HINT: prune a smaller fraction of layers.")
+    new_index = _drop_layers(structure, cfg, drop, num_layers)
+    _rewrite_config(model, structure.family, structure, hd, changed_heads)
+
+    # ---- consume the masks: element masks follow the new shapes and names
+    masks.reset_to(_reindexed(masks.element, structure, slices, drop, new_index))
+    if was_attached:
+        masks.attach(model)
+    return model
+
+
+def _keep_vectors(masks: MaskSet, params: dict[str, nn.Parameter]) -> dict[int, dict[str, torch.Tensor]]:
+    """The group keep-vectors of ``masks`` by decoder layer and kind (on the host), checked against ``params``."""
     per_layer: dict[int, dict[str, torch.Tensor]] = {}
     for key, keep in masks.groups.items():
         gs = masks.group_sets[key]
@@ -172,70 +195,81 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
                     "made for this very model, before any other surgery; was it compacted already?"
                 )
         per_layer.setdefault(gs.layer, {})[gs.kind] = keep.detach().to(torch.bool).flatten().cpu()
+    return per_layer
 
-    # slicing applied to each parameter: name -> {dim: kept indices}; used to re-index element masks
-    slices: dict[str, dict[int, torch.Tensor]] = {}
-    changed_heads = False
-    for i, kinds in sorted(per_layer.items()):
-        layer = structure.layers[i]
 
-        def rename(path: str) -> str:
-            return structure.lname(i, path)  # noqa: B023
+def _shrink(
+    structure: ModelStructure, i: int, path: str, rows: torch.Tensor | None, cols: torch.Tensor | None, slices: dict
+) -> None:
+    """Layer ``i``'s Linear at ``path`` keeps its ``rows`` (outputs) or ``cols`` (inputs); ``slices`` records it."""
+    layer, name = structure.layers[i], structure.lname(i, path)
+    _set_sub(layer, path, _shrunk_linear(layer.get_submodule(path), rows, cols))
+    if rows is not None:
+        slices[name + ".weight"] = {0: rows}
+        slices[name + ".bias"] = {0: rows}
+    else:
+        slices[name + ".weight"] = {1: cols}
 
-        if "mlp_neuron" in kinds and not bool(kinds["mlp_neuron"].all()):
-            idx = kinds["mlp_neuron"].nonzero().flatten()
-            for path in fam.mlp_in:
-                _set_sub(layer, path, _shrunk_linear(layer.get_submodule(path), idx, None))
-                slices[rename(path) + ".weight"] = {0: idx}
-                slices[rename(path) + ".bias"] = {0: idx}
-            _set_sub(layer, fam.mlp_out, _shrunk_linear(layer.get_submodule(fam.mlp_out), None, idx))
-            slices[rename(fam.mlp_out) + ".weight"] = {1: idx}
-        if "attention_head" in kinds or "query_head" in kinds:
-            n_kv, n_h = structure.num_kv_heads, structure.num_heads
-            rep = n_h // n_kv
-            kv_keep = kinds.get("attention_head", torch.ones(n_kv, dtype=torch.bool))
-            q_keep = kinds.get("query_head", torch.ones(n_h, dtype=torch.bool)) & kv_keep.repeat_interleave(rep)
-            if not bool(kv_keep.any()) or not bool(q_keep.any()):
-                raise ValueError(
-                    f"layer {i} would keep no attention head; a layer without attention cannot be expressed by the "
-                    "model's code. HINT: prune with min_keep > 0, or remove the whole layer (granularity='layer')."
-                )
-            if not (bool(kv_keep.all()) and bool(q_keep.all())):
-                changed_heads = True
-                q_idx, kv_idx = _head_index(q_keep, hd), _head_index(kv_keep, hd)
-                for path, idx in ((fam.q, q_idx), (fam.k, kv_idx), (fam.v, kv_idx)):
-                    _set_sub(layer, path, _shrunk_linear(layer.get_submodule(path), idx, None))
-                    slices[rename(path) + ".weight"] = {0: idx}
-                    slices[rename(path) + ".bias"] = {0: idx}
-                _set_sub(layer, fam.o, _shrunk_linear(layer.get_submodule(fam.o), None, q_idx))
-                slices[rename(fam.o) + ".weight"] = {1: q_idx}
-                _set_head_attrs(_attention_module(layer, fam), int(q_keep.sum()), int(kv_keep.sum()))
 
-    # ---- whole layers
-    drop = {i for i, kinds in per_layer.items() if "layer" in kinds and not bool(kinds["layer"].all())}
-    if drop and len(drop) == num_layers:
-        raise ValueError("the masks remove every decoder layer. HINT: prune a smaller fraction of layers.")
+def _shrink_mlp(structure: ModelStructure, i: int, keep: torch.Tensor, slices: dict) -> None:
+    """Layer ``i``'s MLP keeps the neurons ``keep`` says."""
+    idx = keep.nonzero().flatten()
+    for path in structure.family.mlp_in:
+        _shrink(structure, i, path, idx, None, slices)
+    _shrink(structure, i, structure.family.mlp_out, None, idx, slices)
+
+
+def _shrink_heads(structure: ModelStructure, i: int, kinds: dict[str, torch.Tensor], hd: int, slices: dict) -> bool:
+    """Layer ``i``'s attention keeps the KV groups and query heads ``kinds`` says; whether it changed."""
+    fam = structure.family
+    n_kv, n_h = structure.num_kv_heads, structure.num_heads
+    rep = n_h // n_kv
+    kv_keep = kinds.get("attention_head", torch.ones(n_kv, dtype=torch.bool))
+    q_keep = kinds.get("query_head", torch.ones(n_h, dtype=torch.bool)) & kv_keep.repeat_interleave(rep)
+    if not bool(kv_keep.any()) or not bool(q_keep.any()):
+        raise ValueError(
+            f"layer {i} would keep no attention head; a layer without attention cannot be expressed by the "
+            "model's code. HINT: prune with min_keep > 0, or remove the whole layer (granularity='layer')."
+        )
+    if bool(kv_keep.all()) and bool(q_keep.all()):
+        return False
+    q_idx, kv_idx = _head_index(q_keep, hd), _head_index(kv_keep, hd)
+    for path, idx in ((fam.q, q_idx), (fam.k, kv_idx), (fam.v, kv_idx)):
+        _shrink(structure, i, path, idx, None, slices)
+    _shrink(structure, i, fam.o, None, q_idx, slices)
+    _set_head_attrs(_attention_module(structure.layers[i], fam), int(q_keep.sum()), int(kv_keep.sum()))
+    return True
+
+
+def _drop_layers(structure: ModelStructure, cfg: Any, drop: set[int], num_layers: int) -> dict[int, int]:
+    """Remove the decoder layers ``drop`` (renumbering the rest, shortening per-layer config lists); returns the
+    new index of every kept layer."""
     kept_layers = [i for i in range(num_layers) if i not in drop]
     new_index = {old: new for new, old in enumerate(kept_layers)}
-    if drop:
-        layers = structure.layers
-        for i in sorted(drop, reverse=True):
-            del layers[i]
-        for new, layer in enumerate(layers):
-            for mod in layer.modules():
-                if isinstance(getattr(mod, "layer_idx", None), int):
-                    mod.layer_idx = new
-        for name, value in list(cfg.to_dict().items()):
-            if name != "architectures" and isinstance(value, list) and len(value) == num_layers:
-                setattr(cfg, name, [v for j, v in enumerate(value) if j not in drop])
-        cfg.num_hidden_layers = len(kept_layers)
+    if not drop:
+        return new_index
+    layers = structure.layers
+    for i in sorted(drop, reverse=True):
+        del layers[i]
+    for new, layer in enumerate(layers):
+        for mod in layer.modules():
+            if isinstance(getattr(mod, "layer_idx", None), int):
+                mod.layer_idx = new
+    for name, value in list(cfg.to_dict().items()):
+        if name != "architectures" and isinstance(value, list) and len(value) == num_layers:
+            setattr(cfg, name, [v for j, v in enumerate(value) if j not in drop])
+    cfg.num_hidden_layers = len(kept_layers)
+    return new_index
 
-    _rewrite_config(model, fam, structure, hd, changed_heads)
 
-    # ---- consume the masks: element masks follow the new shapes and names
-    prefix = fam.layers + "."
-    element: dict[str, torch.Tensor] = {}
-    for name, keep in masks.element.items():
+def _reindexed(
+    element: dict[str, torch.Tensor], structure: ModelStructure, slices: dict, drop: set[int], new_index: dict[int, int]
+) -> dict[str, torch.Tensor]:
+    """The element masks re-indexed to the compacted model: sliced like their parameters, renamed after the layers'
+    new indices; masks of removed layers dropped."""
+    prefix = structure.family.layers + "."
+    out: dict[str, torch.Tensor] = {}
+    for name, keep in element.items():
         for dim, idx in slices.get(name, {}).items():
             keep = keep.index_select(dim, idx.to(keep.device))
         layer_i = structure.layer_of(name)
@@ -243,13 +277,8 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
             if layer_i in drop:
                 continue
             name = f"{prefix}{new_index[layer_i]}.{name[len(prefix) :].split('.', 1)[1]}"
-        element[name] = keep
-    masks.element = element
-    masks.groups, masks.group_sets, masks._stash = {}, {}, {}
-    masks._params, masks._by_id = {}, {}
-    if was_attached:
-        masks.attach(model)
-    return model
+        out[name] = keep
+    return out
 
 
 def _rewrite_config(model: nn.Module, fam: FamilySpec, structure: ModelStructure, hd: int, changed_heads: bool) -> None:

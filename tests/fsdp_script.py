@@ -159,7 +159,7 @@ def run(
         "weights": weights,
         "info": info,
         "global_step": tr.global_step,
-        "teacher_stash": sorted(pc.masks._stash),
+        "teacher_stash": pc.masks.has_original,
         "held": ic.held,
         "grads_at_step": ic.grads_at_step,
         "whole_at_read": reads,

@@ -396,9 +396,10 @@ def test_resume_mid_window_equals_uninterrupted(tmp_path):
     assert pc.history == full_pc.history  # both events, event 2 from steps 5 (before) + 6, 7 (after the resume)
     assert_same_masks(pc.masks, full_pc.masks)
     # the lifted teacher's stash of original values came back with the checkpoint
-    assert set(pc.masks._stash) == set(full_pc.masks._stash) and pc.masks.has_original
-    for k, (fs, vals) in full_pc.masks._stash.items():
-        assert torch.equal(pc.masks._stash[k][1], vals) and all(map(torch.equal, pc.masks._stash[k][0], fs))
+    got, want = (m.state_dict(with_original=True)["original"] for m in (pc.masks, full_pc.masks))
+    assert set(got) == set(want) and pc.masks.has_original
+    for k, (fs, vals) in want.items():
+        assert torch.equal(got[k][1], vals) and all(map(torch.equal, got[k][0], fs))
     for k, v in full.student.state_dict().items():
         torch.testing.assert_close(resumed.student.state_dict()[k], v, rtol=0, atol=0, msg=k)
     assert_pruned_zero(resumed.student, pc.masks)
