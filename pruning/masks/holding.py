@@ -37,8 +37,6 @@ class Holding(Originals):
         # sorted: applying to sharded parameters gathers some (the stash), a collective every rank runs in one order
         return {n: params[n] for n in sorted(self.names())}
 
-    _resolve = resolve  # the former private name, for callers not yet switched to resolve()
-
     @torch.no_grad()
     def apply(self, model: nn.Module, keep_original: bool = False, only: Iterable[str] | None = None) -> None:
         """Zero the pruned weights in place (of the parameters named in ``only``, default all). With

@@ -1,0 +1,233 @@
+"""Export and reload: a (compacted) model written atomically as safetensors with a manifest, and loaded back,
+per-layer (non-uniform) exports included."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..loading import from_pretrained
+from ..structure import FamilySpec, family_of
+from .layers import ALLOW, attention_module, config_value, global_widths, set_head_attrs, set_submodule, shrunk_linear
+
+MANIFEST = "pruning_manifest.json"
+
+
+def _kept_per_layer(config: Any, fam: FamilySpec) -> list[dict[str, int]]:
+    """Per-layer widths as the (stock or per-layer) config records them."""
+    n = int(config.num_hidden_layers)
+    attrs = [fam.intermediate_attr, "num_attention_heads"]
+    if config_value(config, "num_key_value_heads") is not None:
+        attrs.append("num_key_value_heads")
+    if getattr(config, "is_heterogeneous", False):
+        view = config.per_layer_config
+        out = []
+        for i in range(n):
+            lc = view[i]
+            lc.__dict__[ALLOW] = True
+            out.append({a: int(getattr(lc, a)) for a in attrs})
+        return out
+    return [{a: int(getattr(config, a)) for a in attrs} for _ in range(n)]
+
+
+def save_pretrained(
+    model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, manifest: dict | None = None
+) -> Path:
+    """Export ``model`` (safetensors), ``tokenizer`` and a ``pruning_manifest.json`` to ``path``, atomically.
+
+    Everything is written to a temporary directory next to ``path`` (same filesystem) and swapped in by renames,
+    so a crash or an exception leaves the previous export at ``path`` intact and no temporary directory behind.
+    """
+    path = Path(path).resolve()
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"export path {str(path)!r} is a file. HINT: pass a directory path (new, or a previous export)."
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old: Path | None = None
+    try:
+        kwargs = {}
+        if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+            kwargs["safe_serialization"] = True
+        # FIX: transformers >= 5.25 validates the config on save (``hidden_size % num_attention_heads``), which a
+        # per-layer config refuses to answer; the global fields are the upper bounds the validation expects
+        with global_widths(model.config):
+            model.save_pretrained(str(tmp), **kwargs)
+        _drop_key(tmp / "config.json", ALLOW)
+        if not any(tmp.glob("*.safetensors")):
+            raise RuntimeError(f"{type(model).__name__}.save_pretrained wrote no .safetensors file")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        (tmp / MANIFEST).write_text(json.dumps(_manifest(model, manifest), indent=2, default=str))
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rename(path, old / "export")
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.rename(old / "export", path)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not any(old.iterdir()):
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _drop_key(path: Path, key: str) -> None:
+    """Remove a top-level key from a JSON file, if present."""
+    obj = json.loads(path.read_text())
+    if key in obj:
+        del obj[key]
+        path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _manifest(model: nn.Module, extra: dict | None) -> dict:
+    import transformers
+
+    out = dict(extra or {})
+    fam = family_of(model)
+    out.update(
+        {
+            "library_versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "model_type": model.config.model_type,
+            "num_hidden_layers": int(model.config.num_hidden_layers),
+            "kept_per_layer": _kept_per_layer(model.config, fam),
+            "per_layer_config": bool(getattr(model.config, "is_heterogeneous", False)),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "created_unix": time.time(),
+        }
+    )
+    return out
+
+
+def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kwargs: Any) -> nn.Module:
+    """Load any export of :func:`save_pretrained` (or any local Hugging Face checkpoint), safetensors only unless
+    ``allow_pickle`` (a pickled ``pytorch_model.bin`` can run code when loaded).
+
+    Stock configs go to ``AutoModelForCausalLM.from_pretrained(path, **kwargs)``. Per-layer configs are built from
+    the config at the global (upper-bound) widths, each layer's Linears are shrunk to the recorded sizes and the
+    attention modules' head counts fixed, then the safetensors weights are loaded (never pickles). For those,
+    ``kwargs`` may hold ``dtype``/``torch_dtype``, ``device`` and ``attn_implementation``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{str(path)!r} has no config.json. HINT: pass a directory written by save_pretrained().")
+    config = read_config(path)
+    if not getattr(config, "is_heterogeneous", False):
+        return from_pretrained(path, allow_pickle=allow_pickle, key="path", **kwargs)
+
+    allowed = {"dtype", "torch_dtype", "device", "attn_implementation"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise ValueError(
+            f"load_pretrained of a per-layer export accepts only {sorted(allowed)}, got {sorted(unknown)}. "
+            "HINT: load on CPU, then move the model yourself."
+        )
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    if kwargs.get("attn_implementation"):
+        config._attn_implementation = kwargs["attn_implementation"]
+    view = config.per_layer_config
+    layer_cfgs = []
+    for i in range(int(config.num_hidden_layers)):
+        lc = view[i]
+        lc.__dict__[ALLOW] = True
+        layer_cfgs.append(lc)
+    with global_widths(config):
+        model = AutoModelForCausalLM.from_config(config)
+    fam = family_of(model)
+    layers = model.get_submodule(fam.layers)
+    for layer, lc in zip(layers, layer_cfgs):
+        attn = attention_module(layer, fam)
+        hd = int(attn.head_dim)
+        inter = int(getattr(lc, fam.intermediate_attr))
+        heads = int(lc.num_attention_heads)
+        kv = getattr(lc, "num_key_value_heads", None)
+        kv = int(kv) if kv is not None else heads
+        for p in fam.mlp_in:
+            set_submodule(layer, p, shrunk_linear(layer.get_submodule(p), torch.arange(inter), None))
+        set_submodule(layer, fam.mlp_out, shrunk_linear(layer.get_submodule(fam.mlp_out), None, torch.arange(inter)))
+        set_submodule(layer, fam.q, shrunk_linear(layer.get_submodule(fam.q), torch.arange(heads * hd), None))
+        for p in (fam.k, fam.v):
+            set_submodule(layer, p, shrunk_linear(layer.get_submodule(p), torch.arange(kv * hd), None))
+        set_submodule(layer, fam.o, shrunk_linear(layer.get_submodule(fam.o), None, torch.arange(heads * hd)))
+        set_head_attrs(attn, heads, kv if config_value(config, "num_key_value_heads") is not None else None)
+    saved_dtype = _load_safetensors(model, path)
+    if dtype is None or dtype == "auto":
+        dtype = saved_dtype
+    if dtype is not None:
+        model.to(dtype)
+    if kwargs.get("device") is not None:
+        model.to(kwargs["device"])
+    return model.eval()
+
+
+def read_config(path: str | os.PathLike) -> Any:
+    """The config of an export directory, per-layer ones included.
+
+    FIX: from transformers 5.25 on, a Llama-family config validates ``hidden_size % num_attention_heads`` when it is
+    built, which a heterogeneous config refuses to answer, so ``AutoConfig.from_pretrained`` cannot read back the
+    ``per_layer_config`` it wrote. The config is built at its global (upper-bound) widths, then the per-layer
+    overrides are applied."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    raw = json.loads((Path(path) / "config.json").read_text())
+    per_layer = raw.pop("per_layer_config", None)
+    if not per_layer:
+        return AutoConfig.from_pretrained(str(path))
+    config = CONFIG_MAPPING[raw["model_type"]].from_dict(raw)
+    config.per_layer_config = {int(k): v for k, v in per_layer.items()}
+    return config
+
+
+@torch.no_grad()
+def _load_safetensors(model: nn.Module, path: Path) -> torch.dtype | None:
+    """Copy the export's safetensors into ``model``; returns the dtype of its floating-point weights."""
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{str(path)!r} holds no .safetensors weights. HINT: export with pruning.save_pretrained().")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(path / f)))
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    if unexpected:
+        raise ValueError(f"weights the model does not have: {unexpected[:5]}")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"{k}: saved shape {tuple(v.shape)} != built shape {tuple(own[k].shape)}")
+        own[k].copy_(v)
+    missing = [k for k in own if k not in state]
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    really_missing = [k for k in missing if k not in tied]
+    if really_missing:
+        raise ValueError(f"the export lacks weights: {really_missing[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return next((v.dtype for v in state.values() if v.is_floating_point()), None)
