@@ -46,13 +46,9 @@ Resumption
     size, ...) rather than resuming at a position that means something else.
 """
 
-import functools
-import glob
 import hashlib
 import math
-import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -61,7 +57,9 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from pruning.pipeline.oneshot import calibration_fingerprint
-from pruning.text.stdlib import BYTE_VOCAB, stdlib_files, windows
+from pruning.text.instruct import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, INSTRUCT_FIELDS, alpaca_prompt
+from pruning.text.reader import READ_CHUNK, TextReader, chunks, invalid
+from pruning.text.stdlib import BYTE_VOCAB, windows
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -76,279 +74,47 @@ IGNORE_INDEX = -100
 BYTES_SEPARATOR = b"\n\n"  # what the bytes tokenizer puts after every document (as pruning.text.stdlib_bytes)
 MODES = ("packed", "windows", "instruct")
 SAMPLE_BY = ("document", "paragraph", "line")
-BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-STDLIB_SPLITS = ("train", "heldout")
-STREAM_SHUFFLE_BUFFER = 1000  # documents
 DEFAULT_WINDOWS = 128
 STDLIB_MAX_BYTES = 4_000_000  # the stdlib corpus's default cap (the demo's size)
 WINDOW_POOL = 8  # uncapped sources: windows are drawn from the first 8 × N × L tokens
-# Alpaca field -> column names tried in order (LaMini-instruction calls the output "response").
-INSTRUCT_FIELDS = {"instruction": ("instruction",), "input": ("input",), "output": ("output", "response")}
-_READ_CHUNK = 256  # documents tokenised at once
-
-# Stanford Alpaca's prompts (github.com/tatsu-lab/stanford_alpaca, train.py), verbatim.
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-
-
-def alpaca_prompt(instruction: str, input: str | None = None) -> str:
-    """The Alpaca prompt for one example (the variant with ``### Input:`` only when ``input`` is non-empty)."""
-    if input:
-        return ALPACA_PROMPT.format(instruction=instruction, input=input)
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
 
 
 def _invalid(key: str, value: Any, allowed: str, hint: str | None = None) -> ValueError:
     hint = hint or f"set `{key}` under `data:` in the config (TextDataModule({key}=...))."
-    return ValueError(f"TextDataModule: {key}={value!r} is not allowed; allowed: {allowed}. HINT: {hint}")
+    return invalid("TextDataModule", key, value, allowed, hint)
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# sources and documents
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _stdlib_files(split: str) -> tuple[Path, ...]:
-    """:func:`pruning.text.stdlib_files`, walked once per process (the walk costs most of the reading time)."""
-    return tuple(stdlib_files(split))
-
-
-def _looks_local(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or Path(source).suffix.lower() in BUILDERS
-
-
-def _local_files(source: str) -> list[str] | None:
-    """Files named by a local path, directory or glob (sorted); ``None`` when ``source`` names no local path."""
-    expanded = os.path.expanduser(source)
-    if any(c in source for c in "*?["):
-        return sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
-    path = Path(expanded)
-    if path.is_dir():
-        return sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in BUILDERS)
-    if path.is_file():
-        return [str(path)]
-    return [] if _looks_local(source) else None
-
-
-def _builder(files: list[str], key: str) -> str:
-    kinds = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
-    if None in kinds or len(kinds) != 1:
+def _reader(source: str, split: str, key: str, split_key: str, mode: str, **options: Any) -> TextReader:
+    """The shared reader of one split, with what this DataModule's modes need of it checked now (a bad config
+    fails before any training starts)."""
+    reader = TextReader(
+        source, split, instruct=mode == "instruct", owner="TextDataModule", key=key, split_key=split_key, **options
+    )
+    if reader.kind == "stdlib" and mode == "instruct":
         raise _invalid(
-            key,
-            files[:5],
-            f"files of one kind among {sorted(BUILDERS)}",
-            f"point `{key}` at .txt, .json/.jsonl or .parquet files, not a mixture.",
+            "mode",
+            "instruct",
+            "'packed' or 'windows' for the stdlib corpus",
+            "instruct needs rows with instruction/input/output: set `source` to such a "
+            ".json/.jsonl/.parquet file or hub dataset, or `mode` to 'packed'.",
         )
-    return kinds.pop()
-
-
-class _Reader:
-    """The documents of one split of one source, in a stable order (picklable: DataLoader workers reopen it).
-
-    A document is ``bytes`` (stdlib), ``str`` (text) or ``(prompt, response)`` (instruct rows)."""
-
-    def __init__(
-        self,
-        source: str,
-        split: str,
-        *,
-        key: str,
-        split_key: str,
-        dataset_config: str | None,
-        text_field: str,
-        sample_by: str,
-        streaming: bool,
-        cache_dir: str | None,
-        instruct: bool,
-        instruct_fields: dict[str, str] | None = None,
-    ):
-        self.source, self.split, self.key = source, split, key
-        self.dataset_config, self.text_field, self.sample_by = dataset_config, text_field, sample_by
-        self.streaming, self.cache_dir, self.instruct = streaming, cache_dir, instruct
-        self.instruct_fields = instruct_fields or {}
-        if source == "stdlib":
-            self.kind, self.files = "stdlib", None
-            if split not in STDLIB_SPLITS:
-                raise _invalid(
-                    split_key,
-                    split,
-                    str(list(STDLIB_SPLITS)),
-                    f"the stdlib corpus has the splits 'train' and 'heldout': fix `{split_key}`.",
-                )
-            if instruct:
-                raise _invalid(
-                    "mode",
-                    "instruct",
-                    "'packed' or 'windows' for the stdlib corpus",
-                    "instruct needs rows with instruction/input/output: set `source` to such a "
-                    ".json/.jsonl/.parquet file or hub dataset, or `mode` to 'packed'.",
-                )
-            return
-        files = _local_files(source)
-        if files is None:
-            self.kind, self.files = "hub", None
-        elif not files:
-            raise _invalid(
-                key,
-                source,
-                "'stdlib', an existing file, directory or glob, or a hub dataset name",
-                f"no file matches `{key}`={source!r}; check the path (relative to {os.getcwd()}).",
-            )
-        else:
-            self.kind, self.files = "local", files
-            self.builder = _builder(files, key)
-            if split != "train":
-                raise _invalid(
-                    split_key,
-                    split,
-                    "'train' for local files",
-                    f"local files form the single split 'train': set `{split_key}: train`, and give "
-                    "held-out files with `val_source`.",
-                )
-            if self.builder == "text" and instruct:
-                raise _invalid(
-                    "mode",
-                    "instruct",
-                    "'packed' or 'windows' for .txt files",
-                    "instruct needs .json/.jsonl/.parquet rows with instruction/input/output: fix "
-                    "`source`, or set `mode: packed`.",
-                )
-
-    def describe(self) -> str:
-        return self.source if self.kind != "local" else f"{self.source} ({len(self.files)} files)"
-
-    def _dataset(self):
-        import datasets
-
-        if self.kind == "local":
-            kwargs = {"sample_by": self.sample_by} if self.builder == "text" else {}
-            # Local files are always read as a stream: nothing is converted or cached, and a byte cap stops early.
-            return datasets.load_dataset(
-                self.builder, data_files=self.files, split="train", streaming=True, cache_dir=self.cache_dir, **kwargs
-            )
-        return datasets.load_dataset(
-            self.source, self.dataset_config, split=self.split, streaming=self.streaming, cache_dir=self.cache_dir
+    if reader.kind == "local" and split != "train":
+        raise _invalid(
+            split_key,
+            split,
+            "'train' for local files",
+            f"local files form the single split 'train': set `{split_key}: train`, and give "
+            "held-out files with `val_source`.",
         )
-
-    def prepare(self) -> None:
-        """Download (hub sources, not streamed) once, so that ranks do not all download at the same time."""
-        if self.kind == "hub" and not self.streaming:
-            self._dataset()
-
-    def documents(
-        self,
-        shuffle_seed: int | None = None,
-        shard: tuple[int, int] | None = None,
-        max_bytes: int | None = None,
-        max_documents: int | None = None,
-    ) -> Iterator[bytes | str | tuple[str, str]]:
-        """Documents in source order (or shuffled with ``shuffle_seed``), up to the caps (counted over the whole
-        split), and of those only the ones dealt to ``shard = (index, count)``: document ``d`` goes to
-        ``d % count``. Uncapped hub/local data is dealt by ``datasets.distributed.split_dataset_by_node`` instead
-        (whole shards, i.e. files, when their number divides ``count``), so a stream reads only its own part."""
-        capped = max_bytes is not None or max_documents is not None
-        if shard is not None and not capped and self.kind != "stdlib":
-            from datasets.distributed import split_dataset_by_node
-
-            yield from self._rows(
-                split_dataset_by_node(self._shuffled(shuffle_seed), rank=shard[0], world_size=shard[1])
-            )
-            return
-        docs = self._stdlib(shuffle_seed) if self.kind == "stdlib" else self._rows(self._shuffled(shuffle_seed))
-        docs = _limited(docs, max_bytes, max_documents)
-        if shard is None:
-            yield from docs
-        else:
-            yield from (d for i, d in enumerate(docs) if i % shard[1] == shard[0])
-
-    def _stdlib(self, shuffle_seed: int | None) -> Iterator[bytes]:
-        files = list(_stdlib_files(self.split))
-        if shuffle_seed is not None:
-            order = torch.randperm(len(files), generator=torch.Generator().manual_seed(shuffle_seed))
-            files = [files[i] for i in order.tolist()]
-        for f in files:
-            yield f.read_bytes()
-
-    def _shuffled(self, shuffle_seed: int | None):
-        ds = self._dataset()
-        if shuffle_seed is not None:
-            import datasets
-
-            if isinstance(ds, datasets.IterableDataset):
-                ds = ds.shuffle(seed=shuffle_seed, buffer_size=STREAM_SHUFFLE_BUFFER)
-            else:
-                ds = ds.shuffle(seed=shuffle_seed)
-        return ds
-
-    def _rows(self, ds) -> Iterator[str | tuple[str, str]]:
-        # ``.iter`` rather than ``for row in ds``: inside a DataLoader worker, iterating a streamed dataset directly
-        # would let ``datasets`` shard it by worker on top of the sharding done here.
-        for batch in ds.iter(batch_size=_READ_CHUNK):
-            columns = list(batch)
-            for i in range(len(batch[columns[0]]) if columns else 0):
-                doc = self._document({c: batch[c][i] for c in columns})
-                if doc:
-                    yield doc
-
-    def _column(self, row: dict, field: str) -> str | None:
-        names = (self.instruct_fields[field],) if field in self.instruct_fields else INSTRUCT_FIELDS[field]
-        return next((n for n in names if n in row), None)
-
-    def _document(self, row: dict) -> str | tuple[str, str] | None:
-        if self.instruct:
-            cols = {f: self._column(row, f) for f in INSTRUCT_FIELDS}
-            missing = [f for f in ("instruction", "output") if cols[f] is None]
-            if missing:
-                raise _invalid(
-                    "instruct_fields",
-                    self.instruct_fields or None,
-                    "a map from 'instruction', 'input', 'output' to columns of the rows",
-                    f"{self.describe()} has the columns {sorted(row)}, none found for {missing}: set "
-                    "`instruct_fields`, e.g. {output: response}, or `mode: packed` and `text_field`.",
-                )
-            inp = row[cols["input"]] if cols["input"] is not None else ""
-            return alpaca_prompt(row[cols["instruction"]] or "", inp or ""), row[cols["output"]] or ""
-        if self.text_field not in row:
-            raise _invalid("text_field", self.text_field, f"a column of {self.describe()}: {sorted(row)}")
-        return row[self.text_field]
-
-
-def _doc_bytes(doc: bytes | str | tuple[str, str]) -> int:
-    if isinstance(doc, bytes):
-        return len(doc)
-    if isinstance(doc, str):
-        return len(doc.encode("utf-8"))
-    return sum(len(part.encode("utf-8")) for part in doc)
-
-
-def _limited(docs: Iterable, max_bytes: int | None, max_documents: int | None) -> Iterator:
-    """The documents up to and including the one that reaches ``max_bytes`` bytes of text or ``max_documents``."""
-    total = 0
-    for n, doc in enumerate(docs, 1):
-        yield doc
-        total += _doc_bytes(doc)
-        if (max_documents is not None and n >= max_documents) or (max_bytes is not None and total >= max_bytes):
-            return
-
-
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    if reader.kind == "local" and reader.builder == "text" and mode == "instruct":
+        raise _invalid(
+            "mode",
+            "instruct",
+            "'packed' or 'windows' for .txt files",
+            "instruct needs .json/.jsonl/.parquet rows with instruction/input/output: fix "
+            "`source`, or set `mode: packed`.",
+        )
+    return reader
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -427,7 +193,7 @@ class _Encoder:
 def _token_stream(docs: Iterable, encoder: _Encoder, max_tokens: int | None = None) -> np.ndarray:
     """The packed token stream of ``docs`` (each ``bos + doc + eos``), cut at ``max_tokens``."""
     parts, total = [], 0
-    for chunk in _chunks(docs, _READ_CHUNK):
+    for chunk in chunks(docs, READ_CHUNK):
         if isinstance(chunk[0], tuple):  # instruct rows: the whole example as text
             chunk = [p + r for p, r in chunk]
         for ids in encoder.documents(chunk):
@@ -646,7 +412,7 @@ class _StreamDataset(IterableDataset):
 
     def __init__(
         self,
-        reader: _Reader,
+        reader: TextReader,
         encoder: _Encoder,
         mode: str,
         seq_len: int,
@@ -698,7 +464,7 @@ class _StreamDataset(IterableDataset):
             )
             produced = 0
             buffer_ids, buffer_labels = np.zeros(0, np.int64), np.zeros(0, np.int64)
-            for chunk in _chunks(docs, _READ_CHUNK):
+            for chunk in chunks(docs, READ_CHUNK):
                 if self.mode == "instruct":
                     examples = self.encoder.examples(chunk)
                     if not self.instruct_packing:
@@ -730,7 +496,7 @@ class _StreamDataset(IterableDataset):
             cycle += 1
 
     def _batches(self, epoch: int, stream: int, streams: int) -> Iterator[dict[str, torch.Tensor]]:
-        for group in _chunks(self._sequences(epoch, stream, streams), self.batch_size):
+        for group in chunks(self._sequences(epoch, stream, streams), self.batch_size):
             ids = torch.from_numpy(np.stack([g[0] for g in group])).long()
             labels = ids.clone() if group[0][1] is None else torch.from_numpy(np.stack([g[1] for g in group])).long()
             batch = {"input_ids": ids, "labels": labels}
@@ -908,18 +674,18 @@ class TextDataModule(LightningDataModule):
             sample_by=sample_by,
             streaming=streaming,
             cache_dir=cache_dir,
-            instruct=mode == "instruct",
+            mode=mode,
             instruct_fields=instruct_fields,
         )
-        self._train_reader = _Reader(source, train_split, key="source", split_key="train_split", **common)
+        self._train_reader = _reader(source, train_split, "source", "train_split", **common)
         self._val_reader = None
         if self.val_split is not None and val_samples > 0:
             val_common = dict(common, dataset_config=dataset_config if val_source is None else None)
-            self._val_reader = _Reader(
+            self._val_reader = _reader(
                 val_source or source,
                 self.val_split,
-                key="val_source" if val_source else "source",
-                split_key="val_split",
+                "val_source" if val_source else "source",
+                "val_split",
                 **val_common,
             )
 
@@ -1017,7 +783,7 @@ class TextDataModule(LightningDataModule):
             self._build_val()
 
     # ------------------------------------------------------------------------------------------------ reading
-    def _caps(self, reader: _Reader) -> dict[str, int | None]:
+    def _caps(self, reader: TextReader) -> dict[str, int | None]:
         max_bytes = self.max_bytes
         if max_bytes is None and reader.kind == "stdlib":
             max_bytes = STDLIB_MAX_BYTES
@@ -1051,7 +817,7 @@ class TextDataModule(LightningDataModule):
         info: dict[str, Any] = {}
         if self.mode == "instruct":
             docs = self._train_reader.documents(**self._caps(self._train_reader))
-            examples = [e for chunk in _chunks(docs, _READ_CHUNK) for e in self._encoder.examples(chunk)]
+            examples = [e for chunk in chunks(docs, READ_CHUNK) for e in self._encoder.examples(chunk)]
             seqs, dropped = _instruct_sequences(examples, self.seq_len, self._encoder.pad_id, self.instruct_packing)
             info.update(examples=len(examples), examples_without_response=dropped)
             if self.num_samples is not None:
@@ -1066,7 +832,7 @@ class TextDataModule(LightningDataModule):
             n = min(n, self.num_samples)
         return _Sequences(torch.from_numpy(stream[: n * self.seq_len].reshape(n, self.seq_len))), info
 
-    def _base_record(self, split: str, reader: _Reader) -> dict[str, Any]:
+    def _base_record(self, split: str, reader: TextReader) -> dict[str, Any]:
         rank, world = self._dist
         return {
             "source": reader.describe(),
@@ -1149,7 +915,7 @@ class TextDataModule(LightningDataModule):
         docs = reader.documents(**caps)
         if self.mode == "instruct":
             examples = []
-            for chunk in _chunks(docs, _READ_CHUNK):
+            for chunk in chunks(docs, READ_CHUNK):
                 examples.extend(self._encoder.examples(chunk))
                 if len(examples) >= 2 * self.val_samples:
                     break

@@ -4,9 +4,9 @@ Perplexities are comparable only when the protocol is the same, so every number 
 (:class:`PerplexityProtocol`, recorded in the result):
 
 - **source**: a hub dataset (``datasets.load_dataset(source, dataset_config, split=split)``, column ``text_field``),
-  a local file or glob (``.txt``: each file one document; ``.jsonl`` / ``.json`` / ``.parquet``: the ``text_field``
-  of every row), or ``"stdlib"``: the bundled offline corpus (:mod:`pruning.text`, ``split`` ``heldout`` or
-  ``train``, one document per file).
+  a local file, directory or glob (``.txt``: each file one document; ``.jsonl`` / ``.json`` / ``.parquet``: the
+  ``text_field`` of every row), or ``"stdlib"``: the bundled offline corpus (:mod:`pruning.text`, ``split``
+  ``heldout`` or ``train``, one document per file); all read by :class:`pruning.text.TextReader`, empty texts kept.
 - **joiner**: the documents are joined into one text with it (``"\\n\\n"``: the papers' WikiText-2 protocol).
 - **tokenisation**: the joined text is tokenised once, without special tokens; ``tokenizer="bytes"`` gives its UTF-8
   bytes as ids 0..255 (byte-level models).
@@ -26,11 +26,8 @@ The default protocol is the papers' WikiText-2 protocol (SparseGPT, Wanda, LLM-P
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -41,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..losses import next_token_ce
+from ..text.reader import BUILDERS, TextReader, source_kind
 
 __all__ = [
     "BOS_MODES",
@@ -59,7 +57,7 @@ __all__ = [
 
 IGNORE_INDEX = -100
 BOS_MODES = ("none", "stream", "window")
-LOCAL_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json", ".parquet")
+LOCAL_SUFFIXES = tuple(BUILDERS)
 
 
 @torch.no_grad()
@@ -144,9 +142,7 @@ class PerplexityProtocol:
     @property
     def kind(self) -> str:
         """``stdlib``, ``local`` or ``hub``."""
-        if self.source == "stdlib":
-            return "stdlib"
-        return "local" if _looks_local(self.source) else "hub"
+        return source_kind(self.source)
 
     def as_dict(self) -> dict[str, Any]:
         """Every field, with ``stride`` and ``add_bos`` resolved, the source kind, and fields that do not apply to the
@@ -157,9 +153,7 @@ class PerplexityProtocol:
             d["dataset_config"] = None
         if self.kind == "local":
             d["split"] = None
-        if self.kind == "stdlib" or (
-            self.kind == "local" and Path(self.source).suffix.lower() in (".txt", ".text", ".md")
-        ):
+        if self.kind == "stdlib" or (self.kind == "local" and BUILDERS.get(Path(self.source).suffix.lower()) == "text"):
             d["text_field"] = None
         return d
 
@@ -182,7 +176,7 @@ class PerplexityProtocol:
         """A named protocol (:data:`PRESETS`: ``wikitext2``/``wikitext``, ``stdlib``) or, for anything else, a local
         file / hub dataset with the default protocol's windows; ``overrides`` replace fields."""
         base = dict(PRESETS[name]) if name in PRESETS else {"source": name, "dataset_config": None}
-        if name not in PRESETS and not _looks_local(name):
+        if name not in PRESETS and source_kind(name) == "hub":
             base["split"] = "test"
         base.update(overrides)
         return cls(**base)
@@ -202,77 +196,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _looks_local(source: str) -> bool:
-    return (
-        source.startswith(("/", "./", "../", "~"))
-        or Path(source).suffix.lower() in LOCAL_SUFFIXES
-        or os.path.exists(os.path.expanduser(source))
-    )
-
-
-def _local_files(source: str) -> list[Path]:
-    expanded = os.path.expanduser(source)
-    files = (
-        sorted(Path(f) for f in glob.glob(expanded, recursive=True))
-        if any(c in source for c in "*?[")
-        else [Path(expanded)]
-    )
-    files = [f for f in files if f.is_file()]
-    if not files:
-        raise FileNotFoundError(f"perplexity source {source!r}: no such file (relative to {os.getcwd()})")
-    bad = [str(f) for f in files if f.suffix.lower() not in LOCAL_SUFFIXES]
-    if bad:
-        raise ValueError(f"perplexity source {source!r}: {bad[:3]} not one of {LOCAL_SUFFIXES}")
-    return files
-
-
-def _rows_text(rows: Iterable[dict], field_name: str, where: str) -> list[str]:
-    out = []
-    for row in rows:
-        if field_name not in row:
-            raise ValueError(
-                f"perplexity source {where}: no column {field_name!r} (columns: {sorted(row)}). HINT: set text_field"
-            )
-        out.append(row[field_name] or "")
-    return out
-
-
 def load_documents(protocol: PerplexityProtocol) -> list[str] | list[bytes]:
-    """The documents of the protocol's source, in order (``bytes`` for ``stdlib``, ``str`` otherwise)."""
+    """The documents of the protocol's source, in order (``bytes`` for ``stdlib``, ``str`` otherwise; empty and null
+    texts kept as ``""``: they still add a joiner)."""
     p = protocol
-    if p.kind == "stdlib":
-        from ..text.stdlib import stdlib_files
-
-        if p.split not in ("heldout", "train"):
-            raise ValueError(f"perplexity source 'stdlib' has the splits 'heldout' and 'train', not {p.split!r}")
-        return [f.read_bytes() for f in stdlib_files(p.split)]  # type: ignore[arg-type]
-    if p.kind == "local":
-        docs: list[str] = []
-        for f in _local_files(p.source):
-            suffix = f.suffix.lower()
-            if suffix in (".txt", ".text", ".md"):
-                docs.append(f.read_text(encoding="utf-8"))
-            elif suffix == ".jsonl":
-                with open(f, encoding="utf-8") as fh:
-                    docs += _rows_text((json.loads(line) for line in fh if line.strip()), p.text_field, str(f))
-            elif suffix == ".json":
-                data = json.loads(f.read_text(encoding="utf-8"))
-                docs += _rows_text(data if isinstance(data, list) else [data], p.text_field, str(f))
-            else:
-                import pyarrow.parquet as pq
-
-                table = pq.read_table(f, columns=[p.text_field])
-                docs += [t or "" for t in table.column(p.text_field).to_pylist()]
-        return docs
-    import datasets
-
-    ds = datasets.load_dataset(p.source, p.dataset_config, split=p.split)
-    if p.text_field not in ds.column_names:
-        raise ValueError(
-            f"perplexity source {p.source!r}: no column {p.text_field!r} (columns: {ds.column_names}). "
-            "HINT: set text_field"
-        )
-    return list(ds[p.text_field])
+    reader = TextReader(
+        p.source, p.split, dataset_config=p.dataset_config, text_field=p.text_field, keep_empty=True, owner="perplexity"
+    )
+    return list(reader.documents())  # type: ignore[return-value]
 
 
 def _is_bytes_tokenizer(tokenizer: Any) -> bool:
