@@ -48,7 +48,7 @@ Resumption
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -59,7 +59,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 from pruning.pipeline.oneshot import calibration_fingerprint
 from pruning.text.instruct import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, INSTRUCT_FIELDS, alpaca_prompt
 from pruning.text.reader import READ_CHUNK, TextReader, chunks, invalid
-from pruning.text.stdlib import BYTE_VOCAB, windows
+from pruning.text.stdlib import windows
+from pruning.text.tokens import IGNORE_INDEX, Encoder, packed_stream
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -70,8 +71,6 @@ __all__ = [
     "alpaca_prompt",
 ]
 
-IGNORE_INDEX = -100
-BYTES_SEPARATOR = b"\n\n"  # what the bytes tokenizer puts after every document (as pruning.text.stdlib_bytes)
 MODES = ("packed", "windows", "instruct")
 SAMPLE_BY = ("document", "paragraph", "line")
 DEFAULT_WINDOWS = 128
@@ -120,89 +119,6 @@ def _reader(source: str, split: str, key: str, split_key: str, mode: str, **opti
 # --------------------------------------------------------------------------------------------------------------------
 # tokenisation
 # --------------------------------------------------------------------------------------------------------------------
-
-
-class _Encoder:
-    """Token ids of documents: byte-level ids 0..255 (``tokenizer=None``) or a Hugging Face tokenizer."""
-
-    def __init__(self, tokenizer: Any = None, add_bos: bool | None = None, add_eos: bool = True):
-        self.tokenizer = tokenizer
-        if tokenizer is None:
-            if add_bos:
-                raise _invalid(
-                    "add_bos",
-                    add_bos,
-                    "False or null with tokenizer='bytes'",
-                    "the bytes tokenizer has no BOS token; set `add_bos: false` or use a real tokenizer.",
-                )
-            self.name, self.vocab_size = "bytes", BYTE_VOCAB
-            self.bos: list[int] = []
-            self.eos = list(BYTES_SEPARATOR) if add_eos else []
-            self.pad_id = 0
-            return
-        self.name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
-        self.vocab_size = len(tokenizer)
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        if add_bos is None:  # do what the tokenizer does by itself
-            probe = tokenizer("a")["input_ids"]
-            add_bos = bos is not None and len(probe) > 0 and probe[0] == bos
-        if add_bos and bos is None:
-            raise _invalid("add_bos", add_bos, "False or null: the tokenizer has no BOS token")
-        if add_eos and eos is None:
-            raise _invalid("add_eos", add_eos, "False: the tokenizer has no EOS token")
-        self.bos = [bos] if add_bos else []
-        self.eos = [eos] if add_eos else []
-        pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (eos if eos is not None else 0)
-
-    def _ids(self, texts: list[bytes | str]) -> list[np.ndarray]:
-        if self.tokenizer is None:
-            return [np.frombuffer(t if isinstance(t, bytes) else t.encode("utf-8"), dtype=np.uint8) for t in texts]
-        texts = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t for t in texts]
-        out = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        return [np.asarray(ids, dtype=np.int64) for ids in out]
-
-    def documents(self, docs: list[bytes | str]) -> list[np.ndarray]:
-        """``bos + ids + eos`` for every document."""
-        if self.tokenizer is None:  # one bytes object per document: the fast path for the stdlib corpus
-            tail = bytes(self.eos)
-            return [np.frombuffer((d if isinstance(d, bytes) else d.encode("utf-8")) + tail, np.uint8) for d in docs]
-        bos, eos = np.asarray(self.bos, np.int64), np.asarray(self.eos, np.int64)
-        return [np.concatenate([bos, ids, eos]) for ids in self._ids(docs)]
-
-    def examples(self, pairs: list[tuple[str, str]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(ids, labels)`` per (prompt, response): ``bos + prompt`` labelled −100, ``response + eos`` labelled.
-
-        Prompt and response are tokenised apart, so the boundary between them is exact."""
-        prompts = self._ids([p for p, _ in pairs])
-        responses = self._ids([r for _, r in pairs])
-        bos, eos = np.asarray(self.bos, np.int64), np.asarray(self.eos, np.int64)
-        out = []
-        for p, r in zip(prompts, responses):
-            prompt = np.concatenate([bos, p.astype(np.int64)])
-            response = np.concatenate([r.astype(np.int64), eos])
-            out.append(
-                (
-                    np.concatenate([prompt, response]),
-                    np.concatenate([np.full(len(prompt), IGNORE_INDEX, np.int64), response]),
-                )
-            )
-        return out
-
-
-def _token_stream(docs: Iterable, encoder: _Encoder, max_tokens: int | None = None) -> np.ndarray:
-    """The packed token stream of ``docs`` (each ``bos + doc + eos``), cut at ``max_tokens``."""
-    parts, total = [], 0
-    for chunk in chunks(docs, READ_CHUNK):
-        if isinstance(chunk[0], tuple):  # instruct rows: the whole example as text
-            chunk = [p + r for p, r in chunk]
-        for ids in encoder.documents(chunk):
-            parts.append(ids)
-            total += len(ids)
-        if max_tokens is not None and total >= max_tokens:
-            break
-    stream = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-    return stream[:max_tokens] if max_tokens is not None else stream
 
 
 class _Sequences(Dataset):
@@ -413,7 +329,7 @@ class _StreamDataset(IterableDataset):
     def __init__(
         self,
         reader: TextReader,
-        encoder: _Encoder,
+        encoder: Encoder,
         mode: str,
         seq_len: int,
         batch_size: int,
@@ -694,7 +610,7 @@ class TextDataModule(LightningDataModule):
         self.checkpoint_record: dict[str, Any] | None = None
         self._rank_override: tuple[int, int] | None = None
         self._dist: tuple[int, int] | None = None
-        self._encoder: _Encoder | None = None
+        self._encoder: Encoder | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -728,7 +644,7 @@ class TextDataModule(LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
-    def _resolve_encoder(self) -> _Encoder:
+    def _resolve_encoder(self) -> Encoder:
         if self._encoder is not None:
             return self._encoder
         name = self.tokenizer_name
@@ -761,7 +677,7 @@ class TextDataModule(LightningDataModule):
                     f"{tok!r} could not be loaded ({type(err).__name__}: {str(err)[:200]}); fix `data.tokenizer`.",
                 ) from err
         self.tokenizer = tok
-        self._encoder = _Encoder(tok, self.add_bos, self.add_eos)
+        self._encoder = Encoder(tok, self.add_bos, self.add_eos, owner="TextDataModule")
         return self._encoder
 
     def prepare_data(self) -> None:
@@ -799,7 +715,7 @@ class TextDataModule(LightningDataModule):
         if windows_wanted is not None and caps["max_bytes"] is None and caps["max_documents"] is None:
             limit = WINDOW_POOL * windows_wanted * self.seq_len
         if limit not in self._streams:
-            self._streams[limit] = _token_stream(self._train_reader.documents(**caps), self._encoder, limit)
+            self._streams[limit] = packed_stream(self._train_reader.documents(**caps), self._encoder, limit)
         return self._streams[limit]
 
     def _windows(self, n: int) -> torch.Tensor:
@@ -925,7 +841,7 @@ class TextDataModule(LightningDataModule):
             limit = self.val_samples * self.seq_len
             if self._encoder.tokenizer is None and caps["max_bytes"] is not None:
                 limit = min(limit, caps["max_bytes"])
-            stream = _token_stream(docs, self._encoder, limit)
+            stream = packed_stream(docs, self._encoder, limit)
             seqs = _Sequences(windows(torch.from_numpy(stream), self.seq_len, self.val_samples))
         self._val = seqs
         sampler = ShardSampler(seqs, self.batch_size, rank, world, self.seed, shuffle=False)

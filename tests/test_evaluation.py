@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tiny import tiny_model
 from torch.utils.data import DataLoader
 
-from pruning.evaluation.harness import _bytes_to_unicode, byte_tokenizer
+from pruning.evaluation.harness import byte_tokenizer
 from pruning.evaluation.metrics import PerplexityMetric
 from pruning.evaluation.perplexity import (
     PerplexityProtocol,
@@ -25,6 +25,7 @@ from pruning.evaluation.perplexity import (
     perplexity_windows,
     token_stream,
 )
+from pruning.text.tokens import bytes_to_unicode
 
 DOCS = [
     "def add(a, b):\n    return a + b\n",
@@ -49,7 +50,7 @@ def text_file(tmp_path):
 def bos_tokenizer():
     """The byte tokenizer with a BOS token (id 1, a control byte absent from the text)."""
     tok = byte_tokenizer()
-    tok.bos_token = _bytes_to_unicode()[1]
+    tok.bos_token = bytes_to_unicode()[1]
     assert tok.bos_token_id == 1
     return tok
 

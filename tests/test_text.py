@@ -98,3 +98,41 @@ def test_search_reads_text_files_in_order_with_undecodable_bytes_replaced(tmp_pa
     args.text = [str(tmp_path / "missing.txt")]
     with pytest.raises(FileNotFoundError, match=r"--text=.*missing\.txt"):
         load_data(args, model=None)
+
+
+# ---------------------------------------------------------------------------------------------------- tokens
+def _bpe_tokenizer():
+    """A small trained BPE tokenizer that adds BOS by itself (like Llama's)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>", "<unk>"], show_progress=False)
+    core.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 20, trainer)
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_one_encoding_for_bytes_and_tokenizers():
+    from pruning.evaluation.harness import byte_tokenizer as reexported
+    from pruning.text.tokens import Encoder, byte_tokenizer, encode, joined_ids, packed_stream
+
+    assert reexported is byte_tokenizer
+    docs = ["def add(a, b):", "", "    return a + b  # é"]
+    text = "\n\n".join(docs)
+    # the bytes scheme: UTF-8 bytes, the same ids as the byte tokenizer object
+    assert joined_ids(docs).tolist() == list(text.encode()) == byte_tokenizer()(text)["input_ids"]
+    assert joined_ids([d.encode() for d in docs], "bytes", bos_id=7).tolist() == [7, *text.encode()]
+    # a Hugging Face tokenizer: the joined text tokenised once, special tokens only when asked for
+    tok = _bpe_tokenizer()
+    assert joined_ids(docs, tok).tolist() == tok(text, add_special_tokens=False)["input_ids"]
+    assert joined_ids(docs, tok, special_tokens=True).tolist() == tok(text)["input_ids"]
+    assert tok(text)["input_ids"][0] == tok.bos_token_id
+    # training documents: bos + ids + eos each (bytes: the "\n\n" separator), packed and cut
+    assert [a.tolist() for a in encode(docs[:1], tok)] == [tok(docs[0], add_special_tokens=False)["input_ids"]]
+    framed = Encoder(tok).documents(docs[:1])[0].tolist()
+    assert framed == [tok.bos_token_id, *encode(docs[:1], tok)[0].tolist(), tok.eos_token_id]
+    assert packed_stream(docs, Encoder(), 20).tolist() == list(("".join(d + "\n\n" for d in docs)).encode()[:20])
+    with pytest.raises(ValueError, match=r"Encoder: add_bos=True.*HINT: the bytes tokenizer has no BOS"):
+        Encoder(None, add_bos=True)

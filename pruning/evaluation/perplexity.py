@@ -39,6 +39,7 @@ from torch import nn
 
 from ..losses import next_token_ce
 from ..text.reader import BUILDERS, TextReader, source_kind
+from ..text.tokens import is_bytes_tokenizer, joined_ids, tokenizer_name
 
 __all__ = [
     "BOS_MODES",
@@ -206,38 +207,22 @@ def load_documents(protocol: PerplexityProtocol) -> list[str] | list[bytes]:
     return list(reader.documents())  # type: ignore[return-value]
 
 
-def _is_bytes_tokenizer(tokenizer: Any) -> bool:
-    return tokenizer is None or (isinstance(tokenizer, str) and tokenizer == "bytes")
-
-
 def token_stream(
     protocol: PerplexityProtocol, tokenizer: Any = "bytes", documents: Sequence[str] | Sequence[bytes] | None = None
 ) -> torch.Tensor:
     """The protocol's token stream (1-D ``long``): documents joined with ``joiner``, tokenised without special
     tokens (``"bytes"``: UTF-8 bytes), with one BOS in front for ``add_bos="stream"``."""
-    docs = load_documents(protocol) if documents is None else documents
-    if _is_bytes_tokenizer(tokenizer):
-        if protocol.bos != "none":
-            raise ValueError(
-                f"add_bos={protocol.add_bos!r} with tokenizer='bytes': the bytes tokenizer has no BOS. "
-                "HINT: add_bos: false"
-            )
-        joiner = protocol.joiner.encode("utf-8")
-        data = joiner.join(d if isinstance(d, bytes) else d.encode("utf-8") for d in docs)
-        return (
-            torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.long)
-            if data
-            else torch.zeros(0, dtype=torch.long)
+    if is_bytes_tokenizer(tokenizer) and protocol.bos != "none":
+        raise ValueError(
+            f"add_bos={protocol.add_bos!r} with tokenizer='bytes': the bytes tokenizer has no BOS. HINT: add_bos: false"
         )
-    text = protocol.joiner.join(d.decode("utf-8", errors="replace") if isinstance(d, bytes) else d for d in docs)
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    if protocol.bos == "stream":
-        ids = [_bos_id(tokenizer)] + list(ids)
-    return torch.tensor(ids, dtype=torch.long)
+    bos_id = _bos_id(tokenizer) if protocol.bos == "stream" else None
+    docs = load_documents(protocol) if documents is None else documents
+    return joined_ids(docs, tokenizer, protocol.joiner, bos_id)
 
 
 def _bos_id(tokenizer: Any) -> int:
-    if _is_bytes_tokenizer(tokenizer) or getattr(tokenizer, "bos_token_id", None) is None:
+    if is_bytes_tokenizer(tokenizer) or getattr(tokenizer, "bos_token_id", None) is None:
         raise ValueError("add_bos needs a tokenizer with a BOS token. HINT: add_bos: false")
     return int(tokenizer.bos_token_id)
 
@@ -319,12 +304,6 @@ class PerplexityResult:
         return asdict(self)
 
 
-def _tokenizer_name(tokenizer: Any) -> str:
-    if _is_bytes_tokenizer(tokenizer):
-        return "bytes"
-    return str(getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__)
-
-
 def evaluate_perplexity(
     model: nn.Module,
     tokenizer: Any = "bytes",
@@ -379,7 +358,7 @@ def evaluate_perplexity(
         tokens=tokens,
         windows=int(inputs.shape[0]),
         protocol=protocol.as_dict(),
-        tokenizer=_tokenizer_name(tokenizer),
+        tokenizer=tokenizer_name(tokenizer),
         stream_tokens=int(ids.numel()),
         sha256=digest,
     )
