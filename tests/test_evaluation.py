@@ -36,6 +36,18 @@ DOCS = [
 ]
 
 
+BYTE_CONFIG = dict(  # the DistillationModule's config of a byte-level tiny Llama
+    model_type="llama",
+    vocab_size=256,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+
+
 def byte_model(seed: int = 0):
     return tiny_model("llama", layers=2, seed=seed, vocab_size=256)
 
@@ -159,6 +171,39 @@ def test_metric_equals_function(text_file):
     assert metric.nll_sum.dtype == torch.float64
 
 
+def test_every_perplexity_path_gives_the_same_sums(text_file):
+    """The protocol, the torchmetrics metric, the report callback's held-out NLL and the LightningModule's validation
+    all sum the same per-token NLL: equal sums, bit for bit, on the same windows."""
+    import lightning.pytorch as pl
+    from pruning.callbacks.report import heldout_nll
+
+    from pruning.evaluation.nll import summed_nll
+    from pruning.lightning.module import DistillationModule
+
+    module = DistillationModule(config={**BYTE_CONFIG}, attn_implementation="eager")
+    model = module.student.eval()
+    protocol = PerplexityProtocol(source=str(text_file), seq_len=16, stride=6)
+    inputs, labels = perplexity_windows(token_stream(protocol, "bytes"), protocol)
+    res = evaluate_perplexity(model, "bytes", protocol, batch_size=2)
+    loader = [{"input_ids": inputs[i : i + 2], "labels": labels[i : i + 2]} for i in range(0, len(inputs), 2)]
+    assert heldout_nll(model, loader, "cpu") == (res.nll, res.tokens)
+    metric = PerplexityMetric()
+    with torch.no_grad():
+        for batch in loader:
+            metric.update(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+    nll, tokens = metric.totals()
+    assert (float(nll), int(tokens)) == (res.nll, res.tokens)
+    # the old function: every token after the first of each window is scored
+    windows = [inputs[i : i + 2] for i in range(0, len(inputs), 2)]
+    nll, tokens = summed_nll(model, [{"input_ids": w} for w in windows])
+    assert tokens == inputs.shape[0] * (inputs.shape[1] - 1)
+    assert perplexity(model, windows) == math.exp(nll / tokens)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.validate(module, DataLoader(loader, batch_size=None), verbose=False)[0]
+    assert logged["val/loss"] == pytest.approx(res.nll / res.tokens, rel=1e-12)
+    assert logged["val/ppl"] == pytest.approx(res.ppl, rel=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------- two ranks
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -231,17 +276,7 @@ def test_callback_logs_dense_and_pruned_numbers(text_file, tmp_path):
             for k, v in metrics.items():
                 self.logged[k] = (float(v), step)
 
-    cfg = dict(
-        model_type="llama",
-        vocab_size=256,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    module = DistillationModule(config=cfg, attn_implementation="eager", lr=1e-2)
+    module = DistillationModule(config={**BYTE_CONFIG}, attn_implementation="eager", lr=1e-2)
     g = torch.Generator().manual_seed(0)
     data = DataLoader([{"input_ids": torch.randint(0, 256, (16,), generator=g)} for _ in range(8)], batch_size=2)
     pruner = PruningCallback(

@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
 
-from ..losses import next_token_ce
 from ..text.reader import BUILDERS, TextReader, source_kind
 from ..text.tokens import is_bytes_tokenizer, joined_ids, tokenizer_name
+from .nll import IGNORE_INDEX, all_reduce_sums, summed_nll
 
 __all__ = [
     "BOS_MODES",
@@ -56,24 +56,13 @@ __all__ = [
     "token_stream",
 ]
 
-IGNORE_INDEX = -100
 BOS_MODES = ("none", "stream", "window")
 LOCAL_SUFFIXES = tuple(BUILDERS)
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str | None = None) -> float:
     """Token-weighted perplexity of ``model`` on ``[batch, seq]`` token-id tensors (each window scored alone)."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was = model.training
-    model.eval()
-    nll, tokens = 0.0, 0
-    for ids in batches:
-        ids = ids.to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        nll += float(next_token_ce(logits, ids, reduction="sum"))
-        tokens += ids.shape[0] * (ids.shape[1] - 1)
-    model.train(was)
+    nll, tokens = summed_nll(model, ({"input_ids": ids} for ids in batches), device)
     return math.exp(nll / tokens)
 
 
@@ -256,7 +245,6 @@ def perplexity_windows(
     return body, labels
 
 
-@torch.no_grad()
 def score_windows(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -264,21 +252,11 @@ def score_windows(
     batch_size: int = 1,
     device: torch.device | str | None = None,
 ) -> tuple[float, int]:
-    """``(Σ NLL, scored tokens)`` of ``model`` on the windows (next-token NLL in float32, summed in float64)."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    nll = torch.zeros((), dtype=torch.float64)
-    tokens = 0
-    for i in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[i : i + batch_size].to(device)
-        lab = labels[i : i + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        target = lab[:, 1:]
-        losses = F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        nll += losses.double().cpu()
-        tokens += int((target != IGNORE_INDEX).sum())
-    return float(nll), tokens
+    """``(Σ NLL, scored tokens)`` of ``model`` on the windows, ``batch_size`` at a time (:func:`summed_nll`: NLL in
+    float32, summed in float64)."""
+    starts = range(0, input_ids.shape[0], batch_size)
+    batches = ({"input_ids": input_ids[i : i + batch_size], "labels": labels[i : i + batch_size]} for i in starts)
+    return summed_nll(model, batches, device)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -336,21 +314,11 @@ def evaluate_perplexity(
     inputs, labels = perplexity_windows(ids, protocol, bos_id)
     digest = hashlib.sha256(inputs.to(torch.int64).numpy().tobytes()).hexdigest()
     rank, world = 0, 1
-    import torch.distributed as dist
-
     if distributed and dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-    was = model.training
-    model.eval()
-    try:
-        nll, tokens = score_windows(model, inputs[rank::world], labels[rank::world], batch_size, device)
-    finally:
-        model.train(was)
+    nll, tokens = score_windows(model, inputs[rank::world], labels[rank::world], batch_size, device)
     if world > 1:
-        dev = torch.device("cpu") if dist.get_backend() == "gloo" else next(model.parameters()).device
-        both = torch.tensor([nll, float(tokens)], dtype=torch.float64, device=dev)
-        dist.all_reduce(both)
-        nll, tokens = float(both[0]), int(both[1])
+        nll, tokens = all_reduce_sums(nll, tokens, next(model.parameters()).device)
     ppl = math.exp(nll / tokens) if tokens else float("nan")
     return PerplexityResult(
         ppl=ppl,
