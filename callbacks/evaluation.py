@@ -34,7 +34,7 @@ class EvaluationCallback(pl.Callback):
     lm-eval's trimmed output) if given. Perplexity windows are shared among the ranks (the sums are all-reduced);
     lm-eval runs on global rank 0 while the others wait.
 
-    The tokenizer is the module's ``tokenizer`` attribute, or :func:`pruning.evaluation.harness.byte_tokenizer`
+    The tokenizer is the module's ``tokenizer`` attribute, or :func:`pruning.text.tokens.byte_tokenizer`
     (perplexity:
     ``"bytes"``) for a model with a 256-entry vocabulary.
 
@@ -124,7 +124,8 @@ class EvaluationCallback(pl.Callback):
             metrics["ppl"] = res.ppl
         if self.tasks:
             if trainer.is_global_zero:
-                from pruning.evaluation.harness import byte_tokenizer, evaluate_tasks
+                from pruning.evaluation.harness import evaluate_tasks
+                from pruning.text.tokens import byte_tokenizer
 
                 out = evaluate_tasks(
                     model,

@@ -9,37 +9,19 @@ import math
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
-import torch.distributed as dist
 
 from pruning import prune
-from pruning.losses import next_token_ce
+from pruning.evaluation.nll import all_reduce_sums, summed_nll
 from pruning.options import PruneOptions
 
 from .export import find_hf_model
 from .pruning import PruningCallback
 
 
-@torch.no_grad()
 def heldout_nll(model, loader, device) -> tuple[float, int]:
     """Sum of next-token NLL and scored tokens over ``loader`` (labels -100 skipped), summed over ranks."""
-    was = model.training
-    model.eval()
-    nll = torch.zeros((), dtype=torch.float64)
-    tokens = torch.zeros((), dtype=torch.float64)
-    for batch in loader:
-        ids = batch["input_ids"].to(device)
-        labels = batch.get("labels", batch["input_ids"]).to(device)
-        mask = batch.get("attention_mask")
-        logits = model(input_ids=ids, attention_mask=None if mask is None else mask.to(device), use_cache=False).logits
-        nll += float(next_token_ce(logits, labels, reduction="sum"))
-        tokens += float((labels[:, 1:] != -100).sum())
-    model.train(was)
-    if dist.is_available() and dist.is_initialized():
-        both = torch.stack([nll, tokens])
-        dist.all_reduce(both)
-        nll, tokens = both[0], both[1]
-    return float(nll), int(tokens)
+    nll, tokens = summed_nll(model, loader, device)
+    return all_reduce_sums(nll, tokens, device)
 
 
 class PruningReport(pl.Callback):

@@ -4,7 +4,8 @@ Sources
     ``"stdlib"`` (the bundled offline corpus: the Python standard library's source, split into ``train`` and
     ``heldout`` by file, see :mod:`pruning.text`), a local file / directory / glob of ``.txt``, ``.json``, ``.jsonl``
     or ``.parquet`` files (read with ``datasets.load_dataset("text" | "json" | "parquet", data_files=...)``), or the
-    name of a dataset on the Hugging Face hub (``datasets.load_dataset(name, dataset_config, split=...)``).
+    name of a dataset on the Hugging Face hub (``datasets.load_dataset(name, dataset_config, split=...)``); all read
+    by :class:`pruning.text.TextReader`, tokenised by :class:`pruning.text.tokens.Encoder`.
 
 Modes (every batch is a dict of ``LongTensor[B, L]``: ``input_ids``, ``labels`` = ``input_ids`` with −100 where no
 loss is taken, the model shifting labels itself as Hugging Face models do, and ``attention_mask`` only in modes that
@@ -18,50 +19,32 @@ pad)
     prompt's tokens are labelled −100, the response (and EOS) is labelled; each example is padded to ``seq_len``
     (padding: label −100, ``attention_mask`` 0) or, with ``instruct_packing``, examples are packed like documents.
 
-Distributed training
-    Every rank reads and tokenises the same data deterministically and keeps its own shard (sequence ``i`` belongs to
-    rank ``i % world_size``); all shards are cut to ``len // world_size`` sequences, so every rank yields exactly the
-    same number of batches per epoch without any communication. The sampler is a ``DistributedSampler`` subclass,
-    so Lightning does not inject its own. DataLoader workers each receive whole batches from that sampler and
-    therefore never overlap. With ``streaming=True`` nothing is materialised: documents are dealt to
-    ``world_size × num_workers`` disjoint streams (whole shards / files per stream through
-    ``datasets.distributed.split_dataset_by_node`` when their number allows, else document ``d`` to stream
-    ``d % (world_size × num_workers)``; each worker finds its stream from ``torch.utils.data.get_worker_info()``),
-    and every rank yields exactly ``steps_per_epoch`` batches (default: the trainer's ``max_steps`` ×
-    ``accumulate_grad_batches``), a stream that runs dry starting a reshuffled pass again: a fixed count, so no
-    communication (no all-reduce) is needed either. Each epoch re-reads the stream from its start (shards and a
-    buffer of 1000 documents reshuffled with ``seed + epoch``).
-
-Resumption
-    The training DataLoader is *stateful* (``state_dict`` / ``load_state_dict``), which Lightning ≥ 2.2 saves in
-    the checkpoint and restores before iterating. The state is (epoch, batches delivered this epoch); the order of
-    an epoch is a function of ``seed + epoch`` alone, so a resumed run continues with exactly the batches that an
-    uninterrupted run would have seen. The loader keeps its own epoch, advanced when an epoch's last batch has been
-    delivered; a new ``iter()`` continues where the last one stopped (``sampler.set_epoch`` is ignored: Lightning's
-    epoch counter at resume differs from an uninterrupted run's). The loader has a length, so Lightning does not
-    prefetch from it and the count of delivered batches is the count of batches trained on. Streamed data resumes
-    exactly too, at the cost of a re-read: each worker re-reads its stream from the start of the epoch and skips
-    what was already delivered (the same ``num_workers`` is needed: it decides which stream a batch comes from).
-    ``load_state_dict`` refuses a state saved for other data (another sha256 of all sequences, world size, batch
-    size, ...) rather than resuming at a position that means something else.
+Sharding between ranks and exact resumption: :mod:`.sampling`; streamed training data: :mod:`.streaming`.
 """
 
-import functools
-import glob
-import hashlib
-import math
-import os
-from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from pruning.pipeline.oneshot import calibration_fingerprint
-from pruning.text.stdlib import BYTE_VOCAB, stdlib_files, windows
+from pruning.text.instruct import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, alpaca_prompt
+from pruning.text.reader import TextReader
+from pruning.text.tokens import IGNORE_INDEX, Encoder
+
+from .options import (
+    STDLIB_MAX_BYTES,
+    check_integers,
+    check_source,
+    check_tokenizer,
+    invalid_argument,
+    load_tokenizer,
+    split_reader,
+)
+from .sampling import Position, ResumableDataLoader, ShardSampler
+from .sequences import InMemorySplit, Sequences, held_out_sequences
+from .streaming import StreamDataset
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -72,677 +55,6 @@ __all__ = [
     "alpaca_prompt",
 ]
 
-IGNORE_INDEX = -100
-BYTES_SEPARATOR = b"\n\n"  # what the bytes tokenizer puts after every document (as pruning.text.stdlib_bytes)
-MODES = ("packed", "windows", "instruct")
-SAMPLE_BY = ("document", "paragraph", "line")
-BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-STDLIB_SPLITS = ("train", "heldout")
-STREAM_SHUFFLE_BUFFER = 1000  # documents
-DEFAULT_WINDOWS = 128
-STDLIB_MAX_BYTES = 4_000_000  # the stdlib corpus's default cap (the demo's size)
-WINDOW_POOL = 8  # uncapped sources: windows are drawn from the first 8 × N × L tokens
-# Alpaca field -> column names tried in order (LaMini-instruction calls the output "response").
-INSTRUCT_FIELDS = {"instruction": ("instruction",), "input": ("input",), "output": ("output", "response")}
-_READ_CHUNK = 256  # documents tokenised at once
-
-# Stanford Alpaca's prompts (github.com/tatsu-lab/stanford_alpaca, train.py), verbatim.
-ALPACA_PROMPT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-ALPACA_PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-
-
-def alpaca_prompt(instruction: str, input: str | None = None) -> str:
-    """The Alpaca prompt for one example (the variant with ``### Input:`` only when ``input`` is non-empty)."""
-    if input:
-        return ALPACA_PROMPT.format(instruction=instruction, input=input)
-    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
-
-
-def _invalid(key: str, value: Any, allowed: str, hint: str | None = None) -> ValueError:
-    hint = hint or f"set `{key}` under `data:` in the config (TextDataModule({key}=...))."
-    return ValueError(f"TextDataModule: {key}={value!r} is not allowed; allowed: {allowed}. HINT: {hint}")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# sources and documents
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _stdlib_files(split: str) -> tuple[Path, ...]:
-    """:func:`pruning.text.stdlib_files`, walked once per process (the walk costs most of the reading time)."""
-    return tuple(stdlib_files(split))
-
-
-def _looks_local(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or Path(source).suffix.lower() in BUILDERS
-
-
-def _local_files(source: str) -> list[str] | None:
-    """Files named by a local path, directory or glob (sorted); ``None`` when ``source`` names no local path."""
-    expanded = os.path.expanduser(source)
-    if any(c in source for c in "*?["):
-        return sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
-    path = Path(expanded)
-    if path.is_dir():
-        return sorted(str(f) for f in path.rglob("*") if f.is_file() and f.suffix.lower() in BUILDERS)
-    if path.is_file():
-        return [str(path)]
-    return [] if _looks_local(source) else None
-
-
-def _builder(files: list[str], key: str) -> str:
-    kinds = {BUILDERS.get(Path(f).suffix.lower()) for f in files}
-    if None in kinds or len(kinds) != 1:
-        raise _invalid(
-            key,
-            files[:5],
-            f"files of one kind among {sorted(BUILDERS)}",
-            f"point `{key}` at .txt, .json/.jsonl or .parquet files, not a mixture.",
-        )
-    return kinds.pop()
-
-
-class _Reader:
-    """The documents of one split of one source, in a stable order (picklable: DataLoader workers reopen it).
-
-    A document is ``bytes`` (stdlib), ``str`` (text) or ``(prompt, response)`` (instruct rows)."""
-
-    def __init__(
-        self,
-        source: str,
-        split: str,
-        *,
-        key: str,
-        split_key: str,
-        dataset_config: str | None,
-        text_field: str,
-        sample_by: str,
-        streaming: bool,
-        cache_dir: str | None,
-        instruct: bool,
-        instruct_fields: dict[str, str] | None = None,
-    ):
-        self.source, self.split, self.key = source, split, key
-        self.dataset_config, self.text_field, self.sample_by = dataset_config, text_field, sample_by
-        self.streaming, self.cache_dir, self.instruct = streaming, cache_dir, instruct
-        self.instruct_fields = instruct_fields or {}
-        if source == "stdlib":
-            self.kind, self.files = "stdlib", None
-            if split not in STDLIB_SPLITS:
-                raise _invalid(
-                    split_key,
-                    split,
-                    str(list(STDLIB_SPLITS)),
-                    f"the stdlib corpus has the splits 'train' and 'heldout': fix `{split_key}`.",
-                )
-            if instruct:
-                raise _invalid(
-                    "mode",
-                    "instruct",
-                    "'packed' or 'windows' for the stdlib corpus",
-                    "instruct needs rows with instruction/input/output: set `source` to such a "
-                    ".json/.jsonl/.parquet file or hub dataset, or `mode` to 'packed'.",
-                )
-            return
-        files = _local_files(source)
-        if files is None:
-            self.kind, self.files = "hub", None
-        elif not files:
-            raise _invalid(
-                key,
-                source,
-                "'stdlib', an existing file, directory or glob, or a hub dataset name",
-                f"no file matches `{key}`={source!r}; check the path (relative to {os.getcwd()}).",
-            )
-        else:
-            self.kind, self.files = "local", files
-            self.builder = _builder(files, key)
-            if split != "train":
-                raise _invalid(
-                    split_key,
-                    split,
-                    "'train' for local files",
-                    f"local files form the single split 'train': set `{split_key}: train`, and give "
-                    "held-out files with `val_source`.",
-                )
-            if self.builder == "text" and instruct:
-                raise _invalid(
-                    "mode",
-                    "instruct",
-                    "'packed' or 'windows' for .txt files",
-                    "instruct needs .json/.jsonl/.parquet rows with instruction/input/output: fix "
-                    "`source`, or set `mode: packed`.",
-                )
-
-    def describe(self) -> str:
-        return self.source if self.kind != "local" else f"{self.source} ({len(self.files)} files)"
-
-    def _dataset(self):
-        import datasets
-
-        if self.kind == "local":
-            kwargs = {"sample_by": self.sample_by} if self.builder == "text" else {}
-            # Local files are always read as a stream: nothing is converted or cached, and a byte cap stops early.
-            return datasets.load_dataset(
-                self.builder, data_files=self.files, split="train", streaming=True, cache_dir=self.cache_dir, **kwargs
-            )
-        return datasets.load_dataset(
-            self.source, self.dataset_config, split=self.split, streaming=self.streaming, cache_dir=self.cache_dir
-        )
-
-    def prepare(self) -> None:
-        """Download (hub sources, not streamed) once, so that ranks do not all download at the same time."""
-        if self.kind == "hub" and not self.streaming:
-            self._dataset()
-
-    def documents(
-        self,
-        shuffle_seed: int | None = None,
-        shard: tuple[int, int] | None = None,
-        max_bytes: int | None = None,
-        max_documents: int | None = None,
-    ) -> Iterator[bytes | str | tuple[str, str]]:
-        """Documents in source order (or shuffled with ``shuffle_seed``), up to the caps (counted over the whole
-        split), and of those only the ones dealt to ``shard = (index, count)``: document ``d`` goes to
-        ``d % count``. Uncapped hub/local data is dealt by ``datasets.distributed.split_dataset_by_node`` instead
-        (whole shards, i.e. files, when their number divides ``count``), so a stream reads only its own part."""
-        capped = max_bytes is not None or max_documents is not None
-        if shard is not None and not capped and self.kind != "stdlib":
-            from datasets.distributed import split_dataset_by_node
-
-            yield from self._rows(
-                split_dataset_by_node(self._shuffled(shuffle_seed), rank=shard[0], world_size=shard[1])
-            )
-            return
-        docs = self._stdlib(shuffle_seed) if self.kind == "stdlib" else self._rows(self._shuffled(shuffle_seed))
-        docs = _limited(docs, max_bytes, max_documents)
-        if shard is None:
-            yield from docs
-        else:
-            yield from (d for i, d in enumerate(docs) if i % shard[1] == shard[0])
-
-    def _stdlib(self, shuffle_seed: int | None) -> Iterator[bytes]:
-        files = list(_stdlib_files(self.split))
-        if shuffle_seed is not None:
-            order = torch.randperm(len(files), generator=torch.Generator().manual_seed(shuffle_seed))
-            files = [files[i] for i in order.tolist()]
-        for f in files:
-            yield f.read_bytes()
-
-    def _shuffled(self, shuffle_seed: int | None):
-        ds = self._dataset()
-        if shuffle_seed is not None:
-            import datasets
-
-            if isinstance(ds, datasets.IterableDataset):
-                ds = ds.shuffle(seed=shuffle_seed, buffer_size=STREAM_SHUFFLE_BUFFER)
-            else:
-                ds = ds.shuffle(seed=shuffle_seed)
-        return ds
-
-    def _rows(self, ds) -> Iterator[str | tuple[str, str]]:
-        # ``.iter`` rather than ``for row in ds``: inside a DataLoader worker, iterating a streamed dataset directly
-        # would let ``datasets`` shard it by worker on top of the sharding done here.
-        for batch in ds.iter(batch_size=_READ_CHUNK):
-            columns = list(batch)
-            for i in range(len(batch[columns[0]]) if columns else 0):
-                doc = self._document({c: batch[c][i] for c in columns})
-                if doc:
-                    yield doc
-
-    def _column(self, row: dict, field: str) -> str | None:
-        names = (self.instruct_fields[field],) if field in self.instruct_fields else INSTRUCT_FIELDS[field]
-        return next((n for n in names if n in row), None)
-
-    def _document(self, row: dict) -> str | tuple[str, str] | None:
-        if self.instruct:
-            cols = {f: self._column(row, f) for f in INSTRUCT_FIELDS}
-            missing = [f for f in ("instruction", "output") if cols[f] is None]
-            if missing:
-                raise _invalid(
-                    "instruct_fields",
-                    self.instruct_fields or None,
-                    "a map from 'instruction', 'input', 'output' to columns of the rows",
-                    f"{self.describe()} has the columns {sorted(row)}, none found for {missing}: set "
-                    "`instruct_fields`, e.g. {output: response}, or `mode: packed` and `text_field`.",
-                )
-            inp = row[cols["input"]] if cols["input"] is not None else ""
-            return alpaca_prompt(row[cols["instruction"]] or "", inp or ""), row[cols["output"]] or ""
-        if self.text_field not in row:
-            raise _invalid("text_field", self.text_field, f"a column of {self.describe()}: {sorted(row)}")
-        return row[self.text_field]
-
-
-def _doc_bytes(doc: bytes | str | tuple[str, str]) -> int:
-    if isinstance(doc, bytes):
-        return len(doc)
-    if isinstance(doc, str):
-        return len(doc.encode("utf-8"))
-    return sum(len(part.encode("utf-8")) for part in doc)
-
-
-def _limited(docs: Iterable, max_bytes: int | None, max_documents: int | None) -> Iterator:
-    """The documents up to and including the one that reaches ``max_bytes`` bytes of text or ``max_documents``."""
-    total = 0
-    for n, doc in enumerate(docs, 1):
-        yield doc
-        total += _doc_bytes(doc)
-        if (max_documents is not None and n >= max_documents) or (max_bytes is not None and total >= max_bytes):
-            return
-
-
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# tokenisation
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class _Encoder:
-    """Token ids of documents: byte-level ids 0..255 (``tokenizer=None``) or a Hugging Face tokenizer."""
-
-    def __init__(self, tokenizer: Any = None, add_bos: bool | None = None, add_eos: bool = True):
-        self.tokenizer = tokenizer
-        if tokenizer is None:
-            if add_bos:
-                raise _invalid(
-                    "add_bos",
-                    add_bos,
-                    "False or null with tokenizer='bytes'",
-                    "the bytes tokenizer has no BOS token; set `add_bos: false` or use a real tokenizer.",
-                )
-            self.name, self.vocab_size = "bytes", BYTE_VOCAB
-            self.bos: list[int] = []
-            self.eos = list(BYTES_SEPARATOR) if add_eos else []
-            self.pad_id = 0
-            return
-        self.name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
-        self.vocab_size = len(tokenizer)
-        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-        if add_bos is None:  # do what the tokenizer does by itself
-            probe = tokenizer("a")["input_ids"]
-            add_bos = bos is not None and len(probe) > 0 and probe[0] == bos
-        if add_bos and bos is None:
-            raise _invalid("add_bos", add_bos, "False or null: the tokenizer has no BOS token")
-        if add_eos and eos is None:
-            raise _invalid("add_eos", add_eos, "False: the tokenizer has no EOS token")
-        self.bos = [bos] if add_bos else []
-        self.eos = [eos] if add_eos else []
-        pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (eos if eos is not None else 0)
-
-    def _ids(self, texts: list[bytes | str]) -> list[np.ndarray]:
-        if self.tokenizer is None:
-            return [np.frombuffer(t if isinstance(t, bytes) else t.encode("utf-8"), dtype=np.uint8) for t in texts]
-        texts = [t.decode("utf-8", errors="replace") if isinstance(t, bytes) else t for t in texts]
-        out = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        return [np.asarray(ids, dtype=np.int64) for ids in out]
-
-    def documents(self, docs: list[bytes | str]) -> list[np.ndarray]:
-        """``bos + ids + eos`` for every document."""
-        if self.tokenizer is None:  # one bytes object per document: the fast path for the stdlib corpus
-            tail = bytes(self.eos)
-            return [np.frombuffer((d if isinstance(d, bytes) else d.encode("utf-8")) + tail, np.uint8) for d in docs]
-        bos, eos = np.asarray(self.bos, np.int64), np.asarray(self.eos, np.int64)
-        return [np.concatenate([bos, ids, eos]) for ids in self._ids(docs)]
-
-    def examples(self, pairs: list[tuple[str, str]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``(ids, labels)`` per (prompt, response): ``bos + prompt`` labelled −100, ``response + eos`` labelled.
-
-        Prompt and response are tokenised apart, so the boundary between them is exact."""
-        prompts = self._ids([p for p, _ in pairs])
-        responses = self._ids([r for _, r in pairs])
-        bos, eos = np.asarray(self.bos, np.int64), np.asarray(self.eos, np.int64)
-        out = []
-        for p, r in zip(prompts, responses):
-            prompt = np.concatenate([bos, p.astype(np.int64)])
-            response = np.concatenate([r.astype(np.int64), eos])
-            out.append(
-                (
-                    np.concatenate([prompt, response]),
-                    np.concatenate([np.full(len(prompt), IGNORE_INDEX, np.int64), response]),
-                )
-            )
-        return out
-
-
-def _token_stream(docs: Iterable, encoder: _Encoder, max_tokens: int | None = None) -> np.ndarray:
-    """The packed token stream of ``docs`` (each ``bos + doc + eos``), cut at ``max_tokens``."""
-    parts, total = [], 0
-    for chunk in _chunks(docs, _READ_CHUNK):
-        if isinstance(chunk[0], tuple):  # instruct rows: the whole example as text
-            chunk = [p + r for p, r in chunk]
-        for ids in encoder.documents(chunk):
-            parts.append(ids)
-            total += len(ids)
-        if max_tokens is not None and total >= max_tokens:
-            break
-    stream = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-    return stream[:max_tokens] if max_tokens is not None else stream
-
-
-class _Sequences(Dataset):
-    """Sequences ``[N, L]`` (int32 storage); an item is a *batch*: a list of indices -> dict of LongTensors."""
-
-    def __init__(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
-    ):
-        self.input_ids = input_ids.to(torch.int32).contiguous()
-        self.labels = None if labels is None else labels.to(torch.int32).contiguous()
-        self.attention_mask = None if attention_mask is None else attention_mask.to(torch.int32).contiguous()
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def __getitem__(self, index: list[int] | int) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(index if isinstance(index, list) else [index], dtype=torch.long)
-        ids = self.input_ids[idx].long()
-        batch = {"input_ids": ids, "labels": ids.clone() if self.labels is None else self.labels[idx].long()}
-        if self.attention_mask is not None:
-            batch["attention_mask"] = self.attention_mask[idx].long()
-        return batch
-
-    def select(self, index: torch.Tensor) -> "_Sequences":
-        pick = lambda t: None if t is None else t[index]
-        return _Sequences(self.input_ids[index], pick(self.labels), pick(self.attention_mask))
-
-    def sha256(self) -> str:
-        """sha256 of the int64 token ids (row-major), the scheme of :func:`pruning.pipeline.calibration_fingerprint`."""
-        return hashlib.sha256(self.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()
-
-    def counts(self) -> dict[str, int]:
-        n = len(self)
-        tokens = int(self.attention_mask.sum()) if self.attention_mask is not None else self.input_ids.numel()
-        labelled = int((self.labels != IGNORE_INDEX).sum()) if self.labels is not None else tokens
-        return {"sequences": n, "tokens": tokens, "labelled_tokens": labelled}
-
-
-def _instruct_sequences(
-    examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int, packing: bool
-) -> tuple[_Sequences, int]:
-    """Padded (or packed) instruct sequences, and how many examples were dropped (no response token left)."""
-    if packing:
-        ids = np.concatenate([e[0] for e in examples]) if examples else np.zeros(0, np.int64)
-        labels = np.concatenate([e[1] for e in examples]) if examples else np.zeros(0, np.int64)
-        n = len(ids) // seq_len
-        return _Sequences(
-            torch.from_numpy(ids[: n * seq_len].reshape(n, seq_len)),
-            torch.from_numpy(labels[: n * seq_len].reshape(n, seq_len)),
-        ), 0
-    kept = [(i[:seq_len], lab[:seq_len]) for i, lab in examples if (lab[:seq_len] != IGNORE_INDEX).any()]
-    n = len(kept)
-    ids = torch.full((n, seq_len), pad_id, dtype=torch.int64)
-    labels = torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.int64)
-    mask = torch.zeros((n, seq_len), dtype=torch.int64)
-    for row, (i, lab) in enumerate(kept):
-        ids[row, : len(i)] = torch.from_numpy(i)
-        labels[row, : len(lab)] = torch.from_numpy(lab)
-        mask[row, : len(i)] = 1
-    return _Sequences(ids, labels, mask), len(examples) - n
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# sampling, position, resumable loader
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class _Position:
-    """Where an epoch stands: the epoch and the number of its batches already delivered."""
-
-    def __init__(self, num_batches: int):
-        self.num_batches, self.epoch, self.start = num_batches, 0, 0
-
-    def advance(self) -> None:
-        self.start += 1
-        if self.start >= self.num_batches:  # last batch delivered: the next iteration is the next epoch
-            self.epoch, self.start = self.epoch + 1, 0
-
-    def load(self, epoch: int, consumed: int) -> None:
-        self.epoch, self.start = epoch, consumed
-        if self.start >= self.num_batches:
-            self.epoch, self.start = epoch + 1, 0
-
-
-class ShardSampler(DistributedSampler):
-    """Batches (lists of sequence indices) of one rank's shard, in a per-epoch seeded order.
-
-    The shard is sequences ``rank, rank + world_size, ...`` cut to ``num_sequences // world_size`` for every rank;
-    the order of an epoch is ``randperm(shard, seed + epoch)`` (or the shard order when ``shuffle`` is off); the
-    last batch may be smaller. A ``DistributedSampler`` subclass, so Lightning neither replaces it nor wraps it. The
-    epoch is ``position.epoch`` (see :meth:`set_epoch`)."""
-
-    def __init__(
-        self,
-        dataset: _Sequences,
-        batch_size: int,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-        max_batches: int | None = None,
-    ):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
-        per_rank = len(dataset) // world_size
-        self.indices = torch.arange(rank, per_rank * world_size, world_size)
-        self.batch_size = batch_size
-        num_batches = math.ceil(per_rank / batch_size)
-        if max_batches is not None:
-            num_batches = min(num_batches, max_batches)
-        self.position = _Position(num_batches)
-
-    def batches(self, epoch: int) -> list[list[int]]:
-        order = self.indices
-        if self.shuffle:
-            order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(self.seed + epoch))]
-        b = self.batch_size
-        return [order[i * b : (i + 1) * b].tolist() for i in range(self.position.num_batches)]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        # Taken eagerly: worker processes receive indices as soon as the iterator exists.
-        return iter(self.batches(self.position.epoch)[self.position.start :])
-
-    def __len__(self) -> int:
-        return self.position.num_batches
-
-    def set_epoch(self, epoch: int) -> None:
-        """Ignored on purpose. The epoch is the loader's own: it advances when an epoch's last batch is delivered
-        and is saved by ``state_dict``. Lightning calls this with its epoch counter, which after a resume differs
-        from an uninterrupted run's (a run stopped mid-epoch 0 resumes with ``set_epoch(1)``) and would change the
-        order of the rest of the epoch."""
-
-
-class _Counting:
-    """The DataLoader's iterator, advancing the position for every batch it hands out."""
-
-    def __init__(self, iterator: Iterator, position: _Position):
-        self._iterator, self._position = iterator, position
-
-    def __iter__(self) -> "_Counting":
-        return self
-
-    def __next__(self) -> Any:
-        batch = next(self._iterator)
-        self._position.advance()
-        return batch
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader whose place in the epoch is saved by ``state_dict`` and restored by ``load_state_dict``.
-
-    The state counts batches *handed out* by this loader. Lightning takes nothing ahead from a loader that has a
-    length (its one-batch prefetch only applies to loaders without one), so that count is the number of batches
-    trained on; a consumer that prefetches itself must account for it. ``persistent_workers`` is off: workers
-    receive the epoch's order when they start."""
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        position: _Position,
-        identity: dict,
-        sampler: ShardSampler | None = None,
-        num_workers: int = 0,
-    ):
-        super().__init__(dataset, batch_size=None, sampler=sampler, num_workers=num_workers)
-        self.position = position
-        self.identity = identity
-
-    def __iter__(self) -> Iterator:
-        if isinstance(self.dataset, _StreamDataset):
-            self.dataset.begin(self.position.epoch, self.position.start)
-        return _Counting(super().__iter__(), self.position)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "epoch": self.position.epoch,
-            "consumed": self.position.start,
-            "num_batches": self.position.num_batches,
-            **self.identity,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        changed = {k: (state_dict.get(k), v) for k, v in self.identity.items() if state_dict.get(k) != v}
-        if state_dict.get("num_batches") != self.position.num_batches:
-            changed["num_batches"] = (state_dict.get("num_batches"), self.position.num_batches)
-        if changed:
-            raise ValueError(
-                "TextDataModule: the checkpoint's training data differs from this run's, so the run cannot resume "
-                f"where it stopped: {{key: (checkpoint, now)}} = {changed}. HINT: resume with the same `data:` "
-                "settings and number of processes, or start a new fit from the weights alone (no ckpt_path)."
-            )
-        self.position.load(int(state_dict["epoch"]), int(state_dict["consumed"]))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# streaming
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _pass_seed(seed: int, epoch: int, cycle: int) -> int:
-    if cycle == 0:
-        return seed + epoch
-    return int(np.random.SeedSequence([seed, epoch, cycle]).generate_state(1)[0])
-
-
-class _StreamDataset(IterableDataset):
-    """Batches of one rank, read from a stream; ``steps`` per epoch (see the module docstring)."""
-
-    def __init__(
-        self,
-        reader: _Reader,
-        encoder: _Encoder,
-        mode: str,
-        seq_len: int,
-        batch_size: int,
-        steps: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        instruct_packing: bool,
-        max_bytes: int | None,
-        max_documents: int | None,
-    ):
-        self.reader, self.encoder, self.mode = reader, encoder, mode
-        self.seq_len, self.batch_size, self.steps = seq_len, batch_size, steps
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.max_bytes, self.max_documents, self.instruct_packing = max_bytes, max_documents, instruct_packing
-        self.epoch, self.start = 0, 0
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def begin(self, epoch: int, start: int) -> None:
-        self.epoch, self.start = epoch, start
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        # This worker hands out the epoch's batches start + worker, start + worker + workers, ...; the DataLoader
-        # interleaves workers in order, so they arrive as start, start + 1, ... Batch j always comes from the same
-        # virtual stream (j % workers), whichever worker produces it after a resume.
-        first = self.start + worker
-        count = len(range(first, self.steps, workers))
-        return self._run(self.epoch, first % workers, workers, first // workers, count)
-
-    def _run(self, epoch: int, stream: int, streams: int, skip: int, count: int) -> Iterator[dict[str, torch.Tensor]]:
-        batches = self._batches(epoch, stream, streams)
-        for _ in range(skip):
-            next(batches)
-        for _ in range(count):
-            yield next(batches)
-
-    def _sequences(self, epoch: int, stream: int, streams: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-        n_streams = self.world_size * streams
-        mine = self.rank * streams + stream
-        cycle = 0
-        while True:
-            docs = self.reader.documents(
-                _pass_seed(self.seed, epoch, cycle), (mine, n_streams), self.max_bytes, self.max_documents
-            )
-            produced = 0
-            buffer_ids, buffer_labels = np.zeros(0, np.int64), np.zeros(0, np.int64)
-            for chunk in _chunks(docs, _READ_CHUNK):
-                if self.mode == "instruct":
-                    examples = self.encoder.examples(chunk)
-                    if not self.instruct_packing:
-                        seqs, _ = _instruct_sequences(examples, self.seq_len, self.encoder.pad_id, False)
-                        for r in range(len(seqs)):
-                            produced += 1
-                            yield seqs.input_ids[r].numpy(), seqs.labels[r].numpy(), seqs.attention_mask[r].numpy()
-                        continue
-                    buffer_ids = np.concatenate([buffer_ids] + [e[0] for e in examples])
-                    buffer_labels = np.concatenate([buffer_labels] + [e[1] for e in examples])
-                else:
-                    buffer_ids = np.concatenate(
-                        [buffer_ids] + [d.astype(np.int64) for d in self.encoder.documents(chunk)]
-                    )
-                n = len(buffer_ids) // self.seq_len
-                for r in range(n):
-                    produced += 1
-                    cut = slice(r * self.seq_len, (r + 1) * self.seq_len)
-                    yield buffer_ids[cut], (buffer_labels[cut] if self.mode == "instruct" else None), None
-                buffer_ids = buffer_ids[n * self.seq_len :]
-                if self.mode == "instruct":
-                    buffer_labels = buffer_labels[n * self.seq_len :]
-            if produced == 0:
-                raise RuntimeError(
-                    f"TextDataModule: stream {mine} of {n_streams} (rank {self.rank}) got no sequence from "
-                    f"{self.reader.describe()}. HINT: the source has too few documents for world_size × num_workers "
-                    "streams of `seq_len` tokens; lower `num_workers` or `seq_len`, or raise `max_bytes`."
-                )
-            cycle += 1
-
-    def _batches(self, epoch: int, stream: int, streams: int) -> Iterator[dict[str, torch.Tensor]]:
-        for group in _chunks(self._sequences(epoch, stream, streams), self.batch_size):
-            ids = torch.from_numpy(np.stack([g[0] for g in group])).long()
-            labels = ids.clone() if group[0][1] is None else torch.from_numpy(np.stack([g[1] for g in group])).long()
-            batch = {"input_ids": ids, "labels": labels}
-            if group[0][2] is not None:
-                batch["attention_mask"] = torch.from_numpy(np.stack([g[2] for g in group])).long()
-            yield batch
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# the DataModule
-# --------------------------------------------------------------------------------------------------------------------
-
 
 class TextDataModule(LightningDataModule):
     """Calibration and recovery-training text: packed documents, seeded windows or Alpaca instructions.
@@ -750,7 +62,7 @@ class TextDataModule(LightningDataModule):
     Batches are dicts of ``LongTensor[B, L]``: ``input_ids``, ``labels`` (``input_ids`` with −100 where no loss is
     taken; the model shifts them) and, when padding exists (``mode='instruct'`` without packing),
     ``attention_mask``. After :meth:`setup`, :attr:`record` describes the data this rank trains on (source, split,
-    mode, sizes, sha256 of its token ids, world size, ...). See the module docstring for sharding and resumption.
+    mode, sizes, sha256 of its token ids, world size, ...). Sharding and resumption: :mod:`.sampling`.
 
     Args:
         source: ``"stdlib"`` (the offline Python-standard-library corpus), a local file, directory or glob of
@@ -830,54 +142,14 @@ class TextDataModule(LightningDataModule):
         cache_dir: str | None = None,
     ):
         super().__init__()
-        if not isinstance(source, str) or not source:
-            raise _invalid("source", source, "'stdlib', a local file/directory/glob or a hub dataset name")
-        if mode not in MODES:
-            raise _invalid("mode", mode, str(list(MODES)))
-        if sample_by not in SAMPLE_BY:
-            raise _invalid("sample_by", sample_by, str(list(SAMPLE_BY)))
-        if not isinstance(text_field, str) or not text_field:
-            raise _invalid("text_field", text_field, "a column name")
-        if instruct_fields is not None and (
-            not isinstance(instruct_fields, dict)
-            or not set(instruct_fields) <= set(INSTRUCT_FIELDS)
-            or not all(isinstance(v, str) and v for v in instruct_fields.values())
-        ):
-            raise _invalid(
-                "instruct_fields",
-                instruct_fields,
-                f"null or a map from some of {list(INSTRUCT_FIELDS)} to column names",
-            )
-        for key, value, low in (
-            ("seq_len", seq_len, 2),
-            ("batch_size", batch_size, 1),
-            ("calibration_samples", calibration_samples, 1),
-            ("val_samples", val_samples, 0),
-            ("num_workers", num_workers, 0),
-            ("seed", seed, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise _invalid(key, value, f"an integer >= {low}")
-        for key, value in (
-            ("num_samples", num_samples),
-            ("steps_per_epoch", steps_per_epoch),
-            ("max_bytes", max_bytes),
-            ("max_documents", max_documents),
-        ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise _invalid(key, value, "null or an integer >= 1")
-        tokenizer = "model" if tokenizer is None else tokenizer
-        if not isinstance(tokenizer, str) or not tokenizer:
-            raise _invalid("tokenizer", tokenizer, "'bytes', 'model' or a tokenizer name / path")
-        if tokenizer == "bytes" and add_bos:
-            raise _invalid(
-                "add_bos",
-                add_bos,
-                "false or null with tokenizer='bytes'",
-                "the bytes tokenizer has no BOS token; set `add_bos: false` or pick another `tokenizer`.",
-            )
-        if val_split is not None and (not isinstance(val_split, str) or not val_split):
-            raise _invalid("val_split", val_split, "null or a split name")
+        check_source(source, mode, sample_by, text_field, instruct_fields, val_split)
+        check_integers(
+            {"seq_len": (seq_len, 2), "batch_size": (batch_size, 1), "calibration_samples": (calibration_samples, 1)}
+            | {"val_samples": (val_samples, 0), "num_workers": (num_workers, 0), "seed": (seed, 0)},
+            {"num_samples": num_samples, "steps_per_epoch": steps_per_epoch}
+            | {"max_bytes": max_bytes, "max_documents": max_documents},
+        )
+        tokenizer = check_tokenizer(tokenizer, add_bos)
 
         self.source, self.dataset_config, self.train_split = source, dataset_config, train_split
         self.val_source = val_source
@@ -888,12 +160,8 @@ class TextDataModule(LightningDataModule):
         )
         self.text_field, self.instruct_fields, self.sample_by = text_field, instruct_fields, sample_by
         self.streaming, self.steps_per_epoch = streaming, steps_per_epoch
-        self.tokenizer_name, self.trust_remote_code, self.add_bos, self.add_eos = (
-            tokenizer,
-            trust_remote_code,
-            add_bos,
-            add_eos,
-        )
+        self.tokenizer_name, self.trust_remote_code = tokenizer, trust_remote_code
+        self.add_bos, self.add_eos = add_bos, add_eos
         self.mode, self.instruct_packing = mode, instruct_packing
         self.seq_len, self.batch_size, self.num_samples = seq_len, batch_size, num_samples
         self.val_samples, self.calibration_samples = val_samples, calibration_samples
@@ -902,40 +170,40 @@ class TextDataModule(LightningDataModule):
         self.save_hyperparameters()
 
         # Readers check local paths and split names now, so a bad config fails before any training starts.
-        common = dict(
-            dataset_config=dataset_config,
-            text_field=text_field,
-            sample_by=sample_by,
-            streaming=streaming,
-            cache_dir=cache_dir,
-            instruct=mode == "instruct",
-            instruct_fields=instruct_fields,
-        )
-        self._train_reader = _Reader(source, train_split, key="source", split_key="train_split", **common)
+        self._train_reader = self._reader(source, train_split, "source", "train_split", dataset_config)
         self._val_reader = None
         if self.val_split is not None and val_samples > 0:
-            val_common = dict(common, dataset_config=dataset_config if val_source is None else None)
-            self._val_reader = _Reader(
-                val_source or source,
-                self.val_split,
-                key="val_source" if val_source else "source",
-                split_key="val_split",
-                **val_common,
-            )
+            key, config = ("val_source", None) if val_source else ("source", dataset_config)
+            self._val_reader = self._reader(val_source or source, self.val_split, key, "val_split", config)
 
         self.tokenizer: Any = None  # the resolved Hugging Face tokenizer after setup (None for "bytes")
         self.record: dict[str, Any] = {}
         self.checkpoint_record: dict[str, Any] | None = None
         self._rank_override: tuple[int, int] | None = None
         self._dist: tuple[int, int] | None = None
-        self._encoder: _Encoder | None = None
+        self._encoder: Encoder | None = None
         self._reset()
 
+    def _reader(self, source: str, split: str, key: str, split_key: str, dataset_config: str | None) -> TextReader:
+        return split_reader(
+            source,
+            split,
+            key,
+            split_key,
+            self.mode,
+            dataset_config=dataset_config,
+            text_field=self.text_field,
+            sample_by=self.sample_by,
+            streaming=self.streaming,
+            cache_dir=self.cache_dir,
+            instruct_fields=self.instruct_fields,
+        )
+
     def _reset(self) -> None:
-        self._train: _Sequences | None = None
-        self._val: _Sequences | None = None
-        self._calibration: _Sequences | None = None
-        self._streams: dict[int | None, np.ndarray] = {}
+        self._train: Sequences | None = None
+        self._val: Sequences | None = None
+        self._calibration: Sequences | None = None
+        self._in_memory: InMemorySplit | None = None
         self._train_built = False
         self._steps: int | None = None
 
@@ -962,40 +230,11 @@ class TextDataModule(LightningDataModule):
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
 
-    def _resolve_encoder(self) -> _Encoder:
-        if self._encoder is not None:
-            return self._encoder
-        name = self.tokenizer_name
-        tok: Any = None
-        if name == "model":
+    def _resolve_encoder(self) -> Encoder:
+        if self._encoder is None:
             module = self.trainer.lightning_module if self.trainer is not None else None
-            tok = getattr(module, "tokenizer", None)
-            if tok is None:
-                raise _invalid(
-                    "tokenizer",
-                    name,
-                    "'bytes' or a tokenizer name / path when the LightningModule has no `tokenizer` attribute",
-                    "set `data.tokenizer` to the model's tokenizer name or path, or give the module a "
-                    "`tokenizer` attribute.",
-                )
-            if isinstance(tok, str) and tok == "bytes":
-                tok = None
-        elif name != "bytes":
-            tok = name
-        if isinstance(tok, str):
-            from transformers import AutoTokenizer
-
-            try:
-                tok = AutoTokenizer.from_pretrained(tok, trust_remote_code=self.trust_remote_code)
-            except (OSError, ValueError) as err:
-                raise _invalid(
-                    "tokenizer",
-                    name,
-                    "'bytes', 'model' or a loadable tokenizer name / path",
-                    f"{tok!r} could not be loaded ({type(err).__name__}: {str(err)[:200]}); fix `data.tokenizer`.",
-                ) from err
-        self.tokenizer = tok
-        self._encoder = _Encoder(tok, self.add_bos, self.add_eos)
+            self.tokenizer = load_tokenizer(self.tokenizer_name, module, self.trust_remote_code)
+            self._encoder = Encoder(self.tokenizer, self.add_bos, self.add_eos, owner="TextDataModule")
         return self._encoder
 
     def prepare_data(self) -> None:
@@ -1017,56 +256,19 @@ class TextDataModule(LightningDataModule):
             self._build_val()
 
     # ------------------------------------------------------------------------------------------------ reading
-    def _caps(self, reader: _Reader) -> dict[str, int | None]:
+    def _caps(self, reader: TextReader) -> dict[str, int | None]:
         max_bytes = self.max_bytes
         if max_bytes is None and reader.kind == "stdlib":
             max_bytes = STDLIB_MAX_BYTES
         return {"max_bytes": max_bytes, "max_documents": self.max_documents}
 
-    def _train_tokens(self, windows_wanted: int | None = None) -> np.ndarray:
-        """The training split's packed token stream, read into memory up to the caps (``windows_wanted``: only
-        ``WINDOW_POOL`` × that many windows' worth when the split has no cap)."""
-        if None in self._streams:  # the whole stream is already there
-            return self._streams[None]
-        caps = self._caps(self._train_reader)
-        limit = caps["max_bytes"] if self._encoder.tokenizer is None else None  # bytes: cut exactly
-        if windows_wanted is not None and caps["max_bytes"] is None and caps["max_documents"] is None:
-            limit = WINDOW_POOL * windows_wanted * self.seq_len
-        if limit not in self._streams:
-            self._streams[limit] = _token_stream(self._train_reader.documents(**caps), self._encoder, limit)
-        return self._streams[limit]
+    def _split(self) -> InMemorySplit:
+        if self._in_memory is None:
+            reader = self._train_reader
+            self._in_memory = InMemorySplit(reader, self._encoder, self._caps(reader), self.seq_len, self.seed)
+        return self._in_memory
 
-    def _windows(self, n: int) -> torch.Tensor:
-        stream = self._train_tokens(n)
-        if stream.size <= self.seq_len:
-            raise _invalid(
-                "seq_len",
-                self.seq_len,
-                f"fewer than the {stream.size} tokens read from {self._train_reader.describe()}",
-                "lower `seq_len` or raise `max_bytes`.",
-            )
-        return windows(torch.from_numpy(stream), self.seq_len, n, seed=self.seed)
-
-    def _all_train_sequences(self) -> tuple[_Sequences, dict]:
-        info: dict[str, Any] = {}
-        if self.mode == "instruct":
-            docs = self._train_reader.documents(**self._caps(self._train_reader))
-            examples = [e for chunk in _chunks(docs, _READ_CHUNK) for e in self._encoder.examples(chunk)]
-            seqs, dropped = _instruct_sequences(examples, self.seq_len, self._encoder.pad_id, self.instruct_packing)
-            info.update(examples=len(examples), examples_without_response=dropped)
-            if self.num_samples is not None:
-                seqs = seqs.select(torch.arange(min(self.num_samples, len(seqs))))
-            return seqs, info
-        if self.mode == "windows":
-            return _Sequences(self._windows(self.num_samples or DEFAULT_WINDOWS)), info
-        stream = self._train_tokens()
-        info["stream_tokens"] = int(stream.size)
-        n = stream.size // self.seq_len
-        if self.num_samples is not None:
-            n = min(n, self.num_samples)
-        return _Sequences(torch.from_numpy(stream[: n * self.seq_len].reshape(n, self.seq_len))), info
-
-    def _base_record(self, split: str, reader: _Reader) -> dict[str, Any]:
+    def _base_record(self, split: str, reader: TextReader) -> dict[str, Any]:
         rank, world = self._dist
         return {
             "source": reader.describe(),
@@ -1088,7 +290,7 @@ class TextDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is not None and (getattr(trainer, "max_steps", -1) or -1) > 0:
             return trainer.max_steps * trainer.accumulate_grad_batches
-        raise _invalid(
+        raise invalid_argument(
             "steps_per_epoch",
             None,
             "an integer >= 1 when streaming without a trainer's max_steps",
@@ -1116,9 +318,9 @@ class TextDataModule(LightningDataModule):
             self.record = {**record, **keep}
             self._train_built = True
             return
-        every, info = self._all_train_sequences()
+        every, info = self._split().training(self.mode, self.num_samples, self.instruct_packing, self._encoder.pad_id)
         if len(every) < world:
-            raise _invalid(
+            raise invalid_argument(
                 "max_bytes",
                 self.max_bytes,
                 f"enough data for {world} ranks",
@@ -1145,22 +347,9 @@ class TextDataModule(LightningDataModule):
             return
         rank, world = self._dist
         reader = self._val_reader
-        caps = self._caps(reader)
-        docs = reader.documents(**caps)
-        if self.mode == "instruct":
-            examples = []
-            for chunk in _chunks(docs, _READ_CHUNK):
-                examples.extend(self._encoder.examples(chunk))
-                if len(examples) >= 2 * self.val_samples:
-                    break
-            seqs, _ = _instruct_sequences(examples, self.seq_len, self._encoder.pad_id, self.instruct_packing)
-            seqs = seqs.select(torch.arange(min(self.val_samples, len(seqs))))
-        else:
-            limit = self.val_samples * self.seq_len
-            if self._encoder.tokenizer is None and caps["max_bytes"] is not None:
-                limit = min(limit, caps["max_bytes"])
-            stream = _token_stream(docs, self._encoder, limit)
-            seqs = _Sequences(windows(torch.from_numpy(stream), self.seq_len, self.val_samples))
+        seqs = held_out_sequences(
+            reader, self._encoder, self._caps(reader), self.mode, self.seq_len, self.val_samples, self.instruct_packing
+        )
         self._val = seqs
         sampler = ShardSampler(seqs, self.batch_size, rank, world, self.seed, shuffle=False)
         mine = seqs.select(sampler.indices)
@@ -1204,7 +393,7 @@ class TextDataModule(LightningDataModule):
         self._ensure("fit")
         rank, world = self._dist
         if self._is_stream:
-            dataset = _StreamDataset(
+            dataset = StreamDataset(
                 self._train_reader,
                 self._encoder,
                 self.mode,
@@ -1217,7 +406,7 @@ class TextDataModule(LightningDataModule):
                 instruct_packing=self.instruct_packing,
                 **self._caps(self._train_reader),
             )
-            return ResumableDataLoader(dataset, _Position(self._steps), self._identity(), num_workers=self.num_workers)
+            return ResumableDataLoader(dataset, Position(self._steps), self._identity(), num_workers=self.num_workers)
         sampler = ShardSampler(self._train, self.batch_size, rank, world, self.seed, True, self.steps_per_epoch)
         return ResumableDataLoader(
             self._train, sampler.position, self._identity(), sampler=sampler, num_workers=self.num_workers
@@ -1232,13 +421,13 @@ class TextDataModule(LightningDataModule):
         sampler = ShardSampler(self._val, self.batch_size, rank, world, self.seed, shuffle=False)
         return DataLoader(self._val, batch_size=None, sampler=sampler, num_workers=self.num_workers)
 
-    def _calibration_set(self, num_samples: int | None) -> _Sequences:
+    def _calibration_set(self, num_samples: int | None) -> Sequences:
         if self._dist is None:
             self._dist = self._rank_world()
         self._resolve_encoder()
         n = num_samples or self.calibration_samples
         if self._calibration is None or len(self._calibration) != n:
-            self._calibration = _Sequences(self._windows(n))
+            self._calibration = self._split().windows(n)
             fp = calibration_fingerprint([self._calibration.input_ids.long()])
             self.record["calibration"] = {
                 **self._base_record(self.train_split, self._train_reader),

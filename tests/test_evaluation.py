@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tiny import BYTE_VOCAB, byte_model, tiny_config_dict
 from torch.utils.data import DataLoader
 
-from pruning.evaluation.harness import _bytes_to_unicode, byte_tokenizer
+from pruning.evaluation.harness import byte_tokenizer
 from pruning.evaluation.metrics import PerplexityMetric
 from pruning.evaluation.perplexity import (
     PerplexityProtocol,
@@ -24,6 +24,7 @@ from pruning.evaluation.perplexity import (
     perplexity_windows,
     token_stream,
 )
+from pruning.text.tokens import bytes_to_unicode
 
 DOCS = [
     "def add(a, b):\n    return a + b\n",
@@ -44,7 +45,7 @@ def text_file(tmp_path):
 def bos_tokenizer():
     """The byte tokenizer with a BOS token (id 1, a control byte absent from the text)."""
     tok = byte_tokenizer()
-    tok.bos_token = _bytes_to_unicode()[1]
+    tok.bos_token = bytes_to_unicode()[1]
     assert tok.bos_token_id == 1
     return tok
 
@@ -151,6 +152,41 @@ def test_metric_equals_function(text_file):
     assert float(metric.compute()) == pytest.approx(res.ppl, rel=1e-9)
     assert int(metric.token_count) == res.tokens
     assert metric.nll_sum.dtype == torch.float64
+
+
+def test_every_perplexity_path_gives_the_same_sums(text_file):
+    """The protocol, the torchmetrics metric, the report callback's held-out NLL and the LightningModule's validation
+    all sum the same per-token NLL: equal sums, bit for bit, on the same windows."""
+    import lightning.pytorch as pl
+    from pruning.callbacks.report import heldout_nll
+
+    from pruning.evaluation.nll import summed_nll
+    from pruning.lightning.module import DistillationModule
+
+    module = DistillationModule(
+        config=tiny_config_dict(vocab_size=BYTE_VOCAB, max_position_embeddings=512), attn_implementation="eager"
+    )
+    model = module.student.eval()
+    protocol = PerplexityProtocol(source=str(text_file), seq_len=16, stride=6)
+    inputs, labels = perplexity_windows(token_stream(protocol, "bytes"), protocol)
+    res = evaluate_perplexity(model, "bytes", protocol, batch_size=2)
+    loader = [{"input_ids": inputs[i : i + 2], "labels": labels[i : i + 2]} for i in range(0, len(inputs), 2)]
+    assert heldout_nll(model, loader, "cpu") == (res.nll, res.tokens)
+    metric = PerplexityMetric()
+    with torch.no_grad():
+        for batch in loader:
+            metric.update(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+    nll, tokens = metric.totals()
+    assert (float(nll), int(tokens)) == (res.nll, res.tokens)
+    # the old function: every token after the first of each window is scored
+    windows = [inputs[i : i + 2] for i in range(0, len(inputs), 2)]
+    nll, tokens = summed_nll(model, [{"input_ids": w} for w in windows])
+    assert tokens == inputs.shape[0] * (inputs.shape[1] - 1)
+    assert perplexity(model, windows) == math.exp(nll / tokens)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.validate(module, DataLoader(loader, batch_size=None), verbose=False)[0]
+    assert logged["val/loss"] == pytest.approx(res.nll / res.tokens, rel=1e-12)
+    assert logged["val/ppl"] == pytest.approx(res.ppl, rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------- two ranks

@@ -157,8 +157,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     if args.perplexity is None and not args.tasks:
         raise SystemExit("pruning eval: nothing to do. HINT: --perplexity stdlib|wikitext|FILE and/or --tasks ...")
-    from ..evaluation.harness import DEFAULT_TASKS, byte_tokenizer, evaluate_tasks, markdown_table
+    from ..evaluation.harness import DEFAULT_TASKS, evaluate_tasks, markdown_table
     from ..evaluation.perplexity import PerplexityProtocol, evaluate_perplexity
+    from ..text.tokens import byte_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

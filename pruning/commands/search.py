@@ -42,14 +42,20 @@ def load_model(path: str, dtype: str = "float32", device: str | None = None) -> 
 def load_data(args: argparse.Namespace, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Calibration and held-out windows from one token stream: scoring windows from its first 90 %, held-out
     windows from the rest, so the two never overlap."""
+    from ..text.reader import TextReader
     from ..text.stdlib import batches, stdlib_bytes, windows
+    from ..text.tokens import joined_ids
 
     if args.text:
         from transformers import AutoTokenizer
 
+        # every file one document, read as text whatever its suffix (undecodable bytes replaced), joined with a
+        # blank line and tokenised once with the tokenizer's special tokens
+        reader = TextReader(
+            args.text, builder="text", encoding_errors="replace", keep_empty=True, owner="pruning", key="--text"
+        )
         tok = AutoTokenizer.from_pretrained(args.tokenizer or model.name_or_path)
-        text = "\n\n".join(Path(p).read_text(encoding="utf-8", errors="replace") for p in args.text)
-        ids = torch.tensor(tok(text).input_ids, dtype=torch.long)
+        ids = joined_ids(reader.documents(), tok, "\n\n", special_tokens=True)
     else:
         ids = stdlib_bytes("train", max_bytes=4_000_000)
     cut = int(ids.numel() * 0.9)

@@ -11,7 +11,7 @@ HellaSwag, ARC-easy, ARC-challenge and OpenBookQA; ``acc`` for BoolQ and WinoGra
 words / whole-sentence substitutions without a normalised variant. The table says which metric each number is.
 
 ``lm_eval`` is imported only inside the functions that need it (``pip install -e ".[eval]"``); :func:`byte_tokenizer`
-needs only ``tokenizers`` and ``transformers``.
+(from :mod:`pruning.text.tokens`, re-exported here) needs only ``tokenizers`` and ``transformers``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..text.tokens import BYTE_EOS_ID, byte_tokenizer
 from .tasks import TASKS_DIR
 
 __all__ = [
@@ -65,55 +66,6 @@ PAPER_METRIC = {
     "openbookqa": "acc_norm",
     "stdlib_mc": "acc",  # choices of equal length: acc == acc_norm
 }
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# a byte-level tokenizer for byte-level models (the demo model, tiny test models)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible map from the 256 byte values to printable characters (what a ByteLevel tokenizer uses)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = list(bs)
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-BYTE_EOS_ID = 0  # NUL: never in text; lm-eval needs an EOS (prefix of empty contexts, stop of generation)
-
-
-def byte_tokenizer():
-    """A ``transformers`` fast tokenizer whose ids are the UTF-8 byte values 0..255 (what :mod:`pruning.text` and the
-    ``bytes`` tokenizer of the DataModule feed byte-level models), built offline with no download.
-
-    No BOS is added; EOS = pad = id 0 (the NUL byte, absent from text), so every id stays inside a 256-entry
-    vocabulary. ``split_special_tokens`` is on: text is always encoded as its bytes (a literal ``"Ā"``, the printable
-    stand-in of byte 0, still encodes as ``[196, 128]``). ``decode`` gives the text back.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    b2u = _bytes_to_unicode()
-    backend = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    special = b2u[BYTE_EOS_ID]
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=special,
-        pad_token=special,
-        split_special_tokens=True,
-        model_max_length=1 << 30,
-        clean_up_tokenization_spaces=False,
-    )
-    tok.name_or_path = "bytes"
-    return tok
 
 
 def tokenizer_for(model: nn.Module, tokenizer: Any = None):

@@ -7,10 +7,9 @@ needs torch and transformers only.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import torchmetrics
 
-IGNORE_INDEX = -100
+from .nll import IGNORE_INDEX, next_token_nll
 
 __all__ = ["PerplexityMetric"]
 
@@ -21,7 +20,8 @@ class PerplexityMetric(torchmetrics.Metric):
 
     ``update(logits, labels)`` takes ``[batch, seq, vocab]`` logits and ``[batch, seq]`` labels *unshifted*, as a
     Hugging Face causal LM's ``labels``: position ``t``'s logits predict ``labels[t + 1]``; labels equal to
-    ``ignore_index`` (−100) are not scored. NLL is computed in float32 from the logits and summed in float64.
+    ``ignore_index`` (−100) are not scored. NLL is computed in float32 from the logits and summed in float64
+    (:func:`pruning.evaluation.nll.next_token_nll`, as every perplexity of the project).
     """
 
     is_differentiable = False
@@ -38,12 +38,9 @@ class PerplexityMetric(torchmetrics.Metric):
         self.add_state("token_count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        target = labels[:, 1:].to(logits.device)
-        nll = F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=self.ignore_index, reduction="sum"
-        )
+        nll, tokens = next_token_nll(logits, labels, self.ignore_index)
         self.nll_sum += nll.detach().to(self.nll_sum.dtype)
-        self.token_count += (target != self.ignore_index).sum().to(self.token_count.dtype)
+        self.token_count += tokens.to(self.token_count.dtype)
 
     def compute(self) -> torch.Tensor:
         """The perplexity (``nan`` before any scored token)."""
@@ -54,3 +51,8 @@ class PerplexityMetric(torchmetrics.Metric):
     def mean_nll(self) -> torch.Tensor:
         """``Σ NLL / Σ tokens`` of the local (unsynchronised) state."""
         return self.nll_sum / self.token_count.clamp(min=1)
+
+    def totals(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(Σ NLL, Σ tokens)`` over every rank (float64; the local state is left as it was)."""
+        with self.sync_context():
+            return self.nll_sum.clone(), self.token_count.clone()

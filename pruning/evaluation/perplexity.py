@@ -4,9 +4,9 @@ Perplexities are comparable only when the protocol is the same, so every number 
 (:class:`PerplexityProtocol`, recorded in the result):
 
 - **source**: a hub dataset (``datasets.load_dataset(source, dataset_config, split=split)``, column ``text_field``),
-  a local file or glob (``.txt``: each file one document; ``.jsonl`` / ``.json`` / ``.parquet``: the ``text_field``
-  of every row), or ``"stdlib"``: the bundled offline corpus (:mod:`pruning.text`, ``split`` ``heldout`` or
-  ``train``, one document per file).
+  a local file, directory or glob (``.txt``: each file one document; ``.jsonl`` / ``.json`` / ``.parquet``: the
+  ``text_field`` of every row), or ``"stdlib"``: the bundled offline corpus (:mod:`pruning.text`, ``split``
+  ``heldout`` or ``train``, one document per file); all read by :class:`pruning.text.TextReader`, empty texts kept.
 - **joiner**: the documents are joined into one text with it (``"\\n\\n"``: the papers' WikiText-2 protocol).
 - **tokenisation**: the joined text is tokenised once, without special tokens; ``tokenizer="bytes"`` gives its UTF-8
   bytes as ids 0..255 (byte-level models).
@@ -26,21 +26,20 @@ The default protocol is the papers' WikiText-2 protocol (SparseGPT, Wanda, LLM-P
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import math
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
 
-from ..losses import next_token_ce
+from ..text.reader import BUILDERS, TextReader, source_kind
+from ..text.tokens import is_bytes_tokenizer, joined_ids, tokenizer_name
+from .nll import IGNORE_INDEX, all_reduce_sums, summed_nll
 
 __all__ = [
     "BOS_MODES",
@@ -57,24 +56,13 @@ __all__ = [
     "token_stream",
 ]
 
-IGNORE_INDEX = -100
 BOS_MODES = ("none", "stream", "window")
-LOCAL_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json", ".parquet")
+LOCAL_SUFFIXES = tuple(BUILDERS)
 
 
-@torch.no_grad()
 def perplexity(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device | str | None = None) -> float:
     """Token-weighted perplexity of ``model`` on ``[batch, seq]`` token-id tensors (each window scored alone)."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was = model.training
-    model.eval()
-    nll, tokens = 0.0, 0
-    for ids in batches:
-        ids = ids.to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        nll += float(next_token_ce(logits, ids, reduction="sum"))
-        tokens += ids.shape[0] * (ids.shape[1] - 1)
-    model.train(was)
+    nll, tokens = summed_nll(model, ({"input_ids": ids} for ids in batches), device)
     return math.exp(nll / tokens)
 
 
@@ -144,9 +132,7 @@ class PerplexityProtocol:
     @property
     def kind(self) -> str:
         """``stdlib``, ``local`` or ``hub``."""
-        if self.source == "stdlib":
-            return "stdlib"
-        return "local" if _looks_local(self.source) else "hub"
+        return source_kind(self.source)
 
     def as_dict(self) -> dict[str, Any]:
         """Every field, with ``stride`` and ``add_bos`` resolved, the source kind, and fields that do not apply to the
@@ -157,9 +143,7 @@ class PerplexityProtocol:
             d["dataset_config"] = None
         if self.kind == "local":
             d["split"] = None
-        if self.kind == "stdlib" or (
-            self.kind == "local" and Path(self.source).suffix.lower() in (".txt", ".text", ".md")
-        ):
+        if self.kind == "stdlib" or (self.kind == "local" and BUILDERS.get(Path(self.source).suffix.lower()) == "text"):
             d["text_field"] = None
         return d
 
@@ -182,7 +166,7 @@ class PerplexityProtocol:
         """A named protocol (:data:`PRESETS`: ``wikitext2``/``wikitext``, ``stdlib``) or, for anything else, a local
         file / hub dataset with the default protocol's windows; ``overrides`` replace fields."""
         base = dict(PRESETS[name]) if name in PRESETS else {"source": name, "dataset_config": None}
-        if name not in PRESETS and not _looks_local(name):
+        if name not in PRESETS and source_kind(name) == "hub":
             base["split"] = "test"
         base.update(overrides)
         return cls(**base)
@@ -202,81 +186,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _looks_local(source: str) -> bool:
-    return (
-        source.startswith(("/", "./", "../", "~"))
-        or Path(source).suffix.lower() in LOCAL_SUFFIXES
-        or os.path.exists(os.path.expanduser(source))
-    )
-
-
-def _local_files(source: str) -> list[Path]:
-    expanded = os.path.expanduser(source)
-    files = (
-        sorted(Path(f) for f in glob.glob(expanded, recursive=True))
-        if any(c in source for c in "*?[")
-        else [Path(expanded)]
-    )
-    files = [f for f in files if f.is_file()]
-    if not files:
-        raise FileNotFoundError(f"perplexity source {source!r}: no such file (relative to {os.getcwd()})")
-    bad = [str(f) for f in files if f.suffix.lower() not in LOCAL_SUFFIXES]
-    if bad:
-        raise ValueError(f"perplexity source {source!r}: {bad[:3]} not one of {LOCAL_SUFFIXES}")
-    return files
-
-
-def _rows_text(rows: Iterable[dict], field_name: str, where: str) -> list[str]:
-    out = []
-    for row in rows:
-        if field_name not in row:
-            raise ValueError(
-                f"perplexity source {where}: no column {field_name!r} (columns: {sorted(row)}). HINT: set text_field"
-            )
-        out.append(row[field_name] or "")
-    return out
-
-
 def load_documents(protocol: PerplexityProtocol) -> list[str] | list[bytes]:
-    """The documents of the protocol's source, in order (``bytes`` for ``stdlib``, ``str`` otherwise)."""
+    """The documents of the protocol's source, in order (``bytes`` for ``stdlib``, ``str`` otherwise; empty and null
+    texts kept as ``""``: they still add a joiner)."""
     p = protocol
-    if p.kind == "stdlib":
-        from ..text.stdlib import stdlib_files
-
-        if p.split not in ("heldout", "train"):
-            raise ValueError(f"perplexity source 'stdlib' has the splits 'heldout' and 'train', not {p.split!r}")
-        return [f.read_bytes() for f in stdlib_files(p.split)]  # type: ignore[arg-type]
-    if p.kind == "local":
-        docs: list[str] = []
-        for f in _local_files(p.source):
-            suffix = f.suffix.lower()
-            if suffix in (".txt", ".text", ".md"):
-                docs.append(f.read_text(encoding="utf-8"))
-            elif suffix == ".jsonl":
-                with open(f, encoding="utf-8") as fh:
-                    docs += _rows_text((json.loads(line) for line in fh if line.strip()), p.text_field, str(f))
-            elif suffix == ".json":
-                data = json.loads(f.read_text(encoding="utf-8"))
-                docs += _rows_text(data if isinstance(data, list) else [data], p.text_field, str(f))
-            else:
-                import pyarrow.parquet as pq
-
-                table = pq.read_table(f, columns=[p.text_field])
-                docs += [t or "" for t in table.column(p.text_field).to_pylist()]
-        return docs
-    import datasets
-
-    ds = datasets.load_dataset(p.source, p.dataset_config, split=p.split)
-    if p.text_field not in ds.column_names:
-        raise ValueError(
-            f"perplexity source {p.source!r}: no column {p.text_field!r} (columns: {ds.column_names}). "
-            "HINT: set text_field"
-        )
-    return list(ds[p.text_field])
-
-
-def _is_bytes_tokenizer(tokenizer: Any) -> bool:
-    return tokenizer is None or (isinstance(tokenizer, str) and tokenizer == "bytes")
+    reader = TextReader(
+        p.source, p.split, dataset_config=p.dataset_config, text_field=p.text_field, keep_empty=True, owner="perplexity"
+    )
+    return list(reader.documents())  # type: ignore[return-value]
 
 
 def token_stream(
@@ -284,29 +201,17 @@ def token_stream(
 ) -> torch.Tensor:
     """The protocol's token stream (1-D ``long``): documents joined with ``joiner``, tokenised without special
     tokens (``"bytes"``: UTF-8 bytes), with one BOS in front for ``add_bos="stream"``."""
-    docs = load_documents(protocol) if documents is None else documents
-    if _is_bytes_tokenizer(tokenizer):
-        if protocol.bos != "none":
-            raise ValueError(
-                f"add_bos={protocol.add_bos!r} with tokenizer='bytes': the bytes tokenizer has no BOS. "
-                "HINT: add_bos: false"
-            )
-        joiner = protocol.joiner.encode("utf-8")
-        data = joiner.join(d if isinstance(d, bytes) else d.encode("utf-8") for d in docs)
-        return (
-            torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.long)
-            if data
-            else torch.zeros(0, dtype=torch.long)
+    if is_bytes_tokenizer(tokenizer) and protocol.bos != "none":
+        raise ValueError(
+            f"add_bos={protocol.add_bos!r} with tokenizer='bytes': the bytes tokenizer has no BOS. HINT: add_bos: false"
         )
-    text = protocol.joiner.join(d.decode("utf-8", errors="replace") if isinstance(d, bytes) else d for d in docs)
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    if protocol.bos == "stream":
-        ids = [_bos_id(tokenizer)] + list(ids)
-    return torch.tensor(ids, dtype=torch.long)
+    bos_id = _bos_id(tokenizer) if protocol.bos == "stream" else None
+    docs = load_documents(protocol) if documents is None else documents
+    return joined_ids(docs, tokenizer, protocol.joiner, bos_id)
 
 
 def _bos_id(tokenizer: Any) -> int:
-    if _is_bytes_tokenizer(tokenizer) or getattr(tokenizer, "bos_token_id", None) is None:
+    if is_bytes_tokenizer(tokenizer) or getattr(tokenizer, "bos_token_id", None) is None:
         raise ValueError("add_bos needs a tokenizer with a BOS token. HINT: add_bos: false")
     return int(tokenizer.bos_token_id)
 
@@ -340,7 +245,6 @@ def perplexity_windows(
     return body, labels
 
 
-@torch.no_grad()
 def score_windows(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -348,21 +252,11 @@ def score_windows(
     batch_size: int = 1,
     device: torch.device | str | None = None,
 ) -> tuple[float, int]:
-    """``(Σ NLL, scored tokens)`` of ``model`` on the windows (next-token NLL in float32, summed in float64)."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    nll = torch.zeros((), dtype=torch.float64)
-    tokens = 0
-    for i in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[i : i + batch_size].to(device)
-        lab = labels[i : i + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        target = lab[:, 1:]
-        losses = F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        nll += losses.double().cpu()
-        tokens += int((target != IGNORE_INDEX).sum())
-    return float(nll), tokens
+    """``(Σ NLL, scored tokens)`` of ``model`` on the windows, ``batch_size`` at a time (:func:`summed_nll`: NLL in
+    float32, summed in float64)."""
+    starts = range(0, input_ids.shape[0], batch_size)
+    batches = ({"input_ids": input_ids[i : i + batch_size], "labels": labels[i : i + batch_size]} for i in starts)
+    return summed_nll(model, batches, device)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -386,12 +280,6 @@ class PerplexityResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _tokenizer_name(tokenizer: Any) -> str:
-    if _is_bytes_tokenizer(tokenizer):
-        return "bytes"
-    return str(getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__)
 
 
 def evaluate_perplexity(
@@ -426,21 +314,11 @@ def evaluate_perplexity(
     inputs, labels = perplexity_windows(ids, protocol, bos_id)
     digest = hashlib.sha256(inputs.to(torch.int64).numpy().tobytes()).hexdigest()
     rank, world = 0, 1
-    import torch.distributed as dist
-
     if distributed and dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-    was = model.training
-    model.eval()
-    try:
-        nll, tokens = score_windows(model, inputs[rank::world], labels[rank::world], batch_size, device)
-    finally:
-        model.train(was)
+    nll, tokens = score_windows(model, inputs[rank::world], labels[rank::world], batch_size, device)
     if world > 1:
-        dev = torch.device("cpu") if dist.get_backend() == "gloo" else next(model.parameters()).device
-        both = torch.tensor([nll, float(tokens)], dtype=torch.float64, device=dev)
-        dist.all_reduce(both)
-        nll, tokens = float(both[0]), int(both[1])
+        nll, tokens = all_reduce_sums(nll, tokens, next(model.parameters()).device)
     ppl = math.exp(nll / tokens) if tokens else float("nan")
     return PerplexityResult(
         ppl=ppl,
@@ -448,7 +326,7 @@ def evaluate_perplexity(
         tokens=tokens,
         windows=int(inputs.shape[0]),
         protocol=protocol.as_dict(),
-        tokenizer=_tokenizer_name(tokenizer),
+        tokenizer=tokenizer_name(tokenizer),
         stream_tokens=int(ids.numel()),
         sha256=digest,
     )

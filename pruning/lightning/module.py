@@ -32,14 +32,14 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torchmetrics
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from ..evaluation.metrics import PerplexityMetric
 from ..loading import from_pretrained
 from ..lora import LoraSettings
 from ..lora import inject as inject_lora
 from ..lora import merge as merge_lora
-from ..losses import ChunkedLogits, distillation_loss, next_token_ce
+from ..losses import ChunkedLogits, distillation_loss
 from ..masks import MaskSet
 
 # causal LMs whose logits are exactly lm_head(final hidden state) (no soft-capping or logit scale)
@@ -201,8 +201,7 @@ class DistillationModule(pl.LightningModule):
         self._peft = None
         if lora is not None:
             self._peft = inject_lora(self.student, lora, lambda: self.masks)
-        self.val_nll = torchmetrics.SumMetric()
-        self.val_tokens = torchmetrics.SumMetric()
+        self.val_perplexity = PerplexityMetric()  # Σ NLL and Σ tokens of the validation epoch, over every rank
 
     # ------------------------------------------------------------------ building
     @staticmethod
@@ -356,17 +355,12 @@ class DistillationModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        ids, labels = batch["input_ids"], batch.get("labels", batch["input_ids"])
-        logits = self(ids, batch.get("attention_mask"))
-        nll = next_token_ce(logits, labels, reduction="sum")
-        tokens = (labels[:, 1:] != -100).sum()
-        self.val_nll.update(nll.detach().double())
-        self.val_tokens.update(tokens.double())
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        self.val_perplexity.update(logits, batch.get("labels", batch["input_ids"]))
 
     def on_validation_epoch_end(self) -> None:
-        nll, tokens = self.val_nll.compute(), self.val_tokens.compute()
-        self.val_nll.reset()
-        self.val_tokens.reset()
+        nll, tokens = self.val_perplexity.totals()
+        self.val_perplexity.reset()
         if tokens > 0:
             self.log("val/loss", nll / tokens, sync_dist=False)
             self.log("val/ppl", torch.exp(nll / tokens), sync_dist=False, prog_bar=True)

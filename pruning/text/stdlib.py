@@ -37,16 +37,13 @@ def stdlib_files(split: Literal["train", "heldout"] = "train", heldout_every: in
 
 
 def stdlib_bytes(split: Literal["train", "heldout"] = "train", max_bytes: int | None = None) -> torch.Tensor:
-    """The split's files joined with a blank line, as a 1-D tensor of byte ids."""
-    chunks, total = [], 0
-    for p in stdlib_files(split):
-        b = p.read_bytes() + b"\n\n"
-        chunks.append(b)
-        total += len(b)
-        if max_bytes is not None and total >= max_bytes:
-            break
-    data = b"".join(chunks)[:max_bytes]
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.long)
+    """The split's files, each followed by a blank line, as a 1-D tensor of byte ids (cut at ``max_bytes``): the
+    packed stream of :class:`pruning.text.TextReader` and :class:`pruning.text.tokens.Encoder`."""
+    from .reader import TextReader
+    from .tokens import Encoder, packed_stream
+
+    docs = TextReader("stdlib", split).documents(max_bytes=max_bytes)
+    return torch.from_numpy(packed_stream(docs, Encoder(), max_bytes))
 
 
 def windows(ids: torch.Tensor, seq_len: int, n: int | None = None, seed: int | None = None) -> torch.Tensor:
