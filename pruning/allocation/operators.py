@@ -11,6 +11,9 @@ import torch
 
 from ..loading import from_pretrained
 
+Rates = Sequence[float]  # one rate per decoder layer
+Scored = tuple[list[float], float]  # rates and their fitness
+
 _LIST = re.compile(r"\[([^\[\]]*)\]")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 
@@ -68,12 +71,7 @@ class LLMOperator:
         self.calls = 0
 
     def prompt(
-        self,
-        kind: str,
-        parents: Sequence[Sequence[float]],
-        population: Sequence[tuple[list[float], float]],
-        target: float,
-        max_rate: float,
+        self, kind: str, parents: Sequence[Rates], population: Sequence[Scored], target: float, max_rate: float
     ) -> str:
         n = len(parents[0])
         shown = sorted(population, key=lambda c: c[1])[: self.shown]
@@ -126,12 +124,7 @@ class LLMOperator:
         return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
     def propose(
-        self,
-        kind: str,
-        parents: Sequence[Sequence[float]],
-        population: Sequence[tuple[list[float], float]],
-        target: float,
-        max_rate: float,
+        self, kind: str, parents: Sequence[Rates], population: Sequence[Scored], target: float, max_rate: float
     ) -> tuple[list[float] | None, str, str]:
         """``(rates or None, reason, answer)`` for one crossover or mutation."""
         answer = self.generate(self.prompt(kind, parents, population, target, max_rate))

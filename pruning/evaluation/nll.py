@@ -16,9 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IGNORE_INDEX", "all_reduce_sums", "next_token_nll", "summed_nll"]
+from ..options import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "all_reduce_sums", "next_token_nll", "summed_nll"]
 
 
 def next_token_nll(

@@ -11,6 +11,9 @@ from ..stats import ActivationStats, GradientStats, GroupGradientStats
 from ..structure import GroupSet
 
 CRITERIA: dict[str, type[Criterion]] = {}
+NM = tuple[int, int] | None  # an N:M pattern, or none
+Keep = torch.Tensor | None  # a keep mask already there (monotone pruning), or none
+Pruned = tuple[torch.Tensor, torch.Tensor, dict]  # (keep mask, new weight, info) of a reconstructing criterion
 
 
 def register(cls: type[Criterion]) -> type[Criterion]:
@@ -104,14 +107,8 @@ class Criterion:
         raise NotImplementedError
 
     def prune_weight(
-        self,
-        name: str,
-        ctx: ScoreContext,
-        sparsity: float,
-        nm: tuple[int, int] | None,
-        scope: str,
-        prev_keep: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        self, name: str, ctx: ScoreContext, sparsity: float, nm: NM, scope: str, prev_keep: Keep
+    ) -> Pruned:
         """For ``reconstructs`` criteria: ``(keep mask, new weight, info)`` of one weight at ``sparsity`` (or N:M)."""
         raise NotImplementedError(f"{self.name} selects by scores; it does not reconstruct weights")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..options import STRUCTURED
-from .base import Criterion, ScoreContext, register
+from .base import NM, Criterion, Keep, Pruned, ScoreContext, register
 
 
 def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_retries: int = 6) -> tuple[torch.Tensor, dict]:
@@ -247,14 +247,8 @@ class SparseGPT(Criterion):
         return stats.sums["gram"] * (2.0 / max(stats.count, 1))
 
     def prune_weight(
-        self,
-        name: str,
-        ctx: ScoreContext,
-        sparsity: float,
-        nm: tuple[int, int] | None,
-        scope: str,
-        prev_keep: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        self, name: str, ctx: ScoreContext, sparsity: float, nm: NM, scope: str, prev_keep: Keep
+    ) -> Pruned:
         w = ctx.weights[name]
         keep, w_new, info = sparsegpt_prune(
             w,

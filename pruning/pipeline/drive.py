@@ -4,9 +4,9 @@
   by the callbacks, or by one calibration pass over the dense model); score, select and apply, one decoder layer at a
   time unless the selection compares layers.
 - :func:`prune_layer_by_layer`: activation criteria, the papers' protocol (Wanda, SparseGPT, GBLM): each layer's
-  statistics are taken on the inputs the already-pruned layers before it produce.
-- :func:`prune_in_one_pass`: the same, each Linear pruned in its forward pre-hook on the inputs it receives from the
-  already-pruned Linears before it (SparseGPT's "true sequential").
+  statistics are taken on the inputs the already-pruned layers before it produce (``one_pass``: each Linear pruned
+  in its forward pre-hook on the inputs the already-pruned Linears before it produce, SparseGPT's "true
+  sequential").
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from .layerwise import run_layerwise
 from .pruner import Pruner
 
 LayerScope = Callable[[int | None], AbstractContextManager]
+Batches = Sequence[torch.Tensor]
+Grads = GradientCollector | None
+Device = torch.device | str | None
 
 
 def prune_from_statistics(
@@ -106,16 +109,21 @@ def _layer_statistics(pruner: Pruner, layer: int, forward_all: Callable, plain: 
 
 def prune_layer_by_layer(
     pruner: Pruner,
-    calibration: Sequence[torch.Tensor],
-    gradients: GradientCollector | None = None,
+    calibration: Batches,
+    gradients: Grads = None,
     *,
-    device: torch.device | str | None = None,
+    one_pass: bool = False,
+    device: Device = None,
     store: str = "device",
     progress: bool = True,
 ) -> None:
     """Activation criteria one decoder layer at a time: layer ``i`` is scored on the inputs the already-pruned
     layers ``< i`` produce, pruned, and its pruned outputs feed layer ``i + 1`` (``device``: where layers are
-    computed, visiting it one at a time). OWL's rates come from a first pass over the dense layers."""
+    computed, visiting it one at a time). OWL's rates come from a first pass over the dense layers.
+
+    ``one_pass`` (unstructured / N:M): the calibration set merged into one batch, each Linear pruned in its forward
+    pre-hook on the statistics of the inputs it actually receives, then computing with its pruned weight, so every
+    layer runs once (SparseGPT's "true sequential")."""
     model, structure = pruner.model, pruner.structure
     if gradients is not None:
         gradients.gather(pruner.targets.weights)
@@ -133,22 +141,20 @@ def prune_layer_by_layer(
         pruner.select_layer(i, pruner.context(_layer_statistics(pruner, i, forward_all), gradients))
         pruner.apply(pruner.names_in(i))
 
-    run_layerwise(model, structure, calibration, on_layer, device=device, store=store, progress=progress)
+    run_layerwise(
+        model,
+        structure,
+        calibration,
+        _one_pass_layer(pruner, gradients) if one_pass else on_layer,
+        device=device,
+        store=store,
+        progress=progress,
+        one_pass=one_pass,
+    )
 
 
-def prune_in_one_pass(
-    pruner: Pruner,
-    calibration: Sequence[torch.Tensor],
-    gradients: GradientCollector | None = None,
-    *,
-    device: torch.device | str | None = None,
-    store: str = "device",
-    progress: bool = True,
-) -> None:
-    """Unstructured / N:M, one pass per layer: the calibration set merged into one batch, each Linear pruned in its
-    forward pre-hook on the statistics of the inputs it actually receives, then computing with its pruned weight."""
-    if gradients is not None:
-        gradients.gather(pruner.targets.weights)
+def _one_pass_layer(pruner: Pruner, gradients: Grads) -> Callable:
+    """``on_layer`` of a one-pass run: each Linear of the layer pruned in its forward pre-hook."""
 
     def on_layer(i: int, forward_all: Callable) -> list:
         handles = {}
@@ -172,13 +178,4 @@ def prune_in_one_pass(
             for h in handles.values():
                 h.remove()
 
-    run_layerwise(
-        pruner.model,
-        pruner.structure,
-        calibration,
-        on_layer,
-        device=device,
-        store=store,
-        progress=progress,
-        one_pass=True,
-    )
+    return on_layer

@@ -12,7 +12,7 @@ from ..masks import MaskSet
 from ..options import GRANULARITIES, Granularity, PruneOptions
 from ..stats import ActivationCollector, ActivationStats, GradientCollector
 from .calibration import calibration_batches, calibration_fingerprint, collect_gradients
-from .drive import collect_activations, prune_from_statistics, prune_in_one_pass, prune_layer_by_layer
+from .drive import collect_activations, prune_from_statistics, prune_layer_by_layer
 from .pruner import Pruner, PruneResult
 
 __all__ = ["GRANULARITIES", "PruneResult", "calibration_fingerprint", "prune"]
@@ -77,8 +77,8 @@ def prune(
         )
         gradients.reduce()
     if crit.needs_activations and activations is None and opts.sequential and pruner.selects_layer_by_layer:
-        drive = prune_in_one_pass if opts.within_layer == "sequential" else prune_layer_by_layer
-        drive(pruner, calib, gradients, device=device, store=store, progress=progress)
+        one_pass = opts.within_layer == "sequential"
+        prune_layer_by_layer(pruner, calib, gradients, one_pass=one_pass, device=device, store=store, progress=progress)
     else:
         if crit.needs_activations and activations is None:
             activations = collect_activations(pruner, calib, device)

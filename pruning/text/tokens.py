@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..options import IGNORE_INDEX
 from .reader import READ_CHUNK, chunks, invalid
 from .stdlib import BYTE_VOCAB
 
@@ -33,7 +34,7 @@ __all__ = [
     "tokenizer_name",
 ]
 
-IGNORE_INDEX = -100  # the label of tokens that take no loss (Hugging Face's convention)
+
 BYTES_SEPARATOR = b"\n\n"  # what the bytes scheme puts after every document (as pruning.text.stdlib_bytes)
 BYTE_EOS_ID = 0  # NUL: never in text; lm-eval needs an EOS (prefix of empty contexts, stop of generation)
 
