@@ -4,9 +4,8 @@
   slower (the multi-process tests set ``OMP_NUM_THREADS=1`` for their workers too).
 - ``tests/`` is importable (``from tiny import tiny_model``), also for the scripts the multi-process tests start;
   ``tests/tiny.py`` is the one place that builds tiny models and model configs.
-- Markers (``--strict-markers``): ``multiprocess`` (starts several processes: DDP, FSDP, torchrun) and ``slow``
-  (end-to-end runs of a recipe or benchmark). The fast subset for the inner loop is
-  ``pytest -m "not multiprocess and not slow"``; CI runs everything.
+- Markers (``--strict-markers``): ``multiprocess`` (starts several processes: DDP, FSDP, torchrun). The fast
+  subset for the inner loop is ``pytest -m "not multiprocess"`` (under a minute on 2 cores); CI runs everything.
 """
 
 from __future__ import annotations
