@@ -101,6 +101,7 @@ class PruningCallback(pl.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.schedule.check_reachable(trainer.estimated_stepping_batches)  # before the first training step
         self._restore_pending()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -181,6 +181,18 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
     return model.eval()
 
 
+def is_per_layer_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a local model directory whose config has per-layer widths (``per_layer_config``): such an
+    export loads with :func:`load_pretrained` only (stock ``from_pretrained`` refuses it)."""
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return bool(json.loads(config.read_text()).get("per_layer_config"))
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
 def read_config(path: str | os.PathLike) -> Any:
     """The config of an export directory, per-layer ones included.
 
