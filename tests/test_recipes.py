@@ -231,3 +231,15 @@ def test_recipe_runs_end_to_end(name, tmp_path, monkeypatch):
             want = cli.model.student.eval()(input_ids=ids).logits
             torch.testing.assert_close(exported(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
         assert not any(".base_layer." in n or "lora_" in n for n, _ in exported.named_parameters())
+
+
+def test_gblm_authors_weighting_by_name():
+    """``alpha: authors`` is the authors' 100·√N against raw norms, N the per-sequence gradients the statistics hold."""
+    data = [torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    got = pruning.prune(tiny_model("llama"), data, "gblm", criterion_options={"alpha": "authors"}, progress=False)
+    want = pruning.prune(tiny_model("llama"), data, "gblm", criterion_options={"alpha": 200.0}, progress=False)
+    assert all(torch.equal(got.masks.element[n], want.masks.element[n]) for n in want.masks.element)
+    other = pruning.prune(tiny_model("llama"), data, "gblm", criterion_options={"alpha": 0.0}, progress=False)
+    assert any(not torch.equal(other.masks.element[n], want.masks.element[n]) for n in want.masks.element)
+    with pytest.raises(ValueError, match=r"gblm alpha='paper' must be a number >= 0 or 'authors'"):
+        pruning.get_criterion("gblm", alpha="paper")

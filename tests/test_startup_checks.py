@@ -229,3 +229,69 @@ def test_data_vocabulary_and_length_against_the_model():
     data = TextDataModule(source="stdlib", tokenizer="bytes", seq_len=256, batch_size=1, val_samples=0)
     with pytest.raises(ValueError, match=r"data.seq_len=256 .*max_position_embeddings=128"):
         _fit(m, [], data)
+
+
+# ------------------------------------------------------------------------------ 16. interrupted exports
+def test_stale_temporaries_of_an_interrupted_export_are_cleaned(tmp_path):
+    model = tiny_model("llama")
+    target = tmp_path / "export"
+    pruning.save_pretrained(model, target)
+    stale = tmp_path / ".export.tmp-killed"  # what a process killed mid-write left (up to a model's size)
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    pruning.save_pretrained(model, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_swap_interrupted_between_renames_keeps_an_export_at_the_path(tmp_path, monkeypatch):
+    """Without an atomic exchange the swap is two renames; a kill between them left no export at the path. The
+    previous one, moved aside, is put back by the next load or export."""
+    import pruning.surgery.export as export
+
+    model = tiny_model("llama")
+    target = tmp_path / "export"
+    pruning.save_pretrained(model, target, manifest={"run": 1})
+    monkeypatch.setattr(export, "exchange", lambda a, b: False)  # a system without renameat2
+    real = export.os.rename
+    calls = []
+
+    def killed_after_first(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies between moving the old export aside and the new one in
+        real(src, dst)
+
+    monkeypatch.setattr(export.os, "rename", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        pruning.save_pretrained(model, target, manifest={"run": 2})
+    monkeypatch.setattr(export.os, "rename", real)
+    # what is at the path: the old export, put back right away (the handler) or, had the process died, by recovery
+    assert json.loads((target / "pruning_manifest.json").read_text())["run"] == 1
+    aside = tmp_path / ".export.old-x"
+    aside.mkdir()
+    real(target, aside / "export")  # as a kill -9 between the renames leaves it: nothing at the path
+    assert pruning.load_pretrained(target) is not None  # the load puts the previous export back first
+    assert json.loads((target / "pruning_manifest.json").read_text())["run"] == 1
+    pruning.save_pretrained(model, target, manifest={"run": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_the_swap_is_atomic_and_the_export_world_readable(tmp_path):
+    import os
+    import stat
+
+    from pruning.surgery.export import exchange
+
+    model = tiny_model("llama")
+    target = tmp_path / "export"
+    pruning.save_pretrained(model, target, manifest={"run": 1})
+    pruning.save_pretrained(model, target, manifest={"run": 2})
+    assert json.loads((target / "pruning_manifest.json").read_text())["run"] == 2
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").touch()
+    assert exchange(a, b) and (b / "x").exists() and not (a / "x").exists()  # Linux: one atomic step
