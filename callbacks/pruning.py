@@ -167,6 +167,16 @@ class PruningCallback(pl.Callback):
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
 
+    def record(self) -> dict:
+        """The method, its options, the schedule and what every event did (for the export's manifest)."""
+        return {
+            "options": self.options.record(),
+            "schedule": self.schedule,
+            "events": self.schedule.plan(),
+            "history": self.history,
+            "keep_original": self.keep_original,
+        }
+
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
         return {

@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from ..loading import from_pretrained
+from ..record import library_versions
 from ..structure import FamilySpec, family_of
 from .layers import ALLOW, attention_module, config_value, global_widths, set_head_attrs, set_submodule, shrunk_linear
 
 MANIFEST = "pruning_manifest.json"
+CONFIG = "pruning_config.yaml"  # the resolved config of the run that wrote the export (pruning fit --config)
 
 
 def _kept_per_layer(config: Any, fam: FamilySpec) -> list[dict[str, int]]:
@@ -40,9 +42,15 @@ def _kept_per_layer(config: Any, fam: FamilySpec) -> list[dict[str, int]]:
 
 
 def save_pretrained(
-    model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, manifest: dict | None = None
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    manifest: dict | None = None,
+    config: str | None = None,
 ) -> Path:
-    """Export ``model`` (safetensors), ``tokenizer`` and a ``pruning_manifest.json`` to ``path``, atomically.
+    """Export ``model`` (safetensors), ``tokenizer``, a ``pruning_manifest.json`` (``manifest`` plus the model's
+    widths and the library versions) and the run's ``config`` (YAML text, as ``pruning_config.yaml``) to ``path``,
+    atomically.
 
     Everything is written to a temporary directory next to ``path`` (same filesystem), made readable like a
     ``save_pretrained`` directory (the umask's permissions, not ``mkdtemp``'s 0700), and swapped in: an atomic
@@ -61,6 +69,8 @@ def save_pretrained(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         _write(model, tmp, tokenizer, manifest)
+        if config is not None:
+            (tmp / CONFIG).write_text(config)
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,13 +159,11 @@ def _drop_key(path: Path, key: str) -> None:
 
 
 def _manifest(model: nn.Module, extra: dict | None) -> dict:
-    import transformers
-
     out = dict(extra or {})
     fam = family_of(model)
     out.update(
         {
-            "library_versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "library_versions": library_versions(),
             "model_type": model.config.model_type,
             "num_hidden_layers": int(model.config.num_hidden_layers),
             "kept_per_layer": _kept_per_layer(model.config, fam),
