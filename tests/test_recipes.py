@@ -208,7 +208,11 @@ def _tiny_recipe(name: str, tmp: Path) -> tuple[Path, dict]:
 def test_recipe_runs_end_to_end(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path, cfg = _tiny_recipe(name, tmp_path)
-    cli = lightning_cli(["fit", "--config", str(path)])
+    try:
+        cli = lightning_cli(["fit", "--config", str(path)])
+    finally:  # the FSDP recipe's one-process group: other tests expect none
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     callbacks = {type(c).__name__: c for c in cli.trainer.callbacks}
     listed = {cb["class_path"].rsplit(".", 1)[1] for cb in cfg["trainer"].get("callbacks", [])}
     assert listed <= set(callbacks)
