@@ -58,9 +58,23 @@ def main(argv: list[str] | None = None) -> None:
             rank(argv[1:])
         return
     _threads()
-    from ..lightning.cli import lightning_cli
+    fit(argv)
 
-    lightning_cli(argv)
+
+def fit(argv: list[str]) -> None:
+    """``pruning fit | validate | test``: LightningCLI. An error raised before training starts (a bad config value,
+    data or model the start-up checks refuse) is printed as one line naming what to fix, exit code 2; errors during
+    training keep their traceback (``PRUNING_VERBOSE_ERRORS=1``: always)."""
+    from ..lightning.cli import TrainingStarted, concise, lightning_cli
+
+    try:
+        lightning_cli(argv)
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        if TrainingStarted.started or os.environ.get("PRUNING_VERBOSE_ERRORS"):
+            raise
+        # one line, the last of the output (PRUNING_VERBOSE_ERRORS=1: the traceback)
+        sys.stderr.write(f"error: {concise(str(err))}\n")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
