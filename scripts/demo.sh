@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job on the offline embedded default: install, obtain the small Llama that has learned the Python
-# standard library's source (trained once, then reused from .cache/), then `pruning fit --config configs/demo.yaml`:
+# The main job on the offline embedded default: install, put the small Llama that has learned the Python standard
+# library's source (shipped in pruning/assets/demo-model) in .cache/, then `pruning fit --config configs/demo.yaml`:
 # SDM scoring on frozen weights, 30 % of MLP neurons pruned, a short recovery, and a table of held-out perplexity
 # and parameter counts (dense / pruned / recovered, with a magnitude baseline at the same sparsity).
 set -euo pipefail

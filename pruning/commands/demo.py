@@ -1,8 +1,12 @@
 """The offline demo: a small Llama that has learned the standard library's source, pruned by every criterion.
 
-``python -m pruning.demo`` trains the model once (about two minutes on 2 CPU cores; cached under ``.cache/``),
-then prunes 30 % of its MLP neurons (uniform width, so the result stays a stock Llama) and 50 % of its weights
-unstructured, and prints held-out perplexity and parameter counts per method.
+The model ships with the package (``pruning/assets/demo-model``: 4 MB of safetensors, its byte-level tokenizer and
+a manifest with its sha256 and how it was trained), so the demo's numbers do not depend on a training run's thread
+count or speed. ``pruning demo-model`` puts it where ``configs/demo.yaml`` reads it (``.cache/demo-model``);
+``pruning demo-model --train`` trains it again instead (800 steps, a few minutes; the weights depend on the thread
+count, ``--threads 2`` gives the shipped ones). ``pruning demo`` prunes 30 % of its MLP neurons (uniform width, so
+the result stays a stock Llama) and 50 % of its weights unstructured by every criterion, and prints held-out
+perplexity and parameter counts per method.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +25,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel
 from .. import prune
 from ..evaluation.perplexity import perplexity
 from ..text.stdlib import BYTE_VOCAB, batches, stdlib_bytes, windows
+from ..text.tokens import byte_tokenizer
 from ..training import RandomWindows, TrainConfig, train
 
 
@@ -50,26 +56,46 @@ def train_demo_model(
     return model.eval()
 
 
-def load_or_train(cache: Path, steps: int, log=print):
-    manifest = cache / "demo_manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text()).get("steps") == steps:
-        log(f"reusing the cached demo model in {cache}")
-        return AutoModelForCausalLM.from_pretrained(cache).eval()
-    log(f"training the demo model ({steps} steps on the standard-library corpus)...")
-    model = train_demo_model(steps, log=log)
-    cache.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(cache)
-    manifest.write_text(json.dumps({"steps": steps, "corpus": "stdlib train split (by file)", "seed": 0}))
-    return model
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "demo-model"
+MANIFEST = "demo_manifest.json"
+
+
+def save_demo_model(model: PreTrainedModel, directory: Path, manifest: dict) -> None:
+    """The model with its byte-level tokenizer (``AutoTokenizer.from_pretrained`` loads it) and manifest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    byte_tokenizer().save_pretrained(directory)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def load_or_train(cache: Path, train: bool = False, steps: int = 800, threads: int = 2, log=print) -> PreTrainedModel:
+    """The demo model in ``cache``: the shipped one copied there (unless it is there already), or with ``train``
+    trained anew."""
+    if train:
+        torch.set_num_threads(threads)
+        log(f"training the demo model ({steps} steps on the standard-library corpus, {threads} threads)...")
+        model = train_demo_model(steps, log=log)
+        save_demo_model(model, cache, {"steps": steps, "seed": 0, "torch_threads": threads, "trained_here": True})
+        return model
+    shipped = json.loads((SHIPPED / MANIFEST).read_text())
+    there = cache / MANIFEST
+    if not there.is_file() or json.loads(there.read_text()).get("model_sha256") != shipped["model_sha256"]:
+        cache.mkdir(parents=True, exist_ok=True)
+        for f in SHIPPED.iterdir():
+            shutil.copyfile(f, cache / f.name)
+        log(f"the shipped demo model is in {cache} (sha256 {shipped['model_sha256'][:12]}...)")
+    return AutoModelForCausalLM.from_pretrained(cache).eval()
 
 
 def prepare(argv: list[str] | None = None) -> None:
-    """``pruning demo-model``: make sure the demo model is cached (train it if not)."""
+    """``pruning demo-model``: put the shipped demo model in ``--cache`` (or train it anew with ``--train``)."""
     ap = argparse.ArgumentParser(prog="pruning demo-model", description=prepare.__doc__)
-    ap.add_argument("--steps", type=int, default=800, help="training steps of the demo model")
     ap.add_argument("--cache", type=Path, default=Path(".cache/demo-model"))
+    ap.add_argument("--train", action="store_true", help="train it instead of using the shipped one")
+    ap.add_argument("--steps", type=int, default=800, help="training steps (with --train)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the training (with --train)")
     args = ap.parse_args(argv)
-    load_or_train(args.cache, args.steps)
+    load_or_train(args.cache, args.train, args.steps, args.threads)
 
 
 def nonzero_params(model) -> int:
@@ -78,13 +104,12 @@ def nonzero_params(model) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="pruning demo", description=__doc__)
-    ap.add_argument("--steps", type=int, default=800, help="training steps of the demo model")
     ap.add_argument("--cache", type=Path, default=Path(".cache/demo-model"))
     ap.add_argument("--calibration", type=int, default=32, help="calibration windows of 128 bytes")
     ap.add_argument("--eval-windows", type=int, default=128, help="held-out windows of 128 bytes")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    dense = load_or_train(args.cache, args.steps)
+    dense = load_or_train(args.cache)
     calib = list(batches(windows(stdlib_bytes("train", max_bytes=4_000_000), 128, args.calibration, seed=0), 8))
     heldout = list(batches(windows(stdlib_bytes("heldout"), 128, args.eval_windows), 16))
 

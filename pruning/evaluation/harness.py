@@ -254,6 +254,23 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    """lm-eval's warnings about what this use of it does on purpose (a model object instead of a name, a local task's
+    custom dataset function) silenced for the call; its errors still show."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval", "lm_eval.models.huggingface")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def evaluate_tasks(
     model: nn.Module,
     tokenizer: Any = None,
@@ -295,7 +312,7 @@ def evaluate_tasks(
     tasks = list(tasks)
     was_training = model.training
     try:
-        with _rng_kept():
+        with _rng_kept(), _quiet_lm_eval():
             lm = hflm(model, tokenizer, batch_size, device, max_length, add_bos_token)
             raw = lm_eval.simple_evaluate(
                 model=lm,

@@ -210,6 +210,7 @@ class DistillationModule(pl.LightningModule):
             seed=init_seed,
             allow_pickle=allow_pickle,
         )
+        self.student.train()  # from_pretrained returns eval mode; Lightning would warn about every module
         if gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
         self.tokenizer = self._load_tokenizer(
