@@ -48,9 +48,14 @@ class PruningReport(pl.Callback):
 
     def _row(self, trainer, pl_module, name: str, model) -> None:
         loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else None
-        if loader is None:
-            raise ValueError("PruningReport needs a DataModule with a val_dataloader (held-out text)")
-        nll, tokens = heldout_nll(model, loader, pl_module.device)
+        nll, tokens = heldout_nll(model, loader or [], pl_module.device)
+        if not tokens:
+            # FIX: with a local text source and no held-out split, every row printed perplexity 1.000 ("tokens": 0)
+            raise ValueError(
+                "PruningReport: the DataModule gives no held-out tokens to measure perplexity on (a local source has "
+                "no held-out split of its own, or data.val_samples is 0). HINT: set data.val_source to held-out "
+                "files (or data.val_split for a hub dataset), or remove PruningReport"
+            )
         pruner = self._pruner(trainer)
         masks = pruner.masks if pruner is not None and model is find_hf_model(pl_module) else None
         total = sum(p.numel() for p in model.parameters())

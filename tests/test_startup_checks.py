@@ -295,3 +295,63 @@ def test_the_swap_is_atomic_and_the_export_world_readable(tmp_path):
     b.mkdir()
     (a / "x").touch()
     assert exchange(a, b) and (b / "x").exists() and not (a / "x").exists()  # Linux: one atomic step
+
+
+# ------------------------------------------------------------------------------ #18: a report without held-out data
+def test_report_without_held_out_data_refuses_instead_of_printing_one(tmp_path):
+    from pruning.callbacks import PruningReport
+
+    (tmp_path / "train.txt").write_text("some text to train on. " * 200)
+    data = TextDataModule(source=str(tmp_path / "train.txt"), seq_len=16, batch_size=1)  # no val_source
+    steps = Steps()
+    with pytest.raises(ValueError, match=r"PruningReport: the DataModule gives no held-out tokens.*data.val_source"):
+        steps = _fit(
+            DistillationModule(config=tiny_config_dict(vocab_size=BYTE_VOCAB), attn_implementation="eager"),
+            [PruningReport(baseline=None)],
+            data,
+        )
+    assert steps.started == 0
+
+
+# ------------------------------------------------------------------------------ #18: eval of any LightningModule
+class _UserModule(pl.LightningModule):
+    """Someone's own module: the HF model at ``.net``, its path as a hyper-parameter."""
+
+    def __init__(self, model_path: str) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        from transformers import AutoModelForCausalLM
+
+        self.net = AutoModelForCausalLM.from_pretrained(model_path)
+
+    def training_step(self, batch, batch_idx):
+        return self.net(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def test_eval_takes_a_checkpoint_of_any_lightning_module(tmp_path):
+    from pruning.commands.eval import main
+
+    tiny_model("llama", vocab_size=BYTE_VOCAB, max_position_embeddings=512).save_pretrained(tmp_path / "base")
+    module = _UserModule(str(tmp_path / "base"))
+    tr = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    data = DataLoader([{"input_ids": torch.randint(0, 256, (16,))} for _ in range(4)], batch_size=2)
+    tr.fit(module, data)
+    tr.save_checkpoint(tmp_path / "user.ckpt")
+    text = tmp_path / "heldout.txt"
+    text.write_text("for i in range(10):\n    print(i)\n" * 20)
+    out = main([str(tmp_path / "user.ckpt"), "--perplexity", str(text), "--seq-len", "32", "--tokenizer", "bytes"])
+    want = pruning.evaluation.evaluate_perplexity(module.net.eval(), "bytes", {"source": str(text), "seq_len": 32})
+    assert out["perplexity"]["ppl"] == pytest.approx(want.ppl, rel=1e-6)  # the trained weights, found at .net
+    (tmp_path / "bare.ckpt").write_bytes((tmp_path / "user.ckpt").read_bytes())
+    ckpt = torch.load(tmp_path / "bare.ckpt", weights_only=True)
+    ckpt["hyper_parameters"] = {}
+    torch.save(ckpt, tmp_path / "bare.ckpt")
+    with pytest.raises(SystemExit, match=r"hyper-parameters name no model .*HINT: --base"):
+        main([str(tmp_path / "bare.ckpt"), "--perplexity", str(text), "--tokenizer", "bytes"])
+    out = main([str(tmp_path / "bare.ckpt"), "--base", str(tmp_path / "base"), "--perplexity", str(text),
+                "--seq-len", "32", "--tokenizer", "bytes"])  # fmt: skip
+    assert out["perplexity"]["ppl"] == pytest.approx(want.ppl, rel=1e-6)

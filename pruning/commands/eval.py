@@ -51,15 +51,99 @@ def _tokenizer_from(path: str, model, name: str | None) -> Any:
         ) from None
 
 
+# hyper-parameters of a user's LightningModule that usually name the Hugging Face model it trains
+MODEL_KEYS = ("pretrained", "model_name_or_path", "pretrained_model_name_or_path", "model_name", "model_path",
+              "base_model", "name_or_path", "model")  # fmt: skip
+
+
+def _from_checkpoint(path: Path, base: str | None, tokenizer: str | None) -> tuple[Any, Any]:
+    """The Hugging Face model (and tokenizer) of a Lightning checkpoint: a DistillationModule's student (adapters
+    merged), or the model any LightningModule trains, found by its weights' prefix in the state dict and built from
+    ``base`` (or a hyper-parameter naming the model) with the checkpoint's weights."""
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # a payload, or classes that are not plain data: never unpickled
+        raise refused_checkpoint(path, err) from err
+    hp = dict(ckpt.get("hyper_parameters") or {})
+    if "teacher" in hp and ("pretrained" in hp or "config" in hp) and base is None:  # a DistillationModule
+        from ..lightning.module import DistillationModule
+
+        module = DistillationModule(**{k: v for k, v in hp.items() if not k.startswith("_")})
+        module.load_state_dict(ckpt["state_dict"])
+        module.merge_lora()
+        model, tok = module.student, module.tokenizer
+    else:
+        source = base or next((hp[k] for k in MODEL_KEYS if isinstance(hp.get(k), str)), None)
+        if source is None:
+            raise SystemExit(
+                f"pruning eval: {str(path)!r} is a checkpoint of a LightningModule whose hyper-parameters name no "
+                f"model (looked for {list(MODEL_KEYS)}). HINT: --base PATH_OR_NAME, the Hugging Face model the module "
+                "trains (its config is read from there, its weights from the checkpoint)"
+            )
+        model, tok = _model_in_state_dict(ckpt["state_dict"], source, str(path)), None
+        tokenizer = tokenizer or source
+    if tokenizer is not None:
+        tok = None if tokenizer == "bytes" else tokenizer
+    if tok is None and tokenizer is None and getattr(model.config, "vocab_size", None) != 256:
+        raise SystemExit("pruning eval: the checkpoint's module has no tokenizer. HINT: --tokenizer NAME_OR_PATH")
+    if isinstance(tok, str):
+        tok = _tokenizer_from(tok, model, None)
+    return model, tok
+
+
+def _model_in_state_dict(state: dict[str, torch.Tensor], source: str, where: str):
+    """A model of ``source``'s config holding the entries of ``state`` under the prefix where its weights are."""
+    from transformers import AutoModelForCausalLM
+
+    from ..surgery import read_config
+
+    config = read_config(source) if Path(source).expanduser().is_dir() else _hub_config(source)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    own = list(model.state_dict())
+    anchor = own[0]
+    prefixes = [k[: -len(anchor)] for k in state if k.endswith(anchor)]
+    prefix = next((p for p in prefixes if all(p + k in state for k in own if "lm_head" not in k)), None)
+    if prefix is None:
+        raise SystemExit(
+            f"pruning eval: {where!r} holds no weights of a {type(model).__name__} as {source!r} configures it "
+            f"(no prefix P with P + {anchor!r} and the rest). HINT: --base the model the module trains"
+        )
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    model.load_state_dict(weights, strict=False, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    for name in missing:  # non-persistent buffers (rotary tables) are not in a state dict: built on the host
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if attr in module._buffers:
+            module._buffers[attr] = torch.empty_like(module._buffers[attr], device="cpu")
+    if hasattr(model, "model") and hasattr(model.model, "rotary_emb"):
+        model.model.rotary_emb.__init__(model.config)  # recompute the rotary frequencies on the host
+    still = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still:
+        raise SystemExit(f"pruning eval: {where!r} lacks weights for {still[:3]}")
+    return model
+
+
+def _hub_config(name: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(name)
+
+
 def load_for_eval(
     target: str,
     dtype: str | None = None,
     tokenizer: str | None = None,
     attn_implementation: str | None = None,
     allow_pickle: bool = False,
+    base: str | None = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
-    """``(model, tokenizer or None for bytes, info)`` for an export directory, a ``.ckpt`` or a hub name. Nothing
-    loaded runs code: checkpoints are unpickled with ``weights_only=True``, models read from safetensors only
+    """``(model, tokenizer or None for bytes, info)`` for an export directory, a ``.ckpt`` (of a DistillationModule,
+    or of any LightningModule: ``base`` names the model it trains, when its hyper-parameters do not) or a hub name.
+    Nothing loaded runs code: checkpoints are unpickled with ``weights_only=True``, models read from safetensors only
     (``allow_pickle`` admits ``pytorch_model.bin``)."""
     kwargs: dict[str, Any] = {}
     if dtype is not None:
@@ -68,25 +152,9 @@ def load_for_eval(
         kwargs["attn_implementation"] = attn_implementation
     path = Path(target).expanduser()
     if path.suffix == ".ckpt":
-        from ..lightning.module import DistillationModule
-
-        try:
-            module = DistillationModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:  # a payload, or classes that are not plain data: never unpickled
-            raise refused_checkpoint(path, err) from err
-        merge = getattr(module, "merge_lora", None)
-        if callable(merge):
-            merge()
-        model = module.student
+        model, tok = _from_checkpoint(path, base, tokenizer)
         if dtype is not None:
             model.to(DTYPES[dtype])
-        tok = module.tokenizer if tokenizer is None else (None if tokenizer == "bytes" else tokenizer)
-        if tok is None and tokenizer is None and getattr(model.config, "vocab_size", None) != 256:
-            raise SystemExit("pruning eval: the checkpoint's module has no tokenizer. HINT: --tokenizer NAME_OR_PATH")
-        if isinstance(tok, str):
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(tok)
         return model.eval(), tok, {"kind": "lightning_checkpoint", "path": str(path.resolve())}
     if path.is_dir():
         from ..surgery import load_pretrained
@@ -145,6 +213,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--attn-implementation", default=None, help="e.g. sdpa, eager")
     ap.add_argument("--tokenizer", default=None, help="tokenizer name or path, or 'bytes' (default: the model's)")
     ap.add_argument(
+        "--base",
+        default=None,
+        help="for a .ckpt of your own LightningModule: the Hugging Face model it trains (path or hub name; its config "
+        "is read from there, the weights from the checkpoint)",
+    )
+    ap.add_argument(
         "--allow-pickle",
         action="store_true",
         help="also load weights stored as pickles (pytorch_model.bin), which can run code: only files you trust",
@@ -164,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, tok, info = load_for_eval(
-            args.model, args.dtype, args.tokenizer, args.attn_implementation, args.allow_pickle
+            args.model, args.dtype, args.tokenizer, args.attn_implementation, args.allow_pickle, args.base
         )
     except PickleRefused as err:
         raise SystemExit(f"pruning eval: {err}") from None
