@@ -168,6 +168,7 @@ def _tiny_recipe(name: str, tmp: Path) -> tuple[Path, dict]:
     # Alpaca's prompt alone is ~190 bytes: instruct examples need longer sequences to keep a response
     data.update(source=str(source), tokenizer="bytes", seq_len=384 if instruct else 32, streaming=False, val_samples=4)
     data.pop("dataset_config", None)
+    data["val_source"] = str(source)  # held-out text for the recipes that report on it (the same file, here)
     if data.get("num_samples"):
         data["num_samples"] = 16
     tr = cfg["trainer"]
