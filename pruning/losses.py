@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,12 +25,17 @@ def distillation_loss(
     temperature: float = 1.0,
     fused: bool = True,
     chunk: int | None = None,
+    kl_positions: KLPositions = "labelled",
 ) -> torch.Tensor:
     """``(1−α)·CE + α·KL(softmax(z_t/τ) ‖ softmax(z_s))``, both per token, averaged over tokens whose label is
     not -100.
 
     The temperature divides the *teacher* logits only (SDMPrune's choice): the student is trained towards a
-    sharpened (τ < 1) teacher distribution. The KL is over next-token positions, like the cross-entropy.
+    sharpened (τ < 1) teacher distribution. ``kl_positions``: ``labelled`` (default) averages the KL over the
+    next-token positions the cross-entropy scores (the labels' mask applies to both); ``all`` averages it over every
+    position of every sequence, the last one and unlabelled ones included — SDMPrune's code (``KL / seq_len``), a
+    departure of the default from it that only changes how much the KL weighs against the CE (by about ``T/(T−1)``
+    for unmasked text).
 
     ``fused`` (default): the loss and its gradient with respect to the student logits are computed together in the
     forward, ``chunk`` positions at a time (default: 2²² logits per chunk, e.g. 131 positions of a 32k vocabulary;
@@ -42,6 +49,10 @@ def distillation_loss(
         raise ValueError(f"alpha={alpha} must be in [0, 1]")
     if alpha > 0 and teacher_logits is None:
         raise ValueError("alpha > 0 needs teacher logits")
+    if kl_positions not in ("labelled", "all"):
+        raise ValueError(f"kl_positions={kl_positions!r} must be 'labelled' or 'all'")
+    if kl_positions == "all" and alpha > 0:
+        return _all_positions(student_logits, labels, teacher_logits, alpha, temperature, fused, chunk)
     if fused:
         chunk = chunk or max(1, (1 << 22) // student_logits.shape[-1])
         return _FusedDistillation.apply(
@@ -58,6 +69,26 @@ def distillation_loss(
     kl = (log_pt.exp() * (log_pt - log_ps)).sum(-1)
     kl = (kl * valid).sum() / valid.sum().clamp_min(1)
     return (1 - alpha) * ce + alpha * kl
+
+
+def _all_positions(student, labels, teacher, alpha: float, temperature: float, fused: bool, chunk) -> torch.Tensor:
+    """``(1−α)·CE`` over the labelled next-token positions plus ``α·KL`` averaged over every position (see
+    :func:`distillation_loss`): the KL term is the fused loss at α = 1 with every position labelled and one more
+    position appended (the last one has no next token, but a KL), re-weighted by the count of positions."""
+    ce = distillation_loss(student, labels, None, 0.0, temperature, fused, chunk) if alpha < 1 else 0.0
+    if isinstance(teacher, ChunkedLogits):
+        teacher = teacher.full()
+    b, t = student.shape[:2]
+    pad = student.new_zeros((b, 1, student.shape[-1]))
+    everywhere = torch.zeros((b, t + 1), dtype=torch.long, device=student.device)  # every position "labelled"
+    kl = distillation_loss(
+        torch.cat([student, pad], 1), everywhere, torch.cat([teacher, pad.to(teacher.dtype)], 1), 1.0, temperature,
+        fused, chunk,
+    )  # fmt: skip
+    return (1 - alpha) * ce + alpha * kl
+
+
+KLPositions = Literal["labelled", "all"]
 
 
 class ChunkedLogits:

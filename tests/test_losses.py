@@ -107,3 +107,28 @@ def test_collect_gradients_with_a_separate_teacher_equals_the_lifted_one():
     for k in stats[0]:
         assert stats[0][k].abs().sum() > 0
         torch.testing.assert_close(stats[0][k], stats[1][k], rtol=1e-5, atol=1e-7)
+
+
+def test_kl_over_all_positions_is_the_authors_normalisation():
+    """``kl_positions='all'``: CE over the labelled next-token positions, KL averaged over every position of every
+    sequence (SDMPrune's code divides the summed KL by seq_len), by hand; fused and plain agree."""
+    import torch.nn.functional as F
+
+    from pruning.losses import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 7, generator=g, requires_grad=True)
+    t, lab = torch.randn(2, 5, 7, generator=g), torch.randint(0, 7, (2, 5), generator=g)
+    lab[0, 2] = -100
+    alpha, tau = 0.4, 0.5
+    ce = F.cross_entropy(s[:, :-1].reshape(-1, 7), lab[:, 1:].reshape(-1), ignore_index=-100)
+    log_ps, log_pt = F.log_softmax(s, -1), F.log_softmax(t / tau, -1)
+    want = (1 - alpha) * ce + alpha * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+    (want_grad,) = torch.autograd.grad(want, s)
+    for fused in (True, False):
+        got = distillation_loss(s, lab, t, alpha, tau, fused=fused, kl_positions="all")
+        (grad,) = torch.autograd.grad(got, s)
+        torch.testing.assert_close(got.detach(), want.detach())
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
+    labelled = distillation_loss(s, lab, t, alpha, tau, kl_positions="labelled")
+    assert not torch.allclose(labelled, want)  # the default is a different normalisation

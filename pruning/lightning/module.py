@@ -142,6 +142,7 @@ class DistillationModule(pl.LightningModule):
         tokenizer_path: str | None = None,
         alpha: float = 0.0,
         temperature: float = 1.0,
+        kl_positions: Literal["labelled", "all"] = "labelled",
         teacher: Literal["lifted", "copy", "none"] = "lifted",
         teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         lr: float = 1e-4,
@@ -167,6 +168,8 @@ class DistillationModule(pl.LightningModule):
             tokenizer_path: tokenizer name or path, exposed as ``.tokenizer`` (default: ``pretrained``'s, if any).
             alpha: distillation weight α (0 = plain cross-entropy).
             temperature: τ, dividing the teacher logits only (τ < 1 sharpens the teacher, SDMPrune's choice).
+            kl_positions: the KL averaged over the labelled next-token positions (``labelled``, default) or over every
+                position (``all``: SDMPrune's code, ``KL / seq_len``; see :func:`pruning.losses.distillation_loss`).
             teacher: ``lifted`` (same weights, masks lifted; frozen steps only), ``copy`` or ``none``.
             teacher_dtype: dtype of the teacher copy (default: ``dtype``).
             lr: peak learning rate (AdamW).
@@ -197,6 +200,9 @@ class DistillationModule(pl.LightningModule):
         _dtype(teacher_dtype, "teacher_dtype")
         self.alpha = alpha
         self.temperature = temperature
+        if kl_positions not in ("labelled", "all"):
+            raise ValueError(f"kl_positions={kl_positions!r} must be 'labelled' or 'all'. HINT: model.kl_positions")
+        self.kl_positions = kl_positions
         self.teacher_mode = teacher
         self.masks: MaskSet | None = None  # set by the pruning callback; the lifted teacher reads it
         self.weights_frozen = False  # set by the importance callback during scoring steps
@@ -395,7 +401,7 @@ class DistillationModule(pl.LightningModule):
         logits = self(ids, mask)
         if self.alpha > 0 and self.masks is None and self.teacher_mode == "lifted":
             teacher = logits.detach()  # nothing pruned yet: the teacher is the student itself
-        loss = distillation_loss(logits, labels, teacher, self.alpha, self.temperature)
+        loss = distillation_loss(logits, labels, teacher, self.alpha, self.temperature, kl_positions=self.kl_positions)
         self.log("train/loss", loss, prog_bar=True, batch_size=ids.shape[0])
         return loss
 
