@@ -1,7 +1,8 @@
-"""Prefill latency and generation speed of compacted models vs the dense one, on CPU.
+"""Prefill latency and generation speed of compacted models vs the dense one (CPU, or CUDA with ``--device``).
 
-A Llama-family model (~100M parameters with embeddings, ~50M in the decoder layers) is built from its config with
-random weights (speed does not depend on the values), pruned with ``method='magnitude'`` at several structured
+A Llama-family model (by default ~100M parameters with embeddings, ~50M in the decoder layers; ``--preset
+llama-3.2-1b`` for LLaMA-3.2-1B's shapes) is built from its config with random weights (speed does not depend on the
+values), pruned with ``method='magnitude'`` at several structured
 granularities and compacted with :func:`pruning.compact`. All models are timed in the same process, repeats
 interleaved across configurations, and the median taken, so the speed-ups are ratios within one run.
 
@@ -15,6 +16,7 @@ pair, ``T(T+1)/2`` pairs per head).
 
     python benchmarks/speed.py            # full run (a few minutes), prints a markdown table
     python benchmarks/speed.py --quick    # smoke run
+    python benchmarks/speed.py --device cuda --dtype bfloat16 --preset llama-3.2-1b --tokens 4096
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probes import emit  # noqa: E402
 
 import pruning  # noqa: E402
-from pruning.structure import ModelStructure  # noqa: E402
 
 CONFIGS: list[tuple[str, str | None, float]] = [
     ("dense", None, 0.0),
@@ -47,31 +48,63 @@ CONFIGS: list[tuple[str, str | None, float]] = [
 ]
 
 
-def build_dense(layers: int) -> nn.Module:
-    """The dense benchmark model, random init (fp32, SDPA attention)."""
-    cfg = LlamaConfig(
+# Model shapes: the default small one for CPU runs, LLaMA-3.2-1B's (its config.json: 16 layers, hidden 2048,
+# intermediate 8192, 32 heads / 8 KV heads, vocab 128256, tied embeddings) for GPU runs.
+PRESETS: dict[str, dict] = {
+    "small": dict(
         vocab_size=32000,
         hidden_size=768,
         intermediate_size=2048,
-        num_hidden_layers=layers,
+        num_hidden_layers=8,
         num_attention_heads=12,
         num_key_value_heads=4,
-        max_position_embeddings=4096,
-    )
+    ),
+    "llama-3.2-1b": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+    ),
+}
+
+
+def build_dense(preset: str, layers: int | None = None, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The dense benchmark model, random init (SDPA attention), in ``dtype``."""
+    shape = dict(PRESETS[preset])
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    cfg = LlamaConfig(max_position_embeddings=8192, **shape)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
 
 
-def prefill_flops(model: nn.Module, tokens: int) -> float:
-    """Analytic matmul FLOPs of a prefill of ``tokens`` tokens, logits for the last one."""
-    structure = ModelStructure(model)
-    hd = structure.head_dim
+def describe(model: nn.Module) -> str:
+    c = model.config
+    return (
+        f"hidden {c.hidden_size}, {c.num_hidden_layers} layers, intermediate {c.intermediate_size}, "
+        f"{c.num_attention_heads} heads / {c.num_key_value_heads} KV heads, vocab {c.vocab_size}"
+    )
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefill_flops(model: nn.Module, tokens: int, head_dim: int) -> float:
+    """Analytic matmul FLOPs of a prefill of ``tokens`` tokens, logits for the last one (read from the modules, so
+    a compacted model's per-layer widths count)."""
     flops = 0.0
-    for info in structure.layer_infos:
-        flops += sum(2.0 * lin.in_features * lin.out_features for lin in info.linears.values()) * tokens
-        heads = info.module.self_attn.q_proj.out_features // hd
-        flops += 2 * 2.0 * heads * hd * tokens * (tokens + 1) / 2
+    for layer in model.model.layers:
+        linears = (m for m in layer.modules() if isinstance(m, nn.Linear))
+        flops += sum(2.0 * m.in_features * m.out_features for m in linears) * tokens
+        heads = layer.self_attn.q_proj.out_features // head_dim
+        flops += 2 * 2.0 * heads * head_dim * tokens * (tokens + 1) / 2
     head = model.get_output_embeddings()
     flops += 2.0 * head.in_features * head.out_features
     return flops
@@ -83,8 +116,10 @@ def n_params(model: nn.Module) -> int:
 
 @torch.inference_mode()
 def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
+    sync(ids.device)
     t0 = time.perf_counter()
     model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    sync(ids.device)
     return time.perf_counter() - t0
 
 
@@ -92,10 +127,13 @@ def time_prefill(model: nn.Module, ids: torch.Tensor) -> float:
 def time_generate(model: nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
     """Decoding tokens/s: (generate with ``new_tokens``) minus (generate with 1 token), so prefill is excluded."""
     kw = dict(do_sample=False, use_cache=True, pad_token_id=0)
+    sync(prompt.device)
     t0 = time.perf_counter()
     model.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kw)
+    sync(prompt.device)
     t1 = time.perf_counter()
     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+    sync(prompt.device)
     t2 = time.perf_counter()
     return (new_tokens - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
 
@@ -105,7 +143,11 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
     ap.add_argument("--tokens", type=int, default=None, help="prefill length (default 2048, quick 128)")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved repeats (default 7, quick 1)")
-    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model shapes (default small)")
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    ap.add_argument("--batch", type=int, default=1, help="prefill batch size (default 1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="also write the table to this file")
     args = ap.parse_args(argv)
@@ -115,7 +157,9 @@ def main(argv: list[str] | None = None) -> str:
     gen_repeats = 1 if args.quick else 3
     torch.set_num_threads(args.threads)
 
-    dense = build_dense(args.layers)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    dense = build_dense(args.preset, args.layers, dtype).to(device)
     models: dict[str, nn.Module] = {}
     for name, gran, sparsity in CONFIGS:
         if gran is None:
@@ -127,8 +171,9 @@ def main(argv: list[str] | None = None) -> str:
         models[name] = m
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 32000, (1, tokens), generator=g)
-    prompt = torch.randint(0, 32000, (1, gen_prompt), generator=g)
+    vocab = dense.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, tokens), generator=g).to(device)
+    prompt = torch.randint(0, vocab, (1, gen_prompt), generator=g).to(device)
     for m in models.values():  # warm-up: the first generate() calls of a process are several times slower
         time_prefill(m, ids[:, : min(tokens, 256)])
         for _ in range(2):
@@ -152,10 +197,12 @@ def main(argv: list[str] | None = None) -> str:
         for k, m in models.items():
             gen[k].append(time_generate(m, prompt, gen_new))
 
-    base_f = prefill_flops(dense, tokens)
+    hd = dense.config.hidden_size // dense.config.num_attention_heads
+    base_f = prefill_flops(dense, tokens, hd)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
     lines = [
-        f"Llama-family, hidden 768, {args.layers} layers, intermediate 2048, 12 heads / 4 KV heads, vocab 32000, fp32,"
-        f" CPU, {args.threads} threads, SDPA; prefill {tokens} tokens (batch 1, logits for the last token), {repeats} "
+        f"Llama-family ({args.preset}), {describe(dense)}, {args.dtype}, {where}, SDPA; prefill {tokens} tokens "
+        f"(batch {args.batch}, logits for the last token), {repeats} "
         "rounds, each config timed right after a dense run; ms = median, speed-up = median of the paired ratios; "
         f"generate: {gen_new} new tokens after a {gen_prompt}-token prompt, "
         f"median of {gen_repeats}.",
@@ -167,7 +214,7 @@ def main(argv: list[str] | None = None) -> str:
     for k, m in models.items():
         t = statistics.median(pre[k])
         speed = statistics.median(ratio[k])
-        ideal = base_f / prefill_flops(m, tokens)
+        ideal = base_f / prefill_flops(m, tokens, hd)
         lines.append(
             f"| {k} | {n_params(m) / 1e6:.2f}M | {t * 1e3:.0f} | {speed:.3f} | {ideal:.3f} | "
             f"{speed / ideal:.3f} | {statistics.median(gen[k]):.1f} |"
