@@ -246,3 +246,23 @@ def test_a_summed_gradient_gives_sums_only():
     only = GradientStats(("sum",))
     only.update(torch.ones(2, 2), samples=4)
     assert only.count == 4 and only.sums["sum"].tolist() == [[1.0, 1.0], [1.0, 1.0]]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("kinds,group_kinds", [(("sum_sq",), ()), (("sum_abs_gw",), ("vector",)), ((), ("coupled",))])
+def test_weights_train_on_the_sum_of_the_sequences_gradients(family, kinds, group_kinds):
+    """Weights that train in a scoring window get ``Σ_n g_n`` from the per-sequence products themselves (no second
+    product): autograd's gradient up to fp32 rounding; a coupled column member's (made transposed) too."""
+    model = model_of(family).train()
+    ids = calib(n=4, seq=12, seed=10, batch=4)[0]
+    got = collector(model, "mlp_neuron", kinds, group_kinds).attach()
+    got.begin_batch(4, scales=token_mean_scales(ids))
+    distillation_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
+    got.end_batch()
+    got.detach()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    distillation_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6 * float(p.grad.abs().max()), msg=n)
+    assert got.state_dict()[next(iter(got.state_dict()))]["count"] == 4

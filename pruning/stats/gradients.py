@@ -72,12 +72,11 @@ class GradientStats(Accumulator):
             return {k: torch.zeros(shape, dtype=torch.float32, device=device) for k in self.kinds}
         return {k: self._buf(k, shape, device) for k in self.kinds}
 
-    @torch.no_grad()
     def add_sequence(
         self, dest: dict[str, torch.Tensor], grad: torch.Tensor, weight: torch.Tensor | None, scale: float = 1.0
     ) -> None:
         """Add one sample's terms (g, g², |g|, |g⊙w|, its gradient times ``scale``) into ``dest`` (from
-        :meth:`open_batch`)."""
+        :meth:`open_batch`). Without autograd (a backward, ``torch.no_grad``): it is called per sample."""
         g = grad.float()
         for k, buf in dest.items():
             if k == "sum":
@@ -87,7 +86,15 @@ class GradientStats(Accumulator):
             elif k == "sum_abs":
                 buf.add_(g.abs(), alpha=scale)
             else:
-                buf.add_((g * weight.float()).abs(), alpha=scale)
+                buf.add_(torch.mul(g, weight).abs_(), alpha=scale)
+
+    def add_sequences(
+        self, dest: dict[str, torch.Tensor], grads: torch.Tensor, weight: torch.Tensor | None, factors: list[float]
+    ) -> None:
+        """:meth:`add_sequence` for several samples, ``grads`` ``[n, *shape]``, one factor each (a loop: an
+        in-place pass per sample over cached sums beats a matrix-vector product over a squared copy on CPU)."""
+        for g, f in zip(grads, factors):
+            self.add_sequence(dest, g, weight, f)
 
     def close_batch(self, dest: dict[str, torch.Tensor], samples: int) -> None:
         """Count the batch's ``samples``; row-sharded, the batch's terms (this rank's own, whole) are summed over the

@@ -1,14 +1,18 @@
-"""Group statistics of one batch from per-sequence gradients (for :mod:`.sequences`): a group set's sums stay open
-until the last of its members' gradients arrives, and the ``coupled`` sum is taken one sequence at a time.
+"""Group statistics of one batch from per-sequence gradients (for :mod:`.sequences`): a group set's per-sequence
+partial sums stay open until the last of its members' gradients arrives (one decoder layer's, in the same backward),
+then go into its statistics.
 
-Also the per-sequence products both modules use: a Linear's per-sequence weight gradients (``δ_nᵀ x_n``) and bias
+- ``vector`` (``Σ_n |Σ_group g_n⊙w|``) is linear in the members: a ``[sequences, groups]`` partial sum;
+- ``coupled`` (``Σ_n mean_j |Σ_members g_n⊙w [group, j]|``) sums the members aligned on the hidden axis before the
+  absolute value: a ``[sequences, groups, hidden]`` partial sum, the size of one member per sequence.
+
+Also the per-sequence products both modules use: a Linear's per-sequence weight gradients ``δ_nᵀ x_n`` and bias
 gradients, and sums over each group's part of a member.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -40,123 +44,81 @@ class GroupPlan:
             owner, _, attr = m.name.rpartition(".")
             setattr(self.roles.setdefault(owner, Role()), attr, m)
 
-
-@dataclass
-class Held:
-    """What a member Linear of a coupled group set leaves for the set's flush: its input and output gradient as
-    ``[sequences, positions, features]`` (the input zeroed at padding), the padding mask, its parameters and its
-    parameters' element statistics ("weight" / "bias")."""
-
-    x3: torch.Tensor
-    d3: torch.Tensor
-    m3: Mask
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    element: dict[str, GradientStats] = field(default_factory=dict)
+    def transposed(self, module: str) -> bool:
+        """Whether the module's per-sequence gradients are made transposed (``x_nᵀ δ_n``, ``[in, out]``): a column
+        member (down_proj, o_proj) of a coupled set, so that its aligned ``g⊙w`` is contiguous like the rows'."""
+        role = self.roles.get(module)
+        return self.coupled and role is not None and role.weight is not None and role.weight.dim == 1
 
 
 class OpenGroup:
-    """A group set's sums over the batch in flight, until its last member arrives (or the batch ends)."""
+    """A group set's per-sequence partial sums over the batch in flight, until its last member arrives (or the
+    batch ends)."""
 
     def __init__(self, plan: GroupPlan, sequences: int, device: torch.device) -> None:
         self.plan = plan
         self.sequences = sequences
         self.arrived: set[str] = set()
-        self.held: dict[str, Held] = {}  # coupled: module name -> what it left
-        zeros = functools.partial(torch.zeros, dtype=torch.float32, device=device)
-        self.vector = zeros(sequences, plan.count) if plan.vector else None  # Σ_group g_n⊙w per sequence, unscaled
-        self.coupled = zeros(plan.count) if plan.coupled else None  # Σ_n factor_n · mean_j |coupled sum|
+        self.vector = torch.zeros(sequences, plan.count, device=device) if plan.vector else None  # Σ_group g_n⊙w
+        self.coupled: torch.Tensor | None = None  # [sequences, groups, hidden]: Σ_members aligned g_n⊙w
+        self._first = ""  # the member whose parts started the coupled sums
 
     @property
     def complete(self) -> bool:
         return len(self.arrived) == len(self.plan.roles)
 
     @torch.no_grad()
-    def finish(self, factors: list[float], chunk_elements: int) -> None:
-        """The batch's sums into the group statistics (``factors``: one per sequence)."""
-        if self.held:
-            self._flush(factors, chunk_elements)
-        sums = {}
-        if self.coupled is not None:
-            sums["coupled"] = self.coupled
-        if self.vector is not None:
-            f = torch.tensor(factors, device=self.vector.device)
-            sums["vector"] = (self.vector.abs() * f[:, None]).sum(0)
-        self.plan.stats.add_sums(sums, self.sequences)
-
-    def _flush(self, factors: list[float], chunk_elements: int) -> None:
-        """Every held member's ``g_n``, a chunk of sequences at a time; per sequence the coupled sum over the
-        members (aligned on the hidden axis), its mean absolute value per group, the ``vector`` partial sums and
-        the members' element statistics."""
-        plan, n = self.plan, self.sequences
-        layout = [_Layout(name, h, plan.roles[name]) for name, h in self.held.items()]
-        dests = [lay.open() for lay in layout]
-        step = max(1, min(n, chunk_elements // sum(h.weight.numel() for h in self.held.values())))
-        for lo in range(0, n, step):
-            grads = [
-                sequence_products(lay.held.x3[lo : lo + step], lay.held.d3[lo : lo + step], lay.columns)
-                for lay in layout
-            ]
-            for i in range(len(grads[0])):
-                total = None
-                for lay, dest, g in zip(layout, dests, grads):
-                    part = lay.fold(dest, g[i], factors[lo + i], plan.count)
-                    if total is not None and total.shape != part.shape:
-                        raise ValueError(
-                            f"'coupled' statistics need members aligned on one axis; {lay.name} gives "
-                            f"{tuple(part.shape)}, the others {tuple(total.shape)} (use 'vector' for {plan.key})"
-                        )
-                    total = part if total is None else total.add_(part)
-                self.coupled.add_(total.abs().mean(1), alpha=factors[lo + i])
-                if self.vector is not None:
-                    self.vector[lo + i] += total.sum(1)
-        for lay, dest in zip(layout, dests):
-            lay.close(dest, factors, self.vector, plan.count)
-        self.held = {}
-
-
-class _Layout:
-    """One held member of a coupled set, computed in the layout the coupled sum is taken in: rows as they are, a
-    column member (down_proj, o_proj) transposed (``x_nᵀ δ_n``), so that every sum runs over contiguous memory."""
-
-    def __init__(self, name: str, held: Held, role: Role) -> None:
-        self.name, self.held, self.role = name, held, role
-        self.columns = role.weight.dim == 1
-        w = held.weight.float()
-        self.weight = (w.t() if self.columns else w).contiguous()
-        self.stat = held.element.get("weight")
-
-    def open(self) -> dict | None:
-        return self.stat.open_batch(self.held.weight.shape, self.held.weight.device) if self.stat else None
-
-    def fold(self, dest: dict | None, g: torch.Tensor, factor: float, count: int) -> torch.Tensor:
-        """One sequence's element terms; returns its ``g⊙w`` summed over each group's own rows, ``[groups, hidden]``
-        (made in ``g``'s buffer)."""
-        if dest is not None:
-            self.stat.add_sequence(dest, g.t() if self.columns else g, self.held.weight, factor)
-        gw = g.mul_(self.weight)
-        size = self.role.weight.size
-        return gw if size == 1 else gw.reshape(count, size, -1).sum(1)
-
-    def close(self, dest: dict | None, factors: list[float], vector: torch.Tensor | None, count: int) -> None:
-        """The batch's element sums counted; the bias's per-sequence terms (element and ``vector``)."""
-        if dest is not None:
-            self.stat.close_batch(dest, len(factors))
-        h = self.held
-        in_vector = vector is not None and self.role.bias is not None
-        if h.bias is None or not ("bias" in h.element or in_vector):
+    def add_weight(self, lo: int, gw: torch.Tensor, role: Role) -> None:
+        """A chunk of sequences ``[lo, lo + len(gw))`` of one member weight's ``g_n⊙w`` (``[n, out, in]``, or
+        ``[n, in, out]`` when :meth:`GroupPlan.transposed`); ``gw``'s buffer may be reused."""
+        hi, count, size = lo + len(gw), self.plan.count, role.weight.size
+        if not self.plan.coupled:
+            self.vector[lo:hi] += group_totals(gw, role.weight.dim, count)
             return
-        gb = bias_sequences(h.d3, h.m3)
-        fold_bias(h.element.get("bias"), gb, h.bias, factors)
-        if in_vector:
-            vector += group_totals(gb * h.bias.float(), 0, count)
+        part = gw if size == 1 else gw.reshape(len(gw), count, size, -1).sum(2)  # over the group's own rows
+        if self.coupled is None:  # the first member writes its parts, the others add theirs
+            self.coupled = torch.empty((self.sequences, *part.shape[1:]), dtype=torch.float32, device=part.device)
+            self._first = role.weight.name
+        if self.coupled.shape[1:] != part.shape[1:]:
+            raise ValueError(
+                f"'coupled' statistics need members aligned on one axis; {role.weight.name} gives "
+                f"{tuple(part.shape[1:])}, the others {tuple(self.coupled.shape[1:])} (use 'vector' for "
+                f"{self.plan.key})"
+            )
+        if role.weight.name == self._first:
+            self.coupled[lo:hi].copy_(part)
+        else:
+            self.coupled[lo:hi] += part
+
+    def add_bias(self, gb: torch.Tensor, bias: torch.Tensor, role: Role) -> None:
+        """Every sequence's bias gradient ``gb`` ``[n, out]`` times the bias, into the ``vector`` partial sums (the
+        coupled sum leaves biases out)."""
+        if self.vector is not None and role.bias is not None:
+            self.vector += group_totals(gb * bias.float(), 0, self.plan.count)
+
+    @torch.no_grad()
+    def finish(self, factors: list[float]) -> None:
+        """The batch's sums into the group statistics (``factors``: one per sequence, ≥ 0, so that
+        ``|factor · s| = factor · |s|``)."""
+        f = torch.tensor(factors, dtype=torch.float32)
+        sums = {}
+        if self.plan.coupled:
+            sums["coupled"] = torch.zeros(self.plan.count)
+            if self.coupled is not None:  # mean_j |s[n, group, j]|, weighted by the factors, summed over n
+                f = f.to(self.coupled.device)
+                means = torch.linalg.vector_norm(self.coupled, ord=1, dim=2).div_(self.coupled.shape[2])
+                sums["coupled"] = means.mul_(f[:, None]).sum(0)
+        if self.vector is not None:
+            vector = self.vector if self.coupled is None else self.vector + self.coupled.sum(2)
+            sums["vector"] = (vector.abs() * f.to(vector.device)[:, None]).sum(0)
+        self.plan.stats.add_sums(sums, self.sequences)
 
 
 # ---------------------------------------------------------------------------------------------- the products
-def sequence_products(x3: torch.Tensor, d3: torch.Tensor, columns: bool = False) -> torch.Tensor:
-    """Per-sequence weight gradients ``δ_nᵀ x_n``, ``[n, out, in]`` (``columns``: transposed, ``[n, in, out]``), in
-    fp32, from ``x3`` ``[n, positions, in]`` and ``d3`` ``[n, positions, out]``."""
-    g = torch.bmm(x3.transpose(1, 2), d3) if columns else torch.bmm(d3.transpose(1, 2), x3)
+def sequence_products(x3: torch.Tensor, d3: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """Per-sequence weight gradients ``δ_nᵀ x_n``, ``[n, out, in]`` (``transposed``: ``[n, in, out]``), in fp32,
+    from ``x3`` ``[n, positions, in]`` and ``d3`` ``[n, positions, out]``."""
+    g = torch.bmm(x3.transpose(1, 2), d3) if transposed else torch.bmm(d3.transpose(1, 2), x3)
     return g.float()
 
 

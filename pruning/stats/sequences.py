@@ -7,17 +7,14 @@ autograd function in place of the ``forward`` of every Linear whose statistics a
 input's gradient as autograd does, then the per-sequence gradients a chunk of sequences at a time (at most
 ``chunk_elements`` values at once, at least one sequence), adds each sequence's terms into the statistics and drops
 them, and returns the weight's gradient (their sum) only when the caller trains on it (``weight_grads``; zeros
-otherwise). The
-per-sequence products *replace* the batched weight gradient instead of adding to it, so a batch costs about one
-plain backward.
+otherwise). The per-sequence products *replace* the batched weight gradient instead of adding to it, so a batch
+costs about one plain backward.
 
-- Element statistics (Σg², Σ|g|, Σ|g⊙w|) and the ``vector`` group statistic are folded in as each layer's gradient
-  arrives (``vector`` is linear in the members: a ``[sequences, groups]`` partial sum is all it keeps open).
-- The ``coupled`` group statistic (SDMPrune) sums ``g_n⊙w`` over *all* members of a group (gate, up and down of an
-  MLP neuron) before the absolute value: the members' inputs and output gradients are held until the group's last
-  member arrives (one decoder layer's, in the same backward), then every member's ``g_n`` is made one sequence at a
-  time, so one sequence's coupled sum (one member's size) is open at a time, never one per sequence
-  (:mod:`.grouped`). When the weights train too, their gradient is then one batched product more.
+- Element statistics (Σg², Σ|g|, Σ|g⊙w|) are folded in sequence by sequence as each layer's gradient arrives;
+  group statistics keep per-sequence partial sums until the group set's last member arrives, in the same backward
+  (:mod:`.grouped`): ``[sequences, groups]`` for ``vector``, ``[sequences, groups, hidden]`` for SDMPrune's
+  ``coupled`` sum over gate, up and down before the absolute value (the size of one member per sequence, for one
+  decoder layer at a time).
 - A statistic of ``sum`` alone (Taylor) needs ``Σ_n g_n`` only: one matrix product for the batch.
 
 "A sequence" is one row of the batch (OPT's MLP sees the rows flattened: :meth:`SequenceGradients.begin_batch` says
@@ -41,7 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from ..options import IGNORE_INDEX
 from .gradients import GradientStats, GroupGradientStats
-from .grouped import GroupPlan, Held, OpenGroup, Role, bias_sequences, fold_bias, group_totals, sequence_products
+from .grouped import GroupPlan, OpenGroup, Role, bias_sequences, fold_bias, sequence_products
 
 CHUNK_ELEMENTS = 1 << 24  # per-sequence gradient values made at once (64 MiB in fp32); at least one sequence
 
@@ -217,39 +214,26 @@ class SequenceGradients:
         x3, d3, m3 = self.batch.split(x, d)
         w, b = (None if p is None else p.detach() for p in params)
         train = need_w and self.weight_grads
-        plan = site.group
-        if plan is not None and plan.coupled:
-            group = self._open_group(plan, x3)
-            group.held[site.name] = Held(x3, d3, m3, w, b, site.element)
-            gw = _weight_grad(x, d) if train else None
-            self._arrived(group, site)
-        elif site.sums_only:
+        if site.sums_only:
             gw = self._fold_sum(site, x3, d3, m3, w, b)
-            gw = gw if train and m3 is None else _weight_grad(x, d) if train else None
         else:
             gw = self._fold(site, x3, d3, m3, w, b, total=train and m3 is None)
-            gw = _weight_grad(x, d) if train and gw is None else gw
-            if plan is not None:
-                self._arrived(self._open_group(plan, x3), site)
-        if need_w and not self.weight_grads:  # zeros, not None: a tensor hook on the weight (mask holding) gets one
+        if train and (gw is None or m3 is not None):  # padding: the weight's own gradient as autograd makes it
+            gw = _weight_grad(x, d)
+        elif need_w and not train:  # zeros, not None: a tensor hook on the weight (mask holding) gets one
             gw = torch.zeros_like(w)
         gb = d.reshape(-1, d.shape[-1]).sum(0) if need_b else None  # as autograd: a sum, no product to spare
-        return gw, gb
+        return gw if need_w else None, gb
 
-    def _open_group(self, plan: GroupPlan, x3: torch.Tensor) -> OpenGroup:
+    def _open_group(self, plan: GroupPlan, n: int, device: torch.device) -> OpenGroup:
         group = self._open.get(plan.key)
         if group is None:
-            group = self._open[plan.key] = OpenGroup(plan, x3.shape[0], x3.device)
+            group = self._open[plan.key] = OpenGroup(plan, n, device)
         return group
-
-    def _arrived(self, group: OpenGroup, site: _Site) -> None:
-        group.arrived.add(site.name)
-        if group.complete:
-            self._finish(group)
 
     def _finish(self, group: OpenGroup) -> None:
         """The group set's sums over the batch into its statistics."""
-        group.finish(self.batch.factors(group.sequences), self.chunk_elements)
+        group.finish(self.batch.factors(group.sequences))
         self._open.pop(group.plan.key, None)
 
     @torch.no_grad()
@@ -269,47 +253,51 @@ class SequenceGradients:
             stat.add_sequence(dest, weighted, w, alpha)
             stat.close_batch(dest, n)
         if "bias" in site.element:
-            fold_bias(site.element.get("bias"), bias_sequences(d3, m3), b, f)
+            fold_bias(site.element["bias"], bias_sequences(d3, m3), b, f)
         return total
 
     @torch.no_grad()
     def _fold(self, site: _Site, x3, d3, m3, w, b, total: bool) -> torch.Tensor | None:
-        """Per-sequence gradients of one Linear into its element statistics and its group set's ``vector`` partial
-        sums; returns ``Σ_n g_n`` (fp32) when ``total``."""
-        n = x3.shape[0]
+        """Per-sequence gradients of one Linear, a chunk of sequences at a time, into its element statistics and
+        its group set's partial sums; returns ``Σ_n g_n`` when ``total``."""
+        n, plan = x3.shape[0], site.group
         f = self.batch.factors(n)
+        role = plan.roles[site.name] if plan is not None else Role()
+        group = self._open_group(plan, n, x3.device) if plan is not None else None
+        transposed = plan is not None and plan.transposed(site.name)
+        wl = None if role.weight is None else (w.t() if transposed else w).float().contiguous()
         stat = site.element.get("weight")
         dest = stat.open_batch(w.shape, w.device) if stat is not None else None
-        plan = site.group
-        role = plan.roles[site.name] if plan is not None else Role()
-        vector = self._open_group(plan, x3).vector if plan is not None else None
-        acc = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if total else None
-        wf = w.float()
-        for lo, g in _chunks(x3, d3, self.chunk_elements):
-            if acc is not None:
-                acc.add_(g.sum(0))
+        acc = None
+        for lo, g in _chunks(x3, d3, self.chunk_elements, transposed):
+            if total:
+                acc = g.sum(0) if acc is None else acc.add_(g.sum(0))
             if dest is not None:
-                for i, gi in enumerate(g):
-                    stat.add_sequence(dest, gi, w, f[lo + i])
-            if vector is not None and role.weight is not None:
-                vector[lo : lo + len(g)] += group_totals(g.mul_(wf), role.weight.dim, plan.count)
+                stat.add_sequences(dest, g.transpose(1, 2) if transposed else g, w, f[lo : lo + len(g)])
+            if wl is not None:
+                group.add_weight(lo, g.mul_(wl), role)
         if dest is not None:
             stat.close_batch(dest, n)
-        if "bias" in site.element or (vector is not None and role.bias is not None):
+        if b is not None and ("bias" in site.element or role.bias is not None):
             gb = bias_sequences(d3, m3)
             fold_bias(site.element.get("bias"), gb, b, f)
-            if vector is not None and role.bias is not None:
-                vector += group_totals(gb * b.float(), 0, plan.count)
-        return acc
+            if group is not None:
+                group.add_bias(gb, b, role)
+        if group is not None:
+            group.arrived.add(site.name)
+            if group.complete:
+                self._finish(group)
+        return None if acc is None else acc.t().contiguous() if transposed else acc
 
 
-# ---------------------------------------------------------------------------------------------- the products
-def _chunks(x3: torch.Tensor, d3: torch.Tensor, budget: int) -> Iterator[tuple[int, torch.Tensor]]:
+def _chunks(
+    x3: torch.Tensor, d3: torch.Tensor, budget: int, transposed: bool = False
+) -> Iterator[tuple[int, torch.Tensor]]:
     """``(first sequence, per-sequence gradients)`` of at most ``budget`` values (at least one sequence) at a time."""
     n = x3.shape[0]
     step = max(1, min(n, budget // (x3.shape[-1] * d3.shape[-1])))
     for lo in range(0, n, step):
-        yield lo, sequence_products(x3[lo : lo + step], d3[lo : lo + step])
+        yield lo, sequence_products(x3[lo : lo + step], d3[lo : lo + step], transposed)
 
 
 def _weight_grad(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
