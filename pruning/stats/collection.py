@@ -11,7 +11,7 @@ from torch import nn
 
 from ..distributed import RowShard, is_sharded
 from ..structure import GroupSet
-from .activations import ActivationStats
+from .activations import ActivationStats, token_squares
 from .gradients import GradientStats, GradStat, GroupGradientStats
 from .sequences import SequenceGradients, unsupported
 
@@ -36,6 +36,7 @@ class ActivationCollector:
         self._handles: list = []
         self.token_mask: torch.Tensor | None = None  # set by the caller to exclude padding
         self.grad_enabled_only = grad_enabled_only
+        self._shared: tuple | None = None  # (the last input, its version, its mask, its token_squares)
 
     def attach(self) -> ActivationCollector:
         self.detach()
@@ -52,7 +53,14 @@ class ActivationCollector:
             # run by the autograd engine (a graph task is current) is a recomputation, not a new sample.
             if self.grad_enabled_only and torch._C._current_graph_task_id() != -1:
                 return
-            stat.update(args[0], self.token_mask)
+            if not stat.squares_only:
+                stat.update(args[0], self.token_mask)
+                return
+            x, cached = args[0], self._shared
+            # q/k/v (and gate/up) read one input: its Σx² is made once and added to each of them
+            if cached is None or cached[0] is not x or cached[1] != x._version or cached[2] is not self.token_mask:
+                cached = self._shared = (x, x._version, self.token_mask, token_squares(x, self.token_mask))
+            stat.add_squares(*cached[3])
 
         return hook
 
@@ -60,6 +68,7 @@ class ActivationCollector:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._shared = None
 
     def reduce(self, group=None) -> None:
         for s in self.stats.values():
