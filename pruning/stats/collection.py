@@ -129,7 +129,7 @@ class GradientCollector:
         self._hooked_groups: list[GroupGradientStats] = []  # group statistics fed by tensor hooks while attached
         self._single: dict[str, str] = {}  # attached batched: what tensor hooks read, per sample = per backward
         self._grad_scale = 1.0
-        # batched: return the weights' gradients to autograd (False: nobody trains on them; .grad stays None)
+        # batched: return the weights' gradients to autograd (False: nobody trains on them; zeros are returned)
         self.weight_grads = True
 
     @property
@@ -186,10 +186,12 @@ class GradientCollector:
         """Collect the statistics of every backward until :meth:`detach`.
 
         ``batched``: per-sequence statistics from micro-batches of any size: the Linears' per-sequence gradients
-        are made inside their backward (:class:`~pruning.stats.SequenceGradients`). The loss is taken to average
-        over the micro-batch's tokens unless :meth:`begin_batch` gets per-sequence ``scales``. Parameters it cannot
-        serve (:meth:`unbatchable`) are read by tensor hooks, one sample per backward (micro-batches of one
-        sequence). ``batched=False``: tensor hooks for everything; a micro-batch is one sample, whatever its size.
+        are made inside their backward (:class:`~pruning.stats.SequenceGradients`); :meth:`begin_batch`'s
+        ``scales`` turn the loss's gradient into each sequence's own (default 1 each: the loss is the sum of the
+        sequences' own losses; :func:`~pruning.stats.token_mean_scales` for a mean over the batch's tokens).
+        Parameters it cannot serve (:meth:`unbatchable`) are read by tensor hooks, one sample per backward
+        (micro-batches of one sequence). ``batched=False``: tensor hooks for everything; a micro-batch is one sample,
+        whatever its size.
 
         A parameter's tensor hook sees the gradient of *this* backward only, before it is added into ``.grad``, and
         so does the per-sequence function: under gradient accumulation it is the micro-batch's gradient (not the
