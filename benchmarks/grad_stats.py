@@ -67,22 +67,11 @@ CALLBACK_CONFIGS = ["taylor", "gblm", "sdm", "saap", "taylor frozen", "gblm froz
 
 
 def build(args) -> torch.nn.Module:
-    cfg = LlamaConfig(**model_config(args))
+    cfg = overhead.model_config(args)
+    cfg = LlamaConfig(**{k: v for k, v in cfg.items() if k != "model_type"})
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg).eval()
-
-
-def model_config(args) -> dict:
-    return dict(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.inter,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(512, args.seq),
-    )
 
 
 def cpu(fn: Callable[[], object]) -> float:
@@ -183,9 +172,7 @@ def met(ratio: float, target: float) -> str:
 
 def callback_overhead(args, names: list[str]) -> list[str]:
     """``benchmarks/overhead.py``'s alternating fits on this model at batch ``--batch``."""
-    module = DistillationModule(
-        config=dict(model_type="llama", **model_config(args)), attn_implementation="sdpa", lr=1e-6
-    )
+    module = DistillationModule(config=overhead.model_config(args), attn_implementation="sdpa", lr=1e-6)
     g = torch.Generator().manual_seed(1)
     steps = 2 * (args.warmup + args.pairs) + 4
     data = [{"input_ids": torch.randint(0, args.vocab, (args.seq,), generator=g)} for _ in range(steps * args.batch)]
@@ -219,13 +206,7 @@ def callback_overhead(args, names: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smaller model, fewer repeats: a smoke run")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--inter", type=int, default=704)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=2048)
-    ap.add_argument("--seq", type=int, default=256)
+    overhead.model_arguments(ap, layers=4, hidden=256, inter=704, heads=4, kv_heads=2, vocab=2048, seq=256)
     ap.add_argument("--sequences", type=int, default=64, help="calibration sequences")
     ap.add_argument("--batch", type=int, default=8, help="sequences per micro-batch (one-shot and callback)")
     ap.add_argument("--rounds", type=int, default=3, help="passes over the calibration set, one-shot")

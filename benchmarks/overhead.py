@@ -116,6 +116,13 @@ class AlternatingImportance(ImportanceCallback):
             self.deactivate(pl_module)
 
 
+def model_arguments(ap: argparse.ArgumentParser, **defaults: int) -> None:
+    """The model's shape as options (``layers``, ``hidden``, ``inter``, ``heads``, ``kv_heads``, ``vocab``) and the
+    sequence length ``seq``, with these defaults."""
+    for name, value in defaults.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=value)
+
+
 def model_config(args) -> dict:
     return dict(
         model_type="llama",
@@ -263,13 +270,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--pairs", type=int, default=None, help="timed pairs per fit (default 12, quick 3)")
     ap.add_argument("--warmup", type=int, default=3, help="discarded pairs at the start of every fit")
     ap.add_argument("--max-foreign", type=float, default=0.2, help="other load (cores) above which a pair is noisy")
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--inter", type=int, default=1408)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--seq", type=int, default=256)
+    model_arguments(ap, layers=6, hidden=512, inter=1408, heads=8, kv_heads=4, vocab=8192, seq=256)
     ap.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--breakdown", action="store_true", help="instead: time the hooks' work apart from training")

@@ -60,9 +60,10 @@ class ImportanceCallback(pl.Callback):
         freeze_weights: scoring steps change no weight (default: they train as usual). Set it to score on frozen
             weights (every recipe in ``configs/`` does; the lifted teacher of an event's distillation loss needs
             it): gradients are dropped before the optimiser step (``on_before_optimizer_step``), so no update, no
-            weight decay, no momentum change happens, and the targeted weights' gradients are not even made (the
-            statistics come from the per-sequence products). Under FSDP2 the others are dropped as soon as backward
-            accumulates them, so FSDP neither reduce-scatters them nor holds sharded gradients during scoring.
+            weight decay, no momentum change happens, and the targeted weights' own gradients are not even
+            computed (zeros: the statistics come from the per-sequence products). Under FSDP2 gradients are dropped
+            as soon as backward accumulates them, so FSDP neither reduce-scatters them nor holds sharded gradients
+            during scoring.
         per_sample: ``sequence`` (default) or ``micro_batch`` (see above).
     """
 

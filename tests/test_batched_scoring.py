@@ -9,6 +9,7 @@ import copy
 import pytest
 import torch
 from pruning.callbacks import ImportanceCallback, PruningCallback
+from pruning.callbacks.importance import batch_tensors
 from test_lightning import (
     CFG,
     SEQ,
@@ -139,3 +140,16 @@ def test_parameters_a_batch_cannot_serve_need_one_sequence():
     collect_gradients(ref, [s[None] for s in SEQS[:2]], want, progress=False, batched=False)
     assert "lm_head.weight" in names
     assert_same_stats(ic.snapshots[0]["gradients"], want.state_dict())
+
+
+def test_batch_tensors_of_each_kind():
+    ids = torch.arange(12).reshape(3, 4)
+    mask = torch.ones_like(ids)
+    for batch in (ids, (ids,), [ids, mask], {"input_ids": ids}):
+        got, labels, none = batch_tensors(batch)
+        assert got is ids and labels is ids and none is None
+    got, labels, m = batch_tensors({"input_ids": ids, "labels": -ids, "attention_mask": mask})
+    assert torch.equal(labels, -ids) and m is mask
+    assert batch_tensors(ids[0])[0].shape == (1, 4)  # one sequence
+    with pytest.raises(TypeError, match=r"a training batch of list holds no tensor .* HINT: yield dicts"):
+        batch_tensors([["a", "b"]])
