@@ -3,14 +3,15 @@ against the
 same step without it, measured in one run.
 
 A Llama-family model (random init, fp32, SDPA) is trained by a Lightning ``Trainer`` (CPU, no logger, no
-checkpointing, no progress bar) on micro-batches of one sequence (per-sample statistics need them). The statistics
-are what the named criterion needs, set up as in a real run: an :class:`ImportanceCallback` plus a
-:class:`PruningCallback` whose only event lies beyond the run (nothing is pruned):
+checkpointing, no progress bar) on micro-batches of ``--batch`` sequences (default 1; the per-sequence statistics
+come from the batched backward). The statistics are what the named criterion needs, set up as in a real run: an
+:class:`ImportanceCallback` plus a :class:`PruningCallback` whose only event lies beyond the run (nothing is pruned):
 
 - ``sdm``: coupled MLP-neuron statistics (``g⊙w`` of gate/up rows and down columns, summed per neuron, per sample);
 - ``gblm``: ``Σg²`` on every decoder Linear weight (tensor hooks) plus ``Σx²`` of every Linear input (pre-hooks);
 - ``wanda``: ``Σx²`` of every Linear input only;
-- ``taylor``: ``Σg`` on every decoder Linear weight.
+- ``taylor``: ``Σg`` on every decoder Linear weight;
+- ``saap``: ``Σ|g⊙w|`` of the MLP weights and the vector sums ``Σ_n |Σ_neuron g_n⊙w|`` per MLP neuron.
 
 The machine may be shared, and its load comes and goes on the scale of seconds, so the comparison is made step by
 step: in one ``fit`` per configuration the importance callback is switched on for every odd step and off for every
@@ -61,10 +62,12 @@ CONFIGS: dict[str, tuple[str, str, bool, str]] = {
     "gblm": ("gblm", "unstructured", False, "Σg² every Linear + Σx²"),
     "wanda": ("wanda", "unstructured", False, "Σx² every Linear"),
     "taylor": ("taylor", "unstructured", False, "Σg every Linear"),
+    "saap": ("saap", "mlp_neuron", False, "Σ|g⊙w| + vector per MLP neuron"),
     "sdm frozen": ("sdm", "mlp_neuron", True, "as sdm, no optimiser update"),
     "gblm frozen": ("gblm", "unstructured", True, "as gblm, no optimiser update"),
     "wanda frozen": ("wanda", "unstructured", True, "as wanda, no optimiser update"),
     "taylor frozen": ("taylor", "unstructured", True, "as taylor, no optimiser update"),
+    "saap frozen": ("saap", "mlp_neuron", True, "as saap, no optimiser update"),
 }
 
 
@@ -110,7 +113,14 @@ class AlternatingImportance(ImportanceCallback):
             if not self._active:
                 self._activate(pl_module, event)
         else:
-            self._deactivate(pl_module)
+            self.deactivate(pl_module)
+
+
+def model_arguments(ap: argparse.ArgumentParser, **defaults: int) -> None:
+    """The model's shape as options (``layers``, ``hidden``, ``inter``, ``heads``, ``kv_heads``, ``vocab``) and the
+    sequence length ``seq``, with these defaults."""
+    for name, value in defaults.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=value)
 
 
 def model_config(args) -> dict:
@@ -139,7 +149,7 @@ def callbacks_for(name: str, alternate: bool) -> list[pl.Callback]:
 def check_clean(module: DistillationModule) -> None:
     """No hook may survive a fit (it would slow the next configuration down)."""
     left = [n for n, p in module.student.named_parameters() if p._backward_hooks]
-    left += [n for n, m in module.student.named_modules() if m._forward_pre_hooks]
+    left += [n for n, m in module.student.named_modules() if m._forward_pre_hooks or "forward" in m.__dict__]
     if left:
         raise RuntimeError(f"hooks left after fit on {left[:3]}")
 
@@ -189,13 +199,14 @@ def best_of(fn, repeats: int) -> tuple[float, float]:
 
 
 def gradient_work(grads, named: dict, fake: dict) -> None:
-    """What the gradient tensor hooks and ``close_sample`` do in one backward."""
+    """What the gradient tensor hooks and the sample's close do in one backward (``per_sample: micro_batch``)."""
     for n, st in grads.stats.items():
         st.update(fake[n], named[n].detach())
     for gs in grads.group_stats.values():
         for m in gs.group_set.members:
             gs.add_member(m.name, fake[m.name], named[m.name].detach())
-    grads.close_sample()
+    for gs in grads.group_stats.values():
+        gs.close_sample()
 
 
 def activation_work(acts, inputs: dict) -> None:
@@ -259,13 +270,8 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--pairs", type=int, default=None, help="timed pairs per fit (default 12, quick 3)")
     ap.add_argument("--warmup", type=int, default=3, help="discarded pairs at the start of every fit")
     ap.add_argument("--max-foreign", type=float, default=0.2, help="other load (cores) above which a pair is noisy")
-    ap.add_argument("--layers", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--inter", type=int, default=1408)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=8192)
-    ap.add_argument("--seq", type=int, default=256)
+    model_arguments(ap, layers=6, hidden=512, inter=1408, heads=8, kv_heads=4, vocab=8192, seq=256)
+    ap.add_argument("--batch", type=int, default=1, help="sequences per micro-batch")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--breakdown", action="store_true", help="instead: time the hooks' work apart from training")
     ap.add_argument("--out", type=Path, default=None, help="also write the table to this file")
@@ -287,9 +293,9 @@ def main(argv: list[str] | None = None) -> str:
     g = torch.Generator().manual_seed(0)
     data = [
         {"input_ids": torch.randint(0, args.vocab, (args.seq,), generator=g)}
-        for _ in range(2 * (args.warmup + n_pairs) + 4)
+        for _ in range((2 * (args.warmup + n_pairs) + 4) * args.batch)
     ]
-    loader = DataLoader(data, batch_size=1)
+    loader = DataLoader(data, batch_size=args.batch)
 
     if args.breakdown:
         table = breakdown(module, loader, [n for n in names if not CONFIGS[n][2]], 7)
@@ -307,7 +313,8 @@ def main(argv: list[str] | None = None) -> str:
     lines = [
         f"Llama-family, {n_params / 1e6:.1f}M params: hidden {args.hidden}, {args.layers} layers, intermediate "
         f"{args.inter}, {args.heads} heads / {args.kv_heads} KV heads, vocab {args.vocab}; fp32, SDPA, CPU, "
-        f"{args.threads} threads; Lightning Trainer, DistillationModule (CE, AdamW), batch 1 × seq {args.seq}. "
+        f"{args.threads} threads; Lightning Trainer, DistillationModule (CE, AdamW), batch {args.batch} × seq "
+        f"{args.seq}. "
         f"Statistics on odd steps, plain even steps, in one fit per configuration and round; {rounds} round(s) × "
         f"{n_pairs} pairs (after {args.warmup} warm-up pairs); ratio = median over pairs of (statistics step / the "
         f"plain step before it), over quiet pairs (other load ≤ {args.max_foreign:g} cores) when there are ≥ 5, "

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Literal
 
 import lightning.pytorch as pl
+import torch
 import torch.distributed as dist
 
 from pruning.distributed import DropGradients, drop_placeholder_optimizer_state, is_sharded
 from pruning.schedule import Event
-from pruning.stats import ActivationCollector, GradientCollector
+from pruning.stats import ActivationCollector, GradientCollector, token_mean_scales
 
 
 class ImportanceCallback(pl.Callback):
@@ -21,22 +22,30 @@ class ImportanceCallback(pl.Callback):
     - activations: forward pre-hooks on the targeted Linear modules, every token of every training micro-batch
       (forwards run without autograd — validation, a teacher sharing the weights — are not counted; padding is
       excluded through the batch's ``attention_mask``);
-    - gradients: tensor hooks on the targeted parameters. A tensor hook sees the gradient of *one* backward, before
-      it is added into ``.grad``: under gradient accumulation that is the micro-batch's gradient (``on_after_backward``
-      would see the running sum), and under DDP it is the rank's own gradient, before the all-reduce, so the later
-      cross-rank reduction counts every sample once. ``on_after_backward`` closes the sample. **A sample is one
-      micro-batch**: with ``per_sample='sequence'`` (default, the papers' definition: one gradient per sequence)
-      every scoring micro-batch must hold one sequence — set the data's ``batch_size: 1`` and use
-      ``accumulate_grad_batches`` for larger optimiser batches; ``per_sample='micro_batch'`` accepts any size.
+    - gradients, per sequence (the papers' definition: one gradient per sequence), from micro-batches of any size:
+      the targeted Linears compute, inside their backward, each sequence's weight gradient from the layer's input
+      and output gradient and fold it into the statistics (:class:`~pruning.stats.SequenceGradients`). That is the
+      gradient of *one* backward: under gradient accumulation the micro-batch's (``on_after_backward`` would see the
+      running sum), under DDP the rank's own, before the all-reduce, so the later cross-rank reduction counts every
+      sequence once. The module's loss is taken to be a mean over the micro-batch's next-token positions with label
+      ≠ −100 (Hugging Face's causal-LM loss, :class:`~pruning.lightning.DistillationModule`'s): each sequence's
+      share is scaled back to the gradient of its own mean loss; positions with ``attention_mask`` 0 add nothing.
+      ``on_after_backward`` closes the micro-batch. Parameters that are not a plain Linear's own (embeddings, a tied
+      LM head) are read by tensor hooks and need micro-batches of one sequence. ``per_sample='micro_batch'``: tensor
+      hooks only, a micro-batch is one sample whatever its size (its loss as the module computes it).
+    - batches: a dict (``input_ids``, optional ``labels`` and ``attention_mask``), a tensor of token ids
+      ``[sequences, positions]`` (``[positions]``: one sequence), or a tuple / list whose first element is that
+      tensor; without ``labels`` the token ids are the labels.
     - with ``precision: 16-mixed`` the hooks see gradients multiplied by the loss scale (and an overflowing step's
       infinities): use bf16 or fp32 for scoring, where gradients are unscaled;
     - statistics are fp32 sums; they are all-reduced over ranks (SUM) once, when the pruning callback uses them,
       then reset for the next event.
-    - FSDP2: the hooks sit on the *unsharded* parameters FSDP all-gathers for each forward/backward, so they see the
-      rank's own full per-micro-batch gradient before the reduce-scatter — the same per-sample gradient as without
-      FSDP. Per-weight statistics (Σg², Σ|g|, ... of gblm / taylor) are reduce-scattered per sample onto the rows
-      of the parameter's shard, so each rank holds its rows only, and are gathered whole at the event (one layer
-      at a time when the event scores one layer at a time: ``collected(lazy=True)``); group and
+    - FSDP2: the per-sequence products (and tensor hooks) read the *unsharded* parameters FSDP all-gathers for each
+      forward/backward, so they see the rank's own full per-micro-batch gradient before the reduce-scatter — the
+      same per-sequence gradients as without FSDP. Per-weight statistics (Σg², Σ|g|, ... of gblm / taylor) are
+      reduce-scattered once per micro-batch onto the rows of the parameter's shard, so each rank holds its rows
+      only, and are gathered whole at the event (one layer at a time when the event scores one layer at a time:
+      ``collected(lazy=True)``); group and
       activation statistics (one value per group / input feature) are held whole and summed over ranks as under
       DDP.
     - checkpoints: Lightning writes rank 0's callback states only; a checkpoint taken inside a scoring window on
@@ -48,17 +57,20 @@ class ImportanceCallback(pl.Callback):
     Args:
         window: collect during the last ``window`` optimiser steps before each event (default: every step since
             the previous event).
-        freeze_weights: scoring steps change no weight: gradients are dropped before the optimiser step
-            (``on_before_optimizer_step``), so no update, no weight decay, no momentum change happens. Under FSDP2
-            they are dropped as soon as backward accumulates them (after the statistics' hooks have read them), so
-            FSDP neither reduce-scatters them nor holds sharded gradients during scoring.
-        per_sample: ``sequence`` or ``micro_batch`` (see above).
+        freeze_weights: scoring steps change no weight (default: they train as usual). Set it to score on frozen
+            weights (every recipe in ``configs/`` does; the lifted teacher of an event's distillation loss needs
+            it): gradients are dropped before the optimiser step (``on_before_optimizer_step``), so no update, no
+            weight decay, no momentum change happens, and the targeted weights' own gradients are not even
+            computed (zeros: the statistics come from the per-sequence products). Under FSDP2 gradients are dropped
+            as soon as backward accumulates them, so FSDP neither reduce-scatters them nor holds sharded gradients
+            during scoring.
+        per_sample: ``sequence`` (default) or ``micro_batch`` (see above).
     """
 
     def __init__(
         self,
         window: int | None = None,
-        freeze_weights: bool = True,
+        freeze_weights: bool = False,
         per_sample: Literal["sequence", "micro_batch"] = "sequence",
     ) -> None:
         if window is not None and window < 1:
@@ -139,15 +151,12 @@ class ImportanceCallback(pl.Callback):
             return
         if not self._active:
             self._activate(pl_module, event)
-        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
-        if self.gradients is not None and self.per_sample == "sequence" and ids.shape[0] != 1:
-            raise ValueError(
-                f"per-sample gradient statistics need micro-batches of one sequence; this one has {ids.shape[0]}."
-                " HINT: set data.init_args.batch_size: 1 (with trainer.accumulate_grad_batches for bigger optimiser"
-                " batches), or ImportanceCallback per_sample: micro_batch to treat a micro-batch as a sample."
-            )
+        ids, labels, mask = batch_tensors(batch)
+        if self.gradients is not None:
+            scales = token_mean_scales(labels) if self.per_sample == "sequence" else None
+            self.gradients.begin_batch(ids.shape[0], mask, scales)
         if self.activations is not None:
-            self.activations.token_mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+            self.activations.token_mask = mask
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss) -> None:
         # FIX: the tensor hooks see the gradient of the loss *as backpropagated*: under automatic optimisation
@@ -165,7 +174,7 @@ class ImportanceCallback(pl.Callback):
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._active and self.gradients is not None:
-            self.gradients.close_sample()
+            self.gradients.end_batch()
         if self._active:
             self.samples += 1
 
@@ -186,7 +195,8 @@ class ImportanceCallback(pl.Callback):
         if self.activations is not None:
             self.activations.attach()
         if self.gradients is not None:
-            self.gradients.attach()
+            self.gradients.weight_grads = not self.freeze_weights  # frozen: the per-sequence products suffice
+            self.gradients.attach(batched=self.per_sample == "sequence")
         if event.alpha is not None or event.temperature is not None:
             self._saved_loss = (pl_module.alpha, pl_module.temperature)
             if event.alpha is not None:
@@ -277,3 +287,21 @@ class ImportanceCallback(pl.Callback):
             else:
                 c.load_state_dict(state[kind])
         self.samples = int(state.get("samples", 0))
+
+
+def batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(token ids [sequences, positions], labels, attention mask or None)`` of a training batch: a dict
+    (``input_ids``, optional ``labels``, ``attention_mask``), a tensor of token ids, or a tuple / list whose first
+    element is one (a ``[positions]`` tensor is one sequence); the token ids are the labels unless given."""
+    if isinstance(batch, dict):
+        ids, labels, mask = batch["input_ids"], batch.get("labels"), batch.get("attention_mask")
+    else:
+        ids, labels, mask = (batch[0] if isinstance(batch, (tuple, list)) else batch), None, None
+    if not torch.is_tensor(ids):
+        raise TypeError(
+            f"a training batch of {type(batch).__name__} holds no tensor of token ids where expected. HINT: yield "
+            "dicts with input_ids, tensors of token ids, or tuples whose first element is one"
+        )
+    ids = ids if ids.dim() >= 2 else ids.unsqueeze(0)
+    labels = ids if labels is None else labels.reshape(ids.shape[0], -1)
+    return ids, labels, mask

@@ -35,6 +35,7 @@ SCHEDULES = {
 # statistics are row-sharded, so the checkpoint gathers the rows and the resumed ranks cut them again)
 RESUME = {"sdm": SCHEDULES["sdm"], "gblm": ("unstructured", [Event(4, 0.5)])}
 MAX_STEPS = 6
+BATCH = 2  # sequences per micro-batch: each rank's step scores 2, one process's (2 micro-batches) 4
 
 
 class Held(Recording):
@@ -109,7 +110,7 @@ def loader(tr, world: int):
     data = samples(SEQS)
     # rank r sees sequences r, r + 2, ... (as in tests/test_lightning_ddp.py); one process sees them in order
     sampler = DistributedSampler(data, num_replicas=2, rank=tr.global_rank, shuffle=False) if world == 2 else None
-    return Resumable(data, batch_size=1, sampler=sampler, shuffle=False)
+    return Resumable(data, batch_size=BATCH, sampler=sampler, shuffle=False)
 
 
 def run(

@@ -3,8 +3,9 @@ single process on the same sequences, masked weights stay zero through recovery 
 sharded run ends with the same masks, and the export gathered from the shards equals a single-process export.
 
 The 2-rank runs are ``tests/fsdp_script.py`` in a subprocess (Lightning starts rank 1 by re-running the command).
-Rank r sees sequences r, r + 2, ...; the single-process reference sees both in one optimiser step with
-``accumulate_grad_batches=2``, so both score the same sequences at the same steps (as in test_lightning_ddp.py).
+Rank r sees sequences r, r + 2, ..., in micro-batches of 2; the single-process reference sees both in one optimiser
+step with ``accumulate_grad_batches=2``, so both score the same sequences at the same steps (as in
+test_lightning_ddp.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from pruning.options import PruneOptions, SelectionOptions  # noqa: E402
 from pruning.pipeline import Pruner, prune_from_statistics  # noqa: E402
 
 SCRIPT = Path(__file__).parent / "fsdp_script.py"
+# weights after recovery steps (AdamW, lr 1e-2): the ranks' means of 2 sequences averaged vs one process's
+# accumulated micro-batches sum in another order, and AdamW's normalisation lifts that rounding to up to ~1e-5 on
+# weights with tiny gradients; a gradient in a wrong direction is off by a good part of an update (~1e-2)
+WEIGHT_ATOL = 5e-5
 
 
 def _two_ranks(tmp_path: Path, criterion: str, mode: str) -> list[dict]:
@@ -84,8 +89,10 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, criterion):
         assert info["local_shape"][0] * 2 == info["global_shape"][0]
         assert info["mask_dtensor"] and info["mask_placements"] == info["placements"]
         assert not info["local_weight"][~info["mask_local"]].any()  # pruned entries of the local shard are 0
-        # statistics: each rank scored 2 of the 4 sequences of every window; summed over ranks = one process
+        # statistics: each rank scored 2 micro-batches of 2 of the 8 sequences of every window; summed over ranks =
+        # one process
         assert [h["micro_batches_scored_on_rank"] for h in r["history"]] == [2] * n_events
+        assert all(v["count"] == 8 for s in want["snapshots"] for v in s["gradients"].values())
         # uniform allocation: the event unsharded one decoder layer at a time, not the whole model
         assert [h["unsharded_for_scoring"] for h in r["history"]] == ["layer"] * n_events
         # scoring steps (weights frozen): FSDP2 reduce-scattered no gradient; recovery steps have theirs
@@ -123,7 +130,7 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, criterion):
     got_w = ranks[0]["weights"]  # gathered to rank 0
     assert set(got_w) == set(want["weights"])
     for k, v in want["weights"].items():
-        torch.testing.assert_close(got_w[k], v, rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(got_w[k], v, rtol=1e-4, atol=WEIGHT_ATOL, msg=k)
     m = module()
     m.student.load_state_dict(got_w)
     assert_pruned_zero(m.student, want_masks)
@@ -140,7 +147,7 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, criterion):
     ref_t = _tensors(_export(want["weights"], want["masks"], tmp_path / "export_single"))
     assert {k: v.shape for k, v in ref_t.items()} == {k: v.shape for k, v in got_t.items()}
     for k in ref_t:
-        torch.testing.assert_close(got_t[k], ref_t[k], rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(got_t[k], ref_t[k], rtol=1e-4, atol=WEIGHT_ATOL, msg=k)
     if criterion == "sdm":
         cfg = json.loads((fsdp_dir / "config.json").read_text())
         assert cfg["intermediate_size"] < CFG["intermediate_size"] or "intermediate_sizes" in str(cfg)
@@ -164,7 +171,7 @@ def test_fsdp_resume_mid_window(tmp_path, criterion):
         # the second event's statistics: the pre-checkpoint half (rank 0 holds both ranks' sums) + the rest
         assert_same_stats(r["snapshots"][-1]["gradients"], want["snapshots"][-1]["gradients"], "gradients/")
     for k, v in want["weights"].items():
-        torch.testing.assert_close(ranks[0]["weights"][k], v, rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(ranks[0]["weights"][k], v, rtol=1e-4, atol=WEIGHT_ATOL, msg=k)
 
 
 class _Mesh:

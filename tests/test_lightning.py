@@ -71,9 +71,11 @@ def module(**kw) -> DistillationModule:
 
 
 class Recording(ImportanceCallback):
-    """An ImportanceCallback that keeps a copy of the statistics each event is scored from."""
+    """An ImportanceCallback that keeps a copy of the statistics each event is scored from; it scores on frozen
+    weights unless told otherwise (as the recipes do), so that the reference model is the one it scores."""
 
     def __init__(self, *args, **kw) -> None:
+        kw.setdefault("freeze_weights", True)
         super().__init__(*args, **kw)
         self.snapshots: list[dict] = []
 
@@ -120,13 +122,16 @@ def assert_pruned_zero(model, masks: pruning.MaskSet) -> int:
 
 
 def reference_grads(model, criterion: str, granularity: str, seqs, **kw) -> dict:
-    """The core's per-sequence gradient statistics (one backward per sequence, model in eval mode)."""
+    """The core's per-sequence gradient statistics by the reference protocol (one backward per sequence, model in
+    eval mode)."""
     crit = get_criterion(criterion)
     s = ModelStructure(model)
-    group_sets = s.group_sets(granularity) if crit.group_kinds else []
-    names = [n + ".weight" for n in s.targets()] if crit.grad_kinds else []
+    sets = s.group_sets(granularity) if granularity != "unstructured" else []
+    targets = sorted({m.name for gs in sets for m in gs.members}) if sets else [n + ".weight" for n in s.targets()]
+    names = targets if crit.grad_kinds else []  # what Pruner.gradient_collector reads
+    group_sets = sets if crit.group_kinds else []
     coll = GradientCollector(model, names, crit.grad_kinds or ("sum",), group_sets, crit.group_kinds or ("coupled",))
-    collect_gradients(model, calibration(seqs), coll, progress=False, **kw)
+    collect_gradients(model, calibration(seqs), coll, progress=False, batched=False, **kw)
     return coll.state_dict()
 
 
@@ -242,12 +247,14 @@ class WeightsAt(pl.Callback):
             self.optimizer_state = copy.deepcopy(trainer.optimizers[0].state_dict()["state"])
 
 
-@pytest.mark.parametrize("freeze", [True, False])
+@pytest.mark.parametrize("freeze", [True, False, None])
 def test_scoring_steps_change_no_weight(freeze):
+    """Frozen scoring steps change no weight; by default (``None``) they train like any other step."""
     m = module(lr=1e-2, weight_decay=0.1)
     before = {k: v.detach().clone() for k, v in m.student.state_dict().items()}
     at = WeightsAt(4)
-    ic, pc = ImportanceCallback(freeze_weights=freeze), PruningCallback("sdm", "mlp_neuron", Schedule(step=4))
+    ic = ImportanceCallback() if freeze is None else ImportanceCallback(freeze_weights=freeze)
+    pc = PruningCallback("sdm", "mlp_neuron", Schedule(step=4))
     trainer(5, [at, ic, pc]).fit(m, loader())
     assert at.weights is not None and pc.done == 1
     same = [torch.equal(at.weights[k], before[k]) for k in before]
@@ -272,7 +279,8 @@ def test_masks_hold_through_recovery(criterion, granularity, accumulate, precisi
     the moments from before the mask nor weight decay may revive a pruned weight."""
     m = module(lr=1e-2, weight_decay=0.1)
     at = WeightsAt(6)
-    ic, pc = ImportanceCallback(window=2), PruningCallback(criterion, granularity, Schedule(step=6, sparsity=0.5))
+    ic = ImportanceCallback(window=2, freeze_weights=True)
+    pc = PruningCallback(criterion, granularity, Schedule(step=6, sparsity=0.5))
     tr = trainer(26, [at, ic, pc], accumulate_grad_batches=accumulate, precision=precision)
     tr.fit(m, loader())
     assert tr.global_step == 26 and pc.done == 1  # 20 recovery steps after the event
@@ -311,7 +319,8 @@ def test_lora_recovery_merges_into_masked_weights(criterion, granularity, step):
     base = {n: p for n, p in named_parameters(m.student).items() if "lora_" not in n}
     assert not any(p.requires_grad for p in base.values())
     rec = Unmerged()
-    ic, pc = ImportanceCallback(), PruningCallback(criterion, granularity, Schedule(step=step, sparsity=0.5))
+    ic = ImportanceCallback(freeze_weights=True)
+    pc = PruningCallback(criterion, granularity, Schedule(step=step, sparsity=0.5))
     trainer(step + 10, [ic, pc, rec]).fit(m, loader())
     assert pc.done == 1
     assert rec.lora_b and all(torch.count_nonzero(b) > 0 for b in rec.lora_b.values())  # adapters trained
@@ -386,7 +395,7 @@ def _resume_run(stop: int | None = None, ckpt: str | None = None):
     ``stop``: the run is interrupted after that step."""
     m = module(lr=1e-2, weight_decay=0.1)
     seen = Seen()
-    ic = ImportanceCallback(window=3)
+    ic = ImportanceCallback(window=3, freeze_weights=True)
     pc = PruningCallback("sdm", "mlp_neuron", Schedule(kind="steps", events=TWO_STAGE))
     tr = trainer(12, [seen, ic, pc] + ([StopAt(stop)] if stop is not None else []))
     tr.fit(m, Resumable(samples(SEQS), batch_size=1, shuffle=False), ckpt_path=ckpt)
@@ -445,7 +454,8 @@ def test_user_module_taylor_export_reloads(tmp_path):
     m = UserModule()
     path = tmp_path / "export"
     rec = TrainedLogits()
-    ic, pc = ImportanceCallback(), PruningCallback("taylor", "mlp_neuron", Schedule(step=4, sparsity=0.25))
+    ic = ImportanceCallback(freeze_weights=True)
+    pc = PruningCallback("taylor", "mlp_neuron", Schedule(step=4, sparsity=0.25))
     trainer(10, [ic, pc, rec, ExportOnFitEnd(path)]).fit(m, loader())
     assert pc.done == 1
     assert m.model.config.intermediate_size == 48  # compacted in place at fit end (a quarter of the neurons)
@@ -460,7 +470,8 @@ def test_user_module_taylor_export_reloads(tmp_path):
 def test_user_module_taylor_masks_equal_core():
     m = UserModule()
     ref_model = copy.deepcopy(m.model).eval()
-    ic, pc = ImportanceCallback(), PruningCallback("taylor", "mlp_neuron", Schedule(step=4, sparsity=0.25))
+    ic = ImportanceCallback(freeze_weights=True)
+    pc = PruningCallback("taylor", "mlp_neuron", Schedule(step=4, sparsity=0.25))
     trainer(5, [ic, pc]).fit(m, loader())
     assert_same_masks(pc.masks, prune_core(ref_model, SEQS[:4], "taylor", 0.25, "mlp_neuron").masks)
 
@@ -477,16 +488,6 @@ def test_statistics_criterion_event_at_step_zero(criterion):
     granularity = "mlp_neuron" if criterion == "sdm" else "unstructured"
     with pytest.raises(ValueError, match=r"the first event is at step 0\. HINT: schedule the first event at a step"):
         PruningCallback(criterion, granularity, Schedule(step=0))
-
-
-def test_per_sequence_gradients_need_batch_size_one():
-    ic, pc = ImportanceCallback(), PruningCallback("sdm", "mlp_neuron", Schedule(step=2))
-    with pytest.raises(ValueError, match=r"micro-batches of one sequence; this one has 2.*batch_size: 1"):
-        trainer(3, [ic, pc]).fit(module(), loader(batch_size=2))
-    # a micro-batch may be the sample when asked for
-    ic, pc = ImportanceCallback(per_sample="micro_batch"), PruningCallback("sdm", "mlp_neuron", Schedule(step=2))
-    trainer(3, [ic, pc]).fit(module(), loader(batch_size=2))
-    assert pc.history[0]["micro_batches_scored_on_rank"] == 2
 
 
 def test_fp16_loss_scaling_with_gradient_statistics():

@@ -1,10 +1,12 @@
-"""Calibration passes: the data a one-shot run scores on, its record, and the per-sequence gradients of the
-gradient criteria (activations are collected by forward hooks, see :mod:`pruning.stats`)."""
+"""Calibration passes: the data a one-shot run scores on, its record, and the per-sequence gradient statistics of
+the gradient criteria from batched backwards (activations are collected by forward hooks, see
+:mod:`pruning.stats`)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
@@ -93,6 +95,30 @@ def iter_sequences(calibration: Iterable[torch.Tensor]) -> Iterable[torch.Tensor
             yield row.unsqueeze(0)
 
 
+GradientPass = Literal["batched", "sums", "per_sequence"]
+
+
+def gradient_pass(collector: GradientCollector, batched: bool = True) -> GradientPass:
+    """How :func:`collect_gradients` fills ``collector``: ``sums`` (only ``Σ_n g_n`` wanted: a batched backward's
+    ``.grad``, whatever the parameters), ``batched`` (per-sequence statistics from batched backwards) or
+    ``per_sequence`` (one backward per sequence: asked for with ``batched=False``, or some parameter is not a
+    Linear's own, see :meth:`GradientCollector.unbatchable`)."""
+    if not batched:
+        return "per_sequence"
+    if collector.sums_only:
+        return "sums"
+    return "per_sequence" if collector.unbatchable() else "batched"
+
+
+def sequence_losses(
+    logits: torch.Tensor, ids: torch.Tensor, target: torch.Tensor | None, alpha: float, temperature: float
+) -> torch.Tensor:
+    """The sum over the batch's rows of each row's own mean loss, so that a batched backward gives every sequence
+    the gradient it has alone: every row of a calibration tensor has the same number of next-token positions, so
+    that is the batch's mean times its rows (one fused loss, no per-row slices to add back up in backward)."""
+    return distillation_loss(logits, ids, target, alpha, temperature) * logits.shape[0]
+
+
 def collect_gradients(
     model: nn.Module,
     calibration: Iterable[torch.Tensor],
@@ -104,8 +130,14 @@ def collect_gradients(
     teacher: nn.Module | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    batched: bool = True,
 ) -> GradientCollector:
-    """Backward once per sequence and feed ``collector``; weights are not changed.
+    """Per-sequence gradient statistics of ``calibration`` into ``collector``; weights are not changed.
+
+    One backward per calibration tensor (a micro-batch of its rows), of the sum of every sequence's own mean loss:
+    the per-sequence gradients come out of that backward (:class:`~pruning.stats.SequenceGradients`), and a
+    criterion that needs only their sum (Taylor) reads the batch's ``.grad``. ``batched=False`` (or parameters a
+    batched backward cannot serve, :func:`gradient_pass`): one backward per sequence, the reference protocol.
 
     With ``alpha > 0`` the teacher is the same model with the masks lifted (``masks`` must have been applied with
     ``keep_original=True``; with no masks at all the teacher is the model itself): no second copy is held. Or
@@ -119,35 +151,59 @@ def collect_gradients(
             "keep_original=True. HINT: apply the masks with MaskSet.apply(model, keep_original=True)."
         )
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    wanted = set(collector.parameters)
+    how = gradient_pass(collector, batched)
+    batches = list(iter_sequences(calibration) if how == "per_sequence" else calibration_batches(calibration))
+    wanted = {id(p) for p in collector.parameters.values()}  # by identity: a tied weight has several names
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training = model.training
+    was_training, weight_grads = model.training, collector.weight_grads
     model.eval()
-    for n, p in model.named_parameters():
-        p.requires_grad_(n in wanted)
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
         p.grad = None
+    bar = tqdm(total=sum(b.shape[0] for b in batches), desc="gradients", unit="seq", disable=not progress)
     try:
-        for ids in tqdm(iter_sequences(calibration), desc="gradients", unit="seq", disable=not progress):
+        if how == "batched":
+            collector.weight_grads = False  # the statistics are made in the backward; nobody reads .grad
+            collector.attach()
+        for ids in batches:
             ids = ids.to(device)
-            target = None
-            if alpha > 0 and teacher is not None:
-                with torch.no_grad():
-                    target = teacher(input_ids=ids, use_cache=False).logits
-            elif alpha > 0 and masks is not None and masks.has_original:
-                # before the student's forward: lifting writes the weights that backward will read
-                with torch.no_grad(), masks.lifted(model):
-                    target = model(input_ids=ids, use_cache=False).logits
+            target = _teacher_logits(model, ids, alpha, masks, teacher)
+            if how == "batched":
+                collector.begin_batch(ids.shape[0])
             logits = model(input_ids=ids, use_cache=False).logits
             if alpha > 0 and target is None:  # nothing pruned yet: the teacher is the student itself
                 target = logits.detach()
-            loss = distillation_loss(logits, ids, target, alpha, temperature)
+            loss = sequence_losses(logits, ids, target, alpha, temperature)
             del logits, target  # the fused loss keeps only its gradient: nothing else of [seq, vocab] lives on
             loss.backward()
-            collector.update()
+            if how == "batched":
+                collector.end_batch()
+            else:
+                collector.update(samples=ids.shape[0])
             for p in model.parameters():
                 p.grad = None
+            bar.update(ids.shape[0])
     finally:
+        bar.close()
+        if how == "batched":
+            collector.detach()
+            collector.weight_grads = weight_grads
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
         model.train(was_training)
     return collector
+
+
+def _teacher_logits(
+    model: nn.Module, ids: torch.Tensor, alpha: float, masks: MaskSet | None, teacher: nn.Module | None
+) -> torch.Tensor | None:
+    """The distillation target of ``ids``: the separate teacher's logits, or the model's with the masks lifted
+    (``None``: no distillation, or nothing pruned yet)."""
+    if alpha > 0 and teacher is not None:
+        with torch.no_grad():
+            return teacher(input_ids=ids, use_cache=False).logits
+    if alpha > 0 and masks is not None and masks.has_original:
+        # before the student's forward: lifting writes the weights that backward will read
+        with torch.no_grad(), masks.lifted(model):
+            return model(input_ids=ids, use_cache=False).logits
+    return None

@@ -44,8 +44,9 @@ def prune(
       ``alpha`` / ``temperature`` for distilling criteria, ``sequential``, ``within_layer``, ...) as keywords, or
       ``options=PruneOptions(...)`` (keywords given as well replace its fields).
     - ``gradients`` / ``activations``: statistics already collected (e.g. over training steps); then no calibration
-      pass is run for them. Gradient criteria otherwise backpropagate once per calibration sequence; ``sdm``'s loss
-      uses ``alpha`` / ``temperature``, the teacher being the same model with the masks lifted.
+      pass is run for them. Gradient criteria otherwise backpropagate once per calibration tensor, each sequence's
+      gradient taken from that batched backward; ``sdm``'s loss uses ``alpha`` / ``temperature``, the teacher being
+      the same model with the masks lifted.
     - Activation criteria run one decoder layer at a time (``sequential``), the calibration activations passing
       through the already-pruned layers; ``device`` may differ from where the model lives (layers visit it one by
       one; ``store='cpu'`` keeps the hidden states on the host).

@@ -38,12 +38,20 @@ class ActivationStats(Accumulator):
             raise ValueError(f"activation statistics {sorted(bad)} unknown; choose from {ACT_STATS}")
         self.reservoir = ActivationSamples(samples, seed) if "samples" in self.kinds else None
 
+    @property
+    def squares_only(self) -> bool:
+        """Σx² is all it keeps: :func:`token_squares` of an input can be shared with other Linears reading it."""
+        return self.kinds == ("sum_sq",) and not self.with_mean
+
+    def add_squares(self, squares: torch.Tensor, tokens: int) -> None:
+        """Add :func:`token_squares` of an input (:attr:`squares_only` statistics)."""
+        self._buf("sum_sq", squares.shape[-1], squares.device).add_(squares)
+        self.count += tokens
+
     @torch.no_grad()
     def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """``x``: [..., in_features]; ``mask`` (optional, [...]): which tokens count (padding excluded)."""
-        x = x.reshape(-1, x.shape[-1]).float()
-        if mask is not None:
-            x = x[mask.reshape(-1).to(x.device).bool()]
+        x = tokens_of(x, mask)
         self._buf("sum_sq", x.shape[-1], x.device).add_(x.square().sum(0))
         if self.with_mean:
             self._buf("sum", x.shape[-1], x.device).add_(x.sum(0))
@@ -96,6 +104,19 @@ class ActivationStats(Accumulator):
         super().load_merged_state_dict(state, rank)
         if rank and self.reservoir is not None:  # rank 0 keeps the saved rows: the others' would repeat them
             self.reservoir.reset()
+
+
+def tokens_of(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``x`` ([..., in_features]) as fp32 token rows, those where ``mask`` is 0 (padding) left out."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    return x if mask is None else x[mask.reshape(-1).to(x.device).bool()]
+
+
+@torch.no_grad()
+def token_squares(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """``(Σ_tokens x², tokens)`` of an input, as :meth:`ActivationStats.update` adds them."""
+    x = tokens_of(x, mask)
+    return x.square().sum(0), x.shape[0]
 
 
 class ActivationSamples:

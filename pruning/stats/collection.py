@@ -11,8 +11,9 @@ from torch import nn
 
 from ..distributed import RowShard, is_sharded
 from ..structure import GroupSet
-from .activations import ActivationStats
+from .activations import ActivationStats, token_squares
 from .gradients import GradientStats, GradStat, GroupGradientStats
+from .sequences import SequenceGradients, unsupported
 
 
 class ActivationCollector:
@@ -35,6 +36,7 @@ class ActivationCollector:
         self._handles: list = []
         self.token_mask: torch.Tensor | None = None  # set by the caller to exclude padding
         self.grad_enabled_only = grad_enabled_only
+        self._shared: tuple | None = None  # (the last input, its version, its mask, its token_squares)
 
     def attach(self) -> ActivationCollector:
         self.detach()
@@ -51,7 +53,14 @@ class ActivationCollector:
             # run by the autograd engine (a graph task is current) is a recomputation, not a new sample.
             if self.grad_enabled_only and torch._C._current_graph_task_id() != -1:
                 return
-            stat.update(args[0], self.token_mask)
+            if not stat.squares_only:
+                stat.update(args[0], self.token_mask)
+                return
+            x, cached = args[0], self._shared
+            # q/k/v (and gate/up) read one input: its Σx² is made once and added to each of them
+            if cached is None or cached[0] is not x or cached[1] != x._version or cached[2] is not self.token_mask:
+                cached = self._shared = (x, x._version, self.token_mask, token_squares(x, self.token_mask))
+            stat.add_squares(*cached[3])
 
         return hook
 
@@ -59,6 +68,7 @@ class ActivationCollector:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._shared = None
 
     def reduce(self, group=None) -> None:
         for s in self.stats.values():
@@ -85,10 +95,17 @@ class ActivationCollector:
 
 
 class GradientCollector:
-    """Reads ``.grad`` of chosen parameters after each per-sample backward and feeds the gradient statistics.
+    """Feeds the gradient statistics of chosen parameters, per sample (one sequence), three ways:
+
+    - :meth:`attach` (default ``batched``): per-sequence statistics from batched backwards, through
+      :class:`~pruning.stats.SequenceGradients` on the Linears; around each micro-batch :meth:`begin_batch` (before
+      its forward) and :meth:`end_batch` (after its backward). Parameters it cannot serve (:meth:`unbatchable`:
+      embeddings, tied heads) are read by tensor hooks, which need micro-batches of one sequence;
+    - :meth:`attach` with ``batched=False``: tensor hooks only, one sample per backward whatever its size;
+    - :meth:`update`: reads ``.grad`` after a backward of one sample (or, for ``sum`` only, of several).
 
     ``params``: parameter name -> parameter (element statistics); ``group_sets``: structured sets whose coupled
-    statistics are wanted. Call :meth:`update` once per sample, after its backward and before zeroing gradients.
+    statistics are wanted.
     """
 
     def __init__(
@@ -108,9 +125,35 @@ class GradientCollector:
         self._group_params = {n: named[n] for n in needed}
         self._handles: list = []
         self._rebound: dict[str, list] = {}  # FSDP2: name -> [unsharded parameter hooked, its tensor-hook handle]
-        # hook mode: factor that turns the gradient backward produced into the gradient of the sample's own loss
-        # (a trainer may have divided the loss by its accumulation count or multiplied it by an fp16 loss scale)
-        self.grad_scale = 1.0
+        self._sequences: SequenceGradients | None = None  # batched per-sequence statistics while attached
+        self._hooked_groups: list[GroupGradientStats] = []  # group statistics fed by tensor hooks while attached
+        self._single: dict[str, str] = {}  # attached batched: what tensor hooks read, per sample = per backward
+        self._grad_scale = 1.0
+        # batched: return the weights' gradients to autograd (False: nobody trains on them; zeros are returned)
+        self.weight_grads = True
+
+    @property
+    def grad_scale(self) -> float:
+        """Factor that turns the gradient backward produced into that of the samples' own losses (a trainer may
+        have divided the loss by its accumulation count or multiplied it by an fp16 loss scale)."""
+        return self._grad_scale
+
+    @grad_scale.setter
+    def grad_scale(self, value: float) -> None:
+        self._grad_scale = value
+        if self._sequences is not None:
+            self._sequences.batch.grad_scale = value
+
+    @property
+    def sums_only(self) -> bool:
+        """Only ``Σ_n g_n`` is wanted (Taylor): a batched backward's ``.grad`` gives it, no per-sequence work."""
+        return not self.group_stats and all(set(s.kinds) == {"sum"} for s in self.stats.values())
+
+    def unbatchable(self) -> dict[str, str]:
+        """The parameters whose per-sequence statistics a batched backward cannot give, with the reason (anything
+        but the weight or bias of a plain ``nn.Linear`` of its own); they need one backward per sequence."""
+        members = [[m.name for m in s.group_set.members] for s in self.group_stats.values()]
+        return unsupported(self.model, self.params, members)
 
     @property
     def parameters(self) -> dict[str, nn.Parameter]:
@@ -118,10 +161,17 @@ class GradientCollector:
         members of the group sets."""
         return {**self.params, **self._group_params}
 
-    def update(self) -> None:
+    def update(self, samples: int = 1) -> None:
+        """Read ``.grad`` after a backward of one sample; ``samples`` > 1: a backward of the summed losses of that
+        many samples, which gives ``sum`` statistics only (:attr:`sums_only`)."""
+        if samples != 1 and not self.sums_only:
+            raise ValueError(
+                f"a backward of {samples} samples' summed losses gives sum statistics only. HINT: attach() the "
+                "collector for per-sequence statistics from batched backwards"
+            )
         for n, p in self.params.items():
             if p.grad is not None:
-                self.stats[n].update(p.grad, p)
+                self.stats[n].update(p.grad, p, samples=samples)
         if self.group_stats:
             grads = {n: p.grad for n, p in self._group_params.items()}
             missing = [n for n, g in grads.items() if g is None]
@@ -131,35 +181,60 @@ class GradientCollector:
             for s in self.group_stats.values():
                 s.update(grads, weights)
 
-    # ---- hook mode: per-backward gradients during training
-    def attach(self) -> GradientCollector:
-        """Read every backward's gradient of the chosen parameters through tensor hooks, as it is produced.
+    # ---- attached: statistics of every backward during training (or of a calibration pass)
+    def attach(self, batched: bool = True) -> GradientCollector:
+        """Collect the statistics of every backward until :meth:`detach`.
 
-        A parameter's tensor hook sees the gradient of *this* backward only, before it is added into ``.grad``:
-        under gradient accumulation it is the micro-batch's gradient (not the running sum ``.grad`` holds), and
-        under DDP it is the rank's local gradient (before the all-reduce), so :meth:`reduce` later sums samples
-        exactly once. Call :meth:`close_sample` after each backward (one backward = one sample). Element
-        statistics are updated inside the hook; group statistics keep one partial sum per group set until the
-        sample is closed, so no gradient is held longer than autograd holds it.
+        ``batched``: per-sequence statistics from micro-batches of any size: the Linears' per-sequence gradients
+        are made inside their backward (:class:`~pruning.stats.SequenceGradients`); :meth:`begin_batch`'s
+        ``scales`` turn the loss's gradient into each sequence's own (default 1 each: the loss is the sum of the
+        sequences' own losses; :func:`~pruning.stats.token_mean_scales` for a mean over the batch's tokens).
+        Parameters it cannot serve (:meth:`unbatchable`) are read by tensor hooks, one sample per backward
+        (micro-batches of one sequence). ``batched=False``: tensor hooks for everything; a micro-batch is one sample,
+        whatever its size.
+
+        A parameter's tensor hook sees the gradient of *this* backward only, before it is added into ``.grad``, and
+        so does the per-sequence function: under gradient accumulation it is the micro-batch's gradient (not the
+        running sum ``.grad`` holds), and under DDP it is the rank's local gradient (before the all-reduce), so
+        :meth:`reduce` later sums samples exactly once. Call :meth:`end_batch` after each backward.
 
         FSDP2 (the model holds ``fully_shard`` modules): the sharded ``DTensor`` parameters are not in the autograd
         graph; each forward uses an *unsharded* parameter that FSDP all-gathers and registers on the owning module,
-        whose gradient is the rank's own full gradient until FSDP reduce-scatters it after backward. A forward
-        pre-hook on the owning module puts the tensor hook on that unsharded parameter (again if FSDP replaced it),
-        so the hook sees exactly what it sees without FSDP — the rank's per-micro-batch gradient of the whole
-        parameter, before any cross-rank reduction. Group statistics are summed over ranks by :meth:`reduce` as
-        under DDP; element statistics are reduce-scattered in the hook onto the rows of the parameter's shard
+        whose gradient is the rank's own full gradient until FSDP reduce-scatters it after backward. The
+        per-sequence function reads the parameter registered at its forward (the unsharded one); a tensor hook is
+        put on that unsharded parameter by a forward pre-hook on the owning module (again if FSDP replaced it). So
+        both see exactly what they see without FSDP. Group statistics are summed over ranks by :meth:`reduce` as
+        under DDP; element statistics are reduce-scattered once per backward onto the rows of the parameter's shard
         (:class:`GradientStats` ``shard``), so every rank must run the same backwards (as FSDP itself requires).
         """
         self.detach()
         self._resolve_shards()
+        single = self.unbatchable() if batched else dict.fromkeys(self.parameters, "batched=False")
+        hooked_groups = [s for s in self.group_stats.values() if any(m.name in single for m in s.group_set.members)]
+        self._hooked_groups = hooked_groups
+        self._single = single if batched else {}
+        if batched:
+            element = {n: s for n, s in self.stats.items() if n not in single}
+            groups = [s for s in self.group_stats.values() if s not in hooked_groups]
+            if element or groups:
+                self._sequences = SequenceGradients(self.model, element, groups).attach()
+                self._sequences.weight_grads = self.weight_grads
+                self._sequences.batch.grad_scale = self._grad_scale
+        hooked = {n for n in self.params if n in single}
+        hooked |= {m.name for s in hooked_groups for m in s.group_set.members}
+        self._handles = self._tensor_hooks(sorted(hooked), hooked_groups)
+        return self
+
+    def _tensor_hooks(self, names: list[str], group_stats: list[GroupGradientStats]) -> list:
+        """Tensor hooks (FSDP2: on the unsharded parameters) that feed the element statistics of ``names`` and the
+        members of ``group_stats``."""
         handles = []
         members: dict[str, list[GroupGradientStats]] = {}
-        for s in self.group_stats.values():
+        for s in group_stats:
             for m in s.group_set.members:
                 members.setdefault(m.name, []).append(s)
         sharded = is_sharded(self.model)
-        for name in sorted(set(self.params) | set(members)):
+        for name in names:
             p = self.params.get(name, self._group_params.get(name))
             if not p.requires_grad:
                 raise RuntimeError(f"{name} does not require grad: its gradient statistics cannot be collected")
@@ -171,8 +246,32 @@ class GradientCollector:
                 )
             else:
                 handles.append(p.register_hook(self._hook(name, p, members.get(name, []))))
-        self._handles = handles
-        return self
+        return handles
+
+    def begin_batch(
+        self, sequences: int, token_mask: torch.Tensor | None = None, scales: Iterable[float] | None = None
+    ) -> None:
+        """The next forward (attached) holds ``sequences`` rows: ``token_mask`` ``[sequences, positions]`` (0:
+        padding, left out) and per-sequence ``scales`` that turn the loss's gradient into each sequence's own
+        (:func:`~pruning.stats.token_mean_scales` for a loss averaged over the batch's tokens; default 1 each)."""
+        if self._single and sequences != 1:
+            name, why = next(iter(self._single.items()))
+            raise ValueError(
+                f"per-sequence gradient statistics of {sorted(self._single)[:3]} ({name}: {why}) need micro-batches "
+                f"of one sequence; this one has {sequences}. HINT: set the data's batch_size: 1 (with "
+                "accumulate_grad_batches for bigger optimiser batches), or treat a micro-batch as one sample "
+                "(ImportanceCallback per_sample: micro_batch)"
+            )
+        if self._sequences is not None:
+            self._sequences.begin_batch(sequences, token_mask, scales)
+
+    def end_batch(self) -> None:
+        """After the micro-batch's backward: its per-sequence sums are closed (a group set with a member that got
+        no gradient is summed over those that did), and so is the tensor hooks' sample."""
+        if self._sequences is not None:
+            self._sequences.end_batch()
+        for s in self._hooked_groups:
+            s.close_sample()
 
     def _rebind(self, name: str, module: nn.Module, attr: str, group_stats: list[GroupGradientStats]):
         def pre_hook(mod, args) -> None:
@@ -189,7 +288,8 @@ class GradientCollector:
         return pre_hook
 
     def _hook(self, name: str, p: torch.Tensor, group_stats: list[GroupGradientStats]):
-        stat = self.stats.get(name)
+        served = self._sequences is not None and name not in self._single  # its element statistics: batched
+        stat = None if served else self.stats.get(name)
 
         def hook(grad: torch.Tensor) -> None:
             scale = self.grad_scale  # folded into the sums: no scaled copy of the gradient is made
@@ -200,10 +300,6 @@ class GradientCollector:
 
         return hook
 
-    def close_sample(self) -> None:
-        for s in self.group_stats.values():
-            s.close_sample()
-
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
@@ -211,6 +307,10 @@ class GradientCollector:
         for _, h in self._rebound.values():
             h.remove()
         self._rebound = {}
+        if self._sequences is not None:
+            self._sequences.detach()
+            self._sequences = None
+        self._hooked_groups, self._single = [], {}
 
     def _all(self):
         return list(self.stats.items()) + list(self.group_stats.items())

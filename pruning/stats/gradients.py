@@ -48,18 +48,37 @@ class GradientStats(Accumulator):
         self.sharding.set_shard(shard, self.sums)
 
     @torch.no_grad()
-    def update(self, grad: torch.Tensor, weight: torch.Tensor | None = None, scale: float = 1.0) -> None:
-        """``scale`` (> 0) multiplies the gradient first, without a copy of it (undoing a loss division)."""
+    def update(
+        self, grad: torch.Tensor, weight: torch.Tensor | None = None, scale: float = 1.0, samples: int = 1
+    ) -> None:
+        """One sample's gradient. ``scale`` (> 0) multiplies the gradient first, without a copy of it (undoing a loss
+        division). ``samples`` > 1: ``grad`` is the *sum* of that many samples' gradients (a batched backward's
+        ``.grad``), which gives ``sum`` and nothing else."""
+        if samples != 1 and set(self.kinds) != {"sum"}:
+            raise ValueError(
+                f"a gradient summed over {samples} samples gives the statistic 'sum' only, not {self.kinds}. "
+                "HINT: feed per-sample gradients (pruning.stats.SequenceGradients computes them from one backward)"
+            )
+        dest = self.open_batch(grad.shape, grad.device)
+        self.add_sequence(dest, grad, weight, scale)
+        self.close_batch(dest, samples)
+
+    # ---- a batch of samples: open, add each sample's terms, close (one reduce-scatter per batch when row-sharded)
+    def open_batch(self, shape: torch.Size, device: torch.device) -> dict[str, torch.Tensor]:
+        """Where the per-sample terms of one batch go: the running sums themselves, or (row-sharded) whole-size
+        zeros that :meth:`close_batch` reduce-scatters onto this rank's rows."""
         self.sharding.settle(self.sums)
+        if self.shard is not None:
+            return {k: torch.zeros(shape, dtype=torch.float32, device=device) for k in self.kinds}
+        return {k: self._buf(k, shape, device) for k in self.kinds}
+
+    def add_sequence(
+        self, dest: dict[str, torch.Tensor], grad: torch.Tensor, weight: torch.Tensor | None, scale: float = 1.0
+    ) -> None:
+        """Add one sample's terms (g, g², |g|, |g⊙w|, its gradient times ``scale``) into ``dest`` (from
+        :meth:`open_batch`). Without autograd (a backward, ``torch.no_grad``): it is called per sample."""
         g = grad.float()
-        if self.shard is not None:  # the full per-sample term, summed over ranks onto this rank's rows
-            for k in self.kinds:
-                rows = self._buf(k, self.sharding.row_shape(g.shape), g.device)
-                self.sharding.scatter_add(rows, _term(k, g, weight, scale))
-            self.count += 1
-            return
-        for k in self.kinds:
-            buf = self._buf(k, g.shape, g.device)
+        for k, buf in dest.items():
             if k == "sum":
                 buf.add_(g, alpha=scale)
             elif k == "sum_sq":
@@ -67,8 +86,24 @@ class GradientStats(Accumulator):
             elif k == "sum_abs":
                 buf.add_(g.abs(), alpha=scale)
             else:
-                buf.add_((g * weight.float()).abs(), alpha=scale)
-        self.count += 1
+                buf.add_(torch.mul(g, weight).abs_(), alpha=scale)
+
+    def add_sequences(
+        self, dest: dict[str, torch.Tensor], grads: torch.Tensor, weight: torch.Tensor | None, factors: list[float]
+    ) -> None:
+        """:meth:`add_sequence` for several samples, ``grads`` ``[n, *shape]``, one factor each (a loop: an
+        in-place pass per sample over cached sums beats a matrix-vector product over a squared copy on CPU)."""
+        for g, f in zip(grads, factors):
+            self.add_sequence(dest, g, weight, f)
+
+    def close_batch(self, dest: dict[str, torch.Tensor], samples: int) -> None:
+        """Count the batch's ``samples``; row-sharded, the batch's terms (this rank's own, whole) are summed over the
+        ranks onto this rank's rows. Collective when row-sharded: every rank closes the same batches."""
+        if self.shard is not None:
+            for k, term in dest.items():
+                rows = self._buf(k, self.sharding.row_shape(term.shape), term.device)
+                self.sharding.scatter_add(rows, term)
+        self.count += samples
 
     def compute(self) -> dict[str, torch.Tensor]:
         return dict(self.sums, count=torch.tensor(self.count))
@@ -141,17 +176,6 @@ class GradientStats(Accumulator):
             self.sharding.loaded_merged(rank)
 
 
-def _term(kind: GradStat, g: torch.Tensor, weight: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """The per-sample term of one statistic, a new tensor (to be reduce-scattered onto a rank's rows)."""
-    if kind == "sum":
-        return g * scale
-    if kind == "sum_sq":
-        return g.square().mul_(scale * scale)
-    if kind == "sum_abs":
-        return g.abs().mul_(scale)
-    return (g * weight.float()).abs_().mul_(scale)
-
-
 def _aligned(t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
     """[count, other] view of a 2-D member: sum over the group's own rows/columns, keep the other axis."""
     t = t.movedim(dim, 0) if dim else t
@@ -210,6 +234,14 @@ class GroupGradientStats(Accumulator):
 
     def compute(self) -> dict[str, torch.Tensor]:
         return dict(self.sums, count=torch.tensor(self.count))
+
+    @torch.no_grad()
+    def add_sums(self, sums: dict[str, torch.Tensor], samples: int) -> None:
+        """Add statistics already summed over ``samples`` samples (one value per group and kind), e.g. a batch's from
+        :class:`~pruning.stats.SequenceGradients`."""
+        for k, v in sums.items():
+            self._buf(k, self.group_set.count, v.device).add_(v)
+        self.count += samples
 
     # ---- member by member (tensor hooks during training: each gradient is seen once, then freed)
     @torch.no_grad()
