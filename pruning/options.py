@@ -231,6 +231,8 @@ class PruneOptions(SelectionOptions):
         alpha: the scoring loss of gradient criteria that distill (``sdm``): ``(1−α)·CE + α·KL(teacher ‖ student)``,
             the teacher being the model with the masks lifted.
         temperature: τ of that loss, dividing the teacher's logits.
+        kl_positions: the KL averaged over the CE's labelled next-token positions (``labelled``, default) or over
+            every position (``all``: SDMPrune's code, ``KL / seq_len``); see :func:`pruning.losses.distillation_loss`.
         sequential: one-shot, activation criteria: the calibration data runs one decoder layer at a time through the
             already-pruned layers (the papers' protocol), or through the dense model at once (``False``).
         within_layer: one-shot, unstructured / N:M, layer by layer: ``dense`` (every Linear of a layer scored on
@@ -242,6 +244,7 @@ class PruneOptions(SelectionOptions):
     sparsity: float = 0.5
     alpha: float = 0.0
     temperature: float = 1.0
+    kl_positions: Literal["labelled", "all"] = "labelled"
     sequential: bool = True
     within_layer: Literal["dense", "sequential"] = "dense"
     monotone: bool = True
@@ -257,6 +260,8 @@ class PruneOptions(SelectionOptions):
         _check_fraction("sparsity", self.sparsity)
         if self.within_layer not in ("dense", "sequential"):
             raise ValueError(f"within_layer={self.within_layer!r} must be 'dense' or 'sequential'")
+        if self.kl_positions not in ("labelled", "all"):
+            raise ValueError(f"kl_positions={self.kl_positions!r} must be 'labelled' or 'all'")
         if self.within_layer == "sequential" and (unit.structured or self.allocation in ("global", "owl")):
             raise ValueError(
                 "within_layer='sequential' prunes each Linear on its own as the layer runs: it supports unstructured "

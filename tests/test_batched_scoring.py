@@ -8,8 +8,6 @@ import copy
 
 import pytest
 import torch
-from pruning.callbacks import ImportanceCallback, PruningCallback
-from pruning.callbacks.importance import batch_tensors
 from test_lightning import (
     CFG,
     SEQ,
@@ -27,6 +25,8 @@ from test_lightning import (
 )
 from torch.utils.data import DataLoader, TensorDataset
 
+from pruning.callbacks import ImportanceCallback, PruningCallback
+from pruning.callbacks.importance import batch_tensors
 from pruning.lightning.module import DistillationModule
 from pruning.pipeline import collect_gradients
 from pruning.schedule import Schedule

@@ -266,3 +266,43 @@ def test_weights_train_on_the_sum_of_the_sequences_gradients(family, kinds, grou
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-6 * float(p.grad.abs().max()), msg=n)
     assert got.state_dict()[next(iter(got.state_dict()))]["count"] == 4
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_kl_over_all_positions_reaches_the_scoring_pass(batched):
+    """``kl_positions='all'`` (SDMPrune's KL / seq_len) in one-shot scoring: the statistics are those of each
+    sequence's own loss in that form, computed by hand one sequence at a time; ``labelled`` gives others."""
+    model = model_of("llama")
+    teacher = model_of("llama")
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    data = calib(n=4, seq=12, seed=6, batch=2)
+    name = "model.layers.1.mlp.down_proj.weight"
+    alpha, tau = 0.6, 0.5
+
+    def stats(kl_positions):
+        coll = GradientCollector(model, [name], ("sum_sq",))
+        collect_gradients(
+            model,
+            data,
+            coll,
+            alpha=alpha,
+            temperature=tau,
+            kl_positions=kl_positions,
+            teacher=teacher,
+            progress=False,
+            batched=batched,
+        )
+        return coll.state_dict()[name]["sums"]["sum_sq"]
+
+    want = torch.zeros_like(model.get_parameter(name))
+    for ids in (row[None] for batch in data for row in batch):
+        with torch.no_grad():
+            target = teacher(input_ids=ids).logits
+        loss = distillation_loss(model(input_ids=ids).logits, ids, target, alpha, tau, fused=False, kl_positions="all")
+        (g,) = torch.autograd.grad(loss, model.get_parameter(name))
+        want += g.pow(2)
+    got = stats("all")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
+    assert not torch.allclose(stats("labelled"), want, rtol=1e-3)

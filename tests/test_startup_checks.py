@@ -355,3 +355,8 @@ def test_eval_takes_a_checkpoint_of_any_lightning_module(tmp_path):
     out = main([str(tmp_path / "bare.ckpt"), "--base", str(tmp_path / "base"), "--perplexity", str(text),
                 "--seq-len", "32", "--tokenizer", "bytes"])  # fmt: skip
     assert out["perplexity"]["ppl"] == pytest.approx(want.ppl, rel=1e-6)
+
+
+def test_kl_positions_is_checked_before_scoring():
+    with pytest.raises(ValueError, match="kl_positions='every'"):
+        pruning.PruneOptions(method="sdm", granularity="mlp_neuron", alpha=0.5, kl_positions="every")

@@ -170,6 +170,8 @@ class DistillationModule(pl.LightningModule):
             temperature: τ, dividing the teacher logits only (τ < 1 sharpens the teacher, SDMPrune's choice).
             kl_positions: the KL averaged over the labelled next-token positions (``labelled``, default) or over every
                 position (``all``: SDMPrune's code, ``KL / seq_len``; see :func:`pruning.losses.distillation_loss`).
+                The ImportanceCallback's per-sequence statistics split the batch's loss by labelled positions: exact
+                for ``all`` when every sequence of a micro-batch has as many (packed text, no padding).
             teacher: ``lifted`` (same weights, masks lifted; frozen steps only), ``copy`` or ``none``.
             teacher_dtype: dtype of the teacher copy (default: ``dtype``).
             lr: peak learning rate (AdamW).

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..losses import distillation_loss
+from ..losses import KLPositions, distillation_loss
 from ..masks import MaskSet
 from ..stats import GradientCollector
 
@@ -111,12 +111,17 @@ def gradient_pass(collector: GradientCollector, batched: bool = True) -> Gradien
 
 
 def sequence_losses(
-    logits: torch.Tensor, ids: torch.Tensor, target: torch.Tensor | None, alpha: float, temperature: float
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    target: torch.Tensor | None,
+    alpha: float,
+    temperature: float,
+    kl_positions: KLPositions = "labelled",
 ) -> torch.Tensor:
     """The sum over the batch's rows of each row's own mean loss, so that a batched backward gives every sequence
     the gradient it has alone: every row of a calibration tensor has the same number of next-token positions, so
     that is the batch's mean times its rows (one fused loss, no per-row slices to add back up in backward)."""
-    return distillation_loss(logits, ids, target, alpha, temperature) * logits.shape[0]
+    return distillation_loss(logits, ids, target, alpha, temperature, kl_positions=kl_positions) * logits.shape[0]
 
 
 def collect_gradients(
@@ -126,6 +131,7 @@ def collect_gradients(
     *,
     alpha: float = 0.0,
     temperature: float = 1.0,
+    kl_positions: KLPositions = "labelled",
     masks: MaskSet | None = None,
     teacher: nn.Module | None = None,
     device: torch.device | str | None = None,
@@ -142,7 +148,8 @@ def collect_gradients(
     With ``alpha > 0`` the teacher is the same model with the masks lifted (``masks`` must have been applied with
     ``keep_original=True``; with no masks at all the teacher is the model itself): no second copy is held. Or
     ``teacher``: a separate frozen model (SDMPrune's own arrangement, a second set of weights), run without
-    gradients. Only the parameters the collector reads require gradients during the pass.
+    gradients. Only the parameters the collector reads require gradients during the pass. ``kl_positions``: the
+    KL's positions (:func:`~pruning.losses.distillation_loss`).
     """
     check_distillation_gradient(alpha, temperature, masks, model)
     if alpha > 0 and teacher is None and masks is not None and len(masks) and not masks.has_original:
@@ -173,7 +180,7 @@ def collect_gradients(
             logits = model(input_ids=ids, use_cache=False).logits
             if alpha > 0 and target is None:  # nothing pruned yet: the teacher is the student itself
                 target = logits.detach()
-            loss = sequence_losses(logits, ids, target, alpha, temperature)
+            loss = sequence_losses(logits, ids, target, alpha, temperature, kl_positions)
             del logits, target  # the fused loss keeps only its gradient: nothing else of [seq, vocab] lives on
             loss.backward()
             if how == "batched":

@@ -76,6 +76,7 @@ def prune(
             gradients,
             alpha=opts.alpha,
             temperature=opts.temperature,
+            kl_positions=opts.kl_positions,
             masks=pruner.masks,
             device=device,
             progress=progress,
