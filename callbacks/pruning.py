@@ -40,7 +40,8 @@ class PruningCallback(pl.Callback):
     Args:
         criterion: ``magnitude | wanda | taylor | gblm | sdm | ...`` (any registered criterion).
         granularity: ``unstructured | 2:4 | 4:8 | mlp_neuron | attention_head | query_head | layer``.
-        schedule: when and how much (``one_shot``, ``steps`` or ``cubic``; see :class:`pruning.schedule.Schedule`).
+        schedule: when and how much (``one_shot``, ``steps`` or ``cubic``; see :class:`pruning.schedule.Schedule`);
+            in Python also its fields as a dict, e.g. ``{"kind": "one_shot", "step": 10, "sparsity": 0.3}``.
         keep_original: stash the original values of pruned weights (the lifted teacher needs them; default: when the
             module's ``teacher_mode`` is ``lifted``). Saved in checkpoints when on.
         model_attr: attribute of the LightningModule holding the Hugging Face model.
@@ -61,7 +62,7 @@ class PruningCallback(pl.Callback):
         log_layers: bool = True,
         **options,
     ) -> None:
-        self.schedule = schedule if schedule is not None else Schedule()
+        self.schedule = Schedule.of(schedule)
         self.options = SelectionOptions(method=criterion, granularity=granularity, **options)
         check_schedule(self.options, self.schedule)  # every event's sparsity, α and τ, before any training step
         self.keep_original = keep_original

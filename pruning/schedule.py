@@ -8,7 +8,7 @@ loss its scores are computed with (``alpha``, ``temperature``: SDMPrune's two st
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 
@@ -47,6 +47,23 @@ class Schedule:
     every: int = 1
     alpha: float | None = None
     temperature: float | None = None
+
+    @classmethod
+    def of(cls, value: Schedule | dict | None) -> Schedule:
+        """``value`` as a schedule: itself, its fields as a dict (unknown keys named), or the default (None)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise TypeError(f"schedule={value!r} must be a Schedule or a dict of its fields")
+        unknown = sorted(set(value) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"schedule has unknown key(s) {unknown}; known: {[f.name for f in fields(cls)]}. HINT: fix the "
+                "schedule's keys"
+            )
+        return cls(**value)
 
     def __post_init__(self) -> None:
         self.events = [e if isinstance(e, Event) else Event(**e) for e in self.events]

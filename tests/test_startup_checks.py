@@ -360,3 +360,10 @@ def test_eval_takes_a_checkpoint_of_any_lightning_module(tmp_path):
 def test_kl_positions_is_checked_before_scoring():
     with pytest.raises(ValueError, match="kl_positions='every'"):
         pruning.PruneOptions(method="sdm", granularity="mlp_neuron", alpha=0.5, kl_positions="every")
+
+
+def test_the_callback_takes_a_schedule_as_a_dict():
+    cb = PruningCallback("magnitude", "mlp_neuron", schedule={"kind": "one_shot", "step": 3, "sparsity": 0.25})
+    assert cb.schedule == Schedule(kind="one_shot", step=3, sparsity=0.25)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['steps'\]"):
+        PruningCallback("magnitude", "mlp_neuron", schedule={"kind": "one_shot", "steps": 3})
