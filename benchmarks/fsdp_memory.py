@@ -70,9 +70,9 @@ MEASURES = {"rss": MALLOC_EXACT, "rss_default": {}, "tensor": MALLOC_EXACT}
 def worker(args) -> None:
     import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
-    from pruning.callbacks import ImportanceCallback, PruningCallback
     from torch.utils.data import DataLoader, DistributedSampler
 
+    from pruning.callbacks import ImportanceCallback, PruningCallback
     from pruning.lightning.module import DistillationModule
     from pruning.schedule import Event, Schedule
 

@@ -122,9 +122,9 @@ def child_lightning(args, kl: bool, teacher_mode: str, out: dict) -> None:
     import warnings
 
     import lightning.pytorch as pl
-    from pruning.callbacks import ImportanceCallback, PruningCallback
     from torch.utils.data import DataLoader
 
+    from pruning.callbacks import ImportanceCallback, PruningCallback
     from pruning.lightning.module import DistillationModule
     from pruning.schedule import Event, Schedule
 
@@ -187,9 +187,9 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     # everything a configuration imports, before the baseline
     import lightning.pytorch  # noqa: F401
-    import pruning.callbacks  # noqa: F401
 
     import pruning  # noqa: F401
+    import pruning.callbacks  # noqa: F401
     import pruning.lightning.module  # noqa: F401
 
     path, kl, teacher = CONFIGS[args.config]

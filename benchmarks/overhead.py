@@ -50,8 +50,8 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from probes import emit  # noqa: E402
-from pruning.callbacks import ImportanceCallback, PruningCallback  # noqa: E402
 
+from pruning.callbacks import ImportanceCallback, PruningCallback  # noqa: E402
 from pruning.lightning.module import DistillationModule  # noqa: E402
 from pruning.schedule import Schedule  # noqa: E402
 

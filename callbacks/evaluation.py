@@ -214,6 +214,10 @@ class EvaluationCallback(pl.Callback):
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ checkpoint
+    def record(self) -> dict[str, Any]:
+        """The protocol, the tasks and every result (for the export's manifest)."""
+        return self.as_dict()
+
     def state_dict(self) -> dict[str, Any]:
         return {"results": self.results}
 

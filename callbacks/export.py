@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -10,6 +11,7 @@ from transformers import PreTrainedModel
 
 from pruning import MaskSet, compact, save_pretrained
 from pruning.distributed import FSDPModule, full_state_dict, is_sharded
+from pruning.record import plain
 
 
 def find_hf_model(pl_module: pl.LightningModule, attr: str | None = None) -> PreTrainedModel:
@@ -35,10 +37,52 @@ def find_masks(trainer: pl.Trainer, pl_module: pl.LightningModule) -> MaskSet | 
     return None
 
 
+def run_record(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+    """What a run did, to make its result again: the module's hyper-parameters, the trainer's settings, the seed, the
+    data's record (source, seeds, sha256 of the token ids trained and calibrated on), and what every callback with a
+    ``record()`` says (the pruning method, options, schedule and events; the evaluation protocol and results)."""
+    strategy = trainer.strategy
+    out = {
+        "seed": os.environ.get("PL_GLOBAL_SEED"),
+        "module": {"class": type(pl_module).__name__, "hyper_parameters": plain(dict(pl_module.hparams))},
+        "trainer": {
+            "max_steps": trainer.max_steps,
+            "max_epochs": trainer.max_epochs,
+            "global_step": trainer.global_step,
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "precision": str(trainer.precision),
+            "strategy": type(strategy).__name__,
+            "world_size": trainer.world_size,
+        },
+        "data": plain(getattr(trainer.datamodule, "record", None)),
+        "callbacks": {},
+    }
+    for callback in trainer.callbacks:
+        if callable(getattr(callback, "record", None)):
+            out["callbacks"][type(callback).__name__] = plain(callback.record())
+    return out
+
+
+def cli_config(trainer: pl.Trainer) -> str | None:
+    """The resolved LightningCLI config of this run (every key, defaults included), if it was started from one."""
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, SaveConfigCallback):
+            return callback.parser.dump(callback.config, skip_none=False)
+    return None
+
+
 class ExportOnFitEnd(pl.Callback):
     """At the end of ``fit``, on global rank zero: compact what structured masks removed (``compact=True``) and
     write ``path`` with :func:`pruning.save_pretrained` (safetensors, tokenizer if the module has ``tokenizer``,
     manifest). The trained model is compacted in place: it computes the same logits, with fewer parameters.
+
+    The manifest (``pruning_manifest.json``) holds the run's record (:func:`run_record`: method, options, schedule,
+    seed, data hashes, evaluation protocol and results, library versions) and, for a run started by ``pruning
+    fit --config``, the resolved config is written beside it as ``pruning_config.yaml``: ``pruning fit --config
+    <export>/pruning_config.yaml`` runs it again. Put this callback last, so that the evaluations of ``fit_end`` are
+    in the record.
 
     FSDP2 (a sharded model): the full state is gathered to rank 0's host (``get_model_state_dict`` with
     ``full_state_dict=True, cpu_offload=True``, a collective on every rank), loaded into an unsharded copy of the
@@ -58,6 +102,8 @@ class ExportOnFitEnd(pl.Callback):
         merge = getattr(pl_module, "merge_lora", None)
         if callable(merge):  # LoRA adapters merged (and masks re-applied) before anything is written
             merge()
+        manifest = {**self.manifest, "run": run_record(trainer, pl_module)}
+        config = cli_config(trainer)
         model = find_hf_model(pl_module, self.model_attr)
         masks = find_masks(trainer, pl_module)
         if is_sharded(model):
@@ -71,13 +117,13 @@ class ExportOnFitEnd(pl.Callback):
                     detached = MaskSet()  # compact consumes its masks: the sharded model keeps using these
                     detached.load_state_dict(whole)
                     compact(plain, detached)
-                save_pretrained(plain, self.path, getattr(pl_module, "tokenizer", None), self.manifest)
+                save_pretrained(plain, self.path, getattr(pl_module, "tokenizer", None), manifest, config)
             trainer.strategy.barrier("export")
             return
         if self.compact and masks is not None and masks.groups:
             compact(model, masks)
         if trainer.is_global_zero:
-            save_pretrained(model, self.path, getattr(pl_module, "tokenizer", None), self.manifest)
+            save_pretrained(model, self.path, getattr(pl_module, "tokenizer", None), manifest, config)
         trainer.strategy.barrier("export")
 
 

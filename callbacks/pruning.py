@@ -101,6 +101,7 @@ class PruningCallback(pl.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.schedule.check_reachable(trainer.estimated_stepping_batches)  # before the first training step
         self._restore_pending()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -165,6 +166,16 @@ class PruningCallback(pl.Callback):
             metrics.update({f"pruning/layer_{i}": c.fraction for i, c in sorted(rep.layers.items())})
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
+
+    def record(self) -> dict:
+        """The method, its options, the schedule and what every event did (for the export's manifest)."""
+        return {
+            "options": self.options.record(),
+            "schedule": self.schedule,
+            "events": self.schedule.plan(),
+            "history": self.history,
+            "keep_original": self.keep_original,
+        }
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:

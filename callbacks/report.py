@@ -127,6 +127,10 @@ class PruningReport(pl.Callback):
             lines.append(f"| {r['model']} | {r['heldout_ppl']:.3f} | {r['params']:,} | {r['step']} |")
         return "\n".join(lines)
 
+    def record(self) -> dict:
+        """The baseline criterion and the table's rows (for the export's manifest)."""
+        return {"baseline": self.baseline, "rows": self.rows}
+
     def state_dict(self) -> dict:
         return {"rows": self.rows, "pruned_done": self._pruned_done}
 

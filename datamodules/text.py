@@ -79,6 +79,8 @@ class TextDataModule(LightningDataModule):
             ``{output: response}``; null: those names (``response`` also accepted for ``output``).
         sample_by: How ``.txt`` files are split into documents: ``"document"`` (one per file), ``"paragraph"`` or
             ``"line"``.
+        missing_text: Rows whose `text_field` is missing or null: ``"error"`` (refused: skipping them silently
+            would train on less data than given) or ``"skip"`` (skipped and counted in ``record``).
         streaming: Read the training data as a stream (packed and instruct modes: nothing is materialised, every
             rank yields exactly `steps_per_epoch` batches). Windows, validation and calibration data are always
             read into memory, from the start of the split.
@@ -122,6 +124,7 @@ class TextDataModule(LightningDataModule):
         text_field: str = "text",
         instruct_fields: dict[str, str] | None = None,
         sample_by: Literal["document", "paragraph", "line"] = "document",
+        missing_text: Literal["error", "skip"] = "error",
         streaming: bool = False,
         steps_per_epoch: int | None = None,
         tokenizer: str | None = "bytes",
@@ -159,6 +162,7 @@ class TextDataModule(LightningDataModule):
             else ("heldout" if (val_source or source) == "stdlib" else ("train" if val_source else None))
         )
         self.text_field, self.instruct_fields, self.sample_by = text_field, instruct_fields, sample_by
+        self.missing_text = missing_text
         self.streaming, self.steps_per_epoch = streaming, steps_per_epoch
         self.tokenizer_name, self.trust_remote_code = tokenizer, trust_remote_code
         self.add_bos, self.add_eos = add_bos, add_eos
@@ -184,6 +188,11 @@ class TextDataModule(LightningDataModule):
         self._encoder: Encoder | None = None
         self._reset()
 
+    @property
+    def vocab_size(self) -> int | None:
+        """How many token ids the tokenizer can give (``None`` before ``setup`` resolves it)."""
+        return None if self._encoder is None else self._encoder.vocab_size
+
     def _reader(self, source: str, split: str, key: str, split_key: str, dataset_config: str | None) -> TextReader:
         return split_reader(
             source,
@@ -194,6 +203,7 @@ class TextDataModule(LightningDataModule):
             dataset_config=dataset_config,
             text_field=self.text_field,
             sample_by=self.sample_by,
+            missing_text=self.missing_text,
             streaming=self.streaming,
             cache_dir=self.cache_dir,
             instruct_fields=self.instruct_fields,
@@ -332,6 +342,8 @@ class TextDataModule(LightningDataModule):
         self._train = every  # the sampler indexes the full set (workers share it by fork)
         record.update(info)
         record.update(mine.counts())
+        if self._train_reader.skipped:
+            record["rows_without_text_skipped"] = self._train_reader.skipped
         record.update(
             batches_per_epoch=len(sampler),
             total_sequences=len(every),

@@ -13,13 +13,32 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PICKLE_SUFFIXES", "PickleRefused", "from_pretrained", "refuse_pickles", "refused_checkpoint"]
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "PickleRefused",
+    "check_exists",
+    "from_pretrained",
+    "refuse_pickles",
+    "refused_checkpoint",
+]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 class PickleRefused(ValueError):
     """A file would have to be unpickled, which can run code."""
+
+
+def check_exists(name_or_path: str | os.PathLike, key: str = "pretrained") -> None:
+    """A name that can only be a local path (absolute, ``./``, ``~``, more than one ``/``) must exist: the hub's
+    "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" is no help for a mistyped path."""
+    text = str(name_or_path)
+    local = text.startswith(("/", "./", "../", "~")) or text.count("/") > 1 or text.endswith("/")
+    if local and not Path(text).expanduser().exists():
+        raise ValueError(
+            f"{key}={text!r}: no such directory (relative to {os.getcwd()}). HINT: fix the path to the model "
+            "directory (config.json and *.safetensors), or give a hub name such as 'meta-llama/Llama-3.2-1B'"
+        )
 
 
 def refuse_pickles(path: str | os.PathLike, key: str = "pretrained") -> None:
@@ -44,12 +63,22 @@ def from_pretrained(
     transformers may read ``pytorch_model.bin``). Remote code stays off unless ``trust_remote_code=True`` is given."""
     from transformers import AutoModelForCausalLM
 
+    check_exists(name_or_path, key)
     if not allow_pickle:
         refuse_pickles(name_or_path, key)
     kwargs.setdefault("trust_remote_code", False)
-    return AutoModelForCausalLM.from_pretrained(
-        str(name_or_path), use_safetensors=None if allow_pickle else True, **kwargs
-    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), use_safetensors=None if allow_pickle else True, **kwargs
+        )
+    except OSError as err:
+        if Path(name_or_path).expanduser().exists():
+            raise
+        raise ValueError(
+            f"{key}={str(name_or_path)!r} is neither a local directory (relative to {os.getcwd()}) nor a model the "
+            f"Hugging Face hub could give ({str(err).splitlines()[0][:200]}). HINT: fix the path, or the hub name "
+            "and your network / HF_HUB_OFFLINE setting"
+        ) from err
 
 
 def refused_checkpoint(path: str | os.PathLike, err: Exception) -> PickleRefused:

@@ -37,6 +37,24 @@ class LoraSettings:
     )
     merge_at_end: bool = True
 
+    @classmethod
+    def of(cls, value: LoraSettings | dict | None) -> LoraSettings | None:
+        """The settings from what a config gives: the dataclass, a dict of its fields (LightningCLI's hyper-parameters
+        hold a dict), or ``None``.
+
+        FIX: under LightningCLI ``hparams.lora`` is a dict and the end-of-fit merge read ``.merge_at_end`` from it, so
+        every LoRA recovery run through the CLI ended in a traceback after training."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"model.lora={value!r} must be a mapping of LoraSettings fields or null")
+        unknown = set(value) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(
+                f"model.lora has unknown keys {sorted(unknown)}; LoraSettings takes {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**value)
+
 
 # checkpoints of a module built with lora=LoraSettings(...) hold it in their hyper-parameters; it is plain data, so it
 # may be rebuilt by torch.load(weights_only=True) (resume, `pruning eval x.ckpt`)

@@ -65,6 +65,10 @@ class Schedule:
                 raise ValueError(f"schedule: sparsity={e.sparsity} at step {e.step} must be in [0, 1)")
             if e.step < 0:
                 raise ValueError(f"schedule: step={e.step} must be >= 0")
+            if e.alpha is not None and not 0 <= e.alpha <= 1:
+                raise ValueError(f"schedule: alpha={e.alpha} at step {e.step} must be in [0, 1]")
+            if e.temperature is not None and not e.temperature > 0:
+                raise ValueError(f"schedule: temperature={e.temperature} at step {e.step} must be > 0")
         steps = [e.step for e in plan]
         if steps != sorted(set(steps)):
             raise ValueError(f"schedule: event steps {steps} must be strictly increasing")
@@ -92,6 +96,19 @@ class Schedule:
             )
             for t in steps
         ]
+
+    def check_reachable(self, total_steps: float) -> None:
+        """Refuse events a run of ``total_steps`` optimiser steps never reaches (an event at the last step fires
+        after it, with no recovery after it)."""
+        late = [e for e in self.plan() if e.step > total_steps]
+        if late:
+            what = "schedule.end_step" if self.kind == "cubic" else "the event"
+            raise ValueError(
+                f"schedule: {what} at step {late[0].step} (sparsity {late[0].sparsity:g}) comes after the run's last "
+                f"optimiser step {int(total_steps)} (trainer.max_steps, or the steps max_epochs gives), so the run "
+                "would end with less pruning than scheduled. HINT: raise trainer.max_steps or schedule the events "
+                "earlier"
+            )
 
     def final_sparsity(self) -> float:
         return self.plan()[-1].sparsity

@@ -179,6 +179,12 @@ class ModelStructure:
         self.config = model.config
         self.layers: nn.ModuleList = get_submodule(model, self.family.layers)  # type: ignore[assignment]
         self.num_layers = len(self.layers)
+        if not self.num_layers:
+            raise UnsupportedModelError(
+                f"this {self.family.name} model has no decoder layers (num_hidden_layers="
+                f"{getattr(model.config, 'num_hidden_layers', 0)}): there is nothing to prune. HINT: load the model "
+                "with its layers (check the config's num_hidden_layers)"
+            )
         cfg = self.config
         self.num_heads = int(cfg.num_attention_heads)
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_heads)

@@ -18,9 +18,9 @@ torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from pruning.callbacks import ExportOnFitEnd, PruningCallback  # noqa: E402
-from test_lightning import SEQS, Recording, Resumable, module, samples  # noqa: E402
+from test_lightning import SEQS, Recording, Resumable, StopAt, module, samples  # noqa: E402
 
+from pruning.callbacks import ExportOnFitEnd, PruningCallback  # noqa: E402
 from pruning.distributed import full_state_dict, is_dtensor, local_rows  # noqa: E402
 from pruning.importance import ScoreContext  # noqa: E402
 from pruning.schedule import Event, Schedule  # noqa: E402
@@ -115,7 +115,7 @@ def loader(tr, world: int):
 def run(
     criterion: str,
     world: int,
-    max_steps: int = MAX_STEPS,
+    stop: int | None = None,
     export: Path | None = None,
     ckpt: str | None = None,
     save: str | None = None,
@@ -126,7 +126,8 @@ def run(
     ic = Held()
     pc = PruningCallback(criterion, granularity, Schedule(kind="steps", events=events))
     cbs = [ic, pc] + ([ExportOnFitEnd(export)] if export is not None else [])
-    tr = trainer(max_steps, cbs, world)
+    cbs += [StopAt(stop)] if stop is not None else []  # an interrupted run of MAX_STEPS
+    tr = trainer(MAX_STEPS, cbs, world)
     reads: list = []
     with whole_at_read(reads):
         tr.fit(m, loader(tr, world), ckpt_path=ckpt)
@@ -171,7 +172,7 @@ if __name__ == "__main__":
     if mode == "full":
         res = run(crit, 2, export=out / "export_fsdp")
     else:  # stop at step 3 (second event's window half-scored), sharded checkpoint, resume in a new trainer
-        first = run(crit, 2, max_steps=3, save=str(out / "ckpt"), schedules=RESUME)
+        first = run(crit, 2, stop=3, save=str(out / "ckpt"), schedules=RESUME)
         res = run(crit, 2, ckpt=str(out / "ckpt"), schedules=RESUME)
         res["first_history"] = first["history"]
     torch.save(res, out / f"{mode}_rank{res['rank']}.pt")

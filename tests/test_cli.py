@@ -94,3 +94,36 @@ def test_two_nodes_on_localhost(tmp_path):
     rows = json.loads((tmp_path / "report.json").read_text())
     assert rows[-1]["model"] == "recovered"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "export").config.intermediate_size == 64 - 19
+
+
+def test_export_holds_the_run_record_and_its_config_runs_it_again(tmp_path):
+    """The demo's export records the method, options, schedule, seed, data hashes, evaluation protocol and results
+    and the library versions; its saved config, run again, gives the same numbers (issue #14 item 13)."""
+    lightning_cli(["fit", "--config", str(tiny_demo_config(tmp_path))])
+    export = tmp_path / "export"
+    manifest = json.loads((export / "pruning_manifest.json").read_text())
+    run = manifest["run"]
+    pruning_cb = run["callbacks"]["PruningCallback"]
+    assert pruning_cb["options"]["method"] == "sdm" and pruning_cb["options"]["granularity"] == "mlp_neuron"
+    assert [e["step"] for e in pruning_cb["events"]] == [4, 8] and pruning_cb["events"][1]["alpha"] == 0.42
+    assert pruning_cb["options"]["sparsity_basis"] == "targets" and len(pruning_cb["history"]) == 2
+    assert run["seed"] == "0" and run["trainer"]["max_steps"] == 12
+    assert len(run["data"]["sha256_all"]) == 64 and len(run["data"]["val"]["sha256"]) == 64
+    evaluation = run["callbacks"]["EvaluationCallback"]
+    assert evaluation["perplexity_protocol"]["source"] == "stdlib" and set(evaluation["results"]) == {
+        "fit_start",
+        "after_pruning",
+        "fit_end",
+    }
+    assert run["callbacks"]["PruningReport"]["rows"][-1]["model"] == "recovered"
+    versions = manifest["library_versions"]
+    assert all(versions[k] for k in ("torch", "transformers", "lightning", "peft", "datasets", "lm_eval"))
+    config = export / "pruning_config.yaml"
+    assert yaml.safe_load(config.read_text())["trainer"]["callbacks"]
+    # made again from its record: the saved config reproduces the evaluation numbers
+    lightning_cli(["fit", "--config", str(config)])
+    again = json.loads((export / "pruning_manifest.json").read_text())["run"]
+    for moment in ("fit_start", "after_pruning", "fit_end"):
+        got = again["callbacks"]["EvaluationCallback"]["results"][moment]["perplexity"]["ppl"]
+        assert got == evaluation["results"][moment]["perplexity"]["ppl"]
+    assert again["data"]["sha256_all"] == run["data"]["sha256_all"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from lightning.pytorch.cli import LightningCLI
-from pruning.datamodules import TextDataModule
 
+from pruning.datamodules import TextDataModule
 from pruning.lightning.module import DistillationModule
 from pruning.schedule import Schedule
 

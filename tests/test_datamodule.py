@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
+
 from pruning.datamodules import TextDataModule, alpaca_prompt
 from pruning.datamodules.text import IGNORE_INDEX
-
 from pruning.text.stdlib import stdlib_bytes, windows
 
 

@@ -158,8 +158,8 @@ def test_every_perplexity_path_gives_the_same_sums(text_file):
     """The protocol, the torchmetrics metric, the report callback's held-out NLL and the LightningModule's validation
     all sum the same per-token NLL: equal sums, bit for bit, on the same windows."""
     import lightning.pytorch as pl
-    from pruning.callbacks.report import heldout_nll
 
+    from pruning.callbacks.report import heldout_nll
     from pruning.evaluation.nll import summed_nll
     from pruning.lightning.module import DistillationModule
 
@@ -229,9 +229,9 @@ def test_callback_logs_dense_and_pruned_numbers(text_file, tmp_path):
     # lightning imported here, not at the top: the two-rank test's spawned processes import this module
     import lightning.pytorch as pl
     from lightning.pytorch.loggers.logger import Logger
+
     from pruning.callbacks import PruningCallback
     from pruning.callbacks.evaluation import EvaluationCallback
-
     from pruning.lightning.module import DistillationModule
     from pruning.schedule import Schedule
 

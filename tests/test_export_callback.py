@@ -2,11 +2,11 @@
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from pruning.callbacks import ExportOnFitEnd
 from tiny import calib, tiny_model
 from transformers import AutoModelForCausalLM
 
 import pruning
+from pruning.callbacks import ExportOnFitEnd
 
 
 class UserModule(LightningModule):

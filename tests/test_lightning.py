@@ -11,13 +11,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
-from pruning.callbacks import ExportOnFitEnd, ImportanceCallback, PruningCallback
 from tiny import tiny_config_dict, tiny_model
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
 import pruning
 from pruning import get_criterion
+from pruning.callbacks import ExportOnFitEnd, ImportanceCallback, PruningCallback
 from pruning.lightning.module import DistillationModule, LoraSettings
 from pruning.pipeline import collect_gradients
 from pruning.schedule import Event, Schedule
@@ -370,26 +370,38 @@ class Seen(pl.Callback):
         self.ids.append(batch["input_ids"].clone())
 
 
-def _resume_run(max_steps: int, ckpt: str | None = None):
-    """SDM two stages with scoring windows of 3 steps: steps 0 and 4 train, 1-3 and 5-7 score, 8-11 recover."""
+class StopAt(pl.Callback):
+    """Interrupts a run after optimiser step ``step`` (the run itself is planned for its full ``max_steps``)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _resume_run(stop: int | None = None, ckpt: str | None = None):
+    """SDM two stages with scoring windows of 3 steps: steps 0 and 4 train, 1-3 and 5-7 score, 8-11 recover;
+    ``stop``: the run is interrupted after that step."""
     m = module(lr=1e-2, weight_decay=0.1)
     seen = Seen()
     ic = ImportanceCallback(window=3)
     pc = PruningCallback("sdm", "mlp_neuron", Schedule(kind="steps", events=TWO_STAGE))
-    tr = trainer(max_steps, [seen, ic, pc])
+    tr = trainer(12, [seen, ic, pc] + ([StopAt(stop)] if stop is not None else []))
     tr.fit(m, Resumable(samples(SEQS), batch_size=1, shuffle=False), ckpt_path=ckpt)
     return m, ic, pc, tr, seen
 
 
 def test_resume_mid_window_equals_uninterrupted(tmp_path):
-    full, _, full_pc, _, full_seen = _resume_run(12)
+    full, _, full_pc, _, full_seen = _resume_run()
     assert [h["step"] for h in full_pc.history] == [4, 8]
 
-    _, ic, _, tr, _ = _resume_run(6)
+    _, ic, _, tr, _ = _resume_run(stop=6)
     assert ic.samples == 1 and ic.gradients.group_stats["mlp_neuron.0"].count == 1  # step 5 scored, 6 and 7 not
     path = str(tmp_path / "step6.ckpt")
     tr.save_checkpoint(path)
-    resumed, ric, pc, tr2, seen = _resume_run(12, ckpt=path)
+    resumed, ric, pc, tr2, seen = _resume_run(ckpt=path)
     assert tr2.global_step == 12
     # the data continued where it stopped (batch 6 of the epoch), not from the epoch's start
     assert all(torch.equal(a, b) for a, b in zip(seen.ids, full_seen.ids[6:])) and len(seen.ids) == 6

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pruning.callbacks import PruningCallback  # noqa: E402
 from test_lightning import (  # noqa: E402
     SEQS,
     Recording,
@@ -30,6 +29,7 @@ from test_lightning import (  # noqa: E402
     module,
 )
 
+from pruning.callbacks import PruningCallback  # noqa: E402
 from pruning.schedule import Event, Schedule  # noqa: E402
 
 SCHEDULES = {

@@ -8,13 +8,13 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from pruning.callbacks.group_finetune import GroupFinetuneCallback
 from tiny import calib, tiny_config_dict, tiny_model
 from torch.utils.data import DataLoader
 
 import pruning
 from pruning.allocation import ranking
 from pruning.allocation.ranking import SAAPEstimate, saap_scores
+from pruning.callbacks.group_finetune import GroupFinetuneCallback
 from pruning.importance import ScoreContext, get_criterion
 from pruning.importance.saap import fuse, learn_uncertainty_weights, normalise
 from pruning.stats import GradientStats, GroupGradientStats
@@ -209,7 +209,6 @@ def test_saap_through_the_callbacks_equals_core(source, tmp_path):
     import json
 
     from pruning.callbacks import ImportanceCallback, PruningCallback
-
     from pruning.lightning.module import DistillationModule
     from pruning.schedule import Schedule
 
@@ -273,9 +272,8 @@ def test_saap_through_the_callbacks_equals_core(source, tmp_path):
 def test_rates_file_errors_name_the_key(tmp_path):
     import json
 
-    from pruning.callbacks import PruningCallback
-
     from pruning import allocation as alloc
+    from pruning.callbacks import PruningCallback
     from pruning.schedule import Schedule
 
     sched = Schedule(step=4, sparsity=0.25)

@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-from pruning.datamodules import TextDataModule
 
+from pruning.datamodules import TextDataModule
 from pruning.evaluation.perplexity import PerplexityProtocol, load_documents
 from pruning.text import SourceNotFoundError, TextReader, source_kind
 from pruning.text.stdlib import stdlib_bytes, stdlib_files
@@ -25,11 +25,15 @@ def jsonl(tmp_path):
 
 
 def test_one_reader_for_the_datamodule_and_the_protocol(jsonl, tmp_path):
-    # the protocol keeps empty and null texts (each still adds a joiner), the DataModule skips them
+    # the protocol keeps empty and null texts (each still adds a joiner), the DataModule skips them when asked to
+    # (a null text is refused by default: see tests/test_startup_checks.py)
     want = ["first document", "", "second one", "", "the third"]
     assert load_documents(PerplexityProtocol(source=str(jsonl))) == want
-    assert list(TextReader(str(jsonl)).documents()) == ["first document", "second one", "the third"]
-    data = TextDataModule(source=str(jsonl), seq_len=4, val_samples=0, cache_dir=str(tmp_path / "c"))
+    reader = TextReader(str(jsonl), missing_text="skip")
+    assert list(reader.documents()) == ["first document", "second one", "the third"] and reader.skipped == 1
+    data = TextDataModule(
+        source=str(jsonl), seq_len=4, val_samples=0, cache_dir=str(tmp_path / "c"), missing_text="skip"
+    )
     stream = b"first document\n\nsecond one\n\nthe third\n\n"
     assert bytes(data.sequences()["input_ids"].flatten().tolist()) == stream[: len(stream) // 4 * 4]
     # stdlib: one bytes document per file of the split, for both

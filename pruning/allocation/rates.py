@@ -42,9 +42,11 @@ def keep_counts_global(
     max_keep: float = 1.0,
     prev: Sequence[torch.Tensor | None] | None = None,
     partitions: int = 1,
+    min_units: int = 0,
 ) -> list[int]:
     """Global ranking of groups across layers, each layer keeping between ``min_keep`` and ``max_keep`` of its
-    groups. Scores are compared raw: use a criterion whose scale is comparable across layers.
+    groups, and at least ``min_units`` steps (e.g. one KV group: a layer without attention cannot be expressed).
+    Scores are compared raw: use a criterion whose scale is comparable across layers.
 
     With ``partitions`` > 1 (query heads sharing KV heads) a layer's count moves in steps of one group per
     partition and keeps at least one per partition, as :func:`topk_keep` needs; step ``r`` of a layer scores the
@@ -54,7 +56,7 @@ def keep_counts_global(
     total_keep = sum(counts) - int(math.floor(sparsity * sum(counts) + 1e-9))
     units = [n // p for n in counts]
     total_units = total_keep // p
-    lo = [int(math.ceil(min_keep * u)) for u in units]
+    lo = [max(int(math.ceil(min_keep * u)), min_units) for u in units]
     if p > 1:
         lo = [max(1, x) for x in lo]
     hi = [int(math.floor(max_keep * u)) for u in units]

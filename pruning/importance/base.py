@@ -51,6 +51,12 @@ class ScoreContext:
             raise KeyError(f"no activation statistics for {module}")
         return self.act[module].sums["sum_sq"].sqrt()
 
+    def grad_count(self, weight_name: str) -> int:
+        """How many per-sample gradients the statistics of ``weight_name`` hold."""
+        if weight_name not in self.grad:
+            raise KeyError(f"no gradient statistics for {weight_name}")
+        return int(self.grad[weight_name].count)
+
     def grad_stat(self, weight_name: str, kind: str) -> torch.Tensor:
         if weight_name not in self.grad or kind not in self.grad[weight_name].sums:
             raise KeyError(f"no gradient statistic {kind!r} for {weight_name}")

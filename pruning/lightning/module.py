@@ -26,13 +26,14 @@ one full model per rank until ``configure_model`` shards it); tensor parallelism
 
 from __future__ import annotations
 
+import difflib
 import math
 from contextlib import nullcontext
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ..evaluation.metrics import PerplexityMetric
 from ..loading import from_pretrained
@@ -41,6 +42,7 @@ from ..lora import inject as inject_lora
 from ..lora import merge as merge_lora
 from ..losses import ChunkedLogits, distillation_loss
 from ..masks import MaskSet
+from ..surgery import is_per_layer_export, load_pretrained
 
 # causal LMs whose logits are exactly lm_head(final hidden state) (no soft-capping or logit scale)
 _PLAIN_HEAD = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "OPTForCausalLM"}
@@ -78,6 +80,8 @@ def build_model(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if pretrained is not None:
+        if is_per_layer_export(pretrained):  # non-uniform widths: built layer by layer from its per_layer_config
+            return load_pretrained(pretrained, allow_pickle=allow_pickle, dtype=torch_dtype, **kwargs)
         return from_pretrained(
             pretrained,
             allow_pickle=allow_pickle,
@@ -87,17 +91,36 @@ def build_model(
             revision=revision,
             **kwargs,
         )
-    cfg = dict(config)
-    if "model_type" not in cfg:
-        raise ValueError(f"config={config} has no model_type. HINT: e.g. config: {{model_type: llama, ...}}")
-    model_type = cfg.pop("model_type")
-    hf_config = AutoConfig.for_model(model_type, **cfg)
+    hf_config = config_from_dict(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = AutoModelForCausalLM.from_config(
             hf_config, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
         )
     return out
+
+
+def config_from_dict(config: dict) -> PretrainedConfig:
+    """A Hugging Face config from ``{"model_type": ..., **fields}``, refusing fields its class does not have.
+
+    FIX: ``AutoConfig.for_model`` keeps any keyword as an attribute, so a typo (``num_hiden_layers``) silently built
+    the default model and was written into the exported config. A key that ends up as an attribute a default
+    config of the class lacks is refused (keys the class consumes, such as a legacy ``rope_theta``, are fine)."""
+    cfg = dict(config)
+    if "model_type" not in cfg:
+        raise ValueError(f"model.config={config} has no model_type. HINT: e.g. config: {{model_type: llama, ...}}")
+    model_type = cfg.pop("model_type")
+    hf_config = AutoConfig.for_model(model_type, **cfg)
+    known = set(AutoConfig.for_model(model_type).__dict__)
+    stray = sorted(k for k in set(hf_config.__dict__) - known if k in cfg)
+    if stray:
+        close = difflib.get_close_matches(stray[0], sorted(k for k in known if not k.startswith("_")), n=1)
+        raise ValueError(
+            f"model.config.{stray[0]}={cfg[stray[0]]!r} is not a field of {type(hf_config).__name__}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f". HINT: fix or remove model.config.{stray[0]}"
+        )
+    return hf_config
 
 
 class DistillationModule(pl.LightningModule):
@@ -199,8 +222,9 @@ class DistillationModule(pl.LightningModule):
             self.masks = MaskSet.from_zeros(self.student, names)
         self._teacher: list[PreTrainedModel] = []  # a list keeps the copy out of children, state_dict, optimiser
         self._peft = None
-        if lora is not None:
-            self._peft = inject_lora(self.student, lora, lambda: self.masks)
+        self.lora = LoraSettings.of(lora)
+        if self.lora is not None:
+            self._peft = inject_lora(self.student, self.lora, lambda: self.masks)
         self.val_perplexity = PerplexityMetric()  # Σ NLL and Σ tokens of the validation epoch, over every rank
 
     # ------------------------------------------------------------------ building
@@ -284,6 +308,7 @@ class DistillationModule(pl.LightningModule):
             self._teacher.append(t)
 
     def on_fit_start(self) -> None:
+        self._check_data()
         record = getattr(self.trainer.datamodule, "record", None) if self._trainer is not None else None
         if record:  # the data's seed and the sha256 of the token ids used, in the run's output and logs
             from lightning.pytorch.utilities import rank_zero_info
@@ -300,8 +325,27 @@ class DistillationModule(pl.LightningModule):
         if self.masks is not None and len(self.masks) and not self.masks.attached:
             self.masks.attach(self.student)  # keep_zeros: held through every optimiser step
 
+    def _check_data(self) -> None:
+        """The data's token ids fit the model's embeddings and its sequences the position table: a clear error before
+        the first step instead of an index error inside the model."""
+        data = self.trainer.datamodule if self._trainer is not None else None
+        config = self.student.config
+        vocab = getattr(data, "vocab_size", None)
+        rows = self.student.get_input_embeddings().weight.shape[0]
+        if vocab is not None and vocab > rows:
+            raise ValueError(
+                f"data.tokenizer gives ids up to {vocab - 1}, but the model's vocabulary of {rows} ends before. "
+                "HINT: set data.tokenizer to the model's own tokenizer (or `model`)"
+            )
+        seq_len, positions = getattr(data, "seq_len", None), getattr(config, "max_position_embeddings", None)
+        if seq_len is not None and positions is not None and seq_len > positions:
+            raise ValueError(
+                f"data.seq_len={seq_len} is longer than the model's position table (max_position_embeddings="
+                f"{positions}). HINT: lower data.seq_len"
+            )
+
     def on_fit_end(self) -> None:
-        if self.hparams.lora is not None and self.hparams.lora.merge_at_end:
+        if self.lora is not None and self.lora.merge_at_end:
             self.merge_lora()
 
     # ------------------------------------------------------------------ loss

@@ -17,11 +17,39 @@ from ..stats import GradientCollector
 
 def calibration_batches(calibration: Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
     """The calibration data as ``[batch, seq]`` token-id tensors (a ``[seq]`` tensor is one sequence)."""
-    batches = [] if calibration is None else [c if c.dim() == 2 else c.unsqueeze(0) for c in calibration]
-    for c in batches:
+    if isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
+        calibration = [calibration]  # one batch given as the tensor itself
+    batches = []
+    for i, c in enumerate(calibration or []):
+        if not isinstance(c, torch.Tensor) or c.dim() not in (1, 2):
+            what = f"a {c.dim()}-D tensor" if isinstance(c, torch.Tensor) else f"a {type(c).__name__}"
+            raise TypeError(
+                f"calibration[{i}] is {what}; calibration is an iterable of token-id tensors [batch, seq] (or [seq]). "
+                "HINT: e.g. [torch.tensor(ids).unsqueeze(0) for ids in token_lists], or list(big_tensor.split(8))"
+            )
         if c.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"calibration tensors must hold token ids (int64), got {c.dtype}")
+        batches.append(c if c.dim() == 2 else c.unsqueeze(0))
     return batches
+
+
+def check_calibration(batches: Sequence[torch.Tensor], model: nn.Module) -> None:
+    """Token ids inside the model's vocabulary, sequences inside its position table: clear errors now, not an
+    index error deep in the embedding or the rotary table."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    for i, b in enumerate(batches):
+        if vocab is not None and b.numel() and (int(b.max()) >= vocab or int(b.min()) < 0):
+            raise ValueError(
+                f"calibration[{i}] holds token ids in [{int(b.min())}, {int(b.max())}], outside the model's "
+                f"vocabulary of {vocab}. HINT: tokenize the calibration text with the model's own tokenizer"
+            )
+        if positions is not None and b.shape[-1] > positions:
+            raise ValueError(
+                f"calibration[{i}] has sequences of {b.shape[-1]} tokens; the model's position table holds "
+                f"{positions} (max_position_embeddings). HINT: cut the calibration into shorter windows"
+            )
 
 
 def calibration_fingerprint(batches: Sequence[torch.Tensor]) -> dict:

@@ -11,7 +11,7 @@ from torch import nn
 from ..masks import MaskSet
 from ..options import GRANULARITIES, Granularity, PruneOptions
 from ..stats import ActivationCollector, ActivationStats, GradientCollector
-from .calibration import calibration_batches, calibration_fingerprint, collect_gradients
+from .calibration import calibration_batches, calibration_fingerprint, check_calibration, collect_gradients
 from .drive import collect_activations, prune_from_statistics, prune_layer_by_layer
 from .pruner import Pruner, PruneResult
 
@@ -49,14 +49,18 @@ def prune(
     - Activation criteria run one decoder layer at a time (``sequential``), the calibration activations passing
       through the already-pruned layers; ``device`` may differ from where the model lives (layers visit it one by
       one; ``store='cpu'`` keeps the hidden states on the host).
-    - ``masks``: earlier masks to continue (monotone); ``keep_original`` stashes the pruned values (the lifted
+    - ``masks``: earlier masks to continue (monotone); without them, what an earlier pruning left (whole groups,
+      or weights more than 1 % exactly zero) is continued. ``keep_original`` stashes the pruned values (the lifted
       teacher of self-distillation needs them).
     - ``sparsegpt`` also rewrites the weights it keeps; its damping and retries per weight are in
       ``result.info["diagnostics"]``.
     """
     opts = _options(options, method, sparsity, granularity, fields)
     pruner = Pruner(model, opts, masks, keep_original)
+    if masks is None:
+        pruner.continue_from_zeros()  # pruned before without passing masks=: continue monotonically
     calib = calibration_batches(calibration)
+    check_calibration(calib, model)
     if isinstance(activations, ActivationCollector):
         activations = activations.stats
     crit = pruner.criterion

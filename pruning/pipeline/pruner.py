@@ -22,7 +22,7 @@ from ..masks import MaskSet, SparsityReport
 from ..options import PruneOptions
 from ..stats import ActivationCollector, ActivationStats, GradientCollector
 from ..structure import ModelStructure
-from .targets import plan_targets
+from .targets import existing_zeros, plan_targets
 
 
 @dataclass
@@ -57,9 +57,9 @@ class Pruner:
                 f"method={options.method!r} also changes the weights it keeps, so the lifted teacher "
                 "(keep_original=True) would not be the original model. HINT: keep a separate teacher"
             )
-        self.masks = masks if masks is not None else MaskSet()
         self.keep_original = keep_original
         self.targets = plan_targets(self.structure, self.options)
+        self.masks = masks if masks is not None else MaskSet()
         self.fraction = self.targets.fraction(self.options.sparsity, self.options.sparsity_basis)
         self.rates: list[float] | None = self.options.layer_rates
         self.weights = dict(model.named_parameters(remove_duplicate=False))
@@ -83,6 +83,17 @@ class Pruner:
         if rates is not None and (len(rates) != layers or not all(0 <= r < 1 for r in rates)):
             raise ValueError(f"layer_rates needs {layers} values in [0, 1), got {rates}")
         return options
+
+    def continue_from_zeros(self) -> None:
+        """Start from what an earlier pruning left in the targeted weights (:func:`existing_zeros`), so that pruning a
+        model twice is monotone even without the first call's masks."""
+        zeros = existing_zeros(self.model, self.targets)
+        for key, keep in zeros.groups.items():
+            self.masks.set_groups(zeros.group_sets[key], keep)
+        for name, keep in zeros.element.items():
+            self.masks.set_element(name, keep)
+        if len(zeros):
+            self.info["continued_from_zeros"] = sorted(zeros.names())
 
     # ---------------------------------------------------------------------------------------------- statistics
     def gradient_collector(self) -> GradientCollector | None:
@@ -198,7 +209,10 @@ class Pruner:
             scores = [self.criterion.group_scores(gs, ctx) for gs in t.group_sets]
             previous = [self.masks.groups.get(gs.key) for gs in t.group_sets]
             partitions = t.group_sets[0].partitions
-            counts = alloc.keep_counts_global(scores, self.fraction, o.min_keep, o.max_keep, previous, partitions)
+            heads = o.unit.name in ("attention_head", "query_head")  # every layer keeps attention: one group at least
+            counts = alloc.keep_counts_global(
+                scores, self.fraction, o.min_keep, o.max_keep, previous, partitions, min_units=int(heads)
+            )
             for gs, s, k in zip(t.group_sets, scores, counts):
                 s = alloc.exclude_pruned(s.float(), self.masks.groups.get(gs.key))
                 self.masks.set_groups(gs, alloc.topk_keep(s, k, gs.partitions), o.monotone)

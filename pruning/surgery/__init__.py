@@ -21,6 +21,14 @@ granularity (:class:`~pruning.structure.ModelStructure` assumes one head count f
 """
 
 from .compact import compact
-from .export import MANIFEST, load_pretrained, read_config, save_pretrained
+from .export import MANIFEST, is_per_layer_export, load_pretrained, read_config, recover_export, save_pretrained
 
-__all__ = ["MANIFEST", "compact", "load_pretrained", "read_config", "save_pretrained"]
+__all__ = [
+    "MANIFEST",
+    "compact",
+    "is_per_layer_export",
+    "load_pretrained",
+    "read_config",
+    "recover_export",
+    "save_pretrained",
+]

@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from ..loading import from_pretrained
+from ..record import library_versions
 from ..structure import FamilySpec, family_of
 from .layers import ALLOW, attention_module, config_value, global_widths, set_head_attrs, set_submodule, shrunk_linear
 
 MANIFEST = "pruning_manifest.json"
+CONFIG = "pruning_config.yaml"  # the resolved config of the run that wrote the export (pruning fit --config)
 
 
 def _kept_per_layer(config: Any, fam: FamilySpec) -> list[dict[str, int]]:
@@ -40,12 +42,22 @@ def _kept_per_layer(config: Any, fam: FamilySpec) -> list[dict[str, int]]:
 
 
 def save_pretrained(
-    model: nn.Module, path: str | os.PathLike, tokenizer: Any = None, manifest: dict | None = None
+    model: nn.Module,
+    path: str | os.PathLike,
+    tokenizer: Any = None,
+    manifest: dict | None = None,
+    config: str | None = None,
 ) -> Path:
-    """Export ``model`` (safetensors), ``tokenizer`` and a ``pruning_manifest.json`` to ``path``, atomically.
+    """Export ``model`` (safetensors), ``tokenizer``, a ``pruning_manifest.json`` (``manifest`` plus the model's
+    widths and the library versions) and the run's ``config`` (YAML text, as ``pruning_config.yaml``) to ``path``,
+    atomically.
 
-    Everything is written to a temporary directory next to ``path`` (same filesystem) and swapped in by renames,
-    so a crash or an exception leaves the previous export at ``path`` intact and no temporary directory behind.
+    Everything is written to a temporary directory next to ``path`` (same filesystem), made readable like a
+    ``save_pretrained`` directory (the umask's permissions, not ``mkdtemp``'s 0700), and swapped in: an atomic
+    exchange of the two directories where the system has one (Linux ``renameat2``), else two renames. A crash or an
+    exception leaves the previous export at ``path`` intact; temporaries an interrupted export left behind are
+    removed by the next export to the same path, and a previous export moved aside by an interrupted swap is put
+    back first.
     """
     path = Path(path).resolve()
     if path.exists() and not path.is_dir():
@@ -53,39 +65,89 @@ def save_pretrained(
             f"export path {str(path)!r} is a file. HINT: pass a directory path (new, or a previous export)."
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_export(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    old: Path | None = None
     try:
-        kwargs = {}
-        if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
-            kwargs["safe_serialization"] = True
-        # FIX: transformers >= 5.25 validates the config on save (``hidden_size % num_attention_heads``), which a
-        # per-layer config refuses to answer; the global fields are the upper bounds the validation expects
-        with global_widths(model.config):
-            model.save_pretrained(str(tmp), **kwargs)
-        _drop_key(tmp / "config.json", ALLOW)
-        if not any(tmp.glob("*.safetensors")):
-            raise RuntimeError(f"{type(model).__name__}.save_pretrained wrote no .safetensors file")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        (tmp / MANIFEST).write_text(json.dumps(_manifest(model, manifest), indent=2, default=str))
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rename(path, old / "export")
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.rename(old / "export", path)
-            raise
+        _write(model, tmp, tokenizer, manifest)
+        if config is not None:
+            (tmp / CONFIG).write_text(config)
+        _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not any(old.iterdir()):
-            shutil.rmtree(old, ignore_errors=True)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _write(model: nn.Module, directory: Path, tokenizer: Any, manifest: dict | None) -> None:
+    kwargs = {}
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        kwargs["safe_serialization"] = True
+    # FIX: transformers >= 5.25 validates the config on save (``hidden_size % num_attention_heads``), which a
+    # per-layer config refuses to answer; the global fields are the upper bounds the validation expects
+    with global_widths(model.config):
+        model.save_pretrained(str(directory), **kwargs)
+    _drop_key(directory / "config.json", ALLOW)
+    if not any(directory.glob("*.safetensors")):
+        raise RuntimeError(f"{type(model).__name__}.save_pretrained wrote no .safetensors file")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    (directory / MANIFEST).write_text(json.dumps(_manifest(model, manifest), indent=2, default=str))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)  # readable like any directory save_pretrained makes, not mkdtemp's 0700
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """``tmp`` becomes ``path``; a previous export there is removed once it is no longer at ``path``."""
+    if not path.exists():
+        os.rename(tmp, path)
+        return
+    if exchange(tmp, path):  # atomic: at every moment ``path`` holds the old or the new export
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.rename(path, aside / "export")
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(aside / "export", path)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` where the system cannot."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def recover_export(path: str | os.PathLike) -> None:
+    """After an interrupted export to ``path``: the previous export put back if a swap left it aside (and nothing
+    at ``path``), and the temporary directories left next to ``path`` removed."""
+    path = Path(path)
+    parent = path.parent
+    if not parent.is_dir():
+        return
+    for aside in sorted(parent.glob(f".{path.name}.old-*")):
+        if not path.exists() and (aside / "export").is_dir():
+            os.rename(aside / "export", path)
+        shutil.rmtree(aside, ignore_errors=True)
+    for tmp in parent.glob(f".{path.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _drop_key(path: Path, key: str) -> None:
@@ -97,13 +159,11 @@ def _drop_key(path: Path, key: str) -> None:
 
 
 def _manifest(model: nn.Module, extra: dict | None) -> dict:
-    import transformers
-
     out = dict(extra or {})
     fam = family_of(model)
     out.update(
         {
-            "library_versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            "library_versions": library_versions(),
             "model_type": model.config.model_type,
             "num_hidden_layers": int(model.config.num_hidden_layers),
             "kept_per_layer": _kept_per_layer(model.config, fam),
@@ -128,6 +188,8 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
+    if not path.exists():
+        recover_export(path)  # an export interrupted between its two renames left the previous one aside
     if not (path / "config.json").is_file():
         raise ValueError(f"{str(path)!r} has no config.json. HINT: pass a directory written by save_pretrained().")
     config = read_config(path)
@@ -179,6 +241,18 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
     if kwargs.get("device") is not None:
         model.to(kwargs["device"])
     return model.eval()
+
+
+def is_per_layer_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a local model directory whose config has per-layer widths (``per_layer_config``): such an
+    export loads with :func:`load_pretrained` only (stock ``from_pretrained`` refuses it)."""
+    config = Path(path).expanduser() / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return bool(json.loads(config.read_text()).get("per_layer_config"))
+    except (json.JSONDecodeError, AttributeError):
+        return False
 
 
 def read_config(path: str | os.PathLike) -> Any:

@@ -100,6 +100,21 @@ def local_files(source: str | Sequence[str]) -> list[str] | None:
 
 
 @functools.cache
+def _decodes(path: str) -> bool:
+    """Whether a file is valid UTF-8 (read in chunks, so a large file is not held whole)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _stdlib_split(split: str) -> tuple[Path, ...]:
     """:func:`pruning.text.stdlib_files`, walked once per process (the walk costs most of the reading time)."""
     return tuple(stdlib_files(split))  # type: ignore[arg-type]
@@ -152,6 +167,9 @@ class TextReader:
         streaming: read a hub dataset as a stream (local files are always streamed).
         cache_dir: the ``datasets`` cache directory (hub datasets).
         keep_empty: yield empty / null texts as ``""`` instead of skipping them.
+        missing_text: rows whose text is missing or null (not an empty string): ``error`` (default: a jsonl with half
+            its rows lacking the field would otherwise train on half the data) or ``skip`` (counted in
+            :attr:`skipped`). Not used with ``keep_empty``.
         owner, key, split_key: who reads, and the names of its source and split arguments, for error messages.
     """
 
@@ -170,6 +188,7 @@ class TextReader:
         streaming: bool = False,
         cache_dir: str | None = None,
         keep_empty: bool = False,
+        missing_text: Literal["error", "skip"] = "error",
         owner: str = "TextReader",
         key: str = "source",
         split_key: str = "split",
@@ -178,6 +197,10 @@ class TextReader:
         self.text_field, self.instruct, self.instruct_fields = text_field, instruct, instruct_fields or {}
         self.sample_by, self.encoding_errors = sample_by, encoding_errors
         self.streaming, self.cache_dir, self.keep_empty = streaming, cache_dir, keep_empty
+        if missing_text not in ("error", "skip"):
+            raise invalid(owner, "missing_text", missing_text, "'error' or 'skip'", "set it to one of those.")
+        self.missing_text = missing_text
+        self.skipped = 0  # rows without text skipped (missing_text='skip'), in this process
         self.owner, self.key = owner, key
         self.kind = source_kind(source)
         self.files: list[str] | None = None
@@ -297,7 +320,7 @@ class TextReader:
     def _rows(self, ds) -> Iterator[str | tuple[str, str]]:
         # ``.iter`` rather than ``for row in ds``: inside a DataLoader worker, iterating a streamed dataset directly
         # would let ``datasets`` shard it by worker on top of the sharding done here.
-        for batch in ds.iter(batch_size=READ_CHUNK):
+        for batch in self._batches(ds):
             columns = list(batch)
             for i in range(len(batch[columns[0]]) if columns else 0):
                 doc = self._document({c: batch[c][i] for c in columns})
@@ -305,6 +328,24 @@ class TextReader:
                     yield doc
                 elif self.keep_empty:
                     yield ""
+
+    def _batches(self, ds) -> Iterator[dict]:
+        """The rows of ``ds`` in chunks; a text file that is not UTF-8 is named in the error."""
+        try:
+            yield from ds.iter(batch_size=READ_CHUNK)
+        except UnicodeDecodeError as err:
+            raise self._not_utf8(err) from err
+
+    def _not_utf8(self, err: UnicodeDecodeError) -> ValueError:
+        bad = next((f for f in self.files or () if not _decodes(f)), None)
+        where = f"{bad!r}" if bad is not None else self.describe()
+        return self.invalid(
+            self.key,
+            self.source,
+            "UTF-8 text",
+            f"{where} is not UTF-8 text ({err.reason} at byte {err.start}); convert it to UTF-8, or read it with "
+            "encoding_errors: replace.",
+        )
 
     def _column(self, row: dict, field: str) -> str | None:
         names = (self.instruct_fields[field],) if field in self.instruct_fields else INSTRUCT_FIELDS[field]
@@ -331,4 +372,24 @@ class TextReader:
                 f"a column of {self.describe()}: {sorted(row)}",
                 "set `text_field` to the column holding the text.",
             )
-        return row[self.text_field]
+        text = row[self.text_field]
+        if text is None and not self.keep_empty:
+            if self.missing_text == "error":
+                raise self.invalid(
+                    "text_field",
+                    self.text_field,
+                    f"a column every row of {self.describe()} has",
+                    f"a row has no {self.text_field!r} (missing or null; its columns: {sorted(row)}), and skipping "
+                    "it would train on less data than given. Fix the data, or set `missing_text: skip` to skip such "
+                    "rows (their count is recorded).",
+                )
+            self.skipped += 1
+        elif text is not None and not isinstance(text, str):
+            raise self.invalid(
+                "text_field",
+                self.text_field,
+                "a column of strings",
+                f"{self.describe()}'s {self.text_field!r} holds {type(text).__name__} values (e.g. {text!r:.60}); "
+                "point `text_field` at the text column.",
+            )
+        return text
