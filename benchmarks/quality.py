@@ -9,6 +9,11 @@ the granularity prunes a fresh copy of the dense model; cells a criterion does n
 - **Calibration**: the same seeded windows of the train stream for every method (``--calibration`` sequences of
   the model's ``seq_len``); their sha256 (:func:`pruning.calibration_fingerprint`) is recorded and checked against
   what every ``prune`` call saw.
+- **Each criterion's default form**, with its other form as an extra row where they differ: ``magnitude`` (L2 norm
+  of a group's coupled weights) and ``magnitude (L1)``; ``wanda`` (Wanda-sp: a group's down_proj / o_proj columns
+  with their input norms) and ``wanda (sum)`` (every coupled weight); ``sparsegpt`` (the paper's selection, one
+  threshold per column block across the rows) and ``sparsegpt (per row)``. The forms differ only in group scores
+  (structured settings) or in the unstructured comparison group, so the extra rows run only there.
 - **GBLM** runs twice: with the project's default α=100 on raw norms, and with the authors' weighting (their code
   averages the activation term over the N samples and scales gradients by 100, i.e. α = 100·√N here).
 - **Gradients**: criteria that score with gradients of the *dense* model's cross-entropy (taylor, gblm, SDM's
@@ -116,6 +121,8 @@ class Method:
     options: dict = field(default_factory=dict)
     allocation: str = "uniform"  # uniform | owl | saap-ranking (SAAP's layer ranking) | search (Self-Pruner)
     only: tuple[str, ...] | None = None  # granularities it runs at (default: all its criterion supports)
+    scope: str | None = None  # unstructured comparison group (default: the criterion's own)
+    form_of: str | None = None  # the default row this row is another form of (drawn dotted in that row's colour)
 
     def resolved_options(self, calibration: int) -> dict:
         """The options with ``"100*sqrt(N)"`` replaced by its value for ``N`` calibration sequences."""
@@ -129,11 +136,17 @@ class Method:
         return self.only is None or granularity in self.only
 
 
+STRUCTURED_SETTINGS = ("mlp_neuron", "attention_head")
+# the criteria's defaults (magnitude: L2 norm of a group, wanda: Wanda-sp, sparsegpt: block-wide selection), each with
+# its other form as an extra row where the forms differ (group scores; unstructured selection)
 METHODS: list[Method] = [
     Method("magnitude", "magnitude"),
+    Method("magnitude (L1)", "magnitude", {"norm": "l1"}, only=STRUCTURED_SETTINGS, form_of="magnitude"),
     Method("wanda", "wanda"),
+    Method("wanda (sum)", "wanda", {"structured": "sum"}, only=STRUCTURED_SETTINGS, form_of="wanda"),
     Method("wanda + OWL", "wanda", allocation="owl", only=("unstructured",)),
     Method("sparsegpt", "sparsegpt"),
+    Method("sparsegpt (per row)", "sparsegpt", scope="row", only=("unstructured",), form_of="sparsegpt"),
     Method("gblm", "gblm"),
     Method("gblm (authors' α)", "gblm", {"alpha": AUTHORS_GBLM_ALPHA}),
     Method("taylor", "taylor", {"mode": "element"}),
@@ -266,6 +279,7 @@ def apply_method(model, method: Method, setting: Setting, calib, shared: Shared)
         s,
         gran,
         allocation=allocation,
+        scope=method.scope,
         layer_rates=rates,
         criterion_options=opts,
         gradients=grads,
@@ -400,6 +414,7 @@ def run(
                 "criterion": method.criterion,
                 "options": method.resolved_options(calibration),
                 "allocation": method.allocation,
+                "scope": result.info.get("scope"),
                 "granularity": setting.granularity,
                 "sparsity": setting.sparsity,
                 "ppl_before": before,
@@ -566,6 +581,13 @@ def winners(results: dict, settings: list[Setting]) -> list[str]:
 
 
 HEAD_TO_HEAD = [
+    ("sparsegpt", "sparsegpt (per row)", "SparseGPT's block-wide selection (the paper's, default) vs per row"),
+    (
+        "wanda",
+        "wanda (sum)",
+        "Wanda-sp (down_proj / o_proj columns, default) vs Wanda summed over every coupled weight",
+    ),
+    ("magnitude", "magnitude (L1)", "magnitude: L2 norm of a group (default) vs L1"),
     ("gblm", "wanda", "GBLM (gradients + activations, α=100) vs Wanda (activations)"),
     ("gblm (authors' α)", "wanda", "GBLM with the authors' weighting (α=100·√N) vs Wanda"),
     ("sparsegpt", "wanda", "SparseGPT (reconstruction) vs Wanda"),
@@ -767,7 +789,9 @@ def plot(results: dict, settings: list[Setting], methods: list[Method], out: Pat
         if not sel:
             continue
         present = [m for m in methods if any((s.key, m.label) in cells for s in sel)]
-        cmap = matplotlib.colormaps["tab10" if len(present) <= 10 else "tab20"]
+        own = [m.label for m in present if m.form_of is None]
+        cmap = matplotlib.colormaps["tab10" if len(own) <= 10 else "tab20"]
+        colour = {label: cmap(i) for i, label in enumerate(own)}
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
         for ax, key, when in zip(axes, ("ppl_before", "ppl_after"), ("before recovery", "after recovery")):
             for i, m in enumerate(present):
@@ -779,8 +803,8 @@ def plot(results: dict, settings: list[Setting], methods: list[Method], out: Pat
                     ys,
                     marker=markers[i % len(markers)],
                     label=m.label,
-                    color=cmap(i),
-                    linestyle="-" if m.allocation == "uniform" else "--",
+                    color=colour.get(m.form_of or m.label, "grey"),
+                    linestyle=":" if m.form_of else "-" if m.allocation == "uniform" else "--",
                 )
             if name == "unstructured":
                 ax.set_xticks(range(len(sel)), [s.label for s in sel])
@@ -798,7 +822,7 @@ def plot(results: dict, settings: list[Setting], methods: list[Method], out: Pat
             fontsize=8,
             loc="upper left",
             bbox_to_anchor=(1.01, 1.0),
-            title="dashed: non-uniform rates",
+            title="dashed: non-uniform rates; dotted: a criterion's other form",
             title_fontsize=7,
         )
         fig.tight_layout()

@@ -97,7 +97,8 @@ class SelectionOptions:
         criterion_options: the criterion's own knobs (e.g. ``{alpha: 100, gradient_norm: l1}`` for gblm).
         allocation: ``uniform`` (the same fraction, and count, in every layer), ``global`` (one ranking across
             layers within ``min_keep`` / ``max_keep``), ``owl`` (outlier-weighted rates) or ``rates`` (given).
-        scope: unstructured comparison group: ``row`` (default, Wanda's), ``layer`` or ``global``.
+        scope: unstructured comparison group: ``row`` (Wanda's), ``layer`` or ``global``; by default the
+            criterion's own (``row``; ``layer`` for sparsegpt: one threshold over each column block, the paper's).
         sparsity_basis: ``targets`` (a fraction of the targeted weights) or ``model`` (of all parameters,
             SDMPrune's definition).
         layer_rates: per-layer sparsities for ``allocation: rates``.
@@ -174,8 +175,11 @@ class SelectionOptions:
 
     @property
     def comparison_scope(self) -> str | None:
-        """The unstructured comparison group (``row`` unless set); ``None`` for structured granularities."""
-        return self.scope or ("row" if not self.unit.structured else None)
+        """The unstructured comparison group (the criterion's ``default_scope`` unless set: ``row``, SparseGPT's
+        ``layer``); ``None`` for structured granularities."""
+        from .importance import CRITERIA
+
+        return self.scope or (CRITERIA[self.method].default_scope if not self.unit.structured else None)
 
     def criterion(self) -> Criterion:
         """A fresh instance of the criterion with its options (criteria may keep diagnostics of one run)."""

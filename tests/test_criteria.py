@@ -115,6 +115,102 @@ def test_taylor_element_and_vector_on_groupset():
     assert alloc.topk_keep(vec.group_scores(gs, ctx), 1).tolist() == [False, True]
 
 
+# ---------------------------------------------------------------- structured forms: Wanda-sp / sum, magnitude L2 / L1
+def _named_mlp(gate, up, down) -> tuple[GroupSet, dict]:
+    """Two MLP neurons over a hidden size of 2: row i of gate and up, column i of down (as ModelStructure builds)."""
+    members = (Member("gate.weight", 0, 1), Member("up.weight", 0, 1), Member("down.weight", 1, 1))
+    weights = {"gate.weight": T(gate), "up.weight": T(up), "down.weight": T(down)}
+    return GroupSet("mlp_neuron", 0, 2, members, numels=(4, 4, 4)), weights
+
+
+def test_wanda_structured_sp_default_and_sum_hand_computed():
+    """‖x‖ of the MLP input = [1, 1] (gate, up); ‖x‖ of down_proj's input (the neurons' activations) = [1, 3].
+    gate = [[4,4],[1,1]], up = [[2,-2],[1,1]], down = [[1,1],[-1,1]] (column i = neuron i).
+    Wanda-sp: Σ_j |W_down[j,i]|·‖x_i‖ -> neuron 0: (1+1)·1 = 2, neuron 1: (1+1)·3 = 6 -> neuron 1 kept.
+    sum: gate row + up row + down column -> neuron 0: 8 + 4 + 2 = 14, neuron 1: 2 + 2 + 6 = 10 -> neuron 0 kept."""
+    gs, weights = _named_mlp([[4.0, 4.0], [1.0, 1.0]], [[2.0, -2.0], [1.0, 1.0]], [[1.0, 1.0], [-1.0, 1.0]])
+    ctx = ScoreContext(weights=weights, act={"gate": act([1.0, 1.0]), "up": act([1.0, 1.0]), "down": act([1.0, 9.0])})
+    sp = get_criterion("wanda").group_scores(gs, ctx)
+    torch.testing.assert_close(sp, T([2.0, 6.0]))
+    torch.testing.assert_close(get_criterion("wanda", structured="sp").group_scores(gs, ctx), sp)
+    summed = get_criterion("wanda", structured="sum").group_scores(gs, ctx)
+    torch.testing.assert_close(summed, T([14.0, 10.0]))
+    assert alloc.topk_keep(sp, 1).tolist() == [False, True]
+    assert alloc.topk_keep(summed, 1).tolist() == [True, False]
+    with pytest.raises(ValueError, match="structured='max' must be 'sp'.*or 'sum'"):
+        get_criterion("wanda", structured="max")
+
+
+def test_magnitude_structured_l2_default_and_l1_hand_computed():
+    """gate = [[3,0],[1,1]], up = [[0,0],[1,1]], down = [[0,1],[0,-1]].
+    L2: neuron 0: sqrt(9) = 3, neuron 1: sqrt(1+1+1+1+1+1) = sqrt(6) ≈ 2.449 -> neuron 0 kept.
+    L1: neuron 0: 3, neuron 1: 2 + 2 + 2 = 6 -> neuron 1 kept."""
+    gs, weights = _named_mlp([[3.0, 0.0], [1.0, 1.0]], [[0.0, 0.0], [1.0, 1.0]], [[0.0, 1.0], [0.0, -1.0]])
+    ctx = ScoreContext(weights=weights)
+    l2 = get_criterion("magnitude").group_scores(gs, ctx)
+    torch.testing.assert_close(l2, T([3.0, 6.0**0.5]))
+    torch.testing.assert_close(get_criterion("magnitude", norm="l2").group_scores(gs, ctx), l2)
+    l1 = get_criterion("magnitude", norm="l1").group_scores(gs, ctx)
+    torch.testing.assert_close(l1, T([3.0, 6.0]))
+    assert alloc.topk_keep(l2, 1).tolist() == [True, False]
+    assert alloc.topk_keep(l1, 1).tolist() == [False, True]
+    # elements are |W| whatever the norm
+    for norm in ("l2", "l1"):
+        torch.testing.assert_close(
+            get_criterion("magnitude", norm=norm).element_scores("up.weight", ctx), weights["up.weight"].abs()
+        )
+    with pytest.raises(ValueError, match="norm='l3' must be 'l2'.*or 'l1'"):
+        get_criterion("magnitude", norm="l3")
+
+
+def _named_heads() -> tuple[GroupSet, ScoreContext]:
+    """Two query heads of head_dim 2 over a hidden size of 2: q rows 2h, 2h+1 and o columns 2h, 2h+1."""
+    gs = GroupSet("query_head", 0, 2, (Member("q.weight", 0, 2), Member("o.weight", 1, 2)), numels=(8, 8))
+    weights = {
+        "q.weight": T([[2.0, 0.0], [0.0, 2.0], [1.0, 2.0], [1.0, -2.0]]),
+        "o.weight": T([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, -1.0, 1.0]]),
+    }
+    return gs, ScoreContext(weights=weights, act={"q": act([1.0, 16.0]), "o": act([25.0, 1.0, 1.0, 1.0])})
+
+
+def test_heads_wanda_sp_on_o_columns_and_l2_per_head_hand_computed():
+    """q = [[2,0],[0,2] | [1,2],[1,-2]], o = [[1,0 | 1,1],[0,1 | -1,1]]; ‖x‖ of q's input [1,4], of o's [5,1,1,1].
+    Wanda-sp (o columns only): head 0 = (1+0)·5 + (0+1)·1 = 6, head 1 = (1+1)·1 + (1+1)·1 = 4 -> head 0 kept.
+    sum: q rows of head 0 = 2 + 8 = 10, of head 1 = (1+8) + (1+8) = 18 -> head 0: 16, head 1: 22 -> head 1 kept.
+    Magnitude L2: head 0 = sqrt(4+4 + 1+1) = sqrt(10), head 1 = sqrt(1+4+1+4 + 1+1+1+1) = sqrt(14); L1: 6, 10."""
+    gs, ctx = _named_heads()
+    sp = get_criterion("wanda").group_scores(gs, ctx)
+    torch.testing.assert_close(sp, T([6.0, 4.0]))
+    summed = get_criterion("wanda", structured="sum").group_scores(gs, ctx)
+    torch.testing.assert_close(summed, T([16.0, 22.0]))
+    assert alloc.topk_keep(sp, 1).tolist() == [True, False]
+    assert alloc.topk_keep(summed, 1).tolist() == [False, True]
+    torch.testing.assert_close(get_criterion("magnitude").group_scores(gs, ctx), T([10.0**0.5, 14.0**0.5]))
+    torch.testing.assert_close(get_criterion("magnitude", norm="l1").group_scores(gs, ctx), T([6.0, 10.0]))
+
+
+def test_structured_options_leave_element_scores_alone():
+    """structured= and norm= change group scores only: unstructured and N:M masks are the paper's."""
+    for method in ("wanda", "magnitude"):
+        _, ctx = _element_case(method)
+        opts = [{"structured": "sp"}, {"structured": "sum"}] if method == "wanda" else [{"norm": "l2"}, {"norm": "l1"}]
+        for o in opts:
+            torch.testing.assert_close(get_criterion(method, **o).element_scores("l.weight", ctx), SCORES)
+
+
+def test_layer_groups_wanda_sp_falls_back_to_the_sum():
+    """A whole layer has no output-projection columns of its own: Wanda-sp scores it like 'sum'."""
+    gs = GroupSet("layer", 0, 1, (Member("a.weight", 0, 2), Member("b.weight", 0, 1)), numels=(4, 2))
+    ctx = ScoreContext(
+        weights={"a.weight": T([[1.0, -2.0], [3.0, 0.0]]), "b.weight": T([[1.0, 1.0]])},
+        act={"a": act([1.0, 4.0]), "b": act([9.0, 0.0])},
+    )
+    # a: 1 + 4 + 3 + 0 = 8; b: 3 + 0 = 3
+    for structured in ("sp", "sum"):
+        torch.testing.assert_close(get_criterion("wanda", structured=structured).group_scores(gs, ctx), T([11.0]))
+    torch.testing.assert_close(get_criterion("magnitude").group_scores(gs, ctx), T([16.0**0.5]))
+
+
 # ------------------------------------------------------------------------------------------------ SDM, coupled
 def _gated_mlp_groupset() -> GroupSet:
     members = (Member("gate.weight", 0, 1), Member("up.weight", 0, 1), Member("down.weight", 1, 1))
@@ -407,15 +503,26 @@ def _part(t, dim, a, b):
     return t[a:b] if dim == 0 else t[:, a:b]
 
 
+# method id -> (criterion, options); the defaults first (Wanda-sp, magnitude's L2), then the other forms
+GROUP_METHODS = {
+    "magnitude": ("magnitude", {}),
+    "magnitude_l1": ("magnitude", {"norm": "l1"}),
+    "wanda": ("wanda", {}),
+    "wanda_sum": ("wanda", {"structured": "sum"}),
+    "gblm": ("gblm", {"alpha": 3.0}),
+    "gblm_l1": ("gblm", {"gradient_norm": "l1", "alpha": 3.0}),
+    "taylor": ("taylor", {}),
+    "taylor_vector": ("taylor", {"mode": "vector"}),
+}
+
+
 @pytest.mark.parametrize("kind", ["mlp_neuron", "attention_head", "query_head", "layer"])
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "gblm", "gblm_l1", "taylor", "taylor_vector"])
+@pytest.mark.parametrize("method", list(GROUP_METHODS))
 def test_group_scores_and_masks(llama1, method, kind):
     model, structure = llama1
     ctx = _fake_ctx(model, structure)
-    name, _, variant = method.partition("_")
-    opts = {"gradient_norm": "l1", "alpha": 3.0} if variant == "l1" else {"mode": "vector"} if variant else {}
-    if name == "gblm" and not variant:
-        opts = {"alpha": 3.0}
+    name, opts = GROUP_METHODS[method]
+    variant = method.partition("_")[2]
     crit = get_criterion(name, **opts)
     crit.check_granularity(kind)
     gs = structure.group_sets(kind)[0]
@@ -423,7 +530,7 @@ def test_group_scores_and_masks(llama1, method, kind):
     def elem(lin):  # hand formula per criterion
         w = ctx.weights[lin + ".weight"].detach().float()
         if name == "magnitude":
-            return w.abs()
+            return w.abs() if variant == "l1" else w.square()
         norm = ctx.act[lin].sums["sum_sq"].sqrt()[None, :]
         gstat = ctx.grad[lin + ".weight"].sums
         if name == "wanda":
@@ -435,8 +542,11 @@ def test_group_scores_and_masks(llama1, method, kind):
 
     expected = []
     for parts in _slices(structure, kind):
+        if method == "wanda" and kind != "layer":  # Wanda-sp: only the down_proj / o_proj columns of the group
+            parts = [p for p in parts if p[0].endswith(("mlp.down_proj", "self_attn.o_proj")) and p[1] == 1]
+            assert len(parts) == 1
         tot = sum(_part(elem(lin), d, a, b).sum() for lin, d, a, b in parts)
-        expected.append(tot.abs() if variant == "vector" else tot)
+        expected.append(tot.abs() if variant == "vector" else tot.sqrt() if method == "magnitude" else tot)
     expected = torch.stack(expected)
     scores = crit.group_scores(gs, ctx)
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)

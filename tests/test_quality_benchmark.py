@@ -46,7 +46,8 @@ def test_reference_model_manifest_and_cache(tiny_ref):
 def test_quality_benchmark_miniature(tiny_ref, tmp_path):
     ref, _, _ = tiny_ref
     settings = [s for s in quality.SETTINGS if s.key in ("unstructured50", "mlp30")]
-    labels = ("wanda", "taylor", "sdm", "saap + ranking", "self-pruner (wanda)")
+    labels = ("wanda", "wanda (sum)", "sparsegpt", "sparsegpt (per row)", "taylor", "sdm", "saap + ranking")
+    labels += ("self-pruner (wanda)",)
     methods = [m for m in quality.METHODS if m.label in labels]
     res = quality.run(
         ref,
@@ -63,12 +64,16 @@ def test_quality_benchmark_miniature(tiny_ref, tmp_path):
         log=lambda *_: None,
     )
     rows = {(r["setting"], r["method"]): r for r in res["rows"]}
-    # sdm, saap + ranking and the search are structured only: no unstructured cell; every other cell ran
+    # sdm, saap + ranking and the search are structured only: no unstructured cell; every other cell ran. The other
+    # forms run only where they differ from the default: wanda's sum on groups, sparsegpt per row unstructured
     assert set(rows) == {
         ("dense", "dense"),
         ("unstructured50", "wanda"),
+        ("unstructured50", "sparsegpt"),
+        ("unstructured50", "sparsegpt (per row)"),
         ("unstructured50", "taylor"),
         ("mlp30", "wanda"),
+        ("mlp30", "wanda (sum)"),
         ("mlp30", "taylor"),
         ("mlp30", "sdm"),
         ("mlp30", "saap + ranking"),
@@ -81,6 +86,12 @@ def test_quality_benchmark_miniature(tiny_ref, tmp_path):
         rates = rows[("mlp30", label)]["layer_rates"]
         assert len(rates) == n_layers and sum(rates) / n_layers == pytest.approx(int(0.3 * width) / width)
     search = rows[("mlp30", "self-pruner (wanda)")]
+    assert rows[("unstructured50", "sparsegpt")]["scope"] == "layer"
+    assert (
+        rows[("unstructured50", "sparsegpt (per row)")]["scope"] == rows[("unstructured50", "wanda")]["scope"] == "row"
+    )
+    assert rows[("mlp30", "wanda (sum)")]["options"] == {"structured": "sum"}
+    assert rows[("mlp30", "wanda")]["mask_sha256"] != rows[("mlp30", "wanda (sum)")]["mask_sha256"]
     assert search["search_evaluations"] >= 2 and search["search_fitness"] <= search["search_uniform_fitness"]
     assert res["protocol"]["search"]["sha256"] != res["protocol"]["eval"]["sha256"]
     # mask fingerprints: wanda's cell and the search's cell are different models unless the search kept uniform
@@ -95,7 +106,8 @@ def test_quality_benchmark_miniature(tiny_ref, tmp_path):
     assert {r["calibration_sha256"] for r in res["rows"] if r["method"] != "dense"} == {fp}
     # outputs
     md = (tmp_path / "quality.md").read_text()
-    assert "| wanda |" in md and "–" in md and "Head to head" in md
+    assert "| wanda |" in md and "| wanda (sum) |" in md and "–" in md and "Head to head" in md
+    assert "Wanda-sp (down_proj / o_proj columns, default) vs Wanda summed" in md
     assert "## Non-uniform allocations" in md and "self-pruner (wanda), mlp30: rates [" in md
     assert (tmp_path / "quality_unstructured.png").stat().st_size > 1000
     assert (tmp_path / "quality_mlp.png").stat().st_size > 1000

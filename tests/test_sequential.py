@@ -62,8 +62,9 @@ def reference_unstructured(model, batches, sparsity=0.5) -> dict[str, torch.Tens
     return keep_masks
 
 
-def reference_neurons(model, batches, sparsity=0.5) -> dict[str, torch.Tensor]:
-    """MLP neurons: score_i = Σ_j |gate[i,j]|‖x_j‖ + Σ_j |up[i,j]|‖x_j‖ + Σ_j |down[j,i]|‖h_i‖, top half kept."""
+def reference_neurons(model, batches, sparsity=0.5, structured="sp") -> dict[str, torch.Tensor]:
+    """MLP neurons, top half kept: Wanda-sp score_i = Σ_j |down[j,i]|‖h_i‖ (``structured='sp'``), or
+    score_i = Σ_j |gate[i,j]|‖x_j‖ + Σ_j |up[i,j]|‖x_j‖ + Σ_j |down[j,i]|‖h_i‖ (``'sum'``)."""
     model.eval()
     out = {}
     for layer_idx in range(LAYERS):
@@ -72,11 +73,9 @@ def reference_neurons(model, batches, sparsity=0.5) -> dict[str, torch.Tensor]:
         mods = {p + "gate_proj": mlp.gate_proj, p + "up_proj": mlp.up_proj, p + "down_proj": mlp.down_proj}
         norms = {n: s.sqrt() for n, s in _collect_sum_sq(model, mods, batches).items()}
         g, u, d = (m.weight.detach() for m in mods.values())
-        score = (
-            (g.abs() * norms[p + "gate_proj"]).sum(1)
-            + (u.abs() * norms[p + "up_proj"]).sum(1)
-            + (d.abs() * norms[p + "down_proj"]).sum(0)
-        )
+        score = (d.abs() * norms[p + "down_proj"]).sum(0)
+        if structured == "sum":
+            score = score + (g.abs() * norms[p + "gate_proj"]).sum(1) + (u.abs() * norms[p + "up_proj"]).sum(1)
         n_keep = score.numel() - int(sparsity * score.numel())
         keep = torch.zeros(score.numel(), dtype=torch.bool)
         keep[score.argsort(descending=True)[:n_keep]] = True
@@ -139,11 +138,13 @@ def test_non_sequential_wanda_uses_dense_statistics(setup):
     assert any(not torch.equal(res.masks.element[n], ref[n]) for n in ref if ".layers.2." in n)
 
 
+@pytest.mark.parametrize("structured", [None, "sum"])
 @pytest.mark.parametrize("offload", [False, True])
-def test_sequential_wanda_neurons_match_reference(setup, offload):
+def test_sequential_wanda_neurons_match_reference(setup, offload, structured):
     model, batches = setup
-    ref = reference_neurons(copy.deepcopy(model), batches)
+    ref = reference_neurons(copy.deepcopy(model), batches, structured=structured or "sp")
     kw = {"device": "cpu", "store": "cpu"} if offload else {}
+    kw["criterion_options"] = {"structured": structured} if structured else {}
     res = pruning.prune(
         copy.deepcopy(model), batches, method="wanda", sparsity=0.5, granularity="mlp_neuron", progress=False, **kw
     )

@@ -22,12 +22,27 @@ T = torch.tensor
 
 # ------------------------------------------------------------------------------------------ the algorithm, by hand
 def test_identity_hessian_is_magnitude_without_update():
-    """Uncorrelated unit inputs: OBS saliency is w², and pruning a weight moves no other one."""
+    """Uncorrelated unit inputs: OBS saliency is w², and pruning a weight moves no other one. Saliencies
+    [[1,16,9,4],[.25,.01,.04,81]] at 50 %: per row, the two lowest of each row; by default (the paper's selection:
+    one threshold over the block's rows × columns) the four lowest of the block, 1 from row 0 and 3 from row 1."""
     W = T([[1.0, -4.0, 3.0, 2.0], [0.5, 0.1, -0.2, 9.0]])
-    keep, W_new, info = sparsegpt_prune(W, torch.eye(4), 0.5, percdamp=0.0)
+    keep, W_new, info = sparsegpt_prune(W, torch.eye(4), 0.5, percdamp=0.0, scope="row")
     assert keep.tolist() == [[False, True, True, False], [True, False, False, True]]
     torch.testing.assert_close(W_new, W * keep)
     assert info["retries"] == 0
+    keep, W_new, _ = sparsegpt_prune(W, torch.eye(4), 0.5, percdamp=0.0)
+    assert keep.tolist() == [[False, True, True, True], [False, False, False, True]]
+    torch.testing.assert_close(W_new, W * keep)
+    assert torch.equal(keep, sparsegpt_prune(W, torch.eye(4), 0.5, percdamp=0.0, scope="layer")[0])
+
+
+def test_block_wide_selection_is_chosen_per_column_block():
+    """Blocks of 2 columns, 50 %: the threshold is taken over each block's rows × columns, so every block loses
+    exactly half of its weights while rows differ. Saliencies (identity H) [[1,16 | 9,4],[.25,.01 | .04,81]]:
+    block 1 loses .01 and .25 (row 1), block 2 loses .04 (row 1) and 4 (row 0)."""
+    W = T([[1.0, -4.0, 3.0, 2.0], [0.5, 0.1, -0.2, 9.0]])
+    keep, _, _ = sparsegpt_prune(W, torch.eye(4), 0.5, percdamp=0.0, blocksize=2)
+    assert keep.tolist() == [[True, True, True, False], [False, False, False, True]]
 
 
 def test_one_pruned_weight_moves_its_neighbour_by_the_obs_formula():
@@ -90,14 +105,15 @@ def _wanda(W: torch.Tensor, X: torch.Tensor, granularity: str) -> torch.Tensor:
     return W * alloc.select_nm(scores, n, m)
 
 
+@pytest.mark.parametrize("scope", ["layer", "row"])
 @pytest.mark.parametrize("weights", ["random", "trained"])
 @pytest.mark.parametrize("granularity", ["unstructured", "2:4", "4:8"])
-def test_reconstruction_error_below_wanda(weights, granularity):
+def test_reconstruction_error_below_wanda(weights, granularity, scope):
     """‖WX − ŴX‖ on the calibration inputs and on held-out inputs of the same distribution."""
     X, X_test = _inputs(0), _inputs(5)
     W = torch.randn(32, 64, generator=torch.Generator().manual_seed(2)) if weights == "random" else _trained_weight(X)
     nm = None if granularity == "unstructured" else tuple(int(x) for x in granularity.split(":"))
-    keep, W_sgpt, _ = sparsegpt_prune(W, 2 * X.T @ X, None if nm else 0.5, nm)
+    keep, W_sgpt, _ = sparsegpt_prune(W, 2 * X.T @ X, None if nm else 0.5, nm, scope=scope)
     W_wanda = _wanda(W, X, granularity)
     assert torch.equal(W_sgpt == 0, ~keep | (W == 0))
     assert (W_sgpt == 0).sum() == (W_wanda == 0).sum() == W.numel() // 2
@@ -122,13 +138,16 @@ def test_nm_valid_and_pruned_weights_exactly_zero(nm):
 
 
 def test_unstructured_exact_counts_row_and_layer():
-    """Shares per column block are rounded cumulatively: each row loses exactly floor(p·in) in all."""
+    """Shares per column block are rounded cumulatively: per row each row loses exactly floor(p·in) in all, block-wide
+    (the default) the layer loses exactly floor(p·out·in)."""
     X = _inputs(6, d=100)
     W = torch.randn(7, 100, generator=torch.Generator().manual_seed(7))
-    keep, _, _ = sparsegpt_prune(W, X.T @ X, 0.3, blocksize=32)
+    keep, _, _ = sparsegpt_prune(W, X.T @ X, 0.3, blocksize=32, scope="row")
     assert (keep.sum(1) == 100 - 30).all()
     keep, _, _ = sparsegpt_prune(W, X.T @ X, 0.3, blocksize=32, scope="layer")
     assert int((~keep).sum()) == math.floor(0.3 * 700)
+    assert len(set(keep.sum(1).tolist())) > 1  # adaptive: rows keep different counts
+    assert torch.equal(keep, sparsegpt_prune(W, X.T @ X, 0.3, blocksize=32)[0])
 
 
 def test_previous_mask_is_kept_and_dead_inputs_go_first():
@@ -136,11 +155,15 @@ def test_previous_mask_is_kept_and_dead_inputs_go_first():
     X[:, 5] = 0.0  # an input that never fires: free to prune, and H stays invertible
     W = torch.randn(6, 32, generator=torch.Generator().manual_seed(9))
     H = X.T @ X
-    keep1, W1, _ = sparsegpt_prune(W, H, 0.25)
-    assert not keep1[:, 5].any()
-    keep2, W2, _ = sparsegpt_prune(W1, H, 0.5, prev_keep=keep1)
-    assert not (keep2 & ~keep1).any()
-    assert (keep2.sum(1) == 16).all() and torch.isfinite(W2).all()
+    for scope in ("row", "layer"):
+        keep1, W1, _ = sparsegpt_prune(W, H, 0.25, scope=scope)
+        assert not keep1[:, 5].any()
+        keep2, W2, _ = sparsegpt_prune(W1, H, 0.5, prev_keep=keep1, scope=scope)
+        assert not (keep2 & ~keep1).any() and torch.isfinite(W2).all()
+        if scope == "row":
+            assert (keep2.sum(1) == 16).all()
+        else:
+            assert int(keep2.sum()) == 6 * 16
 
 
 # ------------------------------------------------------------------------------------------- damping and retries
@@ -150,7 +173,7 @@ def test_singular_hessian_without_damping_is_retried():
     X = torch.cat([X, X[:, :1]], dim=1)
     H = X.T @ X
     assert torch.linalg.cholesky_ex(H)[1] > 0
-    keep, W_new, info = sparsegpt_prune(torch.randn(2, 4), H, 0.5, percdamp=0.0)
+    keep, W_new, info = sparsegpt_prune(torch.randn(2, 4), H, 0.5, percdamp=0.0, scope="row")
     assert info["retries"] == 1 and info["percdamp"] == 0.01
     assert torch.isfinite(W_new).all() and (keep.sum(1) == 2).all()
 
@@ -193,6 +216,20 @@ def test_element_scores_are_wanda_and_missing_gram_is_explained():
         crit.prune_weight("l.weight", ctx, 0.5, None, "row", None)
 
 
+def test_default_scope_is_the_criterions_own():
+    """SparseGPT selects block-wide by default (scope 'layer'); Wanda and magnitude per row; a scope given wins."""
+    from pruning.options import SelectionOptions
+
+    assert CRITERIA["sparsegpt"].default_scope == "layer"
+    assert SelectionOptions(method="sparsegpt").comparison_scope == "layer"
+    assert SelectionOptions(method="sparsegpt", granularity="2:4").comparison_scope == "layer"
+    assert SelectionOptions(method="sparsegpt", scope="row").comparison_scope == "row"
+    for method in ("wanda", "magnitude", "gblm"):
+        assert SelectionOptions(method=method).comparison_scope == "row"
+    assert SelectionOptions(method="wanda", granularity="mlp_neuron").comparison_scope is None
+    assert SelectionOptions(method="sparsegpt").record()["scope"] == "layer"
+
+
 # ---------------------------------------------------------------------------------------- through pruning.prune
 @pytest.fixture(scope="module")
 def tiny():
@@ -229,6 +266,24 @@ def test_prune_sequential_reconstructs_and_masks_hold(tiny, granularity):
             assert all((m.get_parameter(n)[~k] == 0).all() for n, k in res.masks.element.items())
             res.masks.detach()
     assert errors["sparsegpt"] < errors["wanda"], errors
+
+
+def test_prune_default_is_block_wide_and_per_row_an_option(tiny):
+    """pruning.prune with sparsegpt: the default equals scope='layer' (rows lose different counts, each weight
+    exactly half), scope='row' gives every row the same count."""
+    model, batches, *_ = tiny
+    masks = {}
+    for scope in (None, "layer", "row"):
+        m = copy.deepcopy(model)
+        res = pruning.prune(m, batches, method="sparsegpt", sparsity=0.5, scope=scope, progress=False)
+        assert res.info["scope"] == (scope or "layer")
+        masks[scope] = res.masks.element
+    assert masks[None].keys() == masks["layer"].keys() == masks["row"].keys()
+    assert all(torch.equal(masks[None][n], masks["layer"][n]) for n in masks[None])
+    for name, keep in masks["row"].items():
+        assert len(set(keep.sum(1).tolist())) == 1, name
+        assert int((~masks[None][name]).sum()) == keep.numel() // 2, name
+    assert any(len(set(k.sum(1).tolist())) > 1 for k in masks[None].values())
 
 
 def test_prune_from_collected_statistics(tiny):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from ..stats import ActivationStats, GradientStats, GroupGradientStats
-from ..structure import GroupSet
+from ..structure import GroupSet, Member
 
 CRITERIA: dict[str, type[Criterion]] = {}
 NM = tuple[int, int] | None  # an N:M pattern, or none
@@ -67,6 +68,28 @@ class ScoreContext:
         return self.grad[weight_name].sums[kind]
 
 
+def sum_per_group(gs: GroupSet, parts: Iterable[tuple[Member, torch.Tensor]]) -> torch.Tensor:
+    """``[gs.count]`` fp32: each ``(member, tensor)`` (the tensor shaped like the member's parameter) summed over
+    every group's slice, added over the parts. Give a generator to hold one member's tensor at a time."""
+    total = torch.zeros(gs.count, dtype=torch.float32)
+    for m, t in parts:
+        t = t.float()
+        t = (t.movedim(m.dim, 0) if m.dim else t).reshape(gs.count, -1).sum(1)
+        total = total.to(t.device) + t
+    return total
+
+
+def matrix_members(gs: GroupSet, ctx: ScoreContext) -> list[Member]:
+    """The 2-D members of ``gs`` (biases carry no activation or gradient context and are left out of scores)."""
+    return [m for m in gs.members if ctx.weights[m.name].dim() == 2]
+
+
+def column_members(gs: GroupSet, ctx: ScoreContext) -> list[Member]:
+    """The 2-D members whose *columns* are the groups (down_proj / fc2 for MLP neurons, o_proj for heads and KV
+    groups): the projection that reads the group's outputs. Empty for whole layers."""
+    return [m for m in matrix_members(gs, ctx) if m.dim == 1]
+
+
 @dataclass
 class Criterion:
     """Turns statistics into scores; higher = more important = kept.
@@ -85,6 +108,9 @@ class Criterion:
     # False when scores of different layers cannot be compared (per-layer ranks, per-layer reconstruction): then
     # allocation='global' and scope='global' are refused
     global_ranking: ClassVar[bool] = True
+    # the unstructured comparison group when the options name none (SelectionOptions.scope): "row" (Wanda's: every
+    # row loses the same share), or "layer" (SparseGPT's: one threshold over each column block's rows)
+    default_scope: ClassVar[str] = "row"
     grad_kinds: ClassVar[tuple[str, ...]] = ()
     group_kinds: ClassVar[tuple[str, ...]] = ()
     # True when the gradients it reads may come from a distillation loss against the unpruned model (SDMPrune's
@@ -124,14 +150,11 @@ class Criterion:
         return 0
 
     def group_scores(self, gs: GroupSet, ctx: ScoreContext) -> torch.Tensor:
-        total = torch.zeros(gs.count, dtype=torch.float32)
-        for m in gs.members:
-            if ctx.weights[m.name].dim() != 2:
-                continue
-            s = self.element_scores(m.name, ctx).float()
-            s = (s.movedim(m.dim, 0) if m.dim else s).reshape(gs.count, -1).sum(1)
-            total = total.to(s.device) + s
-        return total
+        return self.summed_scores(gs, ctx, matrix_members(gs, ctx))
+
+    def summed_scores(self, gs: GroupSet, ctx: ScoreContext, members: Iterable[Member]) -> torch.Tensor:
+        """Per group of ``gs``: the sum of the element scores of ``members``, one member's scores held at a time."""
+        return sum_per_group(gs, ((m, self.element_scores(m.name, ctx)) for m in members))
 
     def check_granularity(self, granularity: str) -> None:
         from ..options import Granularity

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -52,7 +53,7 @@ def sparsegpt_prune(
     *,
     blocksize: int = 128,
     percdamp: float = 0.01,
-    scope: str = "row",
+    scope: Literal["layer", "row"] = "layer",
     prev_keep: torch.Tensor | None = None,
     max_retries: int = 6,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -72,10 +73,11 @@ def sparsegpt_prune(
     diagonal of the inverse Hessian of the columns not yet eliminated. (The paper writes ``w² / [H⁻¹]²_jj`` with
     ``H⁻¹`` standing for this Cholesky factor.)
 
-    - unstructured: at the start of each column block. ``scope='row'`` (default, the same comparison group as
-      Wanda): every row loses its share of the block's columns, the shares rounded cumulatively so that every row
-      loses exactly ``floor(sparsity · in)`` weights in all. ``scope='layer'``: one threshold over the block's
-      rows × columns (the authors' reference reading), rows then differ.
+    - unstructured: at the start of each column block. ``scope='layer'`` (default; the paper's selection, as in its
+      reference code and llm-compressor): one threshold over the block's rows × columns, so the sparsity of a row
+      adapts to its saliencies, and the layer loses exactly ``floor(sparsity · out · in)`` weights in all.
+      ``scope='row'`` (Wanda's comparison group): every row loses its share of the block's columns, the shares
+      rounded cumulatively so that every row loses exactly ``floor(sparsity · in)`` weights in all.
     - N:M: at every group of M columns, the N highest-saliency weights of each row are kept.
 
     Columns whose input is always zero (``H_jj = 0``) cost nothing to prune on the calibration data: their saliency
@@ -196,9 +198,11 @@ class SparseGPT(Criterion):
     the token count: the scale of ``H`` changes neither the mask nor the update); ``λ = percdamp · mean(diag H)``
     (1 %), raised tenfold and retried when the Cholesky factorisation fails; columns are processed in blocks of
     ``blocksize`` (128). Selection and update: :func:`sparsegpt_prune`. Unstructured masks are chosen per block of
-    columns, each row losing its share (``scope='row'``, exact counts per row) or by one threshold over the block
-    (``scope='layer'``); N:M per group of M columns. Like the other activation methods it runs one decoder layer
-    at a time (``pruning.prune``), the next layer seeing the pruned layer's outputs.
+    columns: by default by one threshold over the block's rows × columns, each row's sparsity adapting (the paper's
+    selection: ``scope='layer'``, this criterion's ``default_scope``); with ``scope='row'`` each row loses the same
+    share (exact counts per row, Wanda's comparison group). N:M per group of M columns. Like the other activation
+    methods it runs one decoder layer at a time (``pruning.prune``), the next layer seeing the pruned layer's
+    outputs.
 
     This is not a pure score: the kept weights change (``Criterion.reconstructs``). :meth:`element_scores` are
     Wanda's ``|W|·‖X_j‖₂``, used only where a score without reconstruction is needed: OWL's layer outlier ratios.
@@ -211,6 +215,7 @@ class SparseGPT(Criterion):
     act_kinds = ("sum_sq", "gram")
     reconstructs = True
     global_ranking = False
+    default_scope = "layer"
     granularities = ("unstructured", "n:m")
     blocksize: int = 128
     percdamp: float = 0.01
