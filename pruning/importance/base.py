@@ -36,12 +36,15 @@ def get_criterion(name: str, **options) -> Criterion:
 @dataclass
 class ScoreContext:
     """What a criterion may read: weights, activation statistics by module name, gradient statistics by parameter
-    name and group statistics by group-set key."""
+    name, group statistics by group-set key, and (where known) the count each group set keeps."""
 
     weights: dict[str, torch.Tensor]
     act: dict[str, ActivationStats] = field(default_factory=dict)
     grad: dict[str, GradientStats] = field(default_factory=dict)
     group: dict[str, GroupGradientStats] = field(default_factory=dict)
+    # groups each group set keeps at this event, by key, where the selection fixes the count before scoring (read by
+    # a criterion whose own procedure stops at the target: mutual information's random pairs)
+    keep: dict[str, int] = field(default_factory=dict)
 
     def act_norm(self, weight_name: str) -> torch.Tensor:
         """‖X_j‖₂ over calibration tokens for the Linear owning ``weight_name``."""

@@ -166,8 +166,9 @@ class Pruner:
                 self.select_weight(name, ctx, self.rate(layer))
             return
         gs = self.targets.group_sets[layer]
-        scores = alloc.exclude_pruned(self.criterion.group_scores(gs, ctx).float(), self.masks.groups.get(gs.key))
         keep_n = alloc.keep_counts_uniform([gs.count], self.rate(layer), gs.partitions)[0]
+        ctx.keep[gs.key] = keep_n  # a criterion whose procedure stops at the target reads it
+        scores = alloc.exclude_pruned(self.criterion.group_scores(gs, ctx).float(), self.masks.groups.get(gs.key))
         keep_n = max(keep_n, self.criterion.min_keep_count(gs))  # a criterion's own stopping rule (MI threshold)
         self.masks.set_groups(gs, alloc.topk_keep(scores, keep_n, gs.partitions), self.options.monotone)
         self.kept[layer] = int(self.masks.groups[gs.key].sum())
