@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
-from ..stats import ActivationStats, GradientStats, GroupGradientStats
+from ..stats import ActivationStats, GradientCollector, GradientStats, GroupGradientStats
 from ..structure import GroupSet
 
 CRITERIA: dict[str, type[Criterion]] = {}
@@ -62,6 +62,19 @@ class ScoreContext:
                 "HINT: read them inside GradientCollector.whole([...])"
             )
         return self.grad[weight_name].sums[kind]
+
+
+class BatchLearner(Protocol):
+    """Criterion options learned from the batches of a scoring window (:meth:`Criterion.batch_learner`)."""
+
+    def close_batch(self, gradients: GradientCollector) -> bool: ...
+    def reduce(self, group=None) -> None: ...
+    def learned(self) -> dict: ...
+    def reset(self) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def merged_state_dict(self, group=None) -> dict: ...
+    def load_merged_state_dict(self, state: dict, rank: int) -> None: ...
 
 
 @dataclass
@@ -129,6 +142,19 @@ class Criterion:
             s = (s.movedim(m.dim, 0) if m.dim else s).reshape(gs.count, -1).sum(1)
             total = total.to(s.device) + s
         return total
+
+    def batch_learner(self, group_sets: list[GroupSet]) -> BatchLearner | None:
+        """What this criterion learns batch by batch from a training run's scoring window (SAAP's σ), or ``None``
+        (default): the callbacks close a batch after every optimiser step and pass the criterion options it learned
+        to the event."""
+        return None
+
+    def group_densities(self, sets: list[GroupSet], ctx: ScoreContext) -> list[torch.Tensor]:
+        """Importance per parameter of the groups of ``sets`` (group sets of different kinds compared in one
+        parameter budget, ``mlp_neuron+attention_head``), comparable across the sets. Default: the group score over
+        the group's parameter count, right for scores that add up over a group's weights; a criterion that
+        normalises its scores says how they compare across kinds (SAAP)."""
+        return [self.group_scores(gs, ctx).float() / gs.params_per_group for gs in sets]
 
     def check_granularity(self, granularity: str) -> None:
         from ..options import Granularity
