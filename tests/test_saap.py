@@ -16,7 +16,7 @@ import pruning
 from pruning.allocation import ranking
 from pruning.allocation.ranking import SAAPEstimate, saap_scores
 from pruning.importance import ScoreContext, get_criterion
-from pruning.importance.saap import fuse, learn_uncertainty_weights, normalise
+from pruning.importance.saap import element_term, fuse, learn_uncertainty_weights, normalise
 from pruning.stats import GradientStats, GroupGradientStats
 from pruning.structure import GroupSet, Member
 
@@ -128,6 +128,116 @@ def test_saap_scores_on_a_model_match_prune():
     # attention groups (KV groups) are scored too
     res = pruning.prune(tiny_model("llama", 2), data, "saap", 0.5, "attention_head", progress=False)
     assert res.info["kept_groups_per_layer"] == {0: 1, 1: 1}
+
+
+def test_saap_second_order_element_term_hand_computed():
+    """I_elem + ½ Σ w²·Σ_n g_n² per group (LLM-Pruner's diagonal second-order part from the same gradients)."""
+    gs, ctx = _stats_case()
+    ctx.weights = {"a.weight": T([[1.0, 2.0], [1.0, 1.0]]), "b.weight": torch.ones(2, 2)}
+    for name, v in (("a.weight", [[2.0, 1.0], [0.0, 4.0]]), ("b.weight", [[1.0, 1.0], [2.0, 0.0]])):
+        ctx.grad[name].sums["sum_sq"] = T(v)
+    # group 0: a row 0 (½·(1·2 + 4·1) = 3) + b column 0 (½·(1·1 + 1·2) = 1.5); group 1: ½·(0 + 4) + ½·(1 + 0) = 2.5
+    torch.testing.assert_close(element_term(gs, ctx, second_order=True), T([4.0 + 4.5, 6.0 + 2.5]))
+    crit = get_criterion("saap", second_order=True)
+    assert crit.grad_kinds == ("sum_abs_gw", "sum_sq") and get_criterion("saap").grad_kinds == ("sum_abs_gw",)
+    # end to end: the estimate carries the option, and pruning.prune with it keeps the estimate's top groups
+    model = tiny_model("llama", 2)
+    data = calib(6, seq=12, batch=2)
+    est = saap_scores(model, data, "mlp_neuron", second_order=True, progress=False)
+    assert est.criterion_options()["second_order"] is True
+    result = pruning.prune(
+        model, data, "saap", 0.25, "mlp_neuron", criterion_options=est.criterion_options(), progress=False
+    )
+    for key in est.keys:
+        expected = torch.zeros(64, dtype=torch.bool)
+        expected[torch.topk(est.scores[key], 48).indices] = True
+        assert torch.equal(result.masks.groups[key].cpu(), expected), key
+    first = saap_scores(model, data, "mlp_neuron", progress=False)
+    assert not torch.equal(first.scores["mlp_neuron.0"], est.scores["mlp_neuron.0"])
+
+
+# ------------------------------------------------------------------------------------------ heads and neurons at once
+JOINT = "mlp_neuron+attention_head"
+NEURON, KV_GROUP = 3 * 32, (16 + 8 + 8 + 16) * 32  # parameters of one MLP neuron and one KV group of the tiny Llama
+
+
+def _joint_model():
+    """Layer 0's KV group 1 barely contributes (its v rows scaled down): cheap per parameter, it should go."""
+    model = tiny_model("llama", 2, seed=3)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.v_proj.weight[8:].mul_(1e-3)
+    return model
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_saap_joint_prunes_heads_and_neurons_under_one_budget(allocation):
+    model = _joint_model()
+    data = calib(6, seq=12, batch=2)
+    est = saap_scores(model, data, JOINT, progress=False)
+    assert set(est.keys) == {"mlp_neuron.0", "attention_head.0", "mlp_neuron.1", "attention_head.1"}
+    res = pruning.prune(
+        model,
+        data,
+        "saap",
+        0.25,
+        JOINT,
+        allocation=allocation,
+        criterion_options=est.criterion_options(),
+        progress=False,
+    )
+    removed = {k: int((~m).sum()) for k, m in res.masks.groups.items()}
+    per_layer = 64 * NEURON + 2 * KV_GROUP
+    budgets = res.info["joint_budgets"]
+    if allocation == "uniform":  # each layer: 25 % of its MLP and attention parameters
+        for layer in range(2):
+            gone = removed[f"mlp_neuron.{layer}"] * NEURON + removed[f"attention_head.{layer}"] * KV_GROUP
+            assert budgets[layer] == {"budget": per_layer // 4, "removed": gone}
+            assert per_layer // 4 - NEURON < gone <= per_layer // 4  # the target, to within one neuron
+    else:  # one budget over the model
+        gone = sum(removed[f"mlp_neuron.{i}"] * NEURON + removed[f"attention_head.{i}"] * KV_GROUP for i in range(2))
+        assert budgets["model"] == {"budget": 2 * per_layer // 4, "removed": gone}
+        assert 2 * per_layer // 4 - NEURON < gone <= 2 * per_layer // 4
+    assert not res.masks.groups["attention_head.0"][1]  # the planted cheap KV group went...
+    assert removed["mlp_neuron.0"] > 0  # ... with neurons making up the rest of the budget
+    assert res.report.targeted.pruned == sum(budgets[k]["removed"] for k in budgets)
+    # within a kind the groups go in order of fused importance per parameter
+    crit = get_criterion("saap", **est.criterion_options())
+    for key, dens in est.scores.items():
+        keep = res.masks.groups[key].cpu()
+        if (~keep).any() and keep.any():
+            assert dens[~keep].max() <= dens[keep].min(), key
+    assert crit.granularities[-1] == JOINT
+    # the pruned model compacts into smaller layers with the same logits
+    ids = data[0]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        pruning.compact(model, res.masks)
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert model.model.layers[0].self_attn.k_proj.out_features == 8  # one KV group left in layer 0
+
+
+def test_joint_granularity_is_refused_where_unsupported():
+    with pytest.raises(ValueError, match="does not support granularity='mlp_neuron\\+attention_head'"):
+        pruning.PruneOptions(method="sdm", granularity=JOINT)
+    est = saap_scores(_joint_model(), calib(4, seq=12, batch=2), JOINT, progress=False)
+    with pytest.raises(ValueError, match="one rate per layer for one kind"):
+        ranking.saap_layer_rates(est, 0.25)
+
+
+def test_saap_learn_sigma_needs_a_window():
+    with pytest.raises(ValueError, match="cannot also be given"):
+        get_criterion("saap", learn_sigma=True, sigma=[1.0, 1.0])
+    with pytest.raises(ValueError, match="HINT: in pruning.prune learn σ first with"):
+        pruning.prune(
+            tiny_model("llama", 2),
+            calib(4, seq=12),
+            "saap",
+            0.25,
+            "mlp_neuron",
+            criterion_options={"learn_sigma": True},
+            progress=False,
+        )
 
 
 # ------------------------------------------------------------------------------------------------- the ranking
@@ -266,6 +376,46 @@ def test_saap_through_the_callbacks_equals_core(source, tmp_path):
         progress=False,
     )
     assert [int(pc.masks.groups[f"mlp_neuron.{i}"].sum()) for i in range(2)] == [56, 40]
+    for k in res.masks.groups:
+        assert torch.equal(pc.masks.groups[k], res.masks.groups[k]), k
+
+
+@pytest.mark.parametrize("granularity", ["mlp_neuron", JOINT])
+def test_sigma_learned_in_the_callback_equals_the_pre_pass(granularity):
+    """learn_sigma: the callbacks learn σ from the scoring window, one batch per optimiser step (2 sequences under
+    accumulate_grad_batches=2); the pre-pass saap_scores on the same 4 batches learns the same σ, and the event's
+    masks are pruning.prune's with that σ."""
+    import copy
+
+    from pruning.callbacks import ImportanceCallback, PruningCallback
+
+    from pruning.lightning.module import DistillationModule
+    from pruning.schedule import Schedule
+
+    cfg = dict(CFG, num_hidden_layers=2)
+    module = DistillationModule(config=cfg, attn_implementation="eager")
+    ref = copy.deepcopy(module.student).eval()
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, 128, (16,), generator=g) for _ in range(8)]
+    pc = PruningCallback("saap", granularity, Schedule(step=4, sparsity=0.25), criterion_options={"learn_sigma": True})
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=5,
+        accumulate_grad_batches=2,
+        callbacks=[ImportanceCallback(), pc],
+    )
+    trainer.fit(module, DataLoader([{"input_ids": s} for s in seqs] * 2, batch_size=1))
+    learned = pc.history[0]["learned"]
+    steps = [torch.stack(seqs[i : i + 2]) for i in range(0, 8, 2)]
+    est = saap_scores(ref, steps, granularity, progress=False)
+    expected = est.criterion_options()
+    assert learned["sigma"] == pytest.approx(expected["sigma"], rel=1e-5)
+    assert learned["learn_sigma"] is False and learned["sigma"] != [1.0, 1.0]
+    res = pruning.prune(ref, steps, "saap", 0.25, granularity, criterion_options=learned, progress=False)
     for k in res.masks.groups:
         assert torch.equal(pc.masks.groups[k], res.masks.groups[k]), k
 
