@@ -420,6 +420,40 @@ def test_sigma_learned_in_the_callback_equals_the_pre_pass(granularity):
         assert torch.equal(pc.masks.groups[k], res.masks.groups[k]), k
 
 
+def _sigma_run(max_steps: int, ckpt: str | None = None) -> tuple[list[dict], pl.Trainer]:
+    from pruning.callbacks import ImportanceCallback, PruningCallback
+    from test_lightning import Resumable
+
+    from pruning.lightning.module import DistillationModule
+    from pruning.schedule import Schedule
+
+    pl.seed_everything(0, verbose=False)
+    module = DistillationModule(config=dict(CFG, num_hidden_layers=2), attn_implementation="eager")
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 128, (16,), generator=g)} for _ in range(6)]
+    pc = PruningCallback("saap", "mlp_neuron", Schedule(step=4, sparsity=0.25), criterion_options={"learn_sigma": True})
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=max_steps,
+        callbacks=[ImportanceCallback(), pc],
+    )
+    trainer.fit(module, Resumable(data, batch_size=1, shuffle=False), ckpt_path=ckpt)
+    return pc.history, trainer
+
+
+def test_learned_sigma_survives_a_resume_mid_window(tmp_path):
+    full, _ = _sigma_run(5)
+    _, trainer = _sigma_run(2)  # two of the window's four batches closed
+    path = str(tmp_path / "step2.ckpt")
+    trainer.save_checkpoint(path)
+    resumed, _ = _sigma_run(5, ckpt=path)
+    assert resumed[0]["learned"]["sigma"] == pytest.approx(full[0]["learned"]["sigma"], rel=1e-6)
+
+
 def test_rates_file_errors_name_the_key(tmp_path):
     import json
 
