@@ -551,3 +551,104 @@ def test_group_finetune_validates():
         GroupFinetuneCallback(mode="freeze")
     cb = GroupFinetuneCallback(groups=3, steps_per_group=10, start_step=5, cycle=False)
     assert [cb.turn(s) for s in (0, 5, 14, 15, 34, 35)] == [None, 0, 0, 1, 2, None]
+
+
+# ------------------------------------------------------------------------------------- quantized frozen groups
+def test_int8_linear_round_trip_and_gradients():
+    from pruning.quantize import dequantized, freeze_int8, is_int8, thaw
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 4)
+    with torch.no_grad():
+        lin.weight[0, :3] = 0.0  # pruned weights
+    ref = lin.weight.detach().clone()
+    lin.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires grad"):
+        freeze_int8(torch.nn.Linear(2, 2))
+    freeze_int8(lin)
+    assert lin.weight.dtype == torch.int8 and is_int8(lin)
+    w = dequantized(lin)
+    step = ref.abs().amax(1, keepdim=True) / 127
+    assert ((w - ref).abs() <= step / 2 + 1e-7).all() and (w[0, :3] == 0).all()
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    y = lin(x)
+    y.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    y2 = torch.nn.functional.linear(x2, w, lin.bias)
+    y2.square().sum().backward()
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(x.grad, x2.grad)  # the gradient flows through the int8 layer
+    thaw(lin)
+    assert lin.weight.dtype == torch.float32 and not is_int8(lin) and torch.equal(lin.weight, w)
+    torch.testing.assert_close(lin(x2), y2)
+
+
+class Int8Watch(pl.Callback):
+    """Per optimiser step: the dtype of every layer's gate_proj weight and the dequantized values of all."""
+
+    def __init__(self) -> None:
+        self.dtypes: list[list[torch.dtype]] = []
+        self.values: list[list[torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from pruning.quantize import dequantized, is_int8
+
+        lins = [layer.mlp.gate_proj for layer in pl_module.student.model.layers]
+        self.dtypes.append([lin.weight.dtype for lin in lins])
+        self.values.append([(dequantized(lin) if is_int8(lin) else lin.weight.detach()).clone() for lin in lins])
+
+
+def test_group_finetune_with_quantized_frozen_groups(tmp_path):
+    from pruning.lightning.module import DistillationModule
+
+    pl.seed_everything(0, verbose=False)
+    module = DistillationModule(config=CFG, attn_implementation="eager", lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(0, 128, (16,), generator=g)} for _ in range(8)]
+    watch = Int8Watch()
+    cb = GroupFinetuneCallback(groups=2, steps_per_group=2, start_step=1, mode="requires_grad", quantize=True)
+
+    class Save(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            if trainer.global_step == 2:
+                trainer.save_checkpoint(str(tmp_path / "mid.ckpt"))
+
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=5,
+        callbacks=[cb, watch, Save()],
+    )
+    trainer.fit(module, DataLoader(data, batch_size=1))
+    f32, i8 = torch.float32, torch.int8
+    assert watch.dtypes[0] == [f32] * 4  # step 0: before start_step, everything full precision
+    assert watch.dtypes[1] == watch.dtypes[2] == [f32, f32, i8, i8]  # group 0's turn: group 1 held as int8
+    assert watch.dtypes[3] == watch.dtypes[4] == [i8, i8, f32, f32]
+    v = watch.values
+    assert not torch.equal(v[1][0], v[2][0])  # group 0 trains through the int8 layers after it
+    assert torch.equal(v[1][2], v[2][2])  # the frozen group does not move while int8
+    assert torch.equal(v[3][0], v[4][0])  # nor does group 0 once it is frozen in its turn ...
+    half_step = v[2][0].abs().amax(1, keepdim=True) / 254
+    assert ((v[3][0] - v[2][0]).abs() <= half_step + 1e-7).all()  # ... having taken the int8 rounding at the switch
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in module.student.parameters())  # restored
+    saved = torch.load(tmp_path / "mid.ckpt", weights_only=True)["state_dict"]
+    assert all(t.dtype == torch.float32 for t in saved.values())  # checkpoints hold dequantized weights
+    with pytest.raises(ValueError, match="HINT: set mode: requires_grad"):
+        GroupFinetuneCallback(quantize=True)
+
+
+def test_group_finetune_quantize_refuses_a_later_pruning_event():
+    from pruning.callbacks import ImportanceCallback, PruningCallback
+
+    from pruning.lightning.module import DistillationModule
+    from pruning.schedule import Schedule
+
+    module = DistillationModule(config=CFG, attn_implementation="eager")
+    cb = GroupFinetuneCallback(groups=2, steps_per_group=2, start_step=1, mode="requires_grad", quantize=True)
+    pc = PruningCallback("magnitude", "mlp_neuron", Schedule(step=3, sparsity=0.25))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, max_steps=2, callbacks=[ImportanceCallback(), pc, cb])
+    with pytest.raises(ValueError, match="HINT: set start_step after the last pruning event"):
+        trainer.fit(module, DataLoader([{"input_ids": torch.zeros(16, dtype=torch.long)}] * 4, batch_size=1))
