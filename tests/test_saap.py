@@ -23,6 +23,20 @@ from pruning.structure import GroupSet, Member
 T = torch.tensor
 
 
+def quiet_trainer(max_steps: int, callbacks: list, **kw) -> pl.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary."""
+    return pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        **kw,
+    )
+
+
 # ------------------------------------------------------------------------------------------------- the criterion
 def _stats_case():
     """Two groups: row g of a.weight [2, 2] and column g of b.weight [2, 2]."""
@@ -354,15 +368,7 @@ def test_saap_through_the_callbacks_equals_core(source, tmp_path):
         pc = PruningCallback(
             "saap", "mlp_neuron", Schedule(step=4, sparsity=0.25), allocation="rates", rates_file=str(path)
         )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_steps=5,
-        callbacks=[ImportanceCallback(), pc],
-    )
+    trainer = quiet_trainer(5, [ImportanceCallback(), pc])
     trainer.fit(module, DataLoader([{"input_ids": s} for s in seqs] * 2, batch_size=1))
     res = pruning.prune(
         ref,
@@ -398,16 +404,7 @@ def test_sigma_learned_in_the_callback_equals_the_pre_pass(granularity):
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 128, (16,), generator=g) for _ in range(8)]
     pc = PruningCallback("saap", granularity, Schedule(step=4, sparsity=0.25), criterion_options={"learn_sigma": True})
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_steps=5,
-        accumulate_grad_batches=2,
-        callbacks=[ImportanceCallback(), pc],
-    )
+    trainer = quiet_trainer(5, [ImportanceCallback(), pc], accumulate_grad_batches=2)
     trainer.fit(module, DataLoader([{"input_ids": s} for s in seqs] * 2, batch_size=1))
     learned = pc.history[0]["learned"]
     steps = [torch.stack(seqs[i : i + 2]) for i in range(0, 8, 2)]
@@ -432,15 +429,7 @@ def _sigma_run(max_steps: int, ckpt: str | None = None) -> tuple[list[dict], pl.
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": torch.randint(0, 128, (16,), generator=g)} for _ in range(6)]
     pc = PruningCallback("saap", "mlp_neuron", Schedule(step=4, sparsity=0.25), criterion_options={"learn_sigma": True})
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_steps=max_steps,
-        callbacks=[ImportanceCallback(), pc],
-    )
+    trainer = quiet_trainer(max_steps, [ImportanceCallback(), pc])
     trainer.fit(module, Resumable(data, batch_size=1, shuffle=False), ckpt_path=ckpt)
     return pc.history, trainer
 
@@ -522,15 +511,7 @@ def test_group_finetune_trains_one_group_at_a_time(mode):
     data = [{"input_ids": torch.randint(0, 128, (16,), generator=g)} for _ in range(8)]
     snaps = Snapshots()
     cb = GroupFinetuneCallback(groups=2, steps_per_group=2, start_step=1, mode=mode)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_steps=6,
-        callbacks=[cb, snaps],
-    )
+    trainer = quiet_trainer(6, [cb, snaps])
     trainer.fit(module, DataLoader(data, batch_size=1))
     assert cb.layer_groups == [[0, 1], [2, 3]]
     s = snaps.states
@@ -613,15 +594,7 @@ def test_group_finetune_with_quantized_frozen_groups(tmp_path):
             if trainer.global_step == 2:
                 trainer.save_checkpoint(str(tmp_path / "mid.ckpt"))
 
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        max_steps=5,
-        callbacks=[cb, watch, Save()],
-    )
+    trainer = quiet_trainer(5, [cb, watch, Save()])
     trainer.fit(module, DataLoader(data, batch_size=1))
     f32, i8 = torch.float32, torch.int8
     assert watch.dtypes[0] == [f32] * 4  # step 0: before start_step, everything full precision
