@@ -489,6 +489,8 @@ def test_search_and_ranking_command_lines(tmp_path, capsys):
     rank_command.main(["--model", str(tmp_path / "m"), "--target", "0.25", "--out", str(out), *data])
     written = json.loads(out.read_text())
     assert sum(written["layer_rates"]) / 2 == 0.25 and len(written["criterion_options"]["sigma"]) == 2
+    rank_command.main(["--model", str(tmp_path / "m"), "--target", "0.25", "--out", str(out), "--second-order", *data])
+    assert json.loads(out.read_text())["criterion_options"]["second_order"] is True
 
 
 def test_search_command_line_with_an_endpoint(tmp_path, monkeypatch):
