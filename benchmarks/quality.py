@@ -99,8 +99,8 @@ SDM_ALPHA, SDM_TEMPERATURE = 0.42, 0.5  # stage B: the paper's 30 % row
 # Self-Pruner's search, scaled down from the paper's 30 × 20 generations (10 mutations, 10 crossovers) to fit a CPU
 # run: ~60 candidates per setting, each one held-out pass over the fitness split
 DEFAULT_SEARCH = {"population": 10, "generations": 5, "mutations": 5, "crossovers": 5}
-# the MI paper's procedure: ρ above the threshold makes a pair redundant; 0.35 lets every layer of the reference model
-# lose more than half its neurons (the lowest layer can lose 6x%, measured with --mi-check), 5 seeds, the KL-closest
+# the MI paper's procedure: ρ above the threshold makes a pair redundant; the threshold lets every layer of the
+# reference model lose more than half its neurons (what each layer could lose is reported), 5 seeds, the KL-closest
 MI_RANDOM_PAIRS = {"mode": "random_pairs", "threshold": 0.35, "seeds": 5}
 
 
@@ -287,7 +287,7 @@ def apply_method(model, method: Method, setting: Setting, calib, shared: Shared)
             extra["search_llm_origins"] = [c["origin"] for c in found.history["generations"][-1]["population"]]
     if rates is not None:
         allocation = "rates"
-    return prune(
+    result = prune(
         model,
         calib,
         method.criterion,
@@ -298,7 +298,12 @@ def apply_method(model, method: Method, setting: Setting, calib, shared: Shared)
         criterion_options=opts,
         gradients=grads,
         progress=False,
-    ), extra
+    )
+    if opts.get("mode") == "random_pairs":  # MI's paper procedure: what each layer could remove, the seed it kept
+        diag = result.info["diagnostics"]
+        extra["mi_removable"] = {k: d["removed_per_seed"][d["chosen_seed"]] for k, d in sorted(diag.items())}
+        extra["mi_chosen_seed"] = {k: d["chosen_seed"] for k, d in sorted(diag.items())}
+    return result, extra
 
 
 def joint_cell(model, setting: Setting, calib, shared: Shared) -> tuple:
@@ -763,7 +768,25 @@ def non_uniform(results: dict) -> list[str]:
                 f"; search-split perplexity {r['search_fitness']:.3f} vs {r['search_uniform_fitness']:.3f} "
                 f"for uniform rates ({r['search_evaluations']} candidates scored, {r['search_s']:.0f}s)"
             )
+        if r.get("search_llm"):
+            used = ", ".join(f"{op} {c['used']}/{c['proposed']}" for op, c in r["search_llm"].items())
+            line += f"; operator answers used: {used}"
         out.append(line + ".")
+    for r in results["rows"]:
+        if "joint_kept" in r:
+            kept = r["joint_kept"]
+            heads = [kept[k] for k in kept if k.startswith("attention_head")]
+            neurons = [kept[k] for k in kept if k.startswith("mlp_neuron")]
+            out.append(
+                f"- {r['method']}, {r['setting']}: KV groups kept per layer {heads}, MLP neurons kept {neurons} "
+                f"({r['joint_removed_per_layer']:,} parameters removed per layer at most)."
+            )
+        if "mi_removable" in r:
+            removable, seeds = list(r["mi_removable"].values()), list(r["mi_chosen_seed"].values())
+            out.append(
+                f"- {r['method']}, {r['setting']}: neurons the threshold lets go per layer {removable}, seeds kept "
+                f"by the KL criterion {seeds}."
+            )
     return out or ["- none in this run."]
 
 
@@ -835,7 +858,7 @@ def markdown(results: dict, settings: list[Setting], methods: list[Method]) -> s
         "",
         *identical_masks(results, settings),
         "",
-        "## Non-uniform allocations",
+        "## Non-uniform allocations, joint selection, MI's random pairs",
         "",
         *non_uniform(results),
         "",
