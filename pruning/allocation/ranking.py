@@ -20,7 +20,7 @@ from ..importance.saap import (
     Normalise,
     element_term,
     fuse,
-    layer_densities,
+    fused_densities,
     learn_sigmas,
     normalise,
     sigma_options,
@@ -146,6 +146,18 @@ class SAAPEstimate:
         return {**out, "second_order": True} if self.second_order else out
 
 
+def _batch(per_batch: dict, b: int) -> tuple[dict, dict]:
+    """Batch ``b``'s vector and element terms, by key."""
+    return {k: t[b][0] for k, t in per_batch.items()}, {k: t[b][1] for k, t in per_batch.items()}
+
+
+def _joint_fused(vec: dict, elem: dict, group_sets: list, sigmas: dict) -> dict[str, torch.Tensor]:
+    """The fused importance per parameter the joint selection compares (:meth:`SAAP.group_densities`), by key."""
+    keys = [gs.key for gs in group_sets]
+    fused = fused_densities([vec[k] for k in keys], [elem[k] for k in keys], group_sets, [sigmas[k] for k in keys])
+    return dict(zip(keys, fused))
+
+
 def saap_scores(
     model: nn.Module,
     calibration: Iterable[torch.Tensor],
@@ -194,19 +206,8 @@ def saap_scores(
     keys = [gs.key for gs in group_sets]
     sigmas, history = learn_sigmas(per_batch, how, per_layer_sigma, group_sets)
     if len({gs.kind for gs in group_sets}) > 1:  # joint: fused importance per parameter, normalised per layer
-
-        def fused(vec: dict, elem: dict) -> dict[str, torch.Tensor]:
-            v, e = (
-                layer_densities([vec[k] for k in keys], group_sets),
-                layer_densities([elem[k] for k in keys], group_sets),
-            )
-            return {k: fuse(a, b, sigmas[k]) - math.log(sigmas[k][0] * sigmas[k][1]) for k, a, b in zip(keys, v, e)}
-
-        scores = fused(total_vec, total_elem)
-        per = [
-            fused({k: per_batch[k][b][0] for k in keys}, {k: per_batch[k][b][1] for k in keys})
-            for b in range(len(batches))
-        ]
+        scores = _joint_fused(total_vec, total_elem, group_sets, sigmas)
+        per = [_joint_fused(*_batch(per_batch, b), group_sets, sigmas) for b in range(len(batches))]
         batch_scores = {k: [p[k] for p in per] for k in keys}
     else:
         scores = {k: fuse(normalise(total_vec[k], how), normalise(total_elem[k], how), sigmas[k]) for k in keys}

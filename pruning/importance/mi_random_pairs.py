@@ -70,6 +70,36 @@ def _one_pass(
     return removed, values
 
 
+def _layer_output_kl(Z: torch.Tensor, w_out: torch.Tensor | None, gone: torch.Tensor) -> float:
+    """KL of the layer's MLP output ``Z W_outᵀ`` (or ``Z``) without the neurons ``gone``, from the dense one."""
+    Zf = Z.float().cpu()
+    if w_out is None:
+        return gaussian_kl(Zf, Zf.index_fill(1, gone, 0.0))
+    W = w_out.float().cpu()
+    dense = Zf @ W.T
+    return gaussian_kl(dense, dense - Zf[:, gone] @ W[:, gone].T)
+
+
+def _ranking(constant, energy, active, removed, values, ent, act_energy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores (removal steps) and pair values: constant neurons first, then ``removed`` in order, then the rest."""
+    n = constant.numel()
+    scores = torch.zeros(n)
+    value = torch.full((n,), float("-inf"))
+    step = 0
+    for k in sorted(torch.nonzero(constant).flatten().tolist(), key=lambda k: (float(energy[k]), k)):
+        scores[k], value[k] = step, float("inf")
+        step += 1
+    for local, v in zip(removed, values):
+        k = int(active[local])
+        scores[k], value[k] = step, v
+        step += 1
+    left = set(range(active.numel())) - set(removed)
+    for local in sorted(left, key=lambda i: (float(ent[i]), float(act_energy[i]), -int(active[i]))):
+        scores[int(active[local])] = step
+        step += 1
+    return scores, value
+
+
 def random_pair_order(
     Z: torch.Tensor,
     *,
@@ -113,33 +143,12 @@ def random_pair_order(
     for s in range(seeds):
         order = np.random.default_rng([seed, s]).permutation(len(pairs))
         runs.append(_one_pass(Mn, pairs, order, act_energy, victim))
-    n_const = int(constant.sum())
-    need = None if keep is None else max(0, n - keep - n_const)
-    at = min(len(r[0]) for r in runs) if need is None else min([need] + [len(r[0]) for r in runs])
-    Zf = Z.float().cpu()
-    W = w_out.float().cpu() if w_out is not None else None
-    dense = Zf @ W.T if W is not None else Zf
-    kls = []
-    for removed, _ in runs:
-        gone = active[removed[:at]]
-        cut = Zf[:, gone] @ W[:, gone].T if W is not None else torch.zeros_like(Zf).index_copy_(1, gone, Zf[:, gone])
-        kls.append(gaussian_kl(dense, dense - cut))
+    need = None if keep is None else max(0, n - keep - int(constant.sum()))
+    at = min([len(r[0]) for r in runs] + ([need] if need is not None else []))
+    kls = [_layer_output_kl(Z, w_out, active[removed[:at]]) for removed, _ in runs]
     best = int(np.argmin(kls))
     removed, values = runs[best]
-    scores = torch.zeros(n)
-    value = torch.full((n,), float("-inf"))
-    step = 0
-    for k in sorted(torch.nonzero(constant).flatten().tolist(), key=lambda k: (float(energy[k]), k)):
-        scores[k], value[k] = step, float("inf")
-        step += 1
-    for local, v in zip(removed, values):
-        k = int(active[local])
-        scores[k], value[k] = step, v
-        step += 1
-    left = set(range(active.numel())) - set(removed)
-    for local in sorted(left, key=lambda i: (float(ent[i]), float(act_energy[i]), -int(active[i]))):
-        scores[int(active[local])] = step
-        step += 1
+    scores, value = _ranking(constant, energy, active, removed, values, ent, act_energy)
     info = {
         "mode": "random_pairs",
         "neurons": n,

@@ -81,6 +81,20 @@ def layer_densities(terms: Sequence[torch.Tensor], sets: Sequence[GroupSet]) -> 
     return out
 
 
+def fused_densities(
+    vec: Sequence[torch.Tensor],
+    elem: Sequence[torch.Tensor],
+    sets: Sequence[GroupSet],
+    sigmas: Sequence[Sequence[float]],
+) -> list[torch.Tensor]:
+    """The joint selection's fused importance per parameter of every set: both terms through
+    :func:`layer_densities`, weighted ``1/(2σ²)``; the constant ``log σ₁σ₂`` is left out (it is no importance)."""
+    out = []
+    for v, e, (s1, s2) in zip(layer_densities(vec, sets), layer_densities(elem, sets), sigmas):
+        out.append(v / (2 * s1 * s1) + e.to(v.device) / (2 * s2 * s2))
+    return out
+
+
 def fuse(vec: torch.Tensor, elem: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
     """``I = I_vec/(2σ₁²) + I_elem/(2σ₂²) + log σ₁σ₂`` (terms already normalised). The log term is the same for
     every group, so it changes no ranking; it is kept so that the score is the paper's."""
@@ -405,10 +419,6 @@ class SAAP(Criterion):
         """Fused importance per parameter, each term divided by its layer's mean per parameter over every set of
         the layer (:func:`layer_densities`); the constant ``log σ₁σ₂`` is left out (it is no importance)."""
         self._check_sigma()
-        vec = layer_densities([vector_term(gs, ctx) for gs in sets], sets)
-        elem = layer_densities([element_term(gs, ctx, self.second_order) for gs in sets], sets)
-        out = []
-        for gs, v, e in zip(sets, vec, elem):
-            s1, s2 = self.sigma_of(gs.key)
-            out.append(v / (2 * s1 * s1) + e.to(v.device) / (2 * s2 * s2))
-        return out
+        vec = [vector_term(gs, ctx) for gs in sets]
+        elem = [element_term(gs, ctx, self.second_order) for gs in sets]
+        return fused_densities(vec, elem, sets, [self.sigma_of(gs.key) for gs in sets])
