@@ -70,8 +70,10 @@ def _population(rng: random.Random, target: float, size: int) -> list[tuple[list
     return [(r, f) for (r, _), f in zip(pop, fits)]
 
 
-def _tournament(rng: random.Random, size: int, k: int = 3) -> int:
-    return min(rng.sample(range(size), min(k, size)))  # the population is sorted: the lowest index is the best
+def _tournament(rng: random.Random, size: int, picked: list[int], k: int = 3) -> int:
+    """The best of ``k`` drawn among those not ``picked`` (the population is sorted: the lowest index is the best)."""
+    rest = [i for i in range(size) if i not in picked]
+    return min(rng.sample(rest, min(k, len(rest))))
 
 
 def example(rng: random.Random, op: str, shown: int = 10) -> tuple[str, str]:
@@ -88,11 +90,9 @@ def example(rng: random.Random, op: str, shown: int = 10) -> tuple[str, str]:
         return writer.initialisation_prompt(count, LAYERS, target, MAX_RATE), "\n".join(map(_fmt, lists))
     if op == "selection":
         count = rng.choice([1, 2])
-        picks = [_tournament(rng, len(pop))]
-        while len(picks) < count:
-            j = _tournament(rng, len(pop))
-            if j not in picks:
-                picks.append(j)
+        picks: list[int] = []
+        for _ in range(count):
+            picks.append(_tournament(rng, len(pop), picks))
         purpose = "crossover" if count == 2 else "mutation"
         answer = "[" + ", ".join(map(str, picks)) + "]"
         return writer.selection_prompt(pop, count, purpose, target, MAX_RATE), answer

@@ -371,9 +371,9 @@ class ScriptedOperator:
         if "Select" in task:
             size = int(prompt.split("best first (")[1].split(" ")[0])
             picks: list[int] = []
-            while len(picks) < (2 if "two parents" in task else 1):
-                j = min(self.rng.sample(range(size), min(3, size)))
-                picks += [j] if j not in picks else []
+            for _ in range(2 if "two parents" in task else 1):  # tournaments of 3 among those not yet picked
+                rest = [i for i in range(size) if i not in picks]
+                picks.append(min(self.rng.sample(rest, min(3, len(rest)))))
             return "[" + ", ".join(map(str, picks)) + "]"
         parents = parse_rate_lists(lines[-2], n)[0]
         if len(parents) == 2:
