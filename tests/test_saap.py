@@ -625,3 +625,46 @@ def test_group_finetune_quantize_refuses_a_later_pruning_event():
     trainer = pl.Trainer(accelerator="cpu", logger=False, max_steps=2, callbacks=[ImportanceCallback(), pc, cb])
     with pytest.raises(ValueError, match="HINT: set start_step after the last pruning event"):
         trainer.fit(module, DataLoader([{"input_ids": torch.zeros(16, dtype=torch.long)}] * 4, batch_size=1))
+
+
+def _sigma_ddp_worker(rank: int, port: int, path: str) -> None:
+    import torch.distributed as dist
+
+    from pruning.options import PruneOptions
+    from pruning.pipeline import Pruner, collect_gradients
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = tiny_model("llama", 2)
+        pruner = Pruner(model, PruneOptions(method="saap", granularity="mlp_neuron", sparsity=0.25))
+        gradients = pruner.gradient_collector()
+        window = get_criterion("saap", learn_sigma=True).batch_learner(pruner.targets.group_sets)
+        for step in calib(8, seq=12, batch=2):  # a step: one sequence on each rank
+            collect_gradients(model, [step[rank : rank + 1]], gradients, progress=False)
+            window.close_batch(gradients)
+        merged = window.merged_state_dict()
+        window.reduce()
+        if rank == 0:
+            torch.save({"learned": window.learned(), "merged_seen": merged["seen"]}, path)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_sigma_window_over_two_ranks_equals_one_process(tmp_path):
+    """Each rank closes its own share of every step; reduced, σ is what one process learns on whole steps."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = str(tmp_path / "rank0.pt")
+    mp.start_processes(_sigma_ddp_worker, args=(port, path), nprocs=2, join=True, start_method="fork")
+    got = torch.load(path)
+    est = saap_scores(tiny_model("llama", 2), calib(8, seq=12, batch=2), "mlp_neuron", progress=False)
+    assert got["learned"]["sigma"] == pytest.approx(est.criterion_options()["sigma"], rel=1e-5)
+    assert got["merged_seen"] == 8  # the sample counts of both ranks, as the statistics' checkpoints merge them
