@@ -24,10 +24,20 @@ the granularity prunes a fresh copy of the dense model; cells a criterion does n
 - **Non-uniform rows** (per-layer rates with the same mean, so the same parameter count): ``wanda + OWL``,
   ``saap + ranking`` (SAAP's importance-fluctuation ranking of the layers,
   :func:`pruning.allocation.ranking.saap_layer_rates`)
-  and ``self-pruner (wanda)`` (Self-Pruner's evolutionary search of the layer rates with Wanda's group scores,
+  and ``self-pruner (classical)`` (Self-Pruner's evolutionary search of the layer rates with Wanda's group scores,
   :func:`pruning.allocation.search.search_rates`, scaled down to ``--search-population`` ×
   ``--search-generations``; fitness is
-  the perplexity on ``--search-windows`` seeded windows of the *train* stream, never the held-out files).
+  the perplexity on ``--search-windows`` seeded windows of the *train* stream, never the held-out files);
+  ``self-pruner (LLM operators)``: the same search with the paper's four operators (initialisation, parent
+  selection, crossover, mutation) asked of an operator model (``--operator-model``: by default the demo model
+  fine-tuned on operator prompts, :mod:`benchmarks.operator_model`; ``scripted`` for a scripted stand-in), each
+  unusable answer replaced by the classical operator and counted.
+- **Heads and neurons together**: ``saap (joint)`` prunes MLP neurons and KV groups in one event
+  (``granularity='mlp_neuron+attention_head'``) with a per-layer budget of exactly the parameters the column's
+  uniform setting removes (so the same parameter count), SAAP's σ learned on the joint normalisation.
+- **Mutual information, both procedures**: ``mutual_info (clustered)`` (the scalable greedy mode) and
+  ``mutual_info (random pairs)`` (the paper's own: random pairs, a threshold, the KL-chosen seed;
+  ``MI_RANDOM_PAIRS`` gives its threshold, chosen so that every layer can reach 50 %).
 - **Identical masks**: the sha256 of every pruned model's zero pattern is recorded; methods that pruned exactly the
   same weights are listed (with only 4 KV groups per layer, several criteria make the same choice).
 - **Held-out perplexity**: ``--eval-windows`` non-overlapping windows of ``seq_len`` tokens evenly spaced over the
@@ -72,11 +82,13 @@ import reference_model as refm  # noqa: E402
 
 from pruning import allocation as alloc  # noqa: E402
 from pruning import calibration_fingerprint, get_criterion, prune  # noqa: E402
+from pruning.allocation.operators import LLMOperator  # noqa: E402
 from pruning.allocation.ranking import (
     saap_layer_rates,  # noqa: E402
     saap_scores,  # noqa: E402
 )
 from pruning.allocation.search import search_rates  # noqa: E402
+from pruning.options import JOINT  # noqa: E402
 from pruning.pipeline import collect_gradients  # noqa: E402
 from pruning.stats import GradientCollector  # noqa: E402
 from pruning.structure import ModelStructure  # noqa: E402
@@ -92,6 +104,11 @@ SDM_ALPHA, SDM_TEMPERATURE = 0.42, 0.5  # stage B: the paper's 30 % row
 # Self-Pruner's search, scaled down from the paper's 30 × 20 generations (10 mutations, 10 crossovers) to fit a CPU
 # run: ~60 candidates per setting, each one held-out pass over the fitness split
 DEFAULT_SEARCH = {"population": 10, "generations": 5, "mutations": 5, "crossovers": 5}
+# the MI paper's procedure: ρ above the threshold makes a pair redundant. On the cpu reference model (256 sampled
+# tokens) ρ's 90th percentile over all pairs of a layer is 0.15-0.20; 0.2 is the highest of 0.12/0.15/0.18/0.2/0.22
+# at which every layer can lose more than half its neurons (720-922 of 1024; at 0.25 only 226-719): the target,
+# not the threshold, then decides. 5 seeds, the KL-closest kept. What each layer could lose is reported per cell.
+MI_RANDOM_PAIRS = {"mode": "random_pairs", "threshold": 0.2, "seeds": 5}
 
 
 @dataclass(frozen=True)
@@ -119,7 +136,9 @@ class Method:
     label: str
     criterion: str
     options: dict = field(default_factory=dict)
-    allocation: str = "uniform"  # uniform | owl | saap-ranking (SAAP's layer ranking) | search (Self-Pruner)
+    # uniform | owl | saap-ranking (SAAP's layer ranking) | search (Self-Pruner) | search-llm (its LLM operators) |
+    # joint (MLP neurons and KV groups under the setting's parameter budget)
+    allocation: str = "uniform"
     only: tuple[str, ...] | None = None  # granularities it runs at (default: all its criterion supports)
     scope: str | None = None  # unstructured comparison group (default: the criterion's own)
     form_of: str | None = None  # the default row this row is another form of (drawn dotted in that row's colour)
@@ -154,9 +173,13 @@ METHODS: list[Method] = [
     Method("sdm", "sdm"),
     Method("saap", "saap"),
     Method("saap + ranking", "saap", allocation="saap-ranking", only=("mlp_neuron", "attention_head")),
-    Method("mutual_info", "mutual_info", only=("mlp_neuron",)),
-    Method("self-pruner (wanda)", "wanda", allocation="search", only=("mlp_neuron", "attention_head")),
+    Method("mutual_info (clustered)", "mutual_info", only=("mlp_neuron",)),
+    Method("mutual_info (random pairs)", "mutual_info", MI_RANDOM_PAIRS, only=("mlp_neuron",)),
+    Method("saap (joint)", "saap", allocation="joint", only=("mlp_neuron", "attention_head")),
+    Method("self-pruner (classical)", "wanda", allocation="search", only=("mlp_neuron", "attention_head")),
+    Method("self-pruner (LLM operators)", "wanda", allocation="search-llm", only=("mlp_neuron", "attention_head")),
 ]
+RENAMED = {"mutual_info": "mutual_info (clustered)", "self-pruner (wanda)": "self-pruner (classical)"}  # old labels
 
 
 @dataclass
@@ -169,6 +192,7 @@ class Shared:
     search_heldout: list = field(default_factory=list)
     search: dict = field(default_factory=dict)  # population, generations, mutations, crossovers
     seed: int = 0
+    operator: LLMOperator | None = None  # Self-Pruner's operator model
 
 
 GRAD_KINDS = ("sum", "sum_sq", "sum_abs", "sum_abs_gw")
@@ -233,12 +257,14 @@ def apply_method(model, method: Method, setting: Setting, calib, shared: Shared)
             progress=False,
         ), {}
     opts = method.resolved_options(n_calib)
+    if method.allocation == "joint":
+        return joint_cell(model, setting, calib, shared)
     if method.criterion == "saap":
         opts.update(shared.saap_options[gran])
     grads = shared.gradients if get_criterion(method.criterion, **opts).needs_gradients else None
     extra: dict = {}
     allocation, rates = method.allocation, None
-    if allocation in ("saap-ranking", "search"):
+    if allocation in ("saap-ranking", "search", "search-llm"):
         # the mean rate that uniform width reaches (whole groups, rounded down in every layer): the same number of
         # groups pruned as the uniform rows, so the parameter counts are equal
         group_sets = ModelStructure(model).group_sets(gran)
@@ -248,7 +274,7 @@ def apply_method(model, method: Method, setting: Setting, calib, shared: Shared)
     if allocation == "saap-ranking":
         rates, indicator = saap_layer_rates(shared.saap_estimates[gran], s)
         extra = {"layer_rates": rates, "fluctuation": indicator}
-    elif allocation == "search":
+    elif allocation in ("search", "search-llm"):
         t = time.time()
         found = search_rates(
             model,
@@ -260,6 +286,7 @@ def apply_method(model, method: Method, setting: Setting, calib, shared: Shared)
             criterion_options=opts,
             seed=shared.seed,
             progress=False,
+            operator_model=shared.operator if allocation == "search-llm" else None,
             **shared.search,
         )
         rates = found.rates
@@ -270,9 +297,12 @@ def apply_method(model, method: Method, setting: Setting, calib, shared: Shared)
             "search_evaluations": len(found.history.get("evaluated", [])),
             "search_s": time.time() - t,
         }
+        if allocation == "search-llm":
+            extra["search_llm"] = found.history["stats"].get("llm", {})
+            extra["search_llm_origins"] = [c["origin"] for c in found.history["generations"][-1]["population"]]
     if rates is not None:
         allocation = "rates"
-    return prune(
+    result = prune(
         model,
         calib,
         method.criterion,
@@ -284,7 +314,41 @@ def apply_method(model, method: Method, setting: Setting, calib, shared: Shared)
         criterion_options=opts,
         gradients=grads,
         progress=False,
-    ), extra
+    )
+    if opts.get("mode") == "random_pairs":  # MI's paper procedure: what each layer could remove, the seed it kept
+        diag = result.info["diagnostics"]
+        extra["mi_removable"] = {k: d["removed_per_seed"][d["chosen_seed"]] for k, d in sorted(diag.items())}
+        extra["mi_chosen_seed"] = {k: d["chosen_seed"] for k, d in sorted(diag.items())}
+    return result, extra
+
+
+def joint_cell(model, setting: Setting, calib, shared: Shared) -> tuple:
+    """``saap (joint)``: MLP neurons and KV groups of every layer under one budget, the parameters the setting's
+    uniform pruning removes in that layer (so the same parameter count as the column's other rows)."""
+    structure = ModelStructure(model)
+    unit = structure.group_sets(setting.granularity)[0]  # every layer is the same
+    removed = (unit.count - alloc.keep_counts_uniform([unit.count], setting.sparsity, unit.partitions)[0]) * (
+        unit.params_per_group
+    )
+    targeted = sum(sum(gs.numels) for k in ("mlp_neuron", "attention_head") for gs in structure.group_sets(k)[:1])
+    fraction = (removed + 0.5) / targeted  # the budget is floor(fraction · targeted) = removed
+    result = prune(
+        model,
+        calib,
+        "saap",
+        fraction,
+        JOINT,
+        criterion_options=shared.saap_options[JOINT],
+        gradients=shared.gradients,
+        progress=False,
+    )
+    kept = result.info["kept_groups_per_layer"]
+    extra = {
+        "joint_fraction": fraction,
+        "joint_removed_per_layer": removed,
+        "joint_kept": {k: v for k, v in sorted(kept.items())},
+    }
+    return result, extra
 
 
 def recover(model, masks, batches: torch.Tensor, lr: float) -> list[float]:
@@ -294,6 +358,62 @@ def recover(model, masks, batches: torch.Tensor, lr: float) -> list[float]:
     losses = train(model, batches, config, masks=masks)
     model.eval()
     return losses
+
+
+class ScriptedOperator:
+    """A scripted operator 'model' (the stand-in when no model is built): it answers every prompt as the classical
+    operators would, reading the population, parents and counts from the prompt (``--operator-model scripted``)."""
+
+    name = "scripted (classical answers)"
+
+    def __init__(self, seed: int = 0) -> None:
+        import random
+
+        self.rng = random.Random(seed)
+
+    def generate(self, prompt: str) -> str:
+        from pruning.allocation.operators import parse_rate_lists
+
+        lines = prompt.splitlines()
+        task = lines[-1]
+        n = int(prompt.split("A model with ")[1].split(" ")[0])
+        target = float(prompt.split("must be ")[1].split(" ")[0])
+        if "initial population" in prompt:
+            count = int(task.split("Answer with ")[1].split(" ")[0])
+            rows = [[target + 0.1 * self.rng.gauss(0.0, 1.0) for _ in range(n)] for _ in range(count)]
+            return "\n".join(_rates(r) for r in rows)
+        if "Select" in task:
+            size = int(prompt.split("best first (")[1].split(" ")[0])
+            picks: list[int] = []
+            for _ in range(2 if "two parents" in task else 1):  # tournaments of 3 among those not yet picked
+                rest = [i for i in range(size) if i not in picks]
+                picks.append(min(self.rng.sample(rest, min(3, len(rest)))))
+            return "[" + ", ".join(map(str, picks)) + "]"
+        parents = parse_rate_lists(lines[-2], n)[0]
+        if len(parents) == 2:
+            return _rates([parents[self.rng.random() < 0.5][i] for i in range(n)])
+        child = list(parents[0])
+        for i in self.rng.sample(range(n), max(1, n // 2)):
+            child[i] = min(max(child[i] + 0.05 * self.rng.gauss(0.0, 1.0), 0.0), 0.899)
+        return _rates(child)
+
+
+def _rates(rates) -> str:
+    return "[" + ", ".join(f"{min(max(r, 0.0), 0.899):.3f}" for r in rates) + "]"
+
+
+def operator_for(spec: str | None, seed: int) -> tuple[LLMOperator, dict]:
+    """Self-Pruner's operator: ``scripted``, a local model path, or (default) the demo model fine-tuned on operator
+    prompts (:mod:`benchmarks.operator_model`, built and cached on first use)."""
+    if spec == "scripted":
+        return LLMOperator(ScriptedOperator(seed)), {"model": ScriptedOperator.name}
+    if spec is None:
+        import operator_model
+
+        path = operator_model.load_or_build()
+        info = json.loads((path / "operator_manifest.json").read_text())
+        return LLMOperator(str(path), max_new_tokens=448, seed=seed), {"model": str(path), **info}
+    return LLMOperator(spec, max_new_tokens=448, seed=seed), {"model": spec}
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -311,6 +431,7 @@ def run(
     seed: int = 0,
     search_windows: int = 16,
     search: dict | None = None,
+    operator: str | None = None,
     out: Path | None = Path("docs"),
     plots: bool = True,
     log: Callable[[str], None] = print,
@@ -372,12 +493,18 @@ def run(
     shared = Shared(search_heldout=list(split_batches(search_heldout, calib_batch)), search=search, seed=seed)
     if crits & {"taylor", "gblm", "sdm", "saap"}:
         t = time.time()
-        shared.gradients = shared_gradients(dense, calib, {"mlp_neuron", "attention_head"} & grans)
+        joint = any(m.allocation == "joint" for m in methods)
+        shared.gradients = shared_gradients(
+            dense,
+            calib,
+            {"mlp_neuron", "attention_head"} & (grans | ({"mlp_neuron", "attention_head"} if joint else set())),
+        )
         times["shared dense gradients"] = time.time() - t
         log(f"shared dense gradients: {times['shared dense gradients']:.0f}s")
     saap_sigmas: dict[str, list[float]] = {}
     if "saap" in crits:
-        for gran in sorted(grans & {"mlp_neuron", "attention_head", "query_head"}):
+        joint_grans = {JOINT} if any(m.allocation == "joint" for m in methods) else set()
+        for gran in sorted(grans & {"mlp_neuron", "attention_head", "query_head"} | joint_grans):
             t = time.time()
             # σ is learned from per-batch estimates: at least two batches
             est = saap_scores(
@@ -388,6 +515,11 @@ def run(
             saap_sigmas[gran] = list(next(iter(est.sigmas.values())))
             times[f"saap sigma {gran}"] = time.time() - t
             log(f"saap σ for {gran}: {saap_sigmas[gran]} ({times[f'saap sigma {gran}']:.0f}s)")
+
+    operator_info = None
+    if any(m.allocation == "search-llm" for m in methods):
+        shared.operator, operator_info = operator_for(operator, seed)
+        log(f"Self-Pruner's operator model: {operator_info['model']}")
 
     # ---- every cell
     for setting in settings:
@@ -497,6 +629,8 @@ def run(
                 "sha256": tensor_sha256(search_heldout),
             },
             "gradients": "dense-model CE gradients shared by taylor, gblm, sdm stage A, saap (one pass)",
+            "self_pruner_operator": operator_info,
+            "mutual_info_random_pairs": MI_RANDOM_PAIRS,
         },
         "settings": [asdict(s) for s in settings],
         "methods": [asdict(mm) for mm in methods],
@@ -596,7 +730,10 @@ HEAD_TO_HEAD = [
     ("sdm", "taylor (vector)", "SDM vs Taylor, vector form (|Σ g·w| per group, as SDM's)"),
     ("saap", "taylor", "SAAP (fused vector + element) vs Taylor"),
     ("wanda", "magnitude", "Wanda vs magnitude"),
-    ("mutual_info", "magnitude", "mutual information (redundancy) vs magnitude"),
+    ("mutual_info (clustered)", "magnitude", "mutual information (redundancy) vs magnitude"),
+    ("mutual_info (random pairs)", "mutual_info (clustered)", "MI: the paper's random pairs vs the clustered greedy"),
+    ("saap (joint)", "saap", "SAAP: heads and neurons under one budget vs one kind"),
+    ("self-pruner (LLM operators)", "self-pruner (classical)", "Self-Pruner: LLM operators vs classical"),
 ]
 
 
@@ -655,7 +792,25 @@ def non_uniform(results: dict) -> list[str]:
                 f"; search-split perplexity {r['search_fitness']:.3f} vs {r['search_uniform_fitness']:.3f} "
                 f"for uniform rates ({r['search_evaluations']} candidates scored, {r['search_s']:.0f}s)"
             )
+        if r.get("search_llm"):
+            used = ", ".join(f"{op} {c['used']}/{c['proposed']}" for op, c in r["search_llm"].items())
+            line += f"; operator answers used: {used}"
         out.append(line + ".")
+    for r in results["rows"]:
+        if "joint_kept" in r:
+            kept = r["joint_kept"]
+            heads = [kept[k] for k in kept if k.startswith("attention_head")]
+            neurons = [kept[k] for k in kept if k.startswith("mlp_neuron")]
+            out.append(
+                f"- {r['method']}, {r['setting']}: KV groups kept per layer {heads}, MLP neurons kept {neurons} "
+                f"({r['joint_removed_per_layer']:,} parameters removed per layer at most)."
+            )
+        if "mi_removable" in r:
+            removable, seeds = list(r["mi_removable"].values()), list(r["mi_chosen_seed"].values())
+            out.append(
+                f"- {r['method']}, {r['setting']}: neurons the threshold lets go per layer {removable}, seeds kept "
+                f"by the KL criterion {seeds}."
+            )
     return out or ["- none in this run."]
 
 
@@ -727,7 +882,7 @@ def markdown(results: dict, settings: list[Setting], methods: list[Method]) -> s
         "",
         *identical_masks(results, settings),
         "",
-        "## Non-uniform allocations",
+        "## Non-uniform allocations, joint selection, MI's random pairs",
         "",
         *non_uniform(results),
         "",
@@ -842,6 +997,26 @@ def write_outputs(results: dict, out: Path, settings: list[Setting], methods: li
         plot(results, settings, methods, out)
 
 
+def merge(earlier: dict, new: dict) -> dict:
+    """``new``'s rows in ``earlier`` (a run of other methods on the same reference model and protocol: checked by
+    the dense model's perplexity and the calibration hash), replacing rows of the same setting and method; old labels
+    are renamed (``RENAMED``). Times and protocol entries of ``new`` are added under their own names."""
+    if earlier["rows"][0]["ppl_before"] != new["rows"][0]["ppl_before"] or (
+        earlier["protocol"]["calibration"]["sha256"] != new["protocol"]["calibration"]["sha256"]
+    ):
+        raise SystemExit("--merge-into: the earlier run used another reference model or calibration set")
+    rows = [dict(r, method=RENAMED.get(r["method"], r["method"])) for r in earlier["rows"]]
+    fresh = {(r["setting"], r["method"]) for r in new["rows"][1:]}
+    rows = [r for r in rows if (r["setting"], r["method"]) not in fresh] + new["rows"][1:]
+    order = {m.label: i for i, m in enumerate(METHODS)}
+    rows = rows[:1] + sorted(
+        rows[1:], key=lambda r: ([s.key for s in SETTINGS].index(r["setting"]), order.get(r["method"], 99))
+    )
+    protocol = {**earlier["protocol"], **{k: v for k, v in new["protocol"].items() if k not in earlier["protocol"]}}
+    times = {**earlier["times"], **{f"merged run: {k}": v for k, v in new["times"].items()}}
+    return {**earlier, "rows": rows, "protocol": protocol, "times": times, "merged": new["generated"]}
+
+
 def pick(items, names: str | None, key) -> list:
     if not names:
         return list(items)
@@ -873,6 +1048,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--search-windows", type=int, default=16, help="Self-Pruner's fitness split (train stream)")
     ap.add_argument("--search-population", type=int, default=DEFAULT_SEARCH["population"])
     ap.add_argument("--search-generations", type=int, default=DEFAULT_SEARCH["generations"])
+    ap.add_argument(
+        "--operator-model",
+        default=None,
+        help="Self-Pruner's operator model for the LLM-operator row: a local path, 'scripted', or (default) the demo "
+        "model fine-tuned on operator prompts (benchmarks/operator_model.py, cached)",
+    )
+    ap.add_argument(
+        "--merge-into",
+        type=Path,
+        default=None,
+        help="merge this run's rows into an earlier quality.json (same reference model and protocol), write there",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--out", type=Path, default=Path("docs"))
     ap.add_argument(
@@ -884,6 +1071,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.from_json is not None:
         results = json.loads(args.from_json.read_text())
+        results["rows"] = [dict(r, method=RENAMED.get(r["method"], r["method"])) for r in results["rows"]]
         keys, labels = {r["setting"] for r in results["rows"]}, {r["method"] for r in results["rows"]}
         write_outputs(
             results, args.out, [s for s in SETTINGS if s.key in keys], [m for m in METHODS if m.label in labels]
@@ -896,7 +1084,7 @@ def main(argv: list[str] | None = None) -> dict:
     ref = refm.load_or_train(preset, args.cache, args.device, name=name)
     ref.model.to(args.device)
     print(f"reference model ready ({time.time() - t:.0f}s)")
-    return run(
+    results = run(
         ref,
         settings=pick(SETTINGS, args.settings, lambda s: s.key),
         methods=pick(METHODS, args.methods, lambda m: m.label),
@@ -908,8 +1096,16 @@ def main(argv: list[str] | None = None) -> dict:
         seed=args.seed,
         search_windows=args.search_windows,
         search={"population": args.search_population, "generations": args.search_generations},
-        out=args.out,
+        operator=args.operator_model,
+        out=args.out if args.merge_into is None else None,
     )
+    if args.merge_into is not None:
+        results = merge(json.loads(args.merge_into.read_text()), results)
+        keys, labels = {r["setting"] for r in results["rows"]}, {r["method"] for r in results["rows"]}
+        write_outputs(
+            results, args.out, [s for s in SETTINGS if s.key in keys], [m for m in METHODS if m.label in labels]
+        )
+    return results
 
 
 if __name__ == "__main__":

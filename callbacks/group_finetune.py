@@ -8,6 +8,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 
+from pruning.quantize import dequantized, freeze_int8, is_int8, thaw
 from pruning.structure import family_of
 
 from .export import find_hf_model
@@ -36,6 +37,13 @@ class GroupFinetuneCallback(pl.Callback):
 
     The turn is a function of ``trainer.global_step`` alone, so a resumed run continues in the same turn.
 
+    ``quantize`` (SAAP's "quantize and update", with ``mode: requires_grad``): during each turn the Linear weights of
+    the frozen groups are held as int8 per output row (:mod:`pruning.quantize`: a quarter of their fp32 memory),
+    computed with dequantized on the fly (the gradient still flows through them to earlier groups); when a group's
+    turn comes its weights are dequantized back and trained, carrying the int8 rounding. Pruned weights stay zero.
+    Checkpoints hold the dequantized values, and every weight is full precision again when training ends. Every
+    pruning event must come before ``start_step`` (scoring reads the weights).
+
     Args:
         groups: number of layer groups (contiguous, sizes differing by at most one layer).
         steps_per_group: optimiser steps of one turn.
@@ -43,6 +51,7 @@ class GroupFinetuneCallback(pl.Callback):
         cycle: after the last group, start again with the first (else: train everything from then on).
         train_outside_layers: also update embeddings, the final norm and the LM head in every turn.
         mode: ``drop_grads`` or ``requires_grad`` (see above).
+        quantize: hold the frozen groups' Linear weights as int8 during the turns (see above).
         model_attr: attribute of the LightningModule holding the Hugging Face model.
     """
 
@@ -54,6 +63,7 @@ class GroupFinetuneCallback(pl.Callback):
         cycle: bool = True,
         train_outside_layers: bool = False,
         mode: Literal["drop_grads", "requires_grad"] = "drop_grads",
+        quantize: bool = False,
         model_attr: str | None = None,
     ) -> None:
         if groups < 1:
@@ -64,13 +74,19 @@ class GroupFinetuneCallback(pl.Callback):
             raise ValueError(f"start_step={start_step} must be >= 0")
         if mode not in ("drop_grads", "requires_grad"):
             raise ValueError(f"mode={mode!r} must be 'drop_grads' or 'requires_grad'")
+        if quantize and mode != "requires_grad":
+            raise ValueError(
+                "quantize=true holds frozen weights as int8, which cannot have gradients. HINT: set mode: requires_grad"
+            )
         self.groups = groups
         self.steps_per_group = steps_per_group
         self.start_step = start_step
         self.cycle = cycle
         self.train_outside_layers = train_outside_layers
         self.mode = mode
+        self.quantize = quantize
         self.model_attr = model_attr
+        self._linears: list[list[torch.nn.Linear]] = []  # the Linear modules of each group (quantize)
         self.layer_groups: list[list[int]] = []
         self._members: list[set[int]] = []  # ids of the parameters of each group
         self._outside: set[int] = set()
@@ -93,6 +109,13 @@ class GroupFinetuneCallback(pl.Callback):
         self._members = [set() for _ in range(self.groups)]
         self._outside = set()
         self._params = {}
+        self._linears = [[] for _ in range(self.groups)]
+        for name, module in model.named_modules():
+            m = pattern.search(name + ".")
+            if isinstance(module, torch.nn.Linear) and m is not None and "lora_" not in name:
+                self._linears[group_of[int(m.group(1))]].append(module)
+        if self.quantize:
+            self._check_events_before_start(trainer)
         for name, p in model.named_parameters():
             self._params[id(p)] = p
             m = pattern.search(name)
@@ -100,6 +123,17 @@ class GroupFinetuneCallback(pl.Callback):
                 self._outside.add(id(p))
             else:
                 self._members[group_of[int(m.group(1))]].add(id(p))
+
+    def _check_events_before_start(self, trainer: pl.Trainer) -> None:
+        from .pruning import PruningCallback
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, PruningCallback) and cb.schedule.plan()[-1].step > self.start_step:
+                raise ValueError(
+                    f"quantize=true holds frozen weights as int8 from start_step={self.start_step}, but a pruning "
+                    f"event comes at step {cb.schedule.plan()[-1].step}, and scoring reads the weights. HINT: set "
+                    "start_step after the last pruning event"
+                )
 
     def turn(self, step: int) -> int | None:
         """The group trained at optimiser step ``step`` (``None``: no group fine-tuning at that step)."""
@@ -121,9 +155,17 @@ class GroupFinetuneCallback(pl.Callback):
         if self.mode == "requires_grad" and turn != self._turn:
             if self._saved_flags is None:
                 self._saved_flags = {i: p.requires_grad for i, p in self._params.items()}
+            if self.quantize:  # the active group (every group between turns) is full precision before it trains
+                for j, linears in enumerate(self._linears):
+                    for lin in linears if turn is None or j == turn else ():
+                        thaw(lin)
             active = self._active(turn) if turn is not None else set(self._params)
             for i, p in self._params.items():
                 p.requires_grad_(self._saved_flags[i] and i in active)
+            if self.quantize and turn is not None:
+                for j, linears in enumerate(self._linears):
+                    for lin in linears if j != turn else ():
+                        freeze_int8(lin)
         self._turn = turn
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
@@ -136,7 +178,19 @@ class GroupFinetuneCallback(pl.Callback):
                 if id(p) in self._params and id(p) not in active:
                     p.grad = None  # optimisers skip parameters without a gradient: no update, no decay
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """int8-held weights are saved dequantized (full precision, as the model's own state_dict would hold)."""
+        if not self.quantize:
+            return
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        for lin in (lin for linears in self._linears for lin in linears):
+            name = names.get(id(lin.weight))
+            if is_int8(lin) and name in checkpoint.get("state_dict", {}):
+                checkpoint["state_dict"][name] = dequantized(lin).cpu()
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for lin in (lin for linears in self._linears for lin in linears):
+            thaw(lin)
         if self._saved_flags is not None:
             for i, p in self._params.items():
                 p.requires_grad_(self._saved_flags[i])

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from pruning.distributed import DropGradients, drop_placeholder_optimizer_state, is_sharded
+from pruning.importance.base import BatchLearner
 from pruning.schedule import Event
 from pruning.stats import ActivationCollector, GradientCollector, token_mean_scales
 
@@ -82,6 +83,7 @@ class ImportanceCallback(pl.Callback):
         self.per_sample = per_sample
         self.activations: ActivationCollector | None = None
         self.gradients: GradientCollector | None = None
+        self.learner: BatchLearner | None = None
         self.events: list[Event] = []
         self.samples = 0
         self._active = False
@@ -109,8 +111,10 @@ class ImportanceCallback(pl.Callback):
         activations: ActivationCollector | None,
         gradients: GradientCollector | None,
         events: list[Event],
+        learner: BatchLearner | None = None,
     ) -> None:
-        """Collect ``activations`` / ``gradients`` in the windows before ``events`` (the pruning callback's)."""
+        """Collect ``activations`` / ``gradients`` in the windows before ``events`` (the pruning callback's); a
+        criterion's ``learner`` (SAAP's σ) closes a batch after every optimiser step of a window."""
         if gradients is not None and str(trainer.precision).startswith("16"):
             raise ValueError(
                 f"trainer.precision={trainer.precision!r}: fp16 loss scaling multiplies the gradients the statistics "
@@ -119,6 +123,7 @@ class ImportanceCallback(pl.Callback):
             )
         self.activations = activations
         self.gradients = gradients
+        self.learner = learner
         if activations is not None:
             activations.grad_enabled_only = True
         self.events = list(events)
@@ -179,6 +184,8 @@ class ImportanceCallback(pl.Callback):
             self.samples += 1
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if self._active and self.learner is not None and self.gradients is not None:
+            self.learner.close_batch(self.gradients)  # once per optimiser step: a batch of the window
         if self._active and self.freeze_weights:
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -235,10 +242,17 @@ class ImportanceCallback(pl.Callback):
             self.activations.reduce()
         if self.gradients is not None:
             self.gradients.reduce(lazy=lazy)
+        if self.learner is not None:
+            self.learner.reduce()
         return self.activations, self.gradients
 
+    def learned(self) -> dict:
+        """The criterion options learned from the window's batches (after :meth:`collected`; empty without a
+        learner)."""
+        return self.learner.learned() if self.learner is not None else {}
+
     def reset(self) -> None:
-        for c in (self.activations, self.gradients):
+        for c in (self.activations, self.gradients, self.learner):
             if c is not None:
                 c.reset()
         self.samples = 0
@@ -248,6 +262,7 @@ class ImportanceCallback(pl.Callback):
         return {
             "activations": self.activations.state_dict() if self.activations is not None else None,
             "gradients": self.gradients.state_dict() if self.gradients is not None else None,
+            "learner": self.learner.state_dict() if self.learner is not None else None,
             "samples": self.samples,
         }
 
@@ -264,7 +279,7 @@ class ImportanceCallback(pl.Callback):
         if state is None:
             return
         state = dict(state)
-        for kind, c in (("activations", self.activations), ("gradients", self.gradients)):
+        for kind, c in (("activations", self.activations), ("gradients", self.gradients), ("learner", self.learner)):
             if c is not None:
                 state[kind] = c.merged_state_dict()
         state["reduced_over_ranks"] = True
@@ -279,7 +294,7 @@ class ImportanceCallback(pl.Callback):
     def _load(self, state: dict) -> None:
         merged = state.get("reduced_over_ranks") and dist.is_available() and dist.is_initialized()
         rank = dist.get_rank() if merged else 0
-        for kind, c in (("activations", self.activations), ("gradients", self.gradients)):
+        for kind, c in (("activations", self.activations), ("gradients", self.gradients), ("learner", self.learner)):
             if state.get(kind) is None or c is None:
                 continue
             if merged:  # every rank's sums (see on_save_checkpoint): rank 0 keeps them, row-sharded ones per rank

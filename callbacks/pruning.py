@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
 
 import lightning.pytorch as pl
 
 from pruning import MaskSet
 from pruning.distributed import broadcast_parameters
-from pruning.options import SelectionOptions
+from pruning.options import GranularityName, SelectionOptions
 from pruning.pipeline.event import (
     check_schedule,
     event_collectors,
+    event_learner,
     event_options,
     prune_event,
     scores_one_layer_at_a_time,
@@ -39,7 +40,8 @@ class PruningCallback(pl.Callback):
 
     Args:
         criterion: ``magnitude | wanda | taylor | gblm | sdm | ...`` (any registered criterion).
-        granularity: ``unstructured | 2:4 | 4:8 | mlp_neuron | attention_head | query_head | layer``.
+        granularity: ``unstructured | 2:4 | 4:8 | mlp_neuron | attention_head | query_head | layer |
+            mlp_neuron+attention_head`` (the last: both kinds under one budget, for criteria that support it).
         schedule: when and how much (``one_shot``, ``steps`` or ``cubic``; see :class:`pruning.schedule.Schedule`);
             in Python also its fields as a dict, e.g. ``{"kind": "one_shot", "step": 10, "sparsity": 0.3}``.
         keep_original: stash the original values of pruned weights (the lifted teacher needs them; default: when the
@@ -53,9 +55,7 @@ class PruningCallback(pl.Callback):
     def __init__(
         self,
         criterion: str = "magnitude",
-        granularity: Literal[
-            "unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer"
-        ] = "unstructured",
+        granularity: GranularityName = "unstructured",
         schedule: Schedule | None = None,
         keep_original: bool | None = None,
         model_attr: str | None = None,
@@ -94,11 +94,12 @@ class PruningCallback(pl.Callback):
                 f"the schedule sets alpha/temperature, but {type(pl_module).__name__} has no `alpha` and "
                 "`temperature` attributes that its loss reads. HINT: remove them from the schedule"
             )
-        activations, gradients = event_collectors(model, event_options(self.options, events[0]))
+        first = event_options(self.options, events[0])
+        activations, gradients = event_collectors(model, first)
         if activations is None and gradients is None:
             return
         self.importance = ImportanceCallback.of(trainer, self.options.method)
-        self.importance.configure(trainer, activations, gradients, events)
+        self.importance.configure(trainer, activations, gradients, events, event_learner(model, first))
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -134,9 +135,13 @@ class PruningCallback(pl.Callback):
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event: Event) -> None:
         model, options = self._model, event_options(self.options, event)
         activations = gradients = None
+        learned: dict = {}
         if self.importance is not None:
             self.importance.deactivate(pl_module)
             activations, gradients = self.importance.collected(lazy=scores_one_layer_at_a_time(model, options))
+            learned = self.importance.learned()  # e.g. SAAP's σ from the window's batches
+            if learned:
+                options = dataclasses.replace(options, criterion_options={**options.criterion_options, **learned})
         was_training = model.training
         result = prune_event(model, options, self.masks, activations, gradients, bool(self.keep_original))
         model.train(was_training)
@@ -148,9 +153,9 @@ class PruningCallback(pl.Callback):
         if self.importance is not None:
             samples = self.importance.samples
             self.importance.reset()
-        self._log(trainer, event, result, samples)
+        self._log(trainer, event, result, samples, learned)
 
-    def _log(self, trainer: pl.Trainer, event: Event, result, samples: int) -> None:
+    def _log(self, trainer: pl.Trainer, event: Event, result, samples: int, learned: dict) -> None:
         rep = result.report
         self.history.append(
             {
@@ -160,6 +165,7 @@ class PruningCallback(pl.Callback):
                 "model": rep.model.fraction,
                 "micro_batches_scored_on_rank": samples,
                 "unsharded_for_scoring": result.info["unsharded_for_scoring"],
+                **({"learned": learned} if learned else {}),
             }
         )
         metrics = {"pruning/targeted_sparsity": rep.targeted.fraction, "pruning/model_sparsity": rep.model.fraction}

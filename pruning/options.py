@@ -23,19 +23,23 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100  # labels that take no loss (padding, prompts), as in Hugging Face and torch's cross-entropy
 
-GRANULARITIES = ("unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer")
-STRUCTURED = ("mlp_neuron", "attention_head", "query_head", "layer")
+JOINT = "mlp_neuron+attention_head"  # MLP neurons and KV groups in one event, under one parameter budget
+GRANULARITIES = ("unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer", JOINT)
+STRUCTURED = ("mlp_neuron", "attention_head", "query_head", "layer", JOINT)
 Allocation = Literal["uniform", "global", "owl", "rates"]
 Scope = Literal["row", "layer", "global"]
 SparsityBasis = Literal["targets", "model"]
-GranularityName = Literal["unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer"]
+GranularityName = Literal[
+    "unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer", "mlp_neuron+attention_head"
+]
 
 
 @dataclass(frozen=True)
 class Granularity:
     """One pruned unit: a single weight (``unstructured``), ``N`` kept of every ``M`` consecutive input columns
-    (``"N:M"``, e.g. ``2:4``), an MLP neuron, a KV group with its query heads (``attention_head``), a query head, or a
-    whole decoder layer."""
+    (``"N:M"``, e.g. ``2:4``), an MLP neuron, a KV group with its query heads (``attention_head``), a query head, a
+    whole decoder layer, or MLP neurons and KV groups together (``mlp_neuron+attention_head``: both group kinds
+    selected in one event under one parameter budget, :attr:`kinds`)."""
 
     name: str
     n: int = 0
@@ -71,6 +75,15 @@ class Granularity:
         return self.name in STRUCTURED
 
     @property
+    def kinds(self) -> tuple[str, ...]:
+        """The group kinds a structured unit prunes (two for a joint one, whose groups share one budget)."""
+        return tuple(self.name.split("+")) if self.structured else ()
+
+    @property
+    def joint(self) -> bool:
+        return len(self.kinds) > 1
+
+    @property
     def fixed_sparsity(self) -> float | None:
         """The sparsity an N:M pattern prunes exactly (``1 − N/M``); ``None`` for the others."""
         return 1 - self.n / self.m if self.m else None
@@ -93,7 +106,9 @@ class SelectionOptions:
         method: a registered criterion (``magnitude``, ``wanda``, ``taylor``, ``gblm``, ``sdm``, ``sparsegpt``,
             ``saap``, ``mutual_info``, ...).
         granularity: ``unstructured``, ``2:4`` / ``4:8`` (any ``N:M``), ``mlp_neuron``, ``attention_head`` (whole KV
-            groups), ``query_head`` (the same count per KV group) or ``layer``.
+            groups), ``query_head`` (the same count per KV group), ``layer``, or ``mlp_neuron+attention_head`` (MLP
+            neurons and KV groups chosen together, the sparsity being one budget of their parameters: per layer with
+            ``uniform`` / ``rates``, over the model with ``global``; for criteria that say so, e.g. ``saap``).
         criterion_options: the criterion's own knobs (e.g. ``{alpha: 100, gradient_norm: l1}`` for gblm).
         allocation: ``uniform`` (the same fraction, and count, in every layer), ``global`` (one ranking across
             layers within ``min_keep`` / ``max_keep``), ``owl`` (outlier-weighted rates) or ``rates`` (given).

@@ -6,13 +6,16 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from tiny import calib, tiny_model
 
 import pruning
 from pruning.importance import CRITERIA, get_criterion
+from pruning.importance.mi_random_pairs import gaussian_kl, random_pair_order
 from pruning.importance.mutual_info import (
+    RedundancyOrder,
     cluster_neurons,
     entropy2,
     mi2_matrix,
@@ -22,6 +25,7 @@ from pruning.importance.mutual_info import (
     silverman_width,
     standardize,
 )
+from pruning.importance.renyi import pair_redundancy
 from pruning.stats import ActivationCollector, ActivationSamples, ActivationStats
 
 
@@ -269,6 +273,83 @@ def test_owl_with_mutual_info(planted_model):
     )
     rates = res.info["layer_rates"]
     assert rates[0] != rates[1] and sum(rates) / 2 == pytest.approx(0.25)
+
+
+# ------------------------------------------------------------------------------ the paper's procedure (random pairs)
+def test_random_pairs_remove_one_of_each_duplicate_first():
+    """Exact duplicates (also rescaled, shifted, sign-flipped) and independent neurons: every seed's pass removes one
+    member of each duplicate pair and nothing else, since no independent pair exceeds the threshold."""
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(256, 16, generator=g)
+    dups = [(0, 9), (3, 12), (5, 14), (6, 15)]
+    for i, (a, b) in enumerate(dups):
+        Z[:, b] = (-1) ** i * (i + 1) * Z[:, a] + i
+    scores, value, info = random_pair_order(Z, threshold=0.99, keep=12, seeds=4)
+    first = set(scores.argsort()[:4].tolist())
+    assert all(len(first & {a, b}) == 1 for a, b in dups), first
+    assert (value[list(first)] > 0.99).all() and (value[[k for k in range(16) if k not in first]] == -math.inf).all()
+    assert info["removed_per_seed"] == [4] * 4 and info["redundant_pairs"] == 4 and info["pairs"] == 120
+    assert sorted(scores.tolist()) == list(range(16))  # a full ranking
+    assert RedundancyOrder(scores, value, info).keep_floor(0.99) == 12  # the threshold's floor: nothing else goes
+
+
+def test_random_pairs_seeds_differ_and_the_kl_criterion_chooses():
+    """x ~ y and y ~ w exceed the threshold, x ~ w does not: the first pair visited decides whether x or y goes
+    (the weaker of each pair by energy: x in (x, y), y in (y, w)). The KL criterion keeps the seed whose one removal
+    changes the layer's output distribution least."""
+    g = torch.Generator().manual_seed(1)
+    base, other = torch.randn(512, generator=g), torch.randn(512, generator=g)
+    Z = torch.randn(512, 8, generator=g)
+    Z[:, 0], Z[:, 1], Z[:, 2] = base, 2 * (base + 0.35 * other), 3 * (base + 0.7 * other)
+    w_out = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=0)  # energy = Σ z²: x < y < w
+    Zr = standardize(Z, robust=True)[0]
+    M, _ = pair_redundancy(Zr, sigma=silverman_width(512))
+    xy, yw, xw = float(M[0, 1]), float(M[1, 2]), float(M[0, 2])
+    others = M[3:, :].max().item()
+    assert min(xy, yw) > xw > others  # the planted structure
+    threshold = (min(xy, yw) + xw) / 2
+    scores, value, info = random_pair_order(Z, threshold=threshold, w_out=w_out, keep=7, seeds=8)
+    firsts = []  # which neuron each seed's pass removes first: x when it visits (x, y) first, else y
+    for s in range(8):
+        order = np.random.default_rng([0, s]).permutation(2)  # the two redundant pairs, (x, y) then (y, w)
+        firsts.append(0 if order[0] == 0 else 1)
+    assert set(firsts) == {0, 1}  # both orders occur among the seeds
+    kl = {}
+    for k in (0, 1):
+        dense = Z @ w_out.T
+        kl[k] = gaussian_kl(dense, dense - Z[:, [k]] @ w_out[:, [k]].T)
+    assert info["kl_per_seed"] == pytest.approx([kl[f] for f in firsts])
+    assert info["chosen_seed"] == int(np.argmin(info["kl_per_seed"])) and info["kl_at_removals"] == 1
+    best = min((0, 1), key=lambda k: kl[k])
+    assert int(scores.argmin()) == best  # the chosen seed's first removal goes first
+
+
+def test_random_pairs_through_prune(planted_model):
+    """The criterion's random-pairs mode on a model: the planted copies go first; the threshold is a floor."""
+    model, batches = planted_model
+    opts = {"mode": "random_pairs", "threshold": 0.99, "samples": 128, "seeds": 3}
+    res = pruning.prune(
+        copy.deepcopy(model),
+        batches,
+        "mutual_info",
+        len(PAIRS) / 64,
+        "mlp_neuron",
+        criterion_options=opts,
+        progress=False,
+    )
+    for layer in range(2):
+        removed = set(torch.nonzero(~res.masks.groups[f"mlp_neuron.{layer}"]).flatten().tolist())
+        assert len(removed) == len(PAIRS) and all(len(removed & {a, b}) == 1 for a, b in PAIRS), removed
+    diag = res.info["diagnostics"]["mlp_neuron.0"]
+    assert diag["mode"] == "random_pairs" and diag["kl_at_removals"] == len(PAIRS) and len(diag["kl_per_seed"]) == 3
+    res = pruning.prune(
+        copy.deepcopy(model), batches, "mutual_info", 0.25, "mlp_neuron", criterion_options=opts, progress=False
+    )
+    assert set(res.info["kept_groups_per_layer"].values()) == {64 - len(PAIRS)}  # no other pair is redundant
+    with pytest.raises(ValueError, match="HINT: set threshold"):
+        get_criterion("mutual_info", mode="random_pairs")
+    with pytest.raises(ValueError, match="'clustered' or 'random_pairs'"):
+        get_criterion("mutual_info", mode="exact")
 
 
 # ------------------------------------------------------------------------------------ the per-sample statistic

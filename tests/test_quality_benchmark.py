@@ -47,7 +47,7 @@ def test_quality_benchmark_miniature(tiny_ref, tmp_path):
     ref, _, _ = tiny_ref
     settings = [s for s in quality.SETTINGS if s.key in ("unstructured50", "mlp30")]
     labels = ("wanda", "wanda (sum)", "sparsegpt", "sparsegpt (per row)", "taylor", "sdm", "saap + ranking")
-    labels += ("self-pruner (wanda)",)
+    labels += ("self-pruner (classical)", "self-pruner (LLM operators)", "saap (joint)", "mutual_info (random pairs)")
     methods = [m for m in quality.METHODS if m.label in labels]
     res = quality.run(
         ref,
@@ -60,6 +60,7 @@ def test_quality_benchmark_miniature(tiny_ref, tmp_path):
         recovery_batch=2,
         search_windows=2,
         search={"population": 3, "generations": 1, "mutations": 1, "crossovers": 1},
+        operator="scripted",
         out=tmp_path,
         log=lambda *_: None,
     )
@@ -77,15 +78,18 @@ def test_quality_benchmark_miniature(tiny_ref, tmp_path):
         ("mlp30", "taylor"),
         ("mlp30", "sdm"),
         ("mlp30", "saap + ranking"),
-        ("mlp30", "self-pruner (wanda)"),
+        ("mlp30", "self-pruner (classical)"),
+        ("mlp30", "self-pruner (LLM operators)"),
+        ("mlp30", "saap (joint)"),
+        ("mlp30", "mutual_info (random pairs)"),
     }
     # the non-uniform rows: one rate per layer, the mean rate of the uniform rows (whole neurons, rounded down per
     # layer: the nonzero counts below are equal); the search scored candidates on its own split
     n_layers, width = ref.model.config.num_hidden_layers, ref.model.config.intermediate_size
-    for label in ("saap + ranking", "self-pruner (wanda)"):
+    for label in ("saap + ranking", "self-pruner (classical)", "self-pruner (LLM operators)"):
         rates = rows[("mlp30", label)]["layer_rates"]
         assert len(rates) == n_layers and sum(rates) / n_layers == pytest.approx(int(0.3 * width) / width)
-    search = rows[("mlp30", "self-pruner (wanda)")]
+    search = rows[("mlp30", "self-pruner (classical)")]
     assert rows[("unstructured50", "sparsegpt")]["scope"] == "layer"
     assert (
         rows[("unstructured50", "sparsegpt (per row)")]["scope"] == rows[("unstructured50", "wanda")]["scope"] == "row"
@@ -93,22 +97,37 @@ def test_quality_benchmark_miniature(tiny_ref, tmp_path):
     assert rows[("mlp30", "wanda (sum)")]["options"] == {"structured": "sum"}
     assert rows[("mlp30", "wanda")]["mask_sha256"] != rows[("mlp30", "wanda (sum)")]["mask_sha256"]
     assert search["search_evaluations"] >= 2 and search["search_fitness"] <= search["search_uniform_fitness"]
+    llm = rows[("mlp30", "self-pruner (LLM operators)")]["search_llm"]  # the scripted operator answers usably
+    assert set(llm) == {"initialisation", "selection", "crossover", "mutation"}
+    assert all(c["used"] == c["proposed"] > 0 for c in llm.values())
+    assert res["protocol"]["self_pruner_operator"]["model"].startswith("scripted")
+    joint = rows[("mlp30", "saap (joint)")]
+    assert set(joint["joint_kept"]) == {f"{k}.{i}" for k in ("mlp_neuron", "attention_head") for i in range(n_layers)}
+    assert "mi_removable" in rows[("mlp30", "mutual_info (random pairs)")]
     assert res["protocol"]["search"]["sha256"] != res["protocol"]["eval"]["sha256"]
     # mask fingerprints: wanda's cell and the search's cell are different models unless the search kept uniform
     assert all(len(r["mask_sha256"]) == 64 for r in res["rows"] if r["method"] != "dense")
     for r in res["rows"]:
         assert math.isfinite(r["ppl_before"]) and math.isfinite(r["ppl_after"])
     # equal sparsity for every method of a setting; the same calibration data everywhere
+    own_budget = ("saap (joint)", "mutual_info (random pairs)")  # the joint budget, and MI's threshold floor
     for key in ("unstructured50", "mlp30"):
-        assert len({r["nonzero_params"] for r in res["rows"] if r["setting"] == key}) == 1
+        assert (
+            len({r["nonzero_params"] for r in res["rows"] if r["setting"] == key and r["method"] not in own_budget})
+            == 1
+        )
+    hidden = ref.model.config.hidden_size
+    assert 0 <= joint["nonzero_params"] - rows[("mlp30", "wanda")]["nonzero_params"] < n_layers * 3 * hidden
+    assert rows[("mlp30", "mutual_info (random pairs)")]["nonzero_params"] >= rows[("mlp30", "wanda")]["nonzero_params"]
     assert rows[("unstructured50", "wanda")]["nonzero_params"] < rows[("dense", "dense")]["nonzero_params"]
     fp = res["protocol"]["calibration"]["sha256"]
     assert {r["calibration_sha256"] for r in res["rows"] if r["method"] != "dense"} == {fp}
     # outputs
     md = (tmp_path / "quality.md").read_text()
     assert "| wanda |" in md and "| wanda (sum) |" in md and "–" in md and "Head to head" in md
+    assert "## Non-uniform allocations" in md and "self-pruner (classical), mlp30: rates [" in md
+    assert "operator answers used: initialisation" in md and "saap (joint), mlp30: KV groups kept per layer" in md
     assert "Wanda-sp (down_proj / o_proj columns, default) vs Wanda summed" in md
-    assert "## Non-uniform allocations" in md and "self-pruner (wanda), mlp30: rates [" in md
     assert (tmp_path / "quality_unstructured.png").stat().st_size > 1000
     assert (tmp_path / "quality_mlp.png").stat().st_size > 1000
     assert json.loads((tmp_path / "quality.json").read_text())["rows"][0]["method"] == "dense"

@@ -12,7 +12,7 @@ import torch
 from tiny import BYTE_VOCAB, calib, tiny_model
 
 import pruning
-from pruning.allocation.operators import LLMOperator, parse_rates
+from pruning.allocation.operators import ChatEndpoint, LLMOperator, parse_indices, parse_rate_lists, parse_rates
 from pruning.allocation.search import PrunedPerplexity, evolve, search_rates
 from pruning.commands import rank as rank_command
 from pruning.commands import search as search_command
@@ -195,32 +195,132 @@ def test_llm_operator_with_a_tiny_local_model_falls_back(tmp_path):
         max_rate=0.75,
     )
     stats = result.history["stats"]
-    assert stats["llm_proposed"] == 8
-    assert stats["llm_used"] + stats["llm_fallback"] == 8
-    assert stats["llm_fallback"] >= 6  # a random model writes garbage; the classical operators took over
-    assert sum(result.history["llm_failures"].values()) == stats["llm_fallback"]
-    assert len(result.history["llm_answers"]) == 8  # the raw answers are kept for inspection
+    per_op = stats["llm"]
+    # 3 initial slots (the uniform allocation is the 4th member), 8 parent choices (one answer per child: both
+    # parents of a crossover at once), 4 crossovers, 4 mutations
+    assert {op: s["proposed"] for op, s in per_op.items()} == {
+        "initialisation": 3,
+        "selection": 8,
+        "crossover": 4,
+        "mutation": 4,
+    }
+    assert stats["llm_proposed"] == 19 == stats["llm_used"] + stats["llm_fallback"]
+    assert all(s["used"] + s["fallback"] == s["proposed"] for s in per_op.values())
+    assert stats["llm_fallback"] >= 15  # a random model writes garbage; the classical operators took over
+    assert sum(result.history["llm_failures"].values()) == len(
+        [a for a in result.history["llm_answers"] if not a["usable"]]
+    )
+    assert len(result.history["llm_answers"]) == 17  # one initialisation request, 16 per-child answers
     assert result.history["operator"].endswith("op")
     _check_constraint(result.history, 0.25, 0.75)
     assert result.fitness <= result.uniform_fitness
 
 
-class ScriptedOperator(LLMOperator):
-    """An operator 'model' that answers crossovers with a usable list (off the mean: repaired) and mutations with
-    prose; the prompt it receives is kept for inspection."""
+class Scripted:
+    """An operator 'model' that answers each of the four prompts from a script (``None``: prose, unusable) and
+    keeps every prompt it received."""
 
-    def __init__(self) -> None:
-        self.path, self.calls, self.shown, self.prompts = "scripted", 0, 10, []
+    name = "scripted"
+
+    def __init__(self, init=None, select_crossover=None, select_mutation=None, crossover=None, mutation=None):
+        self.answers = {
+            "init": init,
+            "select-crossover": select_crossover,
+            "select-mutation": select_mutation,
+            "crossover": crossover,
+            "mutation": mutation,
+        }
+        self.prompts: dict[str, list[str]] = {k: [] for k in self.answers}
+
+    @staticmethod
+    def kind(prompt: str) -> str:
+        if "initial population" in prompt:
+            return "init"
+        if "Select two parents" in prompt:
+            return "select-crossover"
+        if "Select one parent" in prompt:
+            return "select-mutation"
+        return "crossover" if "by crossover" in prompt else "mutation"
 
     def generate(self, prompt: str) -> str:
-        self.prompts.append(prompt)
-        if "crossover" in prompt:
-            return "Sure! The new list is [0.05, 0.1, 0.4, 0.6] which should be better."
-        return "I think layer 3 should be pruned more."
+        kind = self.kind(prompt)
+        self.prompts[kind].append(prompt)
+        return self.answers[kind] or "I think layer 3 should be pruned more."
+
+
+def _fmt(rates) -> str:
+    return "[" + ", ".join(str(r) for r in rates) + "]"
+
+
+# valid as they are (whole groups of 1/32, mean 0.25, <= 0.75): the repair leaves them unchanged
+L1 = [0.125, 0.125, 0.25, 0.25, 0.25, 0.375, 0.375, 0.25]
+L2 = [0.0625, 0.125, 0.25, 0.25, 0.3125, 0.3125, 0.375, 0.3125]
+CROSS = [0.0, 0.0, 0.125, 0.25, 0.25, 0.5, 0.5, 0.375]  # far better than anything near uniform
+MUTANT = [0.0, 0.0, 0.0, 0.25, 0.25, 0.5, 0.5, 0.5]  # better still
+
+
+def _scripted_run(model: Scripted, llm_operators, **kw):
+    settings = dict(population=6, generations=1, mutations=2, crossovers=2, max_rate=0.75, seed=0) | kw
+    op = LLMOperator(model)
+    return evolve([32] * 8, 0.25, planted, progress=False, operator=op, llm_operators=llm_operators, **settings)
+
+
+def test_llm_initialisation_answer_is_the_initial_population():
+    model = Scripted(init=f"Here are two:\n{_fmt(L1)}\n{_fmt(L2)}\nand [0.5, 0.5] is too short")
+    result = _scripted_run(model, ("initialisation",))
+    first = result.history["generations"][0]["population"]
+    by_origin = {}
+    for c in first:
+        by_origin.setdefault(c["origin"], []).append(c["rates"])
+    assert sorted(by_origin["llm-init"]) == sorted([L1, L2])  # the model's lists, as written
+    assert len(by_origin["uniform"]) == 1 and len(by_origin["random"]) == 3  # the rest filled classically
+    assert result.history["stats"]["llm"] == {"initialisation": {"proposed": 5, "used": 2, "fallback": 3}}
+    prompt = model.prompts["init"][0]
+    assert "5 different pruning-rate lists" in prompt and "must be 0.2500" in prompt and "[r1, ..., r8]" in prompt
+    assert not model.prompts["crossover"]  # only the operators named are asked
+
+
+def test_llm_selection_answer_chooses_the_parents():
+    # a mutation scale of 0: the classical mutant is its parent, so the chosen parent is visible in the child
+    model = Scripted(select_crossover="Parents: [3, 1]", select_mutation="I pick [4]")
+    result = _scripted_run(model, ("selection",), mutation_scale=0.0)
+    pop0 = result.history["generations"][0]["population"]  # sorted, best first: the prompt's numbering
+    kids = result.history["offspring"]
+    assert [k["parents"] for k in kids] == [[3, 1], [3, 1], [4], [4]]
+    assert {k["selection"] for k in kids} == {"llm"}
+    for k in kids[2:]:
+        assert k["rates"] == pop0[4]["rates"]  # the mutant of candidate 4
+    for k in kids[:2]:  # each crossover layer comes from parent 3 or parent 1 (then repaired, here a no-op or not)
+        assert k["origin"] == "crossover"
+    assert result.history["stats"]["llm"]["selection"] == {"proposed": 4, "used": 4, "fallback": 0}
+    prompt = model.prompts["select-crossover"][0]
+    assert "0: [" in prompt and "5: [" in prompt and "(6 candidates)" in prompt
+    # unusable selections fall back to tournaments, counted
+    model = Scripted(select_crossover="[3, 3]", select_mutation="[9]")
+    result = _scripted_run(model, ("selection",))
+    assert result.history["stats"]["llm"]["selection"] == {"proposed": 4, "used": 0, "fallback": 4}
+    assert result.history["llm_failures"] == {"the same candidate twice": 2, "indices outside 0..5": 2}
+    assert {k["selection"] for k in result.history["offspring"]} == {"tournament"}
+
+
+def test_llm_crossover_and_mutation_answers_enter_the_population():
+    model = Scripted(crossover=f"Sure! The new list is {_fmt(CROSS)}.", mutation=f"Mutated: {_fmt(MUTANT)}")
+    result = _scripted_run(model, ("crossover", "mutation"))
+    assert result.rates == MUTANT and result.fitness == pytest.approx(planted(MUTANT))
+    final = result.history["generations"][-1]["population"]
+    assert final[0] == {"rates": MUTANT, "fitness": planted(MUTANT), "origin": "llm-mutation"}
+    assert final[1] == {"rates": CROSS, "fitness": planted(CROSS), "origin": "llm-crossover"}
+    assert result.history["stats"]["llm"] == {
+        "crossover": {"proposed": 2, "used": 2, "fallback": 0},
+        "mutation": {"proposed": 2, "used": 2, "fallback": 0},
+    }
+    prompt = model.prompts["crossover"][0]
+    assert "perplexity" in prompt and "must be 0.2500" in prompt and "[r1, r2, ..., r8]" in prompt
 
 
 def test_llm_answers_are_parsed_validated_and_repaired():
-    op = ScriptedOperator()
+    off_mean = [0.05, 0.1, 0.4, 0.6]  # mean 0.2875: repaired to 0.25
+    model = Scripted(crossover=f"Sure! The new list is {_fmt(off_mean)} which should be better.")
     result = evolve(
         [16] * 4,
         0.25,
@@ -230,17 +330,129 @@ def test_llm_answers_are_parsed_validated_and_repaired():
         mutations=2,
         crossovers=2,
         progress=False,
-        operator=op,
+        operator=LLMOperator(model),
+        llm_operators=("crossover", "mutation"),
         max_rate=0.75,
     )
     stats = result.history["stats"]
     assert stats["llm_used"] == 4 and stats["llm_fallback"] == 4
     assert result.history["llm_failures"] == {"no bracketed list of numbers": 4}
     from_llm = [c for c in result.history["evaluated"] if c["origin"] == "llm-crossover"]
-    assert from_llm and from_llm[0]["rates"] != [0.05, 0.1, 0.4, 0.6]  # mean 0.2875 -> repaired to 0.25
+    assert from_llm and from_llm[0]["rates"] != off_mean
     _check_constraint(result.history, 0.25, 0.75)
-    prompt = op.prompts[0]
-    assert "perplexity" in prompt and "must be 0.2500" in prompt and "[r1, r2, ..., r4]" in prompt
+    with pytest.raises(ValueError, match=r"\['selection_'\] unknown"):
+        evolve([16] * 4, 0.25, planted, operator=LLMOperator(model), llm_operators=("selection_",))
+
+
+def test_parse_lists_and_indices():
+    lists, reason = parse_rate_lists("[0.1, 0.2] [0.1,0.2,0.3] x [0.5, 0.25, 0.0]", 3)
+    assert lists == [[0.1, 0.2, 0.3], [0.5, 0.25, 0.0]] and reason == "ok"
+    assert parse_rate_lists("[1.5, 0, 0]", 3) == ([], "rates outside [0, 1)")
+    assert parse_indices("take [2, 0]", 2, 3) == ([2, 0], "ok")
+    assert parse_indices("[2.5, 0]", 2, 3) == (None, "indices outside 0..2")
+    assert parse_indices("[1]", 2, 3) == (None, "1 indices, not 2")
+
+
+# ------------------------------------------------------------------------------------------------ an HTTP endpoint
+class _ChatServer:
+    """An OpenAI-compatible chat-completions server on 127.0.0.1 (a thread), answering from ``reply(prompt)`` or
+    with ``status``; it records every request's path, headers and JSON body. Nothing leaves the machine."""
+
+    def __init__(self, reply, status: int = 200) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                if status != 200:
+                    self.send_error(status)
+                    return
+                content = reply(body["messages"][0]["content"])
+                out = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_chat_endpoint_answers_are_used(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("SELF_PRUNER_TEST_KEY", "sk-test")
+    scripted = Scripted(mutation=f"Mutated: {_fmt(MUTANT)}")
+    with _ChatServer(scripted.generate) as server:
+        endpoint = ChatEndpoint(server.url, "tiny-chat", api_key_env="SELF_PRUNER_TEST_KEY", max_tokens=64)
+        op = LLMOperator(endpoint)
+        result = evolve(
+            [32] * 8,
+            0.25,
+            planted,
+            population=4,
+            generations=1,
+            mutations=1,
+            crossovers=1,
+            progress=False,
+            operator=op,
+            llm_operators=("mutation",),
+            max_rate=0.75,
+        )
+    assert result.rates == MUTANT
+    assert result.history["stats"]["llm"] == {"mutation": {"proposed": 1, "used": 1, "fallback": 0}}
+    assert result.history["operator"] == f"tiny-chat @ {server.url}/chat/completions"
+    (req,) = server.requests
+    assert req["path"] == "/v1/chat/completions"
+    assert req["headers"]["Authorization"] == "Bearer sk-test"
+    assert req["body"]["model"] == "tiny-chat" and req["body"]["max_tokens"] == 64
+    assert req["body"]["messages"][0]["role"] == "user" and "Mutate the parent" in req["body"]["messages"][0]["content"]
+
+
+def test_chat_endpoint_failures_fall_back(monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    with _ChatServer(lambda p: "", status=500) as server:
+        op = LLMOperator(ChatEndpoint(server.url + "/chat/completions", "m", timeout=10))
+        result = evolve(
+            [32] * 8,
+            0.25,
+            planted,
+            population=3,
+            generations=1,
+            mutations=1,
+            crossovers=1,
+            progress=False,
+            operator=op,
+            max_rate=0.75,
+        )
+    assert len(server.requests) == 1 + 2 + 2  # one initialisation request, two selections, two children
+    assert not [r for r in server.requests if r["path"] != "/v1/chat/completions"]
+    assert "Authorization" not in server.requests[0]["headers"]  # no key configured, none sent
+    stats = result.history["stats"]
+    assert stats["llm_used"] == 0 and stats["llm_fallback"] == stats["llm_proposed"] == 2 + 2 + 2
+    assert result.history["llm_failures"] == {"endpoint error: HTTP 500": 5}
+    with pytest.raises(ValueError, match="must be an http"):
+        ChatEndpoint("file:///etc/passwd", "m")
+    monkeypatch.delenv("NOT_SET_KEY", raising=False)
+    with pytest.raises(ValueError, match="NOT_SET_KEY.*not set"):
+        ChatEndpoint("http://127.0.0.1:1/v1", "m", api_key_env="NOT_SET_KEY")
 
 
 # ------------------------------------------------------------------------------------------------ command lines
@@ -277,3 +489,25 @@ def test_search_and_ranking_command_lines(tmp_path, capsys):
     rank_command.main(["--model", str(tmp_path / "m"), "--target", "0.25", "--out", str(out), *data])
     written = json.loads(out.read_text())
     assert sum(written["layer_rates"]) / 2 == 0.25 and len(written["criterion_options"]["sigma"]) == 2
+    rank_command.main(["--model", str(tmp_path / "m"), "--target", "0.25", "--out", str(out), "--second-order", *data])
+    assert json.loads(out.read_text())["criterion_options"]["second_order"] is True
+
+
+def test_search_command_line_with_an_endpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    tiny_model("llama", seed=0, attn=None, vocab_size=BYTE_VOCAB, max_position_embeddings=64).save_pretrained(
+        tmp_path / "m"
+    )
+    base = ["--model", str(tmp_path / "m"), "--target", "0.25", "--population", "3", "--generations", "1"]
+    base += ["--mutations", "1", "--crossovers", "1", "--seq-len", "16", "--calibration", "4", "--heldout", "4"]
+    out = tmp_path / "rates.json"
+    with _ChatServer(lambda prompt: "[0.5, 0.0]") as server:
+        search_command.main(
+            [*base, "--out", str(out), "--operator-endpoint", server.url, "--operator-endpoint-model", "m"]
+            + ["--llm-operators", "mutation"]
+        )
+    history = json.loads((tmp_path / "rates.history.json").read_text())
+    assert history["llm_operators"] == ["mutation"] and history["stats"]["llm"]["mutation"]["used"] == 1
+    assert [r["body"]["model"] for r in server.requests] == ["m"]
+    with pytest.raises(SystemExit, match="needs --operator-endpoint-model"):
+        search_command.main([*base, "--operator-endpoint", "http://127.0.0.1:1/v1"])

@@ -17,6 +17,7 @@ from .rates import (
 )
 from .selection import (
     exclude_pruned,
+    joint_keep,
     lowest_layers,
     select_global_unstructured,
     select_nm,
@@ -26,6 +27,7 @@ from .selection import (
 
 __all__ = [
     "exclude_pruned",
+    "joint_keep",
     "keep_counts_from_rates",
     "keep_counts_global",
     "keep_counts_uniform",

@@ -1,11 +1,20 @@
-"""Self-Pruner's language-model operator: a causal LM asked, by prompt, for crossover and mutation of layer-rate
-lists, and the parser that reads its answer."""
+"""Self-Pruner's language-model operators: the four genetic operators of its Alg. 1 (initialisation, parent selection,
+crossover, mutation) asked of a language model by prompt, the parsers of its answers, and the models that answer —
+a local Hugging Face causal LM (:class:`LocalCausalLM`) or any OpenAI-compatible chat-completions endpoint the user
+configures (:class:`ChatEndpoint`, standard library HTTP only). Nothing here is needed offline: without an operator
+model the search runs its classical operators."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
+from typing import Literal, Protocol
 
 import torch
 
@@ -13,9 +22,24 @@ from ..loading import from_pretrained
 
 Rates = Sequence[float]  # one rate per decoder layer
 Scored = tuple[list[float], float]  # rates and their fitness
+OperatorKind = Literal["initialisation", "selection", "crossover", "mutation"]
+LLM_OPERATORS: tuple[str, ...] = ("initialisation", "selection", "crossover", "mutation")
 
 _LIST = re.compile(r"\[([^\[\]]*)\]")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+
+
+# ---------------------------------------------------------------------------------------------- parsing answers
+def _rate_list(body: str, n_layers: int) -> tuple[list[float] | None, str]:
+    nums = _NUMBER.findall(body)
+    if not nums:
+        return None, "no bracketed list of numbers"
+    if len(nums) != n_layers:
+        return None, f"a list of {len(nums)} numbers, not {n_layers}"
+    vals = [float(x) for x in nums]
+    if not all(math.isfinite(v) and 0 <= v < 1 for v in vals):
+        return None, "rates outside [0, 1)"
+    return vals, "ok"
 
 
 def parse_rates(text: str, n_layers: int) -> tuple[list[float] | None, str]:
@@ -23,28 +47,68 @@ def parse_rates(text: str, n_layers: int) -> tuple[list[float] | None, str]:
     ``(None, reason)`` when no list in the answer is usable."""
     reason = "no bracketed list of numbers"
     for body in _LIST.findall(text):
-        nums = _NUMBER.findall(body)
-        if not nums:
-            continue
-        if len(nums) != n_layers:
-            reason = f"a list of {len(nums)} numbers, not {n_layers}"
-            continue
-        vals = [float(x) for x in nums]
-        if not all(math.isfinite(v) and 0 <= v < 1 for v in vals):
-            reason = "rates outside [0, 1)"
-            continue
-        return vals, "ok"
+        rates, why = _rate_list(body, n_layers)
+        if rates is not None:
+            return rates, "ok"
+        if why != "no bracketed list of numbers":
+            reason = why
     return None, reason
 
 
-class LLMOperator:
-    """A local Hugging Face causal LM asked to do crossover and mutation, as Self-Pruner does with GPT-4.
+def parse_rate_lists(text: str, n_layers: int) -> tuple[list[list[float]], str]:
+    """Every usable bracketed list of ``text`` (as :func:`parse_rates` reads one): ``(lists, 'ok')``, or
+    ``([], reason)`` when none is usable."""
+    out, reason = [], "no bracketed list of numbers"
+    for body in _LIST.findall(text):
+        rates, why = _rate_list(body, n_layers)
+        if rates is not None:
+            out.append(rates)
+        elif why != "no bracketed list of numbers":
+            reason = why
+    return out, "ok" if out else reason
 
-    The prompt lists the best candidates of the population with their perplexity (lower is better), states the
-    constraint (mean rate, range) and the operator, names the parent(s) and asks for one new list
-    ``[r1, ..., rL]``. Generation is sampled (``temperature``, ``top_p``), at most ``max_new_tokens`` tokens, with
-    the global random state left untouched. A chat template is used when the tokenizer has one.
-    """
+
+def parse_indices(text: str, count: int, size: int) -> tuple[list[int] | None, str]:
+    """The first bracketed list of ``count`` distinct whole numbers in ``[0, size)`` (indices into the population
+    the prompt listed): ``(indices, 'ok')`` or ``(None, reason)``."""
+    reason = "no bracketed list of indices"
+    for body in _LIST.findall(text):
+        nums = _NUMBER.findall(body)
+        if not nums:
+            continue
+        if len(nums) != count:
+            reason = f"{len(nums)} indices, not {count}"
+            continue
+        vals = [float(x) for x in nums]
+        if not all(v.is_integer() and 0 <= v < size for v in vals):
+            reason = f"indices outside 0..{size - 1}"
+            continue
+        if len(set(vals)) != count:
+            reason = "the same candidate twice"
+            continue
+        return [int(v) for v in vals], "ok"
+    return None, reason
+
+
+# ---------------------------------------------------------------------------------------------- the models
+class TextModel(Protocol):
+    """What answers the prompts: ``generate(prompt) -> answer``; ``name`` is recorded in the search history.
+    ``generate`` raises :class:`OperatorModelError` when no answer could be had (the search then falls back)."""
+
+    name: str
+
+    def generate(self, prompt: str) -> str: ...
+
+
+class OperatorModelError(RuntimeError):
+    """The operator model could not answer (an HTTP error, a timeout, a malformed response)."""
+
+
+class LocalCausalLM:
+    """A local Hugging Face causal LM (safetensors only, no remote code). Generation is sampled (``temperature``,
+    ``top_p``), at most ``max_new_tokens`` tokens, seeded per call with the global random state left untouched. A
+    chat template is used when the tokenizer has one; a prompt longer than the model's context keeps its end (the
+    question and the answer format)."""
 
     def __init__(
         self,
@@ -52,13 +116,12 @@ class LLMOperator:
         max_new_tokens: int = 256,
         temperature: float = 0.7,
         top_p: float = 0.95,
-        shown: int = 10,
         device: torch.device | str | None = None,
         seed: int = 0,
     ) -> None:
         from transformers import AutoTokenizer
 
-        self.path = str(path)
+        self.name = str(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = from_pretrained(path, key="operator_model").eval()
         if device is not None:
@@ -66,32 +129,8 @@ class LLMOperator:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature
         self.top_p = top_p
-        self.shown = shown
         self.seed = seed
         self.calls = 0
-
-    def prompt(
-        self, kind: str, parents: Sequence[Rates], population: Sequence[Scored], target: float, max_rate: float
-    ) -> str:
-        n = len(parents[0])
-        shown = sorted(population, key=lambda c: c[1])[: self.shown]
-        lines = [
-            f"You are an expert in pruning large language models. A model with {n} decoder layers is pruned "
-            f"layer by layer: rate r_i is the fraction of layer i's structures that are removed. The average of "
-            f"the {n} rates must be {target:.4f} and every rate must be between 0 and {max_rate:.2f}. Lower "
-            "perplexity is better.",
-            "Here are pruning-rate lists found so far with their perplexity:",
-        ]
-        lines += [f"{_fmt(r)} perplexity: {f:.4f}" for r, f in shown]
-        if kind == "crossover":
-            lines.append(
-                f"Combine the two parents {_fmt(parents[0])} and {_fmt(parents[1])} by crossover into one "
-                "new list that should have a lower perplexity."
-            )
-        else:
-            lines.append(f"Mutate the parent {_fmt(parents[0])} into one new list that should have a lower perplexity.")
-        lines.append(f"Answer with the new list only, {n} numbers in square brackets: [r1, r2, ..., r{n}]")
-        return "\n".join(lines)
 
     @torch.no_grad()
     def generate(self, prompt: str) -> str:
@@ -123,13 +162,196 @@ class LLMOperator:
             )
         return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
+
+class ChatEndpoint:
+    """Any OpenAI-compatible chat-completions endpoint (a hosted model, vLLM, llama.cpp's server, ...), over the
+    standard library's ``urllib``.
+
+    ``url``: the API base (``http://localhost:8000/v1``; ``/chat/completions`` is appended unless the URL already
+    ends with it); ``model``: the model name the server expects; ``api_key_env``: the *name* of an environment
+    variable holding the key, sent as ``Authorization: Bearer ...`` (none: no header, as local servers need none).
+    Each prompt is one user message; the answer is ``choices[0].message.content``. Any failure (HTTP status,
+    network, timeout, malformed JSON) raises :class:`OperatorModelError`, which the search counts as a fallback.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key_env: str | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.7,
+        timeout: float = 60.0,
+    ) -> None:
+        parts = urllib.parse.urlparse(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"operator endpoint url={url!r} must be an http(s) URL, e.g. http://localhost:8000/v1")
+        self.url = (
+            url.rstrip("/") if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
+        )
+        self.model = model
+        self.name = f"{model} @ {self.url}"
+        self.api_key_env = api_key_env
+        if api_key_env is not None and not os.environ.get(api_key_env):
+            raise ValueError(
+                f"api_key_env={api_key_env!r}: the environment variable is not set. HINT: export {api_key_env}=... "
+                "or leave api_key_env unset for a server that needs no key"
+            )
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.timeout = timeout
+
+    def generate(self, prompt: str) -> str:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+        }
+        headers = {"Content-Type": "application/json"}
+        if self.api_key_env is not None:
+            headers["Authorization"] = f"Bearer {os.environ.get(self.api_key_env, '')}"
+        request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (scheme checked)
+                data = json.loads(response.read().decode("utf-8"))
+            return str(data["choices"][0]["message"]["content"])
+        except urllib.error.HTTPError as e:
+            raise OperatorModelError(f"endpoint error: HTTP {e.code}") from e
+        except (urllib.error.URLError, TimeoutError, OSError) as e:
+            raise OperatorModelError(f"endpoint error: {type(e).__name__}") from e
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise OperatorModelError("endpoint error: malformed response") from e
+
+
+# ---------------------------------------------------------------------------------------------- the operator
+class LLMOperator:
+    """Self-Pruner's operators asked of a language model, as the paper does with GPT-4 (its Alg. 1).
+
+    ``model``: a :class:`TextModel` (:class:`ChatEndpoint`, a scripted one in tests), or the path of a local causal
+    LM (then ``local_options`` go to :class:`LocalCausalLM`). Every prompt casts the model as an expert in LLM
+    pruning, explains the encoding (rate ``r_i``: the fraction of layer ``i``'s structures removed), states the
+    constraint (mean = target, range) and that lower perplexity is better, lists the candidates with their
+    perplexity, names the operation and the exact answer format:
+
+    - initialisation: ``count`` diverse new lists, one ``[r1, ..., rL]`` per line;
+    - selection: the whole population numbered from 0 (best first), asked for the indices of the parents, ``[i, j]``
+      for a crossover, ``[i]`` for a mutation;
+    - crossover: the ``shown`` best, then the two parents, asked for one child ``[r1, ..., rL]``;
+    - mutation: the ``shown`` best, then the parent, asked for one mutant.
+
+    Each method returns what it parsed (``None`` / ``[]`` when unusable), the reason and the raw answer; the caller
+    repairs lists into the constraint and falls back to its classical operator when nothing is usable.
+    """
+
+    def __init__(self, model: str | TextModel, *, shown: int = 10, **local_options) -> None:
+        self.model: TextModel = LocalCausalLM(model, **local_options) if isinstance(model, str) else model
+        self.path = self.model.name
+        self.shown = shown
+
+    def generate(self, prompt: str) -> tuple[str, str | None]:
+        """``(answer, None)``, or ``('', reason)`` when the model could not answer."""
+        try:
+            return self.model.generate(prompt), None
+        except OperatorModelError as e:
+            return "", str(e)
+
+    # ---- prompts
+    @staticmethod
+    def _preamble(n: int, target: float, max_rate: float) -> list[str]:
+        return [
+            f"You are an expert in pruning large language models. A model with {n} decoder layers is pruned layer "
+            f"by layer: rate r_i is the fraction of layer i's structures that are removed. The average of the {n} "
+            f"rates must be {target:.4f} and every rate must be between 0 and {max_rate:.2f}. The pruned model is "
+            "scored by its perplexity on held-out text: lower perplexity is better.",
+        ]
+
+    def _listing(self, population: Sequence[Scored], numbered: bool = False, limit: int | None = None) -> list[str]:
+        shown = sorted(population, key=lambda c: c[1])[:limit]
+        if numbered:
+            return [f"{i}: {_fmt(r)} perplexity: {f:.4f}" for i, (r, f) in enumerate(shown)]
+        return [f"{_fmt(r)} perplexity: {f:.4f}" for r, f in shown]
+
+    def prompt(
+        self, kind: str, parents: Sequence[Rates], population: Sequence[Scored], target: float, max_rate: float
+    ) -> str:
+        """The crossover or mutation prompt."""
+        n = len(parents[0])
+        lines = self._preamble(n, target, max_rate)
+        lines.append("Here are pruning-rate lists found so far with their perplexity:")
+        lines += self._listing(population, limit=self.shown)
+        if kind == "crossover":
+            lines.append(
+                f"Combine the two parents {_fmt(parents[0])} and {_fmt(parents[1])} by crossover into one "
+                "new list that should have a lower perplexity."
+            )
+        else:
+            lines.append(f"Mutate the parent {_fmt(parents[0])} into one new list that should have a lower perplexity.")
+        lines.append(f"Answer with the new list only, {n} numbers in square brackets: [r1, r2, ..., r{n}]")
+        return "\n".join(lines)
+
+    def initialisation_prompt(self, count: int, n: int, target: float, max_rate: float) -> str:
+        lines = self._preamble(n, target, max_rate)
+        lines.append(
+            f"Generate the initial population of an evolutionary search: {count} different pruning-rate lists that "
+            "you expect to give a low perplexity, diverse enough to explore the search space (for example, layers "
+            "near the input and the output are often more sensitive than those in the middle)."
+        )
+        lines.append(
+            f"Answer with {count} lists only, one per line, each {n} numbers in square brackets: [r1, ..., r{n}]"
+        )
+        return "\n".join(lines)
+
+    def selection_prompt(
+        self, population: Sequence[Scored], count: int, purpose: str, target: float, max_rate: float
+    ) -> str:
+        n = len(population[0][0])
+        lines = self._preamble(n, target, max_rate)
+        lines.append(f"The current population, numbered from 0, best first ({len(population)} candidates):")
+        lines += self._listing(population, numbered=True)
+        if count == 2:
+            lines.append(
+                f"Select two parents for a {purpose} whose child is likely to have a lower perplexity than both. "
+                "Answer with their two numbers only, in square brackets: [i, j]"
+            )
+        else:
+            lines.append(
+                f"Select one parent for a {purpose} that is likely to lead to a lower perplexity. Answer with its "
+                "number only, in square brackets: [i]"
+            )
+        return "\n".join(lines)
+
+    # ---- the four operators
     def propose(
         self, kind: str, parents: Sequence[Rates], population: Sequence[Scored], target: float, max_rate: float
     ) -> tuple[list[float] | None, str, str]:
         """``(rates or None, reason, answer)`` for one crossover or mutation."""
-        answer = self.generate(self.prompt(kind, parents, population, target, max_rate))
+        answer, error = self.generate(self.prompt(kind, parents, population, target, max_rate))
+        if error is not None:
+            return None, error, answer
         rates, reason = parse_rates(answer, len(parents[0]))
         return rates, reason, answer
+
+    def initialise(
+        self, count: int, n_layers: int, target: float, max_rate: float
+    ) -> tuple[list[list[float]], str, str]:
+        """``(lists, reason, answer)``: the usable lists of one initialisation answer (possibly fewer than asked)."""
+        answer, error = self.generate(self.initialisation_prompt(count, n_layers, target, max_rate))
+        if error is not None:
+            return [], error, answer
+        lists, reason = parse_rate_lists(answer, n_layers)
+        return lists[:count], reason, answer
+
+    def select(
+        self, population: Sequence[Scored], count: int, purpose: str, target: float, max_rate: float
+    ) -> tuple[list[int] | None, str, str]:
+        """``(indices or None, reason, answer)``: ``count`` parents, as indices into ``population`` sorted by
+        fitness (best first), the numbering of the prompt."""
+        answer, error = self.generate(self.selection_prompt(population, count, purpose, target, max_rate))
+        if error is not None:
+            return None, error, answer
+        idx, reason = parse_indices(answer, count, len(population))
+        return idx, reason, answer
 
 
 def _fmt(rates: Sequence[float]) -> str:

@@ -20,8 +20,10 @@ from ..importance.saap import (
     Normalise,
     element_term,
     fuse,
-    learn_uncertainty_weights,
+    fused_densities,
+    learn_sigmas,
     normalise,
+    sigma_options,
     vector_term,
 )
 from ..options import PruneOptions
@@ -96,6 +98,11 @@ def saap_layer_rates(
     with the input needs more of its groups for some inputs. The mean rate is ``target`` (see
     :func:`project_rates`).
     """
+    if len(set(k.split(".")[0] for k in estimate.keys)) > 1:
+        raise ValueError(
+            f"SAAP's layer ranking gives one rate per layer for one kind of group, not for granularity="
+            f"{estimate.granularity!r}. HINT: rank with granularity='mlp_neuron' (or a head kind)"
+        )
     if fluctuation == "batches":
         # the log σ₁σ₂ constant is dropped: a shift of every score would change the coefficient of variation
         ind = [
@@ -131,22 +138,34 @@ class SAAPEstimate:
     partitions: int = 1
     normalise: Normalise = "mean"
     sigma_history: list[tuple[float, float]] = field(default_factory=list)
+    second_order: bool = False
 
     def criterion_options(self) -> dict:
         """``criterion_options`` for ``pruning.prune(method='saap')``: the learned σ (one pair, or one per layer)."""
-        pairs = {tuple(v) for v in self.sigmas.values()}
-        if len(pairs) == 1:
-            return {"sigma": list(next(iter(pairs))), "normalise": self.normalise}
-        return {"sigmas": {k: list(v) for k, v in self.sigmas.items()}, "normalise": self.normalise}
+        out = sigma_options(self.sigmas, self.normalise)
+        return {**out, "second_order": True} if self.second_order else out
+
+
+def _batch(per_batch: dict, b: int) -> tuple[dict, dict]:
+    """Batch ``b``'s vector and element terms, by key."""
+    return {k: t[b][0] for k, t in per_batch.items()}, {k: t[b][1] for k, t in per_batch.items()}
+
+
+def _joint_fused(vec: dict, elem: dict, group_sets: list, sigmas: dict) -> dict[str, torch.Tensor]:
+    """The fused importance per parameter the joint selection compares (:meth:`SAAP.group_densities`), by key."""
+    keys = [gs.key for gs in group_sets]
+    fused = fused_densities([vec[k] for k in keys], [elem[k] for k in keys], group_sets, [sigmas[k] for k in keys])
+    return dict(zip(keys, fused))
 
 
 def saap_scores(
     model: nn.Module,
     calibration: Iterable[torch.Tensor],
-    granularity: Literal["mlp_neuron", "attention_head", "query_head"] = "mlp_neuron",
+    granularity: Literal["mlp_neuron", "attention_head", "query_head", "mlp_neuron+attention_head"] = "mlp_neuron",
     *,
     per_layer_sigma: bool = False,
     how: Normalise = "mean",
+    second_order: bool = False,
     device: torch.device | str | None = None,
     progress: bool = True,
 ) -> SAAPEstimate:
@@ -155,13 +174,19 @@ def saap_scores(
     Every ``[batch, seq]`` tensor of ``calibration`` is one estimate (its sequences are the samples, one backward
     each, gradients of plain next-token cross-entropy on the model as it is). σ is one pair for the whole model
     (the paper's two scalars; ``per_layer_sigma`` learns one pair per layer), learned by
-    :func:`learn_uncertainty_weights` on the per-batch terms, each layer normalised on its own. The fused scores of
-    the whole calibration set use the summed statistics, exactly what ``pruning.prune(method='saap',
-    criterion_options=estimate.criterion_options())`` computes from the same calibration data.
+    :func:`~pruning.importance.saap.learn_sigmas` on the per-batch terms, each layer normalised on its own (the
+    function a training run's scoring window learns σ with, :class:`~pruning.importance.saap.SigmaWindow`). The
+    fused scores of the whole calibration set use the summed statistics, exactly what ``pruning.prune(method='saap',
+    criterion_options=estimate.criterion_options())`` computes from the same calibration data (for the joint
+    granularity: the fused importances per parameter the joint selection compares). ``second_order``: the
+    element-wise term with its diagonal second-order part (:func:`~pruning.importance.saap.element_term`).
     """
     if granularity not in SAAP_GRANULARITIES:
         raise ValueError(f"granularity={granularity!r}: saap scores {list(SAAP_GRANULARITIES)}")
-    pruner = Pruner(model, PruneOptions(method="saap", granularity=granularity, sparsity=0.0))
+    options = PruneOptions(
+        method="saap", granularity=granularity, sparsity=0.0, criterion_options={"second_order": second_order}
+    )
+    pruner = Pruner(model, options)
     group_sets = pruner.targets.group_sets
     collector = pruner.gradient_collector()
     batches = calibration_batches(calibration)
@@ -173,26 +198,22 @@ def saap_scores(
         collect_gradients(model, [ids], collector, device=device, progress=False)
         ctx = pruner.context(gradients=collector)
         for gs in group_sets:
-            v, e = vector_term(gs, ctx).cpu().clone(), element_term(gs, ctx).cpu()  # the buffers are reset
+            # the buffers are reset for the next batch: copies
+            v, e = vector_term(gs, ctx).cpu().clone(), element_term(gs, ctx, second_order).cpu().clone()
             per_batch[gs.key].append((v, e))
             total_vec[gs.key] += v
             total_elem[gs.key] += e
     keys = [gs.key for gs in group_sets]
-    history: list[tuple[float, float]] = []
-    if per_layer_sigma:
-        sigmas = {k: learn_uncertainty_weights(per_batch[k], how=how) for k in keys}
-    else:  # one pair: every layer's groups are observations of the same two noise levels
-        pooled = [
-            (
-                torch.cat([normalise(per_batch[k][b][0], how) for k in keys]),
-                torch.cat([normalise(per_batch[k][b][1], how) for k in keys]),
-            )
-            for b in range(len(batches))
-        ]
-        pair = learn_uncertainty_weights(pooled, how=how, history=history)
-        sigmas = {k: pair for k in keys}
-    scores = {k: fuse(normalise(total_vec[k], how), normalise(total_elem[k], how), sigmas[k]) for k in keys}
-    batch_scores = {k: [fuse(normalise(v, how), normalise(e, how), sigmas[k]) for v, e in per_batch[k]] for k in keys}
+    sigmas, history = learn_sigmas(per_batch, how, per_layer_sigma, group_sets)
+    if len({gs.kind for gs in group_sets}) > 1:  # joint: fused importance per parameter, normalised per layer
+        scores = _joint_fused(total_vec, total_elem, group_sets, sigmas)
+        per = [_joint_fused(*_batch(per_batch, b), group_sets, sigmas) for b in range(len(batches))]
+        batch_scores = {k: [p[k] for p in per] for k in keys}
+    else:
+        scores = {k: fuse(normalise(total_vec[k], how), normalise(total_elem[k], how), sigmas[k]) for k in keys}
+        batch_scores = {
+            k: [fuse(normalise(v, how), normalise(e, how), sigmas[k]) for v, e in per_batch[k]] for k in keys
+        }
     return SAAPEstimate(
         granularity=granularity,
         keys=keys,
@@ -204,4 +225,5 @@ def saap_scores(
         partitions=group_sets[0].partitions,
         normalise=how,
         sigma_history=history,
+        second_order=second_order,
     )

@@ -3,16 +3,17 @@ genetic operator.
 
 Find rates ``p_1..p_L`` with ``mean(p) = target`` that minimise the held-out perplexity of the structurally pruned
 model. A population of candidates evolves for ``generations`` rounds; each round adds ``mutations`` mutants and
-``crossovers`` children of tournament-selected parents, and the best ``population`` distinct candidates survive
-(elitist). The constraint is never left to the operators: every candidate, whoever proposed it, goes through the
-repair :func:`pruning.allocation.rates.project_rates` (whole groups, ``[0, max_rate]``, mean = target) before it
-is scored.
+``crossovers`` children of selected parents, and the best ``population`` distinct candidates survive (elitist).
+The constraint is never left to the operators: every candidate, whoever proposed it, goes through the repair
+:func:`pruning.allocation.rates.project_rates` (whole groups, ``[0, max_rate]``, mean = target) before it is scored.
 
-Operators are classical (Gaussian mutation, uniform crossover) unless ``operator_model`` names a local Hugging
-Face causal LM: then every mutation and crossover is first asked of that model, prompted as the paper does (the
-population with its perplexities, the parents, the constraint, the answer format); its answer is parsed
-(the first bracketed list of numbers), validated (one number per layer, each in ``[0, 1)``) and repaired; an
-unusable answer falls back to the classical operator, and the history counts both.
+Operators are classical (random initial population around the uniform one, tournament selection, Gaussian
+mutation, uniform crossover) unless an operator model is given (:class:`~pruning.allocation.operators.LLMOperator`:
+a local Hugging Face causal LM, or an OpenAI-compatible chat endpoint): then each of the paper's four operators
+named in ``llm_operators`` (default all: initialisation, selection, crossover, mutation) is first asked of that
+model, prompted as the paper does; its answer is parsed and validated (lists: one number per layer, each in
+``[0, 1)``; indices: in the population); an unusable answer falls back to the classical operator, and the history
+counts both, per operator.
 
 ``pruning search`` (:mod:`pruning.commands.search`) runs the search on a model and writes the best rates for a
 recipe's ``PruningCallback(allocation: rates, rates_file: ...)``.
@@ -20,6 +21,7 @@ recipe's ``PruningCallback(allocation: rates, rates_file: ...)``.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -39,7 +41,7 @@ from ..pipeline.calibration import calibration_batches, collect_gradients
 from ..pipeline.drive import collect_activations
 from ..pipeline.pruner import Pruner
 from ..structure import ModelStructure
-from .operators import LLMOperator
+from .operators import LLM_OPERATORS, LLMOperator
 from .rates import project_rates
 
 SEARCH_GRANULARITIES = ("mlp_neuron", "attention_head", "query_head")
@@ -158,10 +160,14 @@ class Evolution:
     population is the uniform allocation plus random ones (``target + init_scale·N(0, 1)`` per layer, repaired);
     parents are chosen by tournament (best of ``tournament`` drawn at random); a classical mutation adds
     ``mutation_scale·N(0, 1)`` to a random half of the layers, a classical crossover takes each layer's rate from
-    one parent or the other; with an ``operator`` model, crossover and mutation are first asked of it. Every
-    candidate is repaired and keyed by its pruned counts per layer; fitness is cached on that key, so a candidate met
-    twice is scored once. With ``history_path`` the history is rewritten (atomically) after every generation;
-    ``info`` is recorded in it as well.
+    one parent or the other. With an ``operator`` model, the operators named in ``llm_operators`` are first asked
+    of it: the initial population (after the uniform allocation, which is always its first member: the reference
+    every search reports against) in requests of ``init_batch`` lists, filled up classically when the answers fall
+    short; the parents of every crossover and mutation (indices into the population, best first); the crossover
+    child and the mutant. Every candidate is repaired and keyed by its pruned counts per layer; fitness is cached on
+    that key, so a candidate met twice is scored once. With ``history_path`` the history is rewritten (atomically)
+    after every generation; ``info`` is recorded in it as well. ``history['offspring']`` records every child with
+    its parents (indices into that generation's population) and who chose them.
     """
 
     def __init__(
@@ -176,6 +182,8 @@ class Evolution:
         mutations: int = 10,
         crossovers: int = 10,
         operator: LLMOperator | None = None,
+        llm_operators: Sequence[str] = LLM_OPERATORS,
+        init_batch: int = 10,
         max_rate: float = 0.9,
         mutation_scale: float = 0.05,
         init_scale: float = 0.1,
@@ -184,20 +192,29 @@ class Evolution:
         history_path: str | os.PathLike | None = None,
         info: dict | None = None,
     ) -> None:
-        for name, v in (("population", population), ("generations", generations)):
+        for name, v in (("population", population), ("generations", generations), ("init_batch", init_batch)):
             if v < 1:
                 raise ValueError(f"{name}={v} must be >= 1")
         if mutations < 0 or crossovers < 0 or mutations + crossovers == 0:
             raise ValueError(f"mutations={mutations}, crossovers={crossovers}: need at least one new candidate a round")
+        unknown = sorted(set(llm_operators) - set(LLM_OPERATORS))
+        if unknown:
+            raise ValueError(
+                f"llm_operators={list(llm_operators)}: {unknown} unknown; choose from {list(LLM_OPERATORS)}"
+            )
         self.counts, self.target, self.fitness, self.partitions = list(counts), target, fitness, partitions
         self.size, self.generations, self.mutations, self.crossovers = population, generations, mutations, crossovers
         self.operator, self.max_rate, self.tournament = operator, max_rate, tournament
+        self.llm_operators = tuple(op for op in LLM_OPERATORS if op in llm_operators) if operator is not None else ()
+        self.init_batch = init_batch
         self.mutation_scale, self.init_scale = mutation_scale, init_scale
         self.history_path = history_path
         self.rng = random.Random(seed)
         self.units = [c // max(1, partitions) for c in counts]
         self.cache: dict[tuple[int, ...], float] = {}
-        self.stats = {"evaluations": 0, "cache_hits": 0, "llm_proposed": 0, "llm_used": 0, "llm_fallback": 0}
+        self.stats: dict = {"evaluations": 0, "cache_hits": 0, "llm_proposed": 0, "llm_used": 0, "llm_fallback": 0}
+        if self.llm_operators:
+            self.stats["llm"] = {op: {"proposed": 0, "used": 0, "fallback": 0} for op in self.llm_operators}
         self.history: dict = {
             "method": "self-pruner",
             "target": target,
@@ -210,9 +227,11 @@ class Evolution:
             "mutations": mutations,
             "crossovers": crossovers,
             "operator": operator.path if operator is not None else "classical",
+            "llm_operators": list(self.llm_operators),
             **dict(info or {}),
             "generations": [],
             "evaluated": [],
+            "offspring": [],
             "stats": self.stats,
             "llm_failures": {},
             "llm_answers": [],  # every answer of the operator model (first 300 characters), for inspection
@@ -248,9 +267,40 @@ class Evolution:
         return {"rates": rates, "fitness": self.cache[k], "origin": origin, "key": k}
 
     # ---------------------------------------------------------------------------------------------- operators
-    def pick(self, pop: list[dict]) -> dict:
-        """Tournament selection: the best of ``tournament`` candidates drawn at random."""
-        return min(self.rng.sample(pop, min(self.tournament, len(pop))), key=lambda c: c["fitness"])
+    def asks(self, op: str) -> bool:
+        """Whether operator ``op`` is first asked of the operator model."""
+        return op in self.llm_operators
+
+    def count(self, op: str, used: int, fallback: int) -> None:
+        """``used`` answers of the model and ``fallback`` classical stand-ins for operator ``op``."""
+        s = self.stats["llm"][op]
+        s["proposed"] += used + fallback
+        s["used"] += used
+        s["fallback"] += fallback
+        self.stats["llm_proposed"] += used + fallback
+        self.stats["llm_used"] += used
+        self.stats["llm_fallback"] += fallback
+
+    def note_answer(self, op: str, usable: bool, reason: str, answer: str) -> None:
+        self.history["llm_answers"].append({"kind": op, "usable": usable, "reason": reason, "answer": answer[:300]})
+        if not usable:
+            failures = self.history["llm_failures"]
+            failures[reason] = failures.get(reason, 0) + 1
+
+    def pick(self, pop: list[dict]) -> int:
+        """Tournament selection: the index of the best of ``tournament`` candidates drawn at random."""
+        return min(self.rng.sample(range(len(pop)), min(self.tournament, len(pop))), key=lambda i: pop[i]["fitness"])
+
+    def select(self, pop: list[dict], count: int, purpose: str) -> tuple[list[int], str]:
+        """Indices of ``count`` parents in ``pop`` (sorted, best first) and who chose them (``llm``/``tournament``)."""
+        if self.asks("selection"):
+            scored = [(c["rates"], c["fitness"]) for c in pop]
+            idx, reason, answer = self.operator.select(scored, count, purpose, self.target, self.max_rate)
+            self.note_answer("selection", idx is not None, reason, answer)
+            self.count("selection", int(idx is not None), int(idx is None))
+            if idx is not None:
+                return idx, "llm"
+        return [self.pick(pop) for _ in range(count)], "tournament"
 
     def classical(self, kind: str, parents: list[list[float]]) -> list[float]:
         n = len(self.counts)
@@ -263,20 +313,14 @@ class Evolution:
 
     def operate(self, kind: str, parents: list[list[float]], pop: list[dict]) -> tuple[list[float], str]:
         """A crossover or mutation: the operator model's answer when it gives a usable one, else the classical."""
-        if self.operator is not None:
-            self.stats["llm_proposed"] += 1
+        if self.asks(kind):
             proposed, reason, answer = self.operator.propose(
                 kind, parents, [(c["rates"], c["fitness"]) for c in pop], self.target, self.max_rate
             )
-            self.history["llm_answers"].append(
-                {"kind": kind, "usable": proposed is not None, "reason": reason, "answer": answer[:300]}
-            )
+            self.note_answer(kind, proposed is not None, reason, answer)
+            self.count(kind, int(proposed is not None), int(proposed is None))
             if proposed is not None:
-                self.stats["llm_used"] += 1
                 return self.repair(proposed), f"llm-{kind}"
-            self.stats["llm_fallback"] += 1
-            failures = self.history["llm_failures"]
-            failures[reason] = failures.get(reason, 0) + 1
         return self.repair(self.classical(kind, parents)), kind
 
     # ---------------------------------------------------------------------------------------------- the run
@@ -286,6 +330,21 @@ class Evolution:
         pop = [self.score(uniform, "uniform", 0)]
         self.history["uniform"] = {"rates": uniform, "fitness": pop[0]["fitness"]}
         seen = {pop[0]["key"]}
+        if self.asks("initialisation"):
+            wanted = self.size - 1
+            for _ in range(math.ceil(wanted / self.init_batch)):
+                ask = min(self.init_batch, self.size - len(pop))
+                if ask <= 0:
+                    break
+                lists, reason, answer = self.operator.initialise(ask, n, self.target, self.max_rate)
+                self.note_answer("initialisation", bool(lists), reason, answer)
+                for rates in lists:
+                    cand = self.score(self.repair(rates), "llm-init", 0)
+                    if cand["key"] not in seen and len(pop) < self.size:
+                        seen.add(cand["key"])
+                        pop.append(cand)
+            used = len(pop) - 1
+            self.count("initialisation", used, wanted - used)
         tries = 0
         while len(pop) < self.size and tries < 20 * self.size:
             tries += 1
@@ -296,16 +355,28 @@ class Evolution:
                 pop.append(cand)
         return pop
 
+    def child(self, kind: str, pop: list[dict], gen: int) -> dict:
+        """One crossover child or mutant of parents selected from ``pop`` (sorted, best first), scored."""
+        idx, by = self.select(pop, 2 if kind == "crossover" else 1, kind)
+        rates, origin = self.operate(kind, [pop[i]["rates"] for i in idx], pop)
+        cand = self.score(rates, origin, gen)
+        self.history["offspring"].append(
+            {
+                "generation": gen,
+                "origin": origin,
+                "selection": by,
+                "parents": idx,
+                "rates": rates,
+                "fitness": cand["fitness"],
+            }
+        )
+        return cand
+
     def generation(self, pop: list[dict], gen: int) -> list[dict]:
         """One round: crossovers, then mutations, then the best ``population`` distinct candidates survive."""
-        children = []
-        for _ in range(self.crossovers):
-            a, b = self.pick(pop), self.pick(pop)
-            rates, origin = self.operate("crossover", [a["rates"], b["rates"]], pop)
-            children.append(self.score(rates, origin, gen))
-        for _ in range(self.mutations):
-            rates, origin = self.operate("mutation", [self.pick(pop)["rates"]], pop)
-            children.append(self.score(rates, origin, gen))
+        pop = sorted(pop, key=lambda c: c["fitness"])  # the numbering the selection prompt shows
+        children = [self.child("crossover", pop, gen) for _ in range(self.crossovers)]
+        children += [self.child("mutation", pop, gen) for _ in range(self.mutations)]
         merged = {c["key"]: c for c in children}
         merged.update({c["key"]: c for c in pop})  # a survivor keeps its origin
         return sorted(merged.values(), key=lambda c: c["fitness"])[: self.size]
@@ -332,7 +403,7 @@ class Evolution:
         for gen in bar:
             pop = self.generation(pop, gen)
             self.record(pop, gen)
-            llm = {"llm": f"{self.stats['llm_used']}/{self.stats['llm_proposed']}"} if self.operator else {}
+            llm = {"llm": f"{self.stats['llm_used']}/{self.stats['llm_proposed']}"} if self.llm_operators else {}
             bar.set_postfix(best=f"{pop[0]['fitness']:.4g}", evals=self.stats["evaluations"], **llm)
         bar.close()
         best = pop[0]
@@ -359,8 +430,9 @@ def search_rates(
     generations: int = 20,
     mutations: int = 10,
     crossovers: int = 10,
-    operator_model: str | None = None,
+    operator_model: str | LLMOperator | None = None,
     operator_options: dict | None = None,
+    llm_operators: Sequence[str] = LLM_OPERATORS,
     seed: int = 0,
     progress: bool = True,
     history_path: str | os.PathLike | None = None,
@@ -375,8 +447,10 @@ def search_rates(
     Fitness (lower is better) is the perplexity on ``heldout`` (a split of the calibration data, not the test set)
     of the model pruned by ``criterion`` with the candidate's rates (:class:`PrunedPerplexity`: scores from
     ``calibration`` on the dense model, computed once, then top-k per layer), or ``fitness(rates)`` when given
-    (then ``calibration``/``heldout`` are not used). ``operator_model``: path of a local causal LM used as the
-    genetic operator (``operator_options`` for :class:`LLMOperator`). Everything else: see :func:`evolve`.
+    (then ``calibration``/``heldout`` are not used). ``operator_model``: the genetic operator model, a ready
+    :class:`LLMOperator` (e.g. over a :class:`~pruning.allocation.operators.ChatEndpoint`) or the path of a local
+    causal LM (``operator_options`` for :class:`~pruning.allocation.operators.LocalCausalLM`), asked for the
+    operators in ``llm_operators``. Everything else: see :class:`Evolution`.
 
     The best rates serve any criterion: ``pruning.prune(model, calib, method, target, granularity,
     allocation='rates', layer_rates=result.rates)`` (the search's criterion is the one they were tuned for).
@@ -391,8 +465,8 @@ def search_rates(
         fitness = PrunedPerplexity(
             model, list(calibration), list(heldout), criterion, granularity, criterion_options, device, progress
         )
-    operator = None
-    if operator_model is not None:
+    operator = operator_model
+    if isinstance(operator_model, str):
         operator = LLMOperator(operator_model, seed=seed, **dict(operator_options or {}))
     result = evolve(
         [gs.count for gs in group_sets],
@@ -404,6 +478,7 @@ def search_rates(
         mutations=mutations,
         crossovers=crossovers,
         operator=operator,
+        llm_operators=llm_operators,
         max_rate=max_rate,
         mutation_scale=mutation_scale,
         init_scale=init_scale,

@@ -90,3 +90,40 @@ def lowest_layers(scores: torch.Tensor, kept: torch.Tensor, fraction: float) -> 
     scores = scores.masked_fill(~kept, NEG_INF)
     n_drop = int(math.floor(fraction * len(scores) + 1e-9))
     return set(torch.topk(scores, n_drop, largest=False).indices.tolist()) if n_drop else set()
+
+
+def joint_keep(
+    densities: list[torch.Tensor],
+    params: list[int],
+    budget: int,
+    prev: list[torch.Tensor | None] | None = None,
+    min_keep: list[int] | None = None,
+) -> tuple[list[torch.Tensor], int]:
+    """Keep vectors of several group sets that share one budget of ``budget`` parameters, and the parameters they
+    remove.
+
+    ``densities[s]``: the importance per parameter of set ``s``'s groups (comparable across the sets);
+    ``params[s]``: the parameters one of its groups holds. Groups go in order of increasing density — the greedy
+    answer to removing ``budget`` parameters at the least summed importance (a knapsack by value per weight) —
+    each while the removed parameters stay within the budget (a group that would overshoot is passed over for
+    smaller ones), every set keeping at least ``min_keep[s]`` groups (default 1). Groups already pruned
+    (``prev``) go first and count. Ties: set order, then position."""
+    n_sets = len(densities)
+    prev = prev or [None] * n_sets
+    floor = min_keep or [1] * n_sets
+    keeps = [torch.ones(d.numel(), dtype=torch.bool) for d in densities]
+    left = [d.numel() for d in densities]
+    removed = 0
+    order = []
+    for s, (d, pk) in enumerate(zip(densities, prev)):
+        d = exclude_pruned(d.float().cpu(), pk)
+        order += [(float(v), s, g) for g, v in enumerate(d.tolist())]
+    order.sort()
+    for v, s, g in order:
+        forced = v == NEG_INF  # already pruned: stays pruned, whatever the budget
+        if not forced and (left[s] <= floor[s] or removed + params[s] > budget):
+            continue
+        keeps[s][g] = False
+        left[s] -= 1
+        removed += params[s]
+    return [k.to(d.device) for k, d in zip(keeps, densities)], removed

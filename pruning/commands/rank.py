@@ -22,12 +22,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-rate", type=float, default=0.9)
     ap.add_argument("--skip-layers", type=int, nargs="*", default=[], help="layers left unpruned")
     ap.add_argument("--per-layer-sigma", action="store_true", help="one σ pair per layer instead of one")
+    ap.add_argument("--second-order", action="store_true", help="the element term with its diagonal second-order part")
     ap.add_argument("--out", default="saap_rates.json")
     add_data_arguments(ap)
     args = ap.parse_args(argv)
     model = load_model(args.model, args.dtype, args.device)
     calib, _ = load_data(args, model)
-    est = saap_scores(model, calib, args.granularity, per_layer_sigma=args.per_layer_sigma, device=args.device)
+    est = saap_scores(
+        model,
+        calib,
+        args.granularity,
+        per_layer_sigma=args.per_layer_sigma,
+        second_order=args.second_order,
+        device=args.device,
+    )
     rates, ind = saap_layer_rates(est, args.target, args.fluctuation, args.spread, args.max_rate, args.skip_layers)
     out = {
         "method": "saap",

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..allocation.operators import LLM_OPERATORS, ChatEndpoint, LLMOperator
 from ..allocation.search import SEARCH_GRANULARITIES, search_rates
 from ..io import write_json
 from ..loading import from_pretrained
@@ -67,6 +68,24 @@ def load_data(args: argparse.Namespace, model: nn.Module) -> tuple[list[torch.Te
     return list(batches(calib, args.batch_size)), list(batches(held, args.batch_size))
 
 
+def operator_of(args: argparse.Namespace) -> str | LLMOperator | None:
+    """The operator model the flags name: a local path, an endpoint (wrapped in an :class:`LLMOperator`), or none."""
+    if args.operator_endpoint is None:
+        return args.operator_model
+    if args.operator_model is not None or not args.operator_endpoint_model:
+        raise SystemExit(
+            "--operator-endpoint needs --operator-endpoint-model NAME and excludes --operator-model. "
+            "HINT: e.g. --operator-endpoint http://localhost:8000/v1 --operator-endpoint-model my-model"
+        )
+    endpoint = ChatEndpoint(
+        args.operator_endpoint,
+        args.operator_endpoint_model,
+        api_key_env=args.operator_api_key_env,
+        max_tokens=args.operator_max_new_tokens,
+    )
+    return LLMOperator(endpoint)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``pruning search``: Self-Pruner's rate search; writes the best rates as JSON for a recipe."""
     ap = argparse.ArgumentParser(prog="pruning search", description=main.__doc__)
@@ -82,10 +101,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-rate", type=float, default=0.9)
     ap.add_argument("--operator-model", default=None, help="local causal LM used as the genetic operator")
     ap.add_argument("--operator-max-new-tokens", type=int, default=256)
+    ap.add_argument(
+        "--operator-endpoint",
+        default=None,
+        help="instead of --operator-model: an OpenAI-compatible API base URL, e.g. http://localhost:8000/v1",
+    )
+    ap.add_argument("--operator-endpoint-model", default=None, help="the model name the endpoint serves")
+    ap.add_argument(
+        "--operator-api-key-env", default=None, help="name of the environment variable holding the endpoint's key"
+    )
+    ap.add_argument(
+        "--llm-operators",
+        default=",".join(LLM_OPERATORS),
+        help="operators asked of the operator model (comma-separated subset of the default)",
+    )
     ap.add_argument("--out", default="self_pruner_rates.json", help="best rates (JSON)")
     ap.add_argument("--history", default=None, help="search history (JSON; default: <out>.history.json)")
     add_data_arguments(ap)
     args = ap.parse_args(argv)
+    operator = operator_of(args)
     model = load_model(args.model, args.dtype, args.device)
     calib, held = load_data(args, model)
     history = args.history or str(Path(args.out).with_suffix("")) + ".history.json"
@@ -101,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         generations=args.generations,
         mutations=args.mutations,
         crossovers=args.crossovers,
-        operator_model=args.operator_model,
+        operator_model=operator,
         operator_options={"max_new_tokens": args.operator_max_new_tokens, "device": args.device},
+        llm_operators=[op.strip() for op in args.llm_operators.split(",") if op.strip()],
         seed=args.seed,
         history_path=history,
         max_rate=args.max_rate,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
-from ..stats import ActivationStats, GradientStats, GroupGradientStats
+from ..stats import ActivationStats, GradientCollector, GradientStats, GroupGradientStats
 from ..structure import GroupSet, Member
 
 CRITERIA: dict[str, type[Criterion]] = {}
@@ -37,12 +37,15 @@ def get_criterion(name: str, **options) -> Criterion:
 @dataclass
 class ScoreContext:
     """What a criterion may read: weights, activation statistics by module name, gradient statistics by parameter
-    name and group statistics by group-set key."""
+    name, group statistics by group-set key, and (where known) the count each group set keeps."""
 
     weights: dict[str, torch.Tensor]
     act: dict[str, ActivationStats] = field(default_factory=dict)
     grad: dict[str, GradientStats] = field(default_factory=dict)
     group: dict[str, GroupGradientStats] = field(default_factory=dict)
+    # groups each group set keeps at this event, by key, where the selection fixes the count before scoring (read by
+    # a criterion whose own procedure stops at the target: mutual information's random pairs)
+    keep: dict[str, int] = field(default_factory=dict)
 
     def act_norm(self, weight_name: str) -> torch.Tensor:
         """‖X_j‖₂ over calibration tokens for the Linear owning ``weight_name``."""
@@ -88,6 +91,19 @@ def column_members(gs: GroupSet, ctx: ScoreContext) -> list[Member]:
     """The 2-D members whose *columns* are the groups (down_proj / fc2 for MLP neurons, o_proj for heads and KV
     groups): the projection that reads the group's outputs. Empty for whole layers."""
     return [m for m in matrix_members(gs, ctx) if m.dim == 1]
+
+
+class BatchLearner(Protocol):
+    """Criterion options learned from the batches of a scoring window (:meth:`Criterion.batch_learner`)."""
+
+    def close_batch(self, gradients: GradientCollector) -> bool: ...
+    def reduce(self, group=None) -> None: ...
+    def learned(self) -> dict: ...
+    def reset(self) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def merged_state_dict(self, group=None) -> dict: ...
+    def load_merged_state_dict(self, state: dict, rank: int) -> None: ...
 
 
 @dataclass
@@ -155,6 +171,19 @@ class Criterion:
     def summed_scores(self, gs: GroupSet, ctx: ScoreContext, members: Iterable[Member]) -> torch.Tensor:
         """Per group of ``gs``: the sum of the element scores of ``members``, one member's scores held at a time."""
         return sum_per_group(gs, ((m, self.element_scores(m.name, ctx)) for m in members))
+
+    def batch_learner(self, group_sets: list[GroupSet]) -> BatchLearner | None:
+        """What this criterion learns batch by batch from a training run's scoring window (SAAP's σ), or ``None``
+        (default): the callbacks close a batch after every optimiser step and pass the criterion options it learned
+        to the event."""
+        return None
+
+    def group_densities(self, sets: list[GroupSet], ctx: ScoreContext) -> list[torch.Tensor]:
+        """Importance per parameter of the groups of ``sets`` (group sets of different kinds compared in one
+        parameter budget, ``mlp_neuron+attention_head``), comparable across the sets. Default: the group score over
+        the group's parameter count, right for scores that add up over a group's weights; a criterion that
+        normalises its scores says how they compare across kinds (SAAP)."""
+        return [self.group_scores(gs, ctx).float() / gs.params_per_group for gs in sets]
 
     def check_granularity(self, granularity: str) -> None:
         from ..options import Granularity

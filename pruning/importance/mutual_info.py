@@ -44,103 +44,16 @@ import torch
 
 from ..structure import GroupSet
 from .base import Criterion, ScoreContext, register
-
-
-def standardize(Z: torch.Tensor, robust: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-neuron centred ``Z`` [m, n] (fp32) divided by its scale: the standard deviation, or with ``robust``
-    Silverman's ``min(std, IQR / 1.349)`` (the std where the IQR is 0). Constant neurons (std 0) become zeros.
-    Returns ``(Zs, constant)``."""
-    Z = Z.float()
-    std = Z.std(0, unbiased=False)
-    constant = std <= 1e-12 * Z.abs().amax(0).clamp_min(1.0)
-    scale = std
-    if robust:
-        m = Z.shape[0]
-        srt = Z.sort(0).values
-        iqr = (srt[int(0.75 * (m - 1))] - srt[int(0.25 * (m - 1))]) / 1.349
-        scale = torch.where(iqr > 0, torch.minimum(std, iqr), std)
-    Zs = (Z - Z.mean(0)) / torch.where(constant, torch.ones_like(std), scale)
-    Zs[:, constant] = 0.0
-    return Zs, constant
-
-
-def silverman_width(m: int, rule: str = "robust") -> float:
-    """Kernel width in units of the scale :func:`standardize` divides by: ``0.9 · m^(−1/5)`` (``robust``, with the
-    robust scale) or ``1.06 · m^(−1/5)`` (``normal``, the normal-reference rule, with the std)."""
-    return (0.9 if rule == "robust" else 1.06) * m**-0.2
-
-
-def _k2_upper(Zs: torch.Tensor, iu: tuple[torch.Tensor, torch.Tensor], sigma: float) -> torch.Tensor:
-    """``K²`` of each neuron (columns of ``Zs`` [m, c]) at the pairs ``a < b``: [c, m(m−1)/2]."""
-    Zt = Zs.T.contiguous()
-    arg = Zt.index_select(1, iu[0]).sub_(Zt.index_select(1, iu[1])).square_().div_(-sigma * sigma)
-    # K² = exp(−d²/σ²) for K = exp(−d²/2σ²). Entries below e⁻³⁵ ≈ 6e-16 are set to 0: they change sums of at least
-    # m by < m²·1e-15, and left in they reach the subnormal range (in K² or in products of two), where x86 float
-    # arithmetic is ~20x slower.
-    tiny = arg < -35.0
-    return arg.exp_().masked_fill_(tiny, 0.0)
-
-
-def entropy2(Zs: torch.Tensor, sigma: float | None = None, chunk: int = 256) -> torch.Tensor:
-    """``S₂(A_k)`` in bits for every neuron (column of standardised ``Zs``)."""
-    m = Zs.shape[0]
-    sigma = sigma or silverman_width(m)
-    iu = torch.triu_indices(m, m, 1, device=Zs.device)
-    out = []
-    for a in range(0, Zs.shape[1], chunk):
-        fro = m + 2 * _k2_upper(Zs[:, a : a + chunk], (iu[0], iu[1]), sigma).sum(1, dtype=torch.float64)  # ‖K‖_F²
-        out.append(2 * math.log2(m) - torch.log2(fro))
-    return torch.cat(out).float()
-
-
-def mi2_matrix(Zs: torch.Tensor, sigma: float | None = None, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-pairs ``I₂(Z_k; Z_l)`` in bits [n, n] (the diagonal is the self-information ``I₂(Z_k; Z_k)``) and the
-    entropies ``S₂(A_k)`` [n], for the columns of standardised ``Zs`` [m, n]. Blocks of ``chunk`` neurons: memory
-    ``O(n² + chunk · m²)``."""
-    m, n = Zs.shape
-    sigma = sigma or silverman_width(m)
-    iu = torch.triu_indices(m, m, 1, device=Zs.device)
-    iu = (iu[0], iu[1])
-    log_fro = torch.empty(n, dtype=torch.float64, device=Zs.device)
-    M = torch.empty(n, n, dtype=torch.float32, device=Zs.device)
-    for a in range(0, n, chunk):
-        Ga = _k2_upper(Zs[:, a : a + chunk], iu, sigma)
-        log_fro[a : a + chunk] = torch.log2(m + 2 * Ga.sum(1).double())
-        for b in range(a, n, chunk):
-            Gb = Ga if b == a else _k2_upper(Zs[:, b : b + chunk], iu, sigma)
-            joint = torch.log2(m + 2 * (Ga @ Gb.T).double())  # log₂ ‖K_k∘K_l‖_F²
-            M[a : a + chunk, b : b + chunk] = joint.float()
-            if b != a:
-                M[b : b + chunk, a : a + chunk] = joint.T.float()
-    # I = 2 log₂ m − log₂‖K_k‖² − log₂‖K_l‖² + log₂‖K_k∘K_l‖², added a block of rows at a time (no n² temporary)
-    for a in range(0, n, chunk):
-        M[a : a + chunk] += (2 * math.log2(m) - log_fro[a : a + chunk, None] - log_fro[None, :]).float()
-    entropy = (2 * math.log2(m) - log_fro).float()
-    return M, entropy
-
-
-def renyi_entropy(A: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``S_α(A) = 1/(1−α) · log₂ tr(A^α)`` for trace-normalised PSD matrices ``A`` [..., m, m] (eigenvalues)."""
-    lam = torch.linalg.eigvalsh(A.double()).clamp_min(0)
-    return torch.log2((lam**alpha).sum(-1)) / (1 - alpha)
-
-
-def mi_alpha_pairs(
-    Zs: torch.Tensor, pairs: torch.Tensor, alpha: float, sigma: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``I_α`` for the given neuron ``pairs`` [p, 2] (a pair ``(k, k)`` gives the self-information) and every
-    neuron's ``S_α``, by eigendecompositions (any α)."""
-    m, n = Zs.shape
-    sigma = sigma or silverman_width(m)
-    K = torch.exp(-(Zs.T[:, :, None] - Zs.T[:, None, :]).square() / (2 * sigma * sigma))  # [n, m, m]
-    ent = renyi_entropy(K / m, alpha)
-    mi = torch.empty(pairs.shape[0], dtype=torch.float64)
-    for s in range(0, pairs.shape[0], 64):
-        p = pairs[s : s + 64]
-        J = K[p[:, 0]] * K[p[:, 1]]
-        joint = renyi_entropy(J / J.diagonal(dim1=-2, dim2=-1).sum(-1)[:, None, None], alpha)
-        mi[s : s + 64] = ent[p[:, 0]] + ent[p[:, 1]] - joint
-    return mi.float(), ent.float()
+from .mi_random_pairs import random_pair_order
+from .renyi import (  # noqa: F401 (the estimator, re-exported: part of this criterion's public surface)
+    entropy2,
+    mi2_matrix,
+    mi_alpha_pairs,
+    pair_redundancy,
+    renyi_entropy,
+    silverman_width,
+    standardize,
+)
 
 
 def cluster_neurons(Zs: torch.Tensor, size: int, iters: int = 10, seed: int = 0) -> list[torch.Tensor]:
@@ -289,22 +202,9 @@ def redundancy_order(
     mats: list[np.ndarray] = []
     pairs = 0
     for c in clusters:
-        if alpha == 2.0:
-            M, ent = mi2_matrix(Zk[:, c.to(Zk.device)], sigma)
-        else:
-            iu = torch.triu_indices(c.numel(), c.numel(), 0)
-            mi, ent = mi_alpha_pairs(Zk[:, c.to(Zk.device)].cpu(), iu.T, alpha, sigma)
-            M = torch.zeros(c.numel(), c.numel())
-            M[iu[0], iu[1]] = mi
-            M = M + M.T - torch.diag(M.diagonal())
-        M, ent = M.cpu(), ent.cpu()
+        M, ent = pair_redundancy(Zk[:, c.to(Zk.device)], alpha, sigma, normalize)
         entropy[c] = ent
-        if normalize:
-            half = M.diagonal().clone().div_(2).clamp_min_(1e-12)
-            for a in range(0, M.shape[0], 1024):  # in place, by rows: all-pairs mode holds n² floats once
-                M[a : a + 1024].div_(half[a : a + 1024, None] + half[None, :])
-        M.fill_diagonal_(float("-inf"))
-        mats.append(M.float().numpy())
+        mats.append(M.numpy())
         pairs += c.numel() * (c.numel() - 1) // 2
     t2 = time.perf_counter()
     scores, value = _greedy(n, clusters, mats, constant.cpu().numpy(), entropy.numpy(), energy, victim)
@@ -394,12 +294,21 @@ class MutualInfo(Criterion):
     per layer, little redundancy) it loses clearly to Wanda and magnitude at the same neuron rate; it is meant
     for models with redundant neurons, as in the paper (BERT-tiny), and as an unsupervised, label-free option.
 
-    Selection: the group score is the greedy removal order (the member of the most redundant remaining pair goes
-    first), so keeping the top ``k`` is the greedy run stopped at the target rate; per layer, with the default
-    uniform allocation (same width everywhere: a stock config). ``threshold`` (the paper's rule): only pairs whose
-    redundancy exceeds it lose a member, ``sparsity`` then being an upper bound; layers may then keep different
-    widths. ``element_scores`` are Wanda's ``|W|·‖X_j‖₂``, used only for OWL's layer outlier ratios.
-    ``diagnostics`` records per layer the clusters, pairs evaluated and seconds spent.
+    Selection: the group score is the removal order, so keeping the top ``k`` is the procedure stopped at the target
+    rate; per layer, with the default uniform allocation (same width everywhere: a stock config). Two procedures
+    (``mode``):
+
+    - ``clustered`` (default, scalable): greedily, the member of the most redundant remaining pair goes first, pairs
+      taken within |correlation| clusters (:func:`redundancy_order`). ``threshold`` (optional): only pairs whose
+      redundancy exceeds it lose a member.
+    - ``random_pairs`` (the paper's own procedure, :mod:`pruning.importance.mi_random_pairs`): random pairs of all
+      the layer's neurons, one of a pair pruned when its redundancy exceeds ``threshold`` (required), stopped at
+      the target, repeated for ``seeds`` random seeds, the seed whose pruned layer output is closest to the dense
+      one (KL) kept. Exact all-pairs MI per layer: for layers of the paper's size.
+
+    With a threshold ``sparsity`` is an upper bound (the layers may then keep different widths).
+    ``element_scores`` are Wanda's ``|W|·‖X_j‖₂``, used only for OWL's layer outlier ratios. ``diagnostics``
+    records per layer the clusters or seeds, pairs evaluated and seconds spent.
     """
 
     name = "mutual_info"
@@ -416,6 +325,8 @@ class MutualInfo(Criterion):
     threshold: float | None = None
     kernel_width: Literal["robust", "normal"] = "robust"
     victim: Literal["weaker", "redundant"] = "weaker"
+    mode: Literal["clustered", "random_pairs"] = "clustered"
+    seeds: int = 5
 
     def __post_init__(self) -> None:
         if self.samples < 2:
@@ -428,6 +339,15 @@ class MutualInfo(Criterion):
             raise ValueError(f"mutual_info kernel_width={self.kernel_width!r} must be 'robust' or 'normal'")
         if self.victim not in ("weaker", "redundant"):
             raise ValueError(f"mutual_info victim={self.victim!r} must be 'weaker' or 'redundant'")
+        if self.mode not in ("clustered", "random_pairs"):
+            raise ValueError(f"mutual_info mode={self.mode!r} must be 'clustered' or 'random_pairs'")
+        if self.mode == "random_pairs" and self.threshold is None:
+            raise ValueError(
+                "mutual_info mode='random_pairs' prunes one of a pair whose redundancy exceeds a threshold. HINT: "
+                "set threshold (e.g. 0.5 for the normalised ρ, where a copy scores 1)"
+            )
+        if self.seeds < 1:
+            raise ValueError(f"mutual_info seeds={self.seeds} must be >= 1")
         self.diagnostics: dict[str, dict] = {}
         self._floors: dict[str, int] = {}
 
@@ -453,6 +373,24 @@ class MutualInfo(Criterion):
         if Z.shape[1] != gs.count:
             raise ValueError(f"{module}: {Z.shape[1]} activations per sample for {gs.count} neurons")
         w_out = ctx.weights[out_member.name].detach().float()
+        if self.mode == "random_pairs":
+            order = RedundancyOrder(
+                *random_pair_order(
+                    Z,
+                    threshold=float(self.threshold),
+                    w_out=w_out,
+                    keep=ctx.keep.get(gs.key),
+                    seeds=self.seeds,
+                    seed=self.seed,
+                    alpha=self.alpha,
+                    normalize=self.normalize,
+                    kernel_width=self.kernel_width,
+                    victim=self.victim,
+                )
+            )
+            self._floors[gs.key] = order.keep_floor(self.threshold)
+            self.diagnostics[gs.key] = order.info
+            return order.scores
         order = redundancy_order(
             Z,
             alpha=self.alpha,

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..allocation import load_rates_file
 from ..distributed import fsdp_modules, is_sharded, local, local_part, unsharded, unsharded_module
+from ..importance.base import BatchLearner
 from ..lora import base_layers
 from ..masks import MaskSet
 from ..options import PruneOptions, SelectionOptions
@@ -72,6 +73,14 @@ def event_collectors(
                 "export"
             )
     return activations, gradients
+
+
+def event_learner(model: nn.Module, options: PruneOptions) -> BatchLearner | None:
+    """What ``options``' criterion learns batch by batch from the scoring window (SAAP's σ with ``learn_sigma``),
+    for the targeted groups of ``model``; ``None`` for most criteria."""
+    with base_layers(model):
+        pruner = Pruner(model, options)
+        return pruner.criterion.batch_learner(pruner.targets.group_sets)
 
 
 def scores_one_layer_at_a_time(model: nn.Module, options: PruneOptions) -> bool:

@@ -9,6 +9,7 @@ branch in here.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from ..importance import ScoreContext
 from ..masks import MaskSet, SparsityReport
 from ..options import PruneOptions
 from ..stats import ActivationCollector, ActivationStats, GradientCollector
-from ..structure import ModelStructure
+from ..structure import GroupSet, ModelStructure
 from .targets import existing_zeros, plan_targets
 
 
@@ -63,7 +64,7 @@ class Pruner:
         self.fraction = self.targets.fraction(self.options.sparsity, self.options.sparsity_basis)
         self.rates: list[float] | None = self.options.layer_rates
         self.weights = dict(model.named_parameters(remove_duplicate=False))
-        self.kept: dict[int, int] = {}
+        self.kept: dict[int | str, int] = {}  # by layer (by group-set key for a joint granularity)
         self.info: dict = {
             **self.options.record(),
             "method": self.options.method,
@@ -176,12 +177,35 @@ class Pruner:
             for name in self.targets.weights_in(layer):
                 self.select_weight(name, ctx, self.rate(layer))
             return
-        gs = self.targets.group_sets[layer]
-        scores = alloc.exclude_pruned(self.criterion.group_scores(gs, ctx).float(), self.masks.groups.get(gs.key))
+        sets = self.targets.sets_in(layer)
+        if len(sets) > 1:  # a joint granularity: the layer's MLP neurons and KV groups share its budget
+            self.select_joint(sets, ctx, self.rate(layer))
+            return
+        gs = sets[0]
         keep_n = alloc.keep_counts_uniform([gs.count], self.rate(layer), gs.partitions)[0]
+        ctx.keep[gs.key] = keep_n  # a criterion whose procedure stops at the target reads it
+        scores = alloc.exclude_pruned(self.criterion.group_scores(gs, ctx).float(), self.masks.groups.get(gs.key))
         keep_n = max(keep_n, self.criterion.min_keep_count(gs))  # a criterion's own stopping rule (MI threshold)
         self.masks.set_groups(gs, alloc.topk_keep(scores, keep_n, gs.partitions), self.options.monotone)
         self.kept[layer] = int(self.masks.groups[gs.key].sum())
+
+    def select_joint(self, sets: list[GroupSet], ctx: ScoreContext, rate: float) -> None:
+        """Group sets of different kinds under one budget, ``rate`` of their parameters: the groups of lowest
+        importance per parameter go first (:meth:`Criterion.group_densities`, :func:`allocation.joint_keep`)."""
+        budget = int(math.floor(rate * sum(sum(gs.numels) for gs in sets) + 1e-9))
+        keeps, removed = alloc.joint_keep(
+            self.criterion.group_densities(sets, ctx),
+            [gs.params_per_group for gs in sets],
+            budget,
+            [self.masks.groups.get(gs.key) for gs in sets],
+            [gs.partitions for gs in sets],
+        )
+        for gs, keep in zip(sets, keeps):
+            self.masks.set_groups(gs, keep, self.options.monotone)
+            self.kept[gs.key] = int(self.masks.groups[gs.key].sum())
+        layers = sorted({gs.layer for gs in sets})
+        scope = layers[0] if len(layers) == 1 else "model"
+        self.info.setdefault("joint_budgets", {})[scope] = {"budget": budget, "removed": removed}
 
     def select_weight(self, name: str, ctx: ScoreContext, rate: float) -> None:
         """The element mask of one weight (unstructured or N:M); a reconstructing criterion (SparseGPT) also
@@ -205,6 +229,8 @@ class Pruner:
         t, o = self.targets, self.options
         if o.unit.name == "layer":
             self._select_whole_layers(ctx)
+        elif o.unit.joint:
+            self.select_joint(t.group_sets, ctx, self.fraction)
         elif t.group_sets:
             scores = [self.criterion.group_scores(gs, ctx) for gs in t.group_sets]
             previous = [self.masks.groups.get(gs.key) for gs in t.group_sets]

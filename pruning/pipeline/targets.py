@@ -16,7 +16,8 @@ from ..structure import GroupSet, ModelStructure
 class Targets:
     """The weights one event considers.
 
-    ``group_sets``: one per decoder layer for structured granularities (empty for unstructured / N:M);
+    ``group_sets``: one per decoder layer for structured granularities (empty for unstructured / N:M; a joint
+    granularity has one per kind and layer, layer by layer: the layer's MLP neurons, then its KV groups);
     ``weights``: the parameter names that are scored (the groups' members, or the unstructured targets);
     ``modules``: the modules whose inputs activation statistics are taken of, by name;
     ``parameters``: how many parameters the targeted weights hold; ``total``: how many the model holds.
@@ -32,6 +33,10 @@ class Targets:
     def weights_in(self, layer: int | None) -> list[str]:
         """The targeted weights of decoder layer ``layer`` (``None``: those outside every layer)."""
         return [n for n in self.weights if self.structure.layer_of(n) == layer]
+
+    def sets_in(self, layer: int) -> list[GroupSet]:
+        """The group sets of decoder layer ``layer`` (one, or one per kind of a joint granularity)."""
+        return [gs for gs in self.group_sets if gs.layer == layer]
 
     def modules_in(self, layer: int) -> dict[str, nn.Module]:
         return {n: m for n, m in self.modules.items() if self.structure.layer_of(n) == layer}
@@ -55,7 +60,8 @@ def plan_targets(structure: ModelStructure, options: SelectionOptions) -> Target
     model = structure.model
     unit = options.unit
     if unit.structured:
-        group_sets = structure.group_sets(unit.name)  # type: ignore[arg-type]
+        per_kind = [structure.group_sets(kind) for kind in unit.kinds]  # type: ignore[arg-type]
+        group_sets = [gs for layer in zip(*per_kind) for gs in layer]
         weights = sorted({m.name for gs in group_sets for m in gs.members})
         parameters = sum(sum(gs.numels) for gs in group_sets)
         owners = dict.fromkeys(m.name.rsplit(".", 1)[0] for gs in group_sets for m in gs.members)
