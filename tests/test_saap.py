@@ -611,15 +611,16 @@ def test_group_finetune_with_quantized_frozen_groups(tmp_path):
         GroupFinetuneCallback(quantize=True)
 
 
-def test_group_finetune_quantize_refuses_a_later_pruning_event():
+@pytest.mark.parametrize("event_step", [3, 1])  # 1: at start_step itself (the first turn may freeze groups first)
+def test_group_finetune_quantize_refuses_a_later_pruning_event(event_step):
     from pruning.callbacks import ImportanceCallback, PruningCallback
     from pruning.lightning.module import DistillationModule
     from pruning.schedule import Schedule
 
     module = DistillationModule(config=CFG, attn_implementation="eager")
     cb = GroupFinetuneCallback(groups=2, steps_per_group=2, start_step=1, mode="requires_grad", quantize=True)
-    pc = PruningCallback("magnitude", "mlp_neuron", Schedule(step=3, sparsity=0.25))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, max_steps=2, callbacks=[ImportanceCallback(), pc, cb])
+    pc = PruningCallback("magnitude", "mlp_neuron", Schedule(step=event_step, sparsity=0.25))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, max_steps=5, callbacks=[ImportanceCallback(), cb, pc])
     with pytest.raises(ValueError, match="HINT: set start_step after the last pruning event"):
         trainer.fit(module, DataLoader([{"input_ids": torch.zeros(16, dtype=torch.long)}] * 4, batch_size=1))
 
@@ -665,3 +666,15 @@ def test_sigma_window_over_two_ranks_equals_one_process(tmp_path):
     est = saap_scores(tiny_model("llama", 2), calib(8, seq=12, batch=2), "mlp_neuron", progress=False)
     assert got["learned"]["sigma"] == pytest.approx(est.criterion_options()["sigma"], rel=1e-5)
     assert got["merged_seen"] == 8  # the sample counts of both ranks, as the statistics' checkpoints merge them
+
+
+def test_joint_granularity_refuses_what_it_cannot_honour():
+    from pruning.options import SelectionOptions
+
+    with pytest.raises(ValueError, match="min_keep / max_keep .* do not bound"):
+        SelectionOptions(method="saap", granularity="mlp_neuron+attention_head", allocation="global", min_keep=0.9)
+    with pytest.raises(ValueError, match="normalise='minmax'.*HINT: normalise: mean"):
+        SelectionOptions(
+            method="saap", granularity="mlp_neuron+attention_head", criterion_options={"normalise": "minmax"}
+        )
+    SelectionOptions(method="saap", granularity="mlp_neuron", criterion_options={"normalise": "minmax"})

@@ -335,8 +335,9 @@ def test_llm_answers_are_parsed_validated_and_repaired():
         max_rate=0.75,
     )
     stats = result.history["stats"]
-    assert stats["llm_used"] == 4 and stats["llm_fallback"] == 4
-    assert result.history["llm_failures"] == {"no bracketed list of numbers": 4}
+    # the same answer every time: in generation 2 its repaired list is already a parent, so it is no answer then
+    assert stats["llm_used"] == 2 and stats["llm_fallback"] == 6
+    assert result.history["llm_failures"] == {"no bracketed list of numbers": 4, "a copy of a parent": 2}
     from_llm = [c for c in result.history["evaluated"] if c["origin"] == "llm-crossover"]
     assert from_llm and from_llm[0]["rates"] != off_mean
     _check_constraint(result.history, 0.25, 0.75)
@@ -511,3 +512,119 @@ def test_search_command_line_with_an_endpoint(tmp_path, monkeypatch):
     assert [r["body"]["model"] for r in server.requests] == ["m"]
     with pytest.raises(SystemExit, match="needs --operator-endpoint-model"):
         search_command.main([*base, "--operator-endpoint", "http://127.0.0.1:1/v1"])
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+def test_answers_restating_their_inputs_are_read_at_the_end():
+    # chat models restate the parents or the candidates before the answer: the last usable list is the answer
+    assert parse_rates("Combining [0.1, 0.2] and [0.3, 0.4] gives [0.2, 0.3].", 2) == ([0.2, 0.3], "ok")
+    assert parse_indices("Candidates [0, 1] look good; I choose [2, 3]", 2, 5) == ([2, 3], "ok")
+    assert parse_indices("[2, 3] and then [1]", 2, 5) == ([2, 3], "ok")
+
+
+def test_a_child_that_copies_its_parent_is_not_counted_as_used():
+    class Echo(Scripted):
+        def generate(self, prompt: str) -> str:  # answers with the parent it was shown (the line before the ask)
+            return "Here: " + prompt.split("Mutate the parent ")[1].split(" into")[0]
+
+    with pytest.warns(UserWarning, match="usable answer 0 times out of 2"):
+        result = _scripted_run(Echo(), ("mutation",))
+    assert result.history["stats"]["llm"]["mutation"] == {"proposed": 2, "used": 0, "fallback": 2}
+    assert result.history["llm_failures"] == {"a copy of a parent": 2}
+    assert {k["origin"] for k in result.history["offspring"] if k["generation"] == 1} >= {"mutation"}
+
+
+def test_history_keeps_each_generations_own_counts():
+    model = Scripted(mutation=f"Mutated: {_fmt(MUTANT)}")
+    result = _scripted_run(model, ("mutation",), generations=2)
+    counts = [g["llm"]["mutation"]["proposed"] for g in result.history["generations"]]
+    assert counts == [0, 2, 4]
+
+
+def test_the_operator_is_told_how_long_an_answer_is():
+    class Budgeted(Scripted):
+        answer_budget = 0
+        seen: list[int] = []
+
+        def generate(self, prompt: str) -> str:
+            self.seen.append(self.answer_budget)
+            return super().generate(prompt)
+
+    model = Budgeted(mutation=f"Mutated: {_fmt(MUTANT)}")
+    _scripted_run(model, ("initialisation", "mutation"))
+    from pruning.allocation.operators import answer_tokens
+
+    # 5 lists of 8 rates for the initial population, then one list per mutation
+    assert model.seen == [answer_tokens(5, 8), answer_tokens(1, 8), answer_tokens(1, 8)]
+    assert answer_tokens(10, 80) > 10 * 80 * 7  # 80 layers, byte-level tokens: "0.250, " is 7 bytes
+
+
+def test_chat_endpoint_refuses_redirects_trickles_and_plain_http_keys(monkeypatch):
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("SELF_PRUNER_TEST_KEY", "sk-secret")
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            seen.append(dict(self.headers))
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path.startswith("/redirect"):
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/elsewhere")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            for _ in range(40):  # a byte every 0.1 s: each read is quick, the whole never ends in time
+                self.wfile.write(b" ")
+                self.wfile.flush()
+                time.sleep(0.1)
+
+        do_GET = do_POST  # noqa: N815
+
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        from pruning.allocation.operators import OperatorModelError
+
+        redirected = ChatEndpoint(base + "/redirect/v1", "m", api_key_env="SELF_PRUNER_TEST_KEY")
+        with pytest.raises(OperatorModelError, match="redirect refused"):
+            redirected.generate("hi")
+        assert len(seen) == 1  # the key went to the configured server only
+        t0 = time.monotonic()
+        with pytest.raises(OperatorModelError, match="not complete within 1 s"):
+            ChatEndpoint(base + "/v1", "m", timeout=1).generate("hi")
+        assert time.monotonic() - t0 < 3
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    with pytest.raises(ValueError, match="unencrypted"):
+        ChatEndpoint("http://example.org/v1", "m", api_key_env="SELF_PRUNER_TEST_KEY")
+    with pytest.raises(ValueError, match="timeout=0 must be > 0"):
+        ChatEndpoint(base + "/v1", "m", timeout=0)
+    assert ChatEndpoint("https://h.example/v1?token=abc", "m").name == "m @ https://h.example/v1/chat/completions"
+
+
+def test_search_command_checks_operator_flags_before_loading(tmp_path):
+    from pruning.commands import search as cmd
+
+    missing = str(tmp_path / "no-such-model")  # never loaded: the flags are refused first
+    with pytest.raises(SystemExit, match=r"--llm-operators 'mutaton': unknown \['mutaton'\]"):
+        cmd.main(["--model", missing, "--target", "0.25", "--operator-model", "x", "--llm-operators", "mutaton"])
+    with pytest.raises(SystemExit, match="--operator-endpoint-model without --operator-endpoint"):
+        cmd.main(["--model", missing, "--target", "0.25", "--operator-endpoint-model", "m"])
+
+
+def test_local_operator_refuses_an_answer_longer_than_its_context(tmp_path):
+    _save_tiny_operator(tmp_path / "op")
+    with pytest.raises(ValueError, match="max_new_tokens=4096 must be between 1 and the model's context"):
+        LLMOperator(str(tmp_path / "op"), max_new_tokens=4096)

@@ -10,9 +10,11 @@ import json
 import math
 import os
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Sequence
 from typing import Literal, Protocol
 
@@ -43,16 +45,10 @@ def _rate_list(body: str, n_layers: int) -> tuple[list[float] | None, str]:
 
 
 def parse_rates(text: str, n_layers: int) -> tuple[list[float] | None, str]:
-    """The first bracketed list in ``text`` with one number per layer, each in ``[0, 1)``: ``(rates, 'ok')``, or
-    ``(None, reason)`` when no list in the answer is usable."""
-    reason = "no bracketed list of numbers"
-    for body in _LIST.findall(text):
-        rates, why = _rate_list(body, n_layers)
-        if rates is not None:
-            return rates, "ok"
-        if why != "no bracketed list of numbers":
-            reason = why
-    return None, reason
+    """The *last* bracketed list in ``text`` with one number per layer, each in ``[0, 1)`` (a chat model often
+    restates the parents before its answer): ``(rates, 'ok')``, or ``(None, reason)`` when no list is usable."""
+    lists, reason = parse_rate_lists(text, n_layers)
+    return (lists[-1], "ok") if lists else (None, reason)
 
 
 def parse_rate_lists(text: str, n_layers: int) -> tuple[list[list[float]], str]:
@@ -69,10 +65,11 @@ def parse_rate_lists(text: str, n_layers: int) -> tuple[list[list[float]], str]:
 
 
 def parse_indices(text: str, count: int, size: int) -> tuple[list[int] | None, str]:
-    """The first bracketed list of ``count`` distinct whole numbers in ``[0, size)`` (indices into the population
-    the prompt listed): ``(indices, 'ok')`` or ``(None, reason)``."""
+    """The *last* bracketed list of ``count`` distinct whole numbers in ``[0, size)`` (indices into the population
+    the prompt listed; a chat model may name other candidates before its choice): ``(indices, 'ok')`` or
+    ``(None, reason)``."""
     reason = "no bracketed list of indices"
-    for body in _LIST.findall(text):
+    for body in reversed(_LIST.findall(text)):
         nums = _NUMBER.findall(body)
         if not nums:
             continue
@@ -106,14 +103,14 @@ class OperatorModelError(RuntimeError):
 
 class LocalCausalLM:
     """A local Hugging Face causal LM (safetensors only, no remote code). Generation is sampled (``temperature``,
-    ``top_p``), at most ``max_new_tokens`` tokens, seeded per call with the global random state left untouched. A
-    chat template is used when the tokenizer has one; a prompt longer than the model's context keeps its end (the
-    question and the answer format)."""
+    ``top_p``), at most ``max_new_tokens`` tokens (default: enough for the answer asked, :func:`answer_tokens`),
+    seeded per call with the global random state left untouched. A chat template is used when the tokenizer has one;
+    a prompt longer than the model's context keeps its end (the question and the answer format)."""
 
     def __init__(
         self,
         path: str,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | None = None,
         temperature: float = 0.7,
         top_p: float = 0.95,
         device: torch.device | str | None = None,
@@ -126,7 +123,14 @@ class LocalCausalLM:
         self.model = from_pretrained(path, key="operator_model").eval()
         if device is not None:
             self.model.to(device)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if max_new_tokens is not None and (max_new_tokens < 1 or (limit is not None and max_new_tokens >= limit)):
+            raise ValueError(
+                f"operator max_new_tokens={max_new_tokens} must be between 1 and the model's context "
+                f"({limit} positions) minus the prompt. HINT: leave it unset (enough for the answer asked)"
+            )
         self.max_new_tokens = max_new_tokens
+        self.answer_budget = 256  # set per prompt by LLMOperator; used when max_new_tokens is None
         self.temperature = temperature
         self.top_p = top_p
         self.seed = seed
@@ -142,9 +146,11 @@ class LocalCausalLM:
         else:
             text = prompt + "\n"
         ids = tok(text, return_tensors="pt").input_ids
+        new = self.max_new_tokens or self.answer_budget
         limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit is not None and ids.shape[1] + self.max_new_tokens > limit:
-            ids = ids[:, -(limit - self.max_new_tokens) :]  # keep the end: the question and the answer format
+        if limit is not None and ids.shape[1] + new > limit:
+            new = min(new, limit // 2)  # an answer this long does not fit: half the context, the prompt's end kept
+            ids = ids[:, -(limit - new) :]  # keep the end: the question and the answer format
         ids = ids.to(self.model.device)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.calls += 1
@@ -157,10 +163,34 @@ class LocalCausalLM:
                 do_sample=True,
                 temperature=self.temperature,
                 top_p=self.top_p,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=new,
                 pad_token_id=pad if pad is not None else 0,
             )
         return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+MAX_RESPONSE_BYTES = 1 << 20  # an operator's answer is a few lists of rates; a larger response is refused
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 (urllib's hook)
+        raise OperatorModelError(f"endpoint error: HTTP {code} redirect refused (point the URL at the server itself)")
+
+
+def _read_within(response, seconds: float, limit: int) -> bytes:
+    """The response body, read in chunks within ``seconds`` in all (a socket timeout bounds each read only: a
+    server trickling bytes would hold the search forever) and at most ``limit`` bytes."""
+    deadline, chunks, size = time.monotonic() + seconds, [], 0
+    read = getattr(response, "read1", response.read)  # read1: what has arrived, not a full chunk
+    while chunk := read(65536):
+        size += len(chunk)
+        if size > limit:
+            raise OperatorModelError(f"endpoint error: response larger than {limit} bytes")
+        if time.monotonic() > deadline:
+            raise OperatorModelError(f"endpoint error: response not complete within {seconds:g} s")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class ChatEndpoint:
@@ -179,33 +209,45 @@ class ChatEndpoint:
         url: str,
         model: str,
         api_key_env: str | None = None,
-        max_tokens: int = 512,
+        max_tokens: int | None = None,
         temperature: float = 0.7,
         timeout: float = 60.0,
     ) -> None:
         parts = urllib.parse.urlparse(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"operator endpoint url={url!r} must be an http(s) URL, e.g. http://localhost:8000/v1")
-        self.url = (
-            url.rstrip("/") if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
-        )
+        if parts.username or parts.password:
+            raise ValueError("operator endpoint url: no credentials in the URL. HINT: put the key in api_key_env")
+        if not timeout > 0:
+            raise ValueError(f"operator endpoint timeout={timeout!r} must be > 0 seconds")
+        path = parts.path.rstrip("/")
+        path = path if path.endswith("/chat/completions") else path + "/chat/completions"
+        self.url = urllib.parse.urlunparse(parts._replace(path=path, fragment=""))
         self.model = model
-        self.name = f"{model} @ {self.url}"
+        # what is recorded (search history, quality.json): no query string, where tokens sometimes ride
+        self.name = f"{model} @ {parts.scheme}://{parts.netloc}{path}"
         self.api_key_env = api_key_env
         if api_key_env is not None and not os.environ.get(api_key_env):
             raise ValueError(
                 f"api_key_env={api_key_env!r}: the environment variable is not set. HINT: export {api_key_env}=... "
                 "or leave api_key_env unset for a server that needs no key"
             )
+        if api_key_env is not None and parts.scheme == "http" and parts.hostname not in _LOCAL_HOSTS:
+            raise ValueError(
+                f"operator endpoint url={self.name.split(' @ ')[1]}: the key would travel unencrypted to another "
+                "host. HINT: use https:// (or a server on localhost)"
+            )
         self.max_tokens = max_tokens
+        self.answer_budget = 512  # set per prompt by LLMOperator; used when max_tokens is None
         self.temperature = temperature
         self.timeout = timeout
+        self._opener = urllib.request.build_opener(_NoRedirect)
 
     def generate(self, prompt: str) -> str:
         body = {
             "model": self.model,
             "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": self.max_tokens,
+            "max_tokens": self.max_tokens or self.answer_budget,
             "temperature": self.temperature,
         }
         headers = {"Content-Type": "application/json"}
@@ -213,8 +255,9 @@ class ChatEndpoint:
             headers["Authorization"] = f"Bearer {os.environ.get(self.api_key_env, '')}"
         request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 (scheme checked)
-                data = json.loads(response.read().decode("utf-8"))
+            # redirects are refused (urllib would resend the Authorization header to wherever they point)
+            with self._opener.open(request, timeout=self.timeout) as response:  # noqa: S310 (scheme checked)
+                data = json.loads(_read_within(response, self.timeout, MAX_RESPONSE_BYTES).decode("utf-8"))
             return str(data["choices"][0]["message"]["content"])
         except urllib.error.HTTPError as e:
             raise OperatorModelError(f"endpoint error: HTTP {e.code}") from e
@@ -249,8 +292,11 @@ class LLMOperator:
         self.path = self.model.name
         self.shown = shown
 
-    def generate(self, prompt: str) -> tuple[str, str | None]:
-        """``(answer, None)``, or ``('', reason)`` when the model could not answer."""
+    def generate(self, prompt: str, lists: int, n_layers: int) -> tuple[str, str | None]:
+        """``(answer, None)``, or ``('', reason)`` when the model could not answer. A model with an
+        ``answer_budget`` is told how long an answer of ``lists`` lists of ``n_layers`` rates is."""
+        if hasattr(self.model, "answer_budget"):
+            self.model.answer_budget = answer_tokens(lists, n_layers)
         try:
             return self.model.generate(prompt), None
         except OperatorModelError as e:
@@ -326,7 +372,7 @@ class LLMOperator:
         self, kind: str, parents: Sequence[Rates], population: Sequence[Scored], target: float, max_rate: float
     ) -> tuple[list[float] | None, str, str]:
         """``(rates or None, reason, answer)`` for one crossover or mutation."""
-        answer, error = self.generate(self.prompt(kind, parents, population, target, max_rate))
+        answer, error = self.generate(self.prompt(kind, parents, population, target, max_rate), 1, len(parents[0]))
         if error is not None:
             return None, error, answer
         rates, reason = parse_rates(answer, len(parents[0]))
@@ -336,7 +382,7 @@ class LLMOperator:
         self, count: int, n_layers: int, target: float, max_rate: float
     ) -> tuple[list[list[float]], str, str]:
         """``(lists, reason, answer)``: the usable lists of one initialisation answer (possibly fewer than asked)."""
-        answer, error = self.generate(self.initialisation_prompt(count, n_layers, target, max_rate))
+        answer, error = self.generate(self.initialisation_prompt(count, n_layers, target, max_rate), count, n_layers)
         if error is not None:
             return [], error, answer
         lists, reason = parse_rate_lists(answer, n_layers)
@@ -347,11 +393,29 @@ class LLMOperator:
     ) -> tuple[list[int] | None, str, str]:
         """``(indices or None, reason, answer)``: ``count`` parents, as indices into ``population`` sorted by
         fitness (best first), the numbering of the prompt."""
-        answer, error = self.generate(self.selection_prompt(population, count, purpose, target, max_rate))
+        answer, error = self.generate(self.selection_prompt(population, count, purpose, target, max_rate), 1, count)
         if error is not None:
             return None, error, answer
         idx, reason = parse_indices(answer, count, len(population))
         return idx, reason, answer
+
+
+def warn_if_mostly_classical(used: int, asked: int, failures: dict) -> None:
+    """Warn when the operator model's answers were unusable more often than not (the search was then mostly the
+    classical one, which its record would not make obvious)."""
+    if asked and used < asked / 2:
+        warnings.warn(
+            f"Self-Pruner: the operator model gave a usable answer {used} times out of {asked}; the classical "
+            f"operators stood in for the rest (reasons: {failures}). HINT: a larger or instruction-tuned operator "
+            "model, or no operator model (the classical search)",
+            stacklevel=3,
+        )
+
+
+def answer_tokens(lists: int, n_layers: int) -> int:
+    """Tokens enough for an answer of ``lists`` bracketed lists of ``n_layers`` numbers, even with a byte-level
+    tokenizer ("0.250, " is 7 bytes), plus room for a short preamble."""
+    return 64 + lists * (8 * n_layers + 8)
 
 
 def _fmt(rates: Sequence[float]) -> str:

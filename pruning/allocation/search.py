@@ -21,6 +21,7 @@ recipe's ``PruningCallback(allocation: rates, rates_file: ...)``.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -41,7 +42,7 @@ from ..pipeline.calibration import calibration_batches, collect_gradients
 from ..pipeline.drive import collect_activations
 from ..pipeline.pruner import Pruner
 from ..structure import ModelStructure
-from .operators import LLM_OPERATORS, LLMOperator
+from .operators import LLM_OPERATORS, LLMOperator, warn_if_mostly_classical
 from .rates import project_rates
 
 SEARCH_GRANULARITIES = ("mlp_neuron", "attention_head", "query_head")
@@ -317,10 +318,13 @@ class Evolution:
             proposed, reason, answer = self.operator.propose(
                 kind, parents, [(c["rates"], c["fitness"]) for c in pop], self.target, self.max_rate
             )
-            self.note_answer(kind, proposed is not None, reason, answer)
-            self.count(kind, int(proposed is not None), int(proposed is None))
-            if proposed is not None:
-                return self.repair(proposed), f"llm-{kind}"
+            child = None if proposed is None else self.repair(proposed)
+            if child is not None and any(child == p for p in parents):  # a restated parent is not an answer
+                child, reason = None, "a copy of a parent"
+            self.note_answer(kind, child is not None, reason, answer)
+            self.count(kind, int(child is not None), int(child is None))
+            if child is not None:
+                return child, f"llm-{kind}"
         return self.repair(self.classical(kind, parents)), kind
 
     # ---------------------------------------------------------------------------------------------- the run
@@ -389,7 +393,7 @@ class Evolution:
                 "best_fitness": pop[0]["fitness"],
                 "best_rates": pop[0]["rates"],
                 "population": [{"rates": c["rates"], "fitness": c["fitness"], "origin": c["origin"]} for c in pop],
-                **dict(self.stats),
+                **copy.deepcopy(self.stats),
             }
         )
         self.history["best"] = {"rates": pop[0]["rates"], "fitness": pop[0]["fitness"]}
@@ -406,6 +410,7 @@ class Evolution:
             llm = {"llm": f"{self.stats['llm_used']}/{self.stats['llm_proposed']}"} if self.llm_operators else {}
             bar.set_postfix(best=f"{pop[0]['fitness']:.4g}", evals=self.stats["evaluations"], **llm)
         bar.close()
+        warn_if_mostly_classical(self.stats["llm_used"], self.stats["llm_proposed"], self.history["llm_failures"])
         best = pop[0]
         return SearchResult(best["rates"], best["fitness"], self.history["uniform"]["fitness"], self.history)
 

@@ -69,8 +69,20 @@ def load_data(args: argparse.Namespace, model: nn.Module) -> tuple[list[torch.Te
 
 
 def operator_of(args: argparse.Namespace) -> str | LLMOperator | None:
-    """The operator model the flags name: a local path, an endpoint (wrapped in an :class:`LLMOperator`), or none."""
+    """The operator model the flags name: a local path, an endpoint (wrapped in an :class:`LLMOperator`), or none.
+    Every operator flag is checked here, before the model is loaded."""
+    ops = [op.strip() for op in args.llm_operators.split(",") if op.strip()]
+    bad = [op for op in ops if op not in LLM_OPERATORS]
+    if bad or not ops:
+        raise SystemExit(
+            f"--llm-operators {args.llm_operators!r}: {'unknown ' + str(bad) if bad else 'empty'}. HINT: a "
+            f"comma-separated subset of {','.join(LLM_OPERATORS)} (or no operator model for the classical search)"
+        )
     if args.operator_endpoint is None:
+        stray = [f for f in ("operator_endpoint_model", "operator_api_key_env") if getattr(args, f) is not None]
+        if stray:
+            flags = ", ".join("--" + f.replace("_", "-") for f in stray)
+            raise SystemExit(f"{flags} without --operator-endpoint. HINT: add --operator-endpoint URL")
         return args.operator_model
     if args.operator_model is not None or not args.operator_endpoint_model:
         raise SystemExit(
@@ -100,7 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--crossovers", type=int, default=10)
     ap.add_argument("--max-rate", type=float, default=0.9)
     ap.add_argument("--operator-model", default=None, help="local causal LM used as the genetic operator")
-    ap.add_argument("--operator-max-new-tokens", type=int, default=256)
+    ap.add_argument(
+        "--operator-max-new-tokens",
+        type=int,
+        default=None,
+        help="longest operator answer (default: enough for the lists asked, from the number of layers)",
+    )
     ap.add_argument(
         "--operator-endpoint",
         default=None,

@@ -144,9 +144,10 @@ def random_pair_order(
         order = np.random.default_rng([seed, s]).permutation(len(pairs))
         runs.append(_one_pass(Mn, pairs, order, act_energy, victim))
     need = None if keep is None else max(0, n - keep - int(constant.sum()))
-    at = min([len(r[0]) for r in runs] + ([need] if need is not None else []))
-    kls = [_layer_output_kl(Z, w_out, active[removed[:at]]) for removed, _ in runs]
-    best = int(np.argmin(kls))
+    # each seed compared at the removals it makes toward the target; seeds that get closer to it go first
+    at = [min(len(r[0]), need if need is not None else min(len(q[0]) for q in runs)) for r in runs]
+    kls = [_layer_output_kl(Z, w_out, active[removed[:k]]) for (removed, _), k in zip(runs, at)]
+    best = min(range(len(runs)), key=lambda i: (-at[i], kls[i]))
     removed, values = runs[best]
     scores, value = _ranking(constant, energy, active, removed, values, ent, act_energy)
     info = {

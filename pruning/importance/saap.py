@@ -228,8 +228,10 @@ class SigmaWindow:
     the terms added since the previous boundary are that batch's. At the event :meth:`reduce` sums each batch's
     terms over the ranks (the batch of a step is every rank's sequences of it) and :meth:`learned` gives the σ that
     :func:`learn_sigmas` fits: the σ :func:`pruning.allocation.ranking.saap_scores` learns on the same batches.
-    Exact while the weights are frozen (the scoring window's default; the second-order part reads the current
-    weights). Element statistics held on FSDP2 rows are refused (learn σ with ``pruning rank`` instead).
+    Equal to the pre-pass when the weights are frozen in the window (``ImportanceCallback(freeze_weights=True)``);
+    when they train, each batch's terms are those of the weights at its step (and the second-order part reads the
+    current weights), so σ describes the window as trained. Element statistics held on FSDP2 rows are refused
+    (learn σ with ``pruning rank`` instead).
     Checkpoints hold the batches' terms, the sums at the last boundary and the sample count there, merged over the
     ranks as the statistics are (:meth:`merged_state_dict`).
     """
@@ -387,6 +389,16 @@ class SAAP(Criterion):
     def sigma_of(self, key: str) -> tuple[float, float]:
         s = (self.sigmas or {}).get(key, self.sigma)
         return (1.0, 1.0) if s is None else (float(s[0]), float(s[1]))
+
+    def check_granularity(self, granularity: str) -> None:
+        from ..options import Granularity
+
+        super().check_granularity(granularity)
+        if Granularity.parse(granularity).joint and self.normalise != "mean":
+            raise ValueError(
+                f"saap normalise={self.normalise!r}: the joint granularity {granularity!r} compares heads and "
+                "neurons per parameter against the layer's mean, its only normalisation. HINT: normalise: mean"
+            )
 
     def batch_learner(self, group_sets: list[GroupSet]) -> SigmaWindow | None:
         """With ``learn_sigma``: what learns σ from the scoring window's batches (see :class:`SigmaWindow`)."""
