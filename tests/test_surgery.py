@@ -21,7 +21,7 @@ CASES = [
     (fam, gran)
     for fam in FAMILY_NAMES
     for gran in ("mlp_neuron", "attention_head", "query_head", "layer")
-    if not (fam == "opt" and gran == "query_head")  # OPT has no GQA
+    if not (fam in ("opt", "gpt_neox") and gran == "query_head")  # OPT and GPT-NeoX have no GQA
 ]
 
 
@@ -79,8 +79,9 @@ def test_compact_equals_masked_and_reload(tmp_path: Path, family: str, granulari
     assert torch.equal(_greedy(model, ids), masked_gen)
     if granularity == "layer":
         assert model.config.num_hidden_layers == 3
-        layers = ModelStructure(model).layers
-        assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
+        s = ModelStructure(model)
+        attention = s.family.o.rpartition(".")[0]
+        assert [layer.get_submodule(attention).layer_idx for layer in s.layers] == [0, 1, 2]
         if getattr(model.config, "layer_types", None) is not None:
             assert len(model.config.layer_types) == 3
 

@@ -77,7 +77,7 @@ def sum_per_group(gs: GroupSet, parts: Iterable[tuple[Member, torch.Tensor]]) ->
     total = torch.zeros(gs.count, dtype=torch.float32)
     for m, t in parts:
         t = t.float()
-        t = (t.movedim(m.dim, 0) if m.dim else t).reshape(gs.count, -1).sum(1)
+        t = m.per_group(t, gs.count).sum(1)
         total = total.to(t.device) + t
     return total
 

@@ -42,6 +42,6 @@ class Taylor(Criterion):
         total = torch.zeros(gs.count)
         for m in gs.members:
             gw = self._gw(m.name, ctx)
-            gw = (gw.movedim(m.dim, 0) if m.dim else gw).reshape(gs.count, -1).sum(1)
+            gw = m.per_group(gw, gs.count).sum(1)
             total = total.to(gw.device) + gw
         return total.abs()

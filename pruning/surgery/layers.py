@@ -44,12 +44,6 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def head_index(keep: torch.Tensor, size: int) -> torch.Tensor:
-    """Row indices of the kept heads/groups (each ``size`` rows long)."""
-    groups = keep.nonzero().flatten().cpu()
-    return (groups[:, None] * size + torch.arange(size)[None, :]).flatten()
-
-
 def attention_module(layer: nn.Module, fam: FamilySpec) -> nn.Module:
     return layer.get_submodule(fam.q.rpartition(".")[0])
 
@@ -88,11 +82,3 @@ def global_widths(cfg: Any) -> Iterator[Any]:
         yield cfg
     finally:
         cfg.__dict__.pop(ALLOW, None)
-
-
-def config_value(cfg: Any, name: str, default: Any = None) -> Any:
-    """Read a config attribute, also a per-layer one of a heterogeneous config (global value)."""
-    getter = getattr(cfg, "_getattr_without_heterogeneous_validation", None)
-    if getter is not None:
-        return getter(name, default)
-    return getattr(cfg, name, default)
