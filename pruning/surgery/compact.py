@@ -9,7 +9,15 @@ from torch import nn
 
 from ..masks import MaskSet
 from ..structure import GroupSet, ModelStructure, config_value
-from .layers import attention_module, config_has_head_dim, global_widths, set_head_attrs, set_submodule, shrunk_linear
+from .layers import (
+    attention_module,
+    bind_layer_configs,
+    config_has_head_dim,
+    global_widths,
+    set_head_attrs,
+    set_submodule,
+    shrunk_linear,
+)
 
 
 def _layer_widths(structure: ModelStructure) -> list[dict[str, int]]:
@@ -48,6 +56,7 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
         raise ValueError("the masks remove every decoder layer. HINT: prune a smaller fraction of layers.")
     new_index = _drop_layers(structure, cfg, drop, num_layers)
     _rewrite_config(model, structure, changed_heads)
+    bind_layer_configs(model, structure.family)
 
     # ---- consume the masks: element masks follow the new shapes and names
     masks.reset_to(_reindexed(masks.element, structure, slices, drop, new_index))

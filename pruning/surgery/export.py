@@ -19,7 +19,7 @@ from ..loading import from_pretrained
 from ..record import library_versions
 from ..structure import FamilySpec, GroupSet, ModelStructure, config_value, family_of
 from .compact import Kept, shrink_layer
-from .layers import ALLOW, global_widths
+from .layers import ALLOW, bind_layer_configs, global_widths
 
 MANIFEST = "pruning_manifest.json"
 CONFIG = "pruning_config.yaml"  # the resolved config of the run that wrote the export (pruning fit --config)
@@ -230,6 +230,7 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
         kv = int(lc.num_key_value_heads) if has_kv else heads
         inter = int(getattr(lc, structure.family.intermediate_attr))
         shrink_layer(structure, i, _leading({k: v[i] for k, v in full.items()}, inter, heads, kv), {})
+    bind_layer_configs(model, structure.family)
     saved_dtype = _load_safetensors(model, path)
     if dtype is None or dtype == "auto":
         dtype = saved_dtype

@@ -82,3 +82,17 @@ def global_widths(cfg: Any) -> Iterator[Any]:
         yield cfg
     finally:
         cfg.__dict__.pop(ALLOW, None)
+
+
+def bind_layer_configs(model: nn.Module, fam: FamilySpec) -> None:
+    """Give the modules of each decoder layer that keep the model's config (Phi-3's attention reads
+    ``config.num_attention_heads`` in ``forward``) that layer's own config when the config is per-layer (a global read
+    would raise ``AmbiguousGlobalPerLayerAttributeError``, and the global value is the wrong width anyway), and the
+    model's config again when it is uniform. A config of the model's config class inside a layer is taken as one of
+    these (the model's, or a layer's bound by an earlier compaction)."""
+    cfg = model.config
+    per_layer = cfg.per_layer_config if getattr(cfg, "is_heterogeneous", False) else None
+    for i, layer in enumerate(model.get_submodule(fam.layers)):
+        for mod in layer.modules():
+            if isinstance(getattr(mod, "config", None), type(cfg)):
+                mod.config = cfg if per_layer is None else per_layer[i]
