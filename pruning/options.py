@@ -24,13 +24,33 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100  # labels that take no loss (padding, prompts), as in Hugging Face and torch's cross-entropy
 
 JOINT = "mlp_neuron+attention_head"  # MLP neurons and KV groups in one event, under one parameter budget
-GRANULARITIES = ("unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer", JOINT)
-STRUCTURED = ("mlp_neuron", "attention_head", "query_head", "layer", JOINT)
+GRANULARITIES = (
+    "unstructured",
+    "2:4",
+    "4:8",
+    "mlp_neuron",
+    "attention_head",
+    "query_head",
+    "layer",
+    "expert",
+    "expert_neuron",
+    JOINT,
+)
+STRUCTURED = ("mlp_neuron", "attention_head", "query_head", "layer", "expert", "expert_neuron", JOINT)
 Allocation = Literal["uniform", "global", "owl", "rates"]
 Scope = Literal["row", "layer", "global"]
 SparsityBasis = Literal["targets", "model"]
 GranularityName = Literal[
-    "unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer", "mlp_neuron+attention_head"
+    "unstructured",
+    "2:4",
+    "4:8",
+    "mlp_neuron",
+    "attention_head",
+    "query_head",
+    "layer",
+    "expert",
+    "expert_neuron",
+    "mlp_neuron+attention_head",
 ]
 
 

@@ -78,7 +78,8 @@ def test_unsupported_model_error():
     gpt2 = tiny_model("gpt2", layers=1, seed=0, attn=None)
     with pytest.raises(
         pruning.UnsupportedModelError,
-        match=r"gpt2.*supported: gemma, gemma2, gemma3_text, gpt_neox, llama, mistral, opt, phi3, qwen2, qwen3"
+        match=r"gpt2.*supported: gemma, gemma2, gemma3_text, gpt_neox, llama, mistral, mixtral, olmoe, opt, phi3, "
+        r"qwen2, qwen2_moe, qwen3, qwen3_moe"
         r".*register_family",
     ):
         ModelStructure(gpt2)

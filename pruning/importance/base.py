@@ -83,8 +83,9 @@ def sum_per_group(gs: GroupSet, parts: Iterable[tuple[Member, torch.Tensor]]) ->
 
 
 def matrix_members(gs: GroupSet, ctx: ScoreContext) -> list[Member]:
-    """The 2-D members of ``gs`` (biases carry no activation or gradient context and are left out of scores)."""
-    return [m for m in gs.members if ctx.weights[m.name].dim() == 2]
+    """The matrix members of ``gs``, 3-D expert weights included (biases carry no activation or gradient context
+    and are left out of scores)."""
+    return [m for m in gs.members if ctx.weights[m.name].dim() >= 2]
 
 
 def column_members(gs: GroupSet, ctx: ScoreContext) -> list[Member]:

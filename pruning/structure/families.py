@@ -39,6 +39,24 @@ class FamilySpec:
     # config attributes holding the per-layer widths, used by surgery when it rewrites the config
     intermediate_attr: str = "intermediate_size"
     qkv_per_head: bool = False
+    # False: the attention normalises q and k over all heads at once (OLMoE's q_norm/k_norm over the whole
+    # projection), so removing a head would change the others: no head groups
+    head_groups: bool = True
+    # mixture of experts ("": none). ``experts`` is the module holding the experts as 3-D parameters,
+    # ``expert_in`` [E, 2I, H] (gate rows then up rows) and ``expert_out`` [E, H, I]; ``router`` the module whose
+    # ``weight`` [E, H] scores them. A family whose layers have no dense MLP leaves ``mlp_in`` / ``mlp_out`` empty;
+    # Qwen2-MoE's are its shared expert's.
+    experts: str = ""
+    router: str = ""
+    expert_in: str = "gate_up_proj"
+    expert_out: str = "down_proj"
+    experts_attr: str = "num_experts"  # config attributes: experts per layer, neurons per expert
+    expert_intermediate_attr: str = "moe_intermediate_size"
+
+    @property
+    def has_mlp(self) -> bool:
+        """Whether the decoder layers have a dense MLP (or a shared expert) besides any experts."""
+        return bool(self.mlp_out)
 
     @property
     def fused_qkv(self) -> bool:
@@ -118,6 +136,36 @@ register_family(
         mlp_out="mlp.dense_4h_to_h",
         embeddings=("gpt_neox.embed_in",),
         qkv_per_head=True,
+    )
+)
+
+
+def _moe(name: str, model_types: tuple[str, ...], **fields) -> FamilySpec:
+    """A Llama-like attention with a mixture of experts in place of the MLP (transformers' 3-D expert layout)."""
+    return replace(
+        _llama_like(name, model_types),
+        mlp_in=(),
+        mlp_out="",
+        intermediate_attr="",
+        experts="mlp.experts",
+        router="mlp.gate",
+        **fields,
+    )
+
+
+register_family(
+    _moe("mixtral", ("mixtral",), experts_attr="num_local_experts", expert_intermediate_attr="intermediate_size")
+)
+register_family(_moe("qwen3_moe", ("qwen3_moe",)))
+register_family(_moe("olmoe", ("olmoe",), expert_intermediate_attr="intermediate_size", head_groups=False))
+# Qwen2-MoE: the shared expert is the layer's dense MLP (its neurons are mlp_neuron groups); its sigmoid gate is
+# a Linear of one row, left whole
+register_family(
+    replace(
+        _moe("qwen2_moe", ("qwen2_moe",)),
+        mlp_in=("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+        mlp_out="mlp.shared_expert.down_proj",
+        intermediate_attr="shared_expert_intermediate_size",
     )
 )
 

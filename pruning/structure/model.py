@@ -69,7 +69,7 @@ class ModelStructure:
 
     def _check_family(self) -> None:
         fam = self.family
-        for path in (fam.q, fam.k, fam.v, fam.o, *fam.mlp_in, fam.mlp_out):
+        for path in (fam.q, fam.k, fam.v, fam.o, *fam.mlp_in, *([fam.mlp_out] if fam.has_mlp else [])):
             try:
                 mod = self.layers[0].get_submodule(path)
             except AttributeError as err:
@@ -105,8 +105,61 @@ class ModelStructure:
         return rows // self.head_dim
 
     def intermediate(self, layer: int) -> int:
-        """MLP neurons of decoder layer ``layer``."""
-        return self.linear(layer, self.family.mlp_out).in_features
+        """MLP neurons of decoder layer ``layer`` (its dense MLP's or shared expert's; 0 without)."""
+        return self.linear(layer, self.family.mlp_out).in_features if self.family.has_mlp else 0
+
+    # ------------------------------------------------------------------ experts
+    def expert_params(self, layer: int) -> list[str]:
+        """The router weight and the expert weights of decoder layer ``layer`` (none without experts)."""
+        fam = self.family
+        if not fam.experts:
+            return []
+        try:
+            self.layers[layer].get_submodule(fam.experts)
+        except AttributeError:
+            return []  # a dense layer of a model that has experts in others
+        experts = self.lname(layer, fam.experts)
+        return [self.lname(layer, fam.router) + ".weight", f"{experts}.{fam.expert_in}", f"{experts}.{fam.expert_out}"]
+
+    def num_experts(self, layer: int) -> int:
+        """Routed experts of decoder layer ``layer`` (0 without)."""
+        names = self.expert_params(layer)
+        return self.param(names[2]).shape[0] if names else 0
+
+    def expert_width(self, layer: int) -> int:
+        """Neurons of each routed expert of decoder layer ``layer`` (0 without experts)."""
+        names = self.expert_params(layer)
+        return self.param(names[2]).shape[2] if names else 0
+
+    def _moe_params(self, layer: int, granularity: str) -> list[str]:
+        names = self.expert_params(layer)
+        if not names:
+            raise ValueError(
+                f"granularity={granularity!r} prunes routed experts; layer {layer} of this {self.family.name} model "
+                "has none. HINT: use 'mlp_neuron' for dense MLPs (every layer must have experts here)."
+            )
+        return names
+
+    def _experts(self, layer: int) -> GroupSet:
+        members = tuple(Member(name, 0, 1) for name in self._moe_params(layer, "expert"))
+        return GroupSet("expert", layer, self.num_experts(layer), members)
+
+    def _expert_neurons(self, layer: int) -> GroupSet:
+        _, w_in, w_out = self._moe_params(layer, "expert_neuron")
+        n, width = self.num_experts(layer), self.expert_width(layer)
+        members = (Member(w_in, 1, 1, 0, n), Member(w_in, 1, 1, width, n), Member(w_out, 2, 1, 0, n))
+        return GroupSet("expert_neuron", layer, n * width, members, partitions=n)
+
+    def widths(self, layer: int) -> dict[str, int]:
+        """Decoder layer ``layer``'s widths by the config attribute that states them."""
+        fam = self.family
+        out = {"num_attention_heads": self.heads(layer), "num_key_value_heads": self.kv_heads(layer)}
+        if fam.has_mlp:
+            out[fam.intermediate_attr] = self.intermediate(layer)
+        if self.expert_params(layer):
+            out[fam.experts_attr] = self.num_experts(layer)
+            out[fam.expert_intermediate_attr] = self.expert_width(layer)
+        return out
 
     # ------------------------------------------------------------------ names and lookups
     def param(self, name: str) -> nn.Parameter:
@@ -159,7 +212,7 @@ class ModelStructure:
         numels = []
         for m in gs.members:
             p = self.param(m.name)
-            numels.append(p.numel() // p.shape[m.dim] * gs.count * m.size)
+            numels.append(p.numel() // (p.shape[m.dim] * max(m.experts, 1)) * gs.count * m.size)
         return replace(gs, numels=tuple(numels))
 
     def _neuron_members(self, layer: int) -> list[Member]:
@@ -192,53 +245,77 @@ class ModelStructure:
         """One :class:`GroupSet` of ``kind`` per decoder layer.
 
         - ``mlp_neuron``: neuron i = row i of every ``mlp_in`` projection (weight and bias; of each chunk of a
-          fused one) and column i of ``mlp_out``.
+          fused one) and column i of ``mlp_out`` (Qwen2-MoE: its shared expert's).
         - ``attention_head``: a KV group = its k and v rows, the q rows of the query heads that share it and the
           matching o columns. For models without GQA this is exactly one attention head.
         - ``query_head``: one query head = its q rows and o columns; heads come in ``num_kv_heads`` partitions
           that must keep equal counts, so the pruned model still has a whole number of heads per KV group.
-        - ``layer``: the whole decoder block (all its Linear weights and biases), one group per layer.
+        - ``layer``: the whole decoder block (all its Linear weights and biases, its experts and router), one group
+          per layer.
+        - ``expert``: one routed expert = its slice of the expert weights and its router row.
+        - ``expert_neuron``: neuron i of expert e = its gate and up rows and down column; experts are partitions
+          that keep equal counts, so every expert of a layer keeps one width (a stock config).
         """
-        fam = self.family
-        sets = []
-        hd = self.head_dim
-        for layer in range(self.num_layers):
-            rep = self.heads(layer) // self.kv_heads(layer)
-            if kind == "mlp_neuron":
-                sets.append(GroupSet("mlp_neuron", layer, self.intermediate(layer), tuple(self._neuron_members(layer))))
-            elif kind == "attention_head":
-                members = self._qkv_members(layer, rep * hd, kv=True)
-                members.append(Member(self.lname(layer, fam.o) + ".weight", 1, rep * hd))
-                sets.append(GroupSet("attention_head", layer, self.kv_heads(layer), tuple(members)))
-            elif kind == "query_head":
-                if rep == 1:
-                    raise ValueError(
-                        "granularity='query_head' needs grouped-query attention (several query heads per KV head);"
-                        f" layer {layer} of this model has {self.heads(layer)} heads and {self.kv_heads(layer)} KV "
-                        "heads. HINT: use granularity='attention_head'."
-                    )
-                members = self._qkv_members(layer, hd, kv=False)
-                members.append(Member(self.lname(layer, fam.o) + ".weight", 1, hd))
-                sets.append(
-                    GroupSet("query_head", layer, self.heads(layer), tuple(members), partitions=self.kv_heads(layer))
-                )
-            elif kind == "layer":
-                if not self.pre_norm:
-                    raise ValueError(
-                        "granularity='layer' needs pre-norm decoder blocks (a removed block must be an identity); "
-                        f"this {fam.name} model is post-norm ({fam.pre_norm_attr}=False)."
-                    )
-                members = []
-                for name, lin in self.layer_infos[layer].linears.items():
-                    members.append(Member(name + ".weight", 0, lin.out_features))
-                    if lin.bias is not None:
-                        members.append(Member(name + ".bias", 0, lin.out_features))
-                sets.append(GroupSet("layer", layer, 1, tuple(members)))
-            else:
-                raise ValueError(
-                    f"group kind={kind!r} is not one of 'mlp_neuron', 'attention_head', 'query_head', 'layer'"
-                )
-        return [self._finish(gs) for gs in sets]
+        builders = {
+            "mlp_neuron": self._mlp_neurons,
+            "attention_head": self._kv_groups,
+            "query_head": self._query_heads,
+            "layer": self._whole_layer,
+            "expert": self._experts,
+            "expert_neuron": self._expert_neurons,
+        }
+        if kind not in builders:
+            raise ValueError(f"group kind={kind!r} is not one of {sorted(builders)}")
+        return [self._finish(builders[kind](layer)) for layer in range(self.num_layers)]
+
+    def _mlp_neurons(self, layer: int) -> GroupSet:
+        if not self.family.has_mlp:
+            raise ValueError(
+                f"granularity='mlp_neuron' prunes a dense MLP; this {self.family.name} model's MLPs are experts. "
+                "HINT: use granularity='expert_neuron' (neurons inside each expert) or 'expert' (whole experts)."
+            )
+        return GroupSet("mlp_neuron", layer, self.intermediate(layer), tuple(self._neuron_members(layer)))
+
+    def _check_heads(self) -> None:
+        if not self.family.head_groups:
+            raise ValueError(
+                f"{self.family.name}'s attention normalises q and k over all heads at once, so no head can be removed "
+                "without changing the others. HINT: prune MLP neurons, experts or layers of this family."
+            )
+
+    def _kv_groups(self, layer: int) -> GroupSet:
+        self._check_heads()
+        size = self.heads(layer) // self.kv_heads(layer) * self.head_dim
+        members = self._qkv_members(layer, size, kv=True)
+        members.append(Member(self.lname(layer, self.family.o) + ".weight", 1, size))
+        return GroupSet("attention_head", layer, self.kv_heads(layer), tuple(members))
+
+    def _query_heads(self, layer: int) -> GroupSet:
+        self._check_heads()
+        if self.heads(layer) == self.kv_heads(layer):
+            raise ValueError(
+                "granularity='query_head' needs grouped-query attention (several query heads per KV head);"
+                f" layer {layer} of this model has {self.heads(layer)} heads and {self.kv_heads(layer)} KV "
+                "heads. HINT: use granularity='attention_head'."
+            )
+        members = self._qkv_members(layer, self.head_dim, kv=False)
+        members.append(Member(self.lname(layer, self.family.o) + ".weight", 1, self.head_dim))
+        return GroupSet("query_head", layer, self.heads(layer), tuple(members), partitions=self.kv_heads(layer))
+
+    def _whole_layer(self, layer: int) -> GroupSet:
+        if not self.pre_norm:
+            raise ValueError(
+                "granularity='layer' needs pre-norm decoder blocks (a removed block must be an identity); "
+                f"this {self.family.name} model is post-norm ({self.family.pre_norm_attr}=False)."
+            )
+        members = []
+        for name, lin in self.layer_infos[layer].linears.items():
+            members.append(Member(name + ".weight", 0, lin.out_features))
+            if lin.bias is not None:
+                members.append(Member(name + ".bias", 0, lin.out_features))
+        for name in self.expert_params(layer):
+            members.append(Member(name, 0, self.param(name).shape[0]))
+        return GroupSet("layer", layer, 1, tuple(members))
 
     def group_view(self, tensor: torch.Tensor, member: Member, count: int) -> torch.Tensor:
         """View ``tensor`` (shaped like the member's parameter) as ``[count, size * rest]``: one row per group."""

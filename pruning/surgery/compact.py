@@ -200,7 +200,8 @@ def _rewrite_config(model: nn.Module, structure: ModelStructure, changed_heads: 
         cfg.per_layer_config = None
     if uniform and expressible and not prior:
         w = widths[0]
-        setattr(cfg, fam.intermediate_attr, w["intermediate"])
+        if fam.has_mlp:
+            setattr(cfg, fam.intermediate_attr, w["intermediate"])
         if changed_heads:
             cfg.num_attention_heads = w["heads"]
             if has_kv:
@@ -211,7 +212,8 @@ def _rewrite_config(model: nn.Module, structure: ModelStructure, changed_heads: 
         cfg.head_dim = hd  # the global head count stays an upper bound; head_dim must not be derived from it
     overrides: dict[int, dict[str, int]] = {}
     for i, w in enumerate(widths):
-        o = {fam.intermediate_attr: w["intermediate"], "num_attention_heads": w["heads"]}
+        o = {fam.intermediate_attr: w["intermediate"]} if fam.has_mlp else {}
+        o["num_attention_heads"] = w["heads"]
         if has_kv:
             o["num_key_value_heads"] = w["kv_heads"]
         overrides[i] = o

@@ -28,7 +28,7 @@ CONFIG = "pruning_config.yaml"  # the resolved config of the run that wrote the 
 def _kept_per_layer(config: Any, fam: FamilySpec) -> list[dict[str, int]]:
     """Per-layer widths as the (stock or per-layer) config records them."""
     n = int(config.num_hidden_layers)
-    attrs = [fam.intermediate_attr, "num_attention_heads"]
+    attrs = ([fam.intermediate_attr] if fam.has_mlp else []) + ["num_attention_heads"]
     if config_value(config, "num_key_value_heads") is not None:
         attrs.append("num_key_value_heads")
     if getattr(config, "is_heterogeneous", False):
@@ -228,7 +228,7 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
     for i, lc in enumerate(layer_cfgs):
         heads = int(lc.num_attention_heads)
         kv = int(lc.num_key_value_heads) if has_kv else heads
-        inter = int(getattr(lc, structure.family.intermediate_attr))
+        inter = int(getattr(lc, structure.family.intermediate_attr)) if structure.family.has_mlp else 0
         shrink_layer(structure, i, _leading({k: v[i] for k, v in full.items()}, inter, heads, kv), {})
     bind_layer_configs(model, structure.family)
     saved_dtype = _load_safetensors(model, path)
@@ -243,17 +243,18 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
 
 def _full_width_sets(structure: ModelStructure) -> dict[str, list[GroupSet]]:
     """The group sets a per-layer export's layers are cut from (query heads only with grouped-query attention)."""
-    kinds = ["mlp_neuron", "attention_head"] + (["query_head"] if structure.num_heads > structure.num_kv_heads else [])
+    fam = structure.family
+    kinds = (["mlp_neuron"] if fam.has_mlp else []) + (["attention_head"] if fam.head_groups else [])
+    if fam.head_groups and structure.num_heads > structure.num_kv_heads:
+        kinds.append("query_head")
     return {kind: structure.group_sets(kind) for kind in kinds}  # type: ignore[arg-type]
 
 
 def _leading(sets: dict[str, GroupSet], inter: int, heads: int, kv: int) -> dict[str, Kept]:
     """The group sets of one layer of a full-width model keeping the leading ``inter`` neurons, ``kv`` KV groups and
     ``heads // kv`` query heads of each: the shapes of a per-layer export's layer (its weights are loaded after)."""
-    out = {
-        "mlp_neuron": (sets["mlp_neuron"], torch.arange(sets["mlp_neuron"].count) < inter),
-        "attention_head": (sets["attention_head"], torch.arange(sets["attention_head"].count) < kv),
-    }
+    limits = {"mlp_neuron": inter, "attention_head": kv}
+    out = {k: (sets[k], torch.arange(sets[k].count) < limits[k]) for k in limits if k in sets}
     if "query_head" in sets:
         q = sets["query_head"]
         out["query_head"] = (q, torch.arange(q.count) % (q.count // q.partitions) < heads // kv)
