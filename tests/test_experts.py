@@ -111,3 +111,55 @@ def test_moe_heads_compact_and_reload(tmp_path, family, granularity):
     loaded = pruning.load_pretrained(tmp_path / "export", attn_implementation="eager")
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", MOE_NAMES)
+def test_expert_neurons_compact_to_a_stock_config(tmp_path, family):
+    """One width per expert: compact gives the masked logits with a stock config (fewer neurons per expert) that
+    plain from_pretrained loads."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family, layers=2)
+    ids = calib(n=2, seq=12)[0]
+    res = pruning.prune(model, method="magnitude", sparsity=0.5, granularity="expert_neuron", progress=False)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+    before = sum(p.numel() for p in model.parameters())
+    pruning.compact(model, res.masks)
+    s = ModelStructure(model)
+    assert not model.config.is_heterogeneous
+    assert getattr(model.config, s.family.expert_intermediate_attr) == WIDTH // 2 == s.expert_width(0)
+    assert before - sum(p.numel() for p in model.parameters()) == 2 * EXPERTS * WIDTH // 2 * 3 * HIDDEN
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
+    pruning.save_pretrained(model, tmp_path / "export")
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
+
+
+def test_routing_statistics_by_hand():
+    """Routed-token counts add up to k per token; REAP's sum for each expert equals Σ g·‖down(silu(gate x)·up x)‖
+    over the tokens routed to it, computed from the 3-D weights by hand."""
+    from pruning.stats import ActivationCollector
+
+    model = tiny_model("mixtral", layers=1)
+    experts = model.model.layers[0].mlp.experts
+    seen = []
+    handle = experts.register_forward_pre_hook(lambda mod, args: seen.append([a.detach().clone() for a in args]))
+    collector = ActivationCollector({"experts": experts}, kinds=("routing",)).attach()
+    ids = calib(n=2, seq=12)[0]
+    with torch.no_grad():
+        model(input_ids=ids)
+    collector.detach()
+    handle.remove()
+    stats = collector.stats["experts"].compute()
+    x, index, gate = seen[0]
+    assert int(stats["routed"].sum()) == index.numel() == 2 * x.shape[0]
+    for e in range(EXPERTS):
+        rows, slot = (index == e).nonzero(as_tuple=True)
+        g, u = (x[rows] @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+        f = (torch.nn.functional.silu(g) * u) @ experts.down_proj[e].T
+        want = (gate[rows, slot] * f.norm(dim=-1)).sum()
+        assert int(stats["routed"][e]) == len(rows)
+        torch.testing.assert_close(stats["reap"][e], want.float(), rtol=1e-5, atol=1e-6)

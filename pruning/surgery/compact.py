@@ -23,7 +23,12 @@ from .layers import (
 def _layer_widths(structure: ModelStructure) -> list[dict[str, int]]:
     """Per decoder layer, the widths its modules actually have."""
     return [
-        {"intermediate": structure.intermediate(i), "heads": structure.heads(i), "kv_heads": structure.kv_heads(i)}
+        {
+            "intermediate": structure.intermediate(i),
+            "heads": structure.heads(i),
+            "kv_heads": structure.kv_heads(i),
+            "expert_intermediate": structure.expert_width(i),
+        }
         for i in range(len(structure.layers))
     ]
 
@@ -89,17 +94,23 @@ def _keep_vectors(masks: MaskSet, structure: ModelStructure) -> dict[int, dict[s
 
 
 def _kept_along(structure: ModelStructure, sets: dict[str, Kept]) -> dict[str, dict[int, torch.Tensor]]:
-    """Per parameter and dimension, the indices the group sets keep (every member of a fused Linear combined)."""
+    """Per parameter and dimension, the indices the group sets keep (every member of a fused Linear combined);
+    ``[experts, kept]`` per expert for an expert member (each expert keeps its own, as many as the others)."""
     keeps: dict[str, dict[int, torch.Tensor]] = {}
     for gs, keep in sets.values():
         for m in gs.members:
-            vec = m.factor(keep, structure.param(m.name).shape).flatten()
+            shape = structure.param(m.name).shape
+            vec = m.factor(keep, shape).reshape(m.experts, shape[m.dim]) if m.experts else m.factor(keep, shape)
+            vec = vec if m.experts else vec.flatten()
             old = keeps.setdefault(m.name, {}).get(m.dim)
             keeps[m.name][m.dim] = vec if old is None else old & vec
-    return {
-        name: {dim: v.nonzero().flatten() for dim, v in dims.items() if not bool(v.all())}
-        for name, dims in keeps.items()
-    }
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for name, dims in keeps.items():
+        out[name] = {}
+        for dim, v in dims.items():
+            if not bool(v.all()):
+                out[name][dim] = v.nonzero()[:, -1].reshape(*v.shape[:-1], -1)
+    return out
 
 
 def shrink_layer(structure: ModelStructure, i: int, sets: dict[str, Kept], slices: dict) -> bool:
@@ -108,6 +119,9 @@ def shrink_layer(structure: ModelStructure, i: int, sets: dict[str, Kept], slice
     heads = _kept_heads(structure, i, sets)
     for name, dims in _kept_along(structure, sets).items():
         owner, _, attr = name.rpartition(".")
+        if attr not in ("weight", "bias") and dims:  # a 3-D expert weight
+            _shrink_parameter(structure.model.get_submodule(owner), attr, dims)
+            continue
         if attr != "weight" or not dims:
             continue
         path = owner[len(structure.layer_infos[i].prefix) :]
@@ -123,6 +137,22 @@ def shrink_layer(structure: ModelStructure, i: int, sets: dict[str, Kept], slice
         return False
     set_head_attrs(attention_module(structure.layers[i], structure.family), *heads)
     return True
+
+
+def _shrink_parameter(module: nn.Module, attr: str, dims: dict[int, torch.Tensor]) -> None:
+    """``module.attr`` keeps the indices ``dims`` gives along each dimension (the experts module's
+    ``intermediate_dim`` follows its down projection's last axis)."""
+    old = getattr(module, attr)
+    new = old.detach()
+    for dim, idx in dims.items():
+        idx = idx.to(new.device)
+        if idx.dim() == 2:  # each expert its own indices along ``dim``
+            new = torch.stack([new[e].index_select(dim - 1, idx[e]) for e in range(len(idx))])
+        else:
+            new = new.index_select(dim, idx)
+    setattr(module, attr, nn.Parameter(new.clone(), requires_grad=old.requires_grad))
+    if attr == "down_proj" and isinstance(getattr(module, "intermediate_dim", None), int):
+        module.intermediate_dim = new.shape[-1]
 
 
 def _kept_heads(structure: ModelStructure, i: int, sets: dict[str, Kept]) -> tuple[int, int] | None:
@@ -202,6 +232,8 @@ def _rewrite_config(model: nn.Module, structure: ModelStructure, changed_heads: 
         w = widths[0]
         if fam.has_mlp:
             setattr(cfg, fam.intermediate_attr, w["intermediate"])
+        if w["expert_intermediate"]:
+            setattr(cfg, fam.expert_intermediate_attr, w["expert_intermediate"])
         if changed_heads:
             cfg.num_attention_heads = w["heads"]
             if has_kv:
@@ -214,6 +246,8 @@ def _rewrite_config(model: nn.Module, structure: ModelStructure, changed_heads: 
     for i, w in enumerate(widths):
         o = {fam.intermediate_attr: w["intermediate"]} if fam.has_mlp else {}
         o["num_attention_heads"] = w["heads"]
+        if w["expert_intermediate"]:
+            o[fam.expert_intermediate_attr] = w["expert_intermediate"]
         if has_kv:
             o["num_key_value_heads"] = w["kv_heads"]
         overrides[i] = o
