@@ -53,12 +53,14 @@ def test_expert_neuron_factor_by_hand():
 
 
 @pytest.mark.parametrize("family", MOE_NAMES)
-@pytest.mark.parametrize("granularity", ["expert_neuron", "unstructured"])
-def test_moe_masked_forward_and_training(family, granularity):
+@pytest.mark.parametrize(
+    "method,granularity", [("magnitude", "expert_neuron"), ("taylor", "expert_neuron"), ("magnitude", "unstructured")]
+)
+def test_moe_masked_forward_and_training(family, method, granularity):
     model = tiny_model(family, layers=2)
     original = copy.deepcopy(model)
     ids = calib(n=4, seq=12)
-    res = pruning.prune(model, method="magnitude", sparsity=0.5, granularity=granularity, progress=False)
+    res = pruning.prune(model, ids, method=method, sparsity=0.5, granularity=granularity, progress=False)
     if granularity == "expert_neuron":  # every expert keeps the same width
         assert {int(k.reshape(EXPERTS, -1).sum(1).unique().numel()) for k in res.masks.groups.values()} == {1}
     with torch.no_grad():

@@ -22,6 +22,7 @@ class Taylor(Criterion):
     """
 
     name = "taylor"
+    granularities = (*Criterion.granularities, "expert_neuron")
     grad_kinds = ("sum",)
     mode: Literal["element", "vector"] = "element"
 
