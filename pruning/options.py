@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     from .importance import Criterion
@@ -24,14 +24,22 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100  # labels that take no loss (padding, prompts), as in Hugging Face and torch's cross-entropy
 
 JOINT = "mlp_neuron+attention_head"  # MLP neurons and KV groups in one event, under one parameter budget
-GRANULARITIES = ("unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer", JOINT)
-STRUCTURED = ("mlp_neuron", "attention_head", "query_head", "layer", JOINT)
+GranularityName = Literal[
+    "unstructured",
+    "2:4",
+    "4:8",
+    "mlp_neuron",
+    "attention_head",
+    "query_head",
+    "layer",
+    "expert_neuron",
+    "mlp_neuron+attention_head",
+]
+GRANULARITIES: tuple[str, ...] = get_args(GranularityName)
+STRUCTURED = ("mlp_neuron", "attention_head", "query_head", "layer", "expert_neuron", JOINT)
 Allocation = Literal["uniform", "global", "owl", "rates"]
 Scope = Literal["row", "layer", "global"]
 SparsityBasis = Literal["targets", "model"]
-GranularityName = Literal[
-    "unstructured", "2:4", "4:8", "mlp_neuron", "attention_head", "query_head", "layer", "mlp_neuron+attention_head"
-]
 
 
 @dataclass(frozen=True)

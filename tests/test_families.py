@@ -24,34 +24,43 @@ PER_GROUP = {
     "qwen2": {"mlp_neuron": 96, "attention_head": 1568, "query_head": 520, "layer": 9280},
     "qwen3": {"mlp_neuron": 96, "attention_head": 1536, "query_head": 512, "layer": 9216},
     "opt": {"mlp_neuron": 65, "attention_head": 1048, "layer": 8416},
+    "gemma": {"mlp_neuron": 96, "attention_head": 1536, "query_head": 512, "layer": 9216},
+    "gemma2": {"mlp_neuron": 96, "attention_head": 1536, "query_head": 512, "layer": 9216},
+    "gemma3_text": {"mlp_neuron": 96, "attention_head": 1536, "query_head": 512, "layer": 9216},
+    # fused qkv_proj / gate_up_proj: the same weights as Llama's, in two Linears fewer
+    "phi3": {"mlp_neuron": 96, "attention_head": 1536, "query_head": 512, "layer": 9216},
+    # MHA with biases, as OPT: its query_key_value holds 3 * 8 rows (and biases) per head
+    "gpt_neox": {"mlp_neuron": 65, "attention_head": 1048, "layer": 8416},
 }
+MHA = ("opt", "gpt_neox")  # no grouped-query attention: one KV group per head
+LINEARS = {"opt": 6, "phi3": 4, "gpt_neox": 4}  # Linears per decoder layer (7 elsewhere)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_structure_counts(family):
     model = tiny_model(family, layers=3)
     s = ModelStructure(model)
-    assert s.family.name == family
+    assert model.config.model_type in s.family.model_types
     assert s.num_layers == 3
     neurons = s.group_sets("mlp_neuron")
     assert len(neurons) == 3 and [g.count for g in neurons] == [INTER] * 3
     heads = s.group_sets("attention_head")
-    assert [g.count for g in heads] == [HEADS if family == "opt" else KV] * 3
+    assert [g.count for g in heads] == [HEADS if family in MHA else KV] * 3
     layers = s.group_sets("layer")
     assert len(layers) == 3 and all(g.count == 1 for g in layers)
     kinds = ["mlp_neuron", "attention_head", "layer"]
-    if family != "opt":
+    if family not in MHA:
         q = s.group_sets("query_head")
         assert [g.count for g in q] == [HEADS] * 3 and all(g.partitions == KV for g in q)
         kinds.append("query_head")
     for kind in kinds:
         assert s.group_sets(kind)[1].params_per_group == PER_GROUP[family][kind], kind
-    # the element targets are the 7 (or 6 for OPT) Linears of each layer
-    assert len(s.targets()) == 3 * (6 if family == "opt" else 7)
+    # the element targets are the Linears of each layer
+    assert len(s.targets()) == 3 * LINEARS.get(family, 7)
     # a group set's members really have the shapes the group claims
     for gs in neurons:
         for m in gs.members:
-            assert s.param(m.name).shape[m.dim] == gs.count * m.size
+            assert s.param(m.name).shape[m.dim] >= m.offset + gs.count * m.size
 
 
 def test_llama_neuron_members_by_name():
@@ -69,7 +78,8 @@ def test_unsupported_model_error():
     gpt2 = tiny_model("gpt2", layers=1, seed=0, attn=None)
     with pytest.raises(
         pruning.UnsupportedModelError,
-        match=r"gpt2.*supported: llama, mistral, opt, qwen2, qwen3"
+        match=r"gpt2.*supported: gemma, gemma2, gemma3_text, gpt_neox, llama, mistral, mixtral, olmoe, opt, phi3, "
+        r"qwen2, qwen2_moe, qwen3, qwen3_moe"
         r".*register_family",
     ):
         ModelStructure(gpt2)
@@ -115,7 +125,7 @@ def test_masked_forward_and_training(family, granularity):
     res = pruning.prune(model, method="magnitude", sparsity=0.5, granularity=granularity, progress=False)
     masks = res.masks
     assert res.report.targeted.fraction == pytest.approx(0.5, abs=0.02)
-    if granularity == "attention_head" and family != "opt":
+    if granularity == "attention_head" and family not in MHA:
         assert [int(v.sum()) for v in masks.groups.values()] == [1, 1]
     ref = _hand_zeroed(original, masks)
     with torch.no_grad():

@@ -66,6 +66,10 @@ CASES = [
     ("opt", "unstructured"),
     ("opt", "mlp_neuron"),
     ("opt", "attention_head"),
+    ("phi3", "mlp_neuron"),  # fused gate_up_proj: two members of one weight
+    ("phi3", "attention_head"),  # fused qkv_proj: q, k and v slices of one weight
+    ("phi3", "query_head"),
+    ("gpt_neox", "attention_head"),  # per-head interleaved query_key_value
 ]
 
 

@@ -10,6 +10,7 @@ from tiny import FAMILY_NAMES, calib, tiny_model
 from torch import nn
 
 import pruning
+from pruning.structure import family_of
 
 LAYERS = 3
 
@@ -37,7 +38,7 @@ def _collect_sum_sq(model, modules: dict[str, nn.Linear], batches) -> dict[str, 
 
 
 def _decoder_layers(model):
-    return model.model.decoder.layers if hasattr(model.model, "decoder") else model.model.layers
+    return model.get_submodule(family_of(model).layers)
 
 
 def reference_unstructured(model, batches, sparsity=0.5) -> dict[str, torch.Tensor]:
@@ -45,7 +46,7 @@ def reference_unstructured(model, batches, sparsity=0.5) -> dict[str, torch.Tens
     model.eval()
     keep_masks = {}
     layers = _decoder_layers(model)
-    prefix = "model.decoder.layers" if hasattr(model.model, "decoder") else "model.layers"
+    prefix = family_of(model).layers
     for layer_idx in range(len(layers)):
         layer = layers[layer_idx]
         mods = {f"{prefix}.{layer_idx}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
@@ -182,7 +183,7 @@ def test_sequential_wanda_every_family(family):
     model = tiny_model(family, layers=2, seed=2)
     batches = calib(n=4, seq=12, seed=4)
     ref = reference_unstructured(copy.deepcopy(model), batches)
-    assert len(ref) == 2 * (6 if family == "opt" else 7)
+    assert len(ref) == 2 * {"opt": 6, "phi3": 4, "gpt_neox": 4}.get(family, 7)
     res = pruning.prune(copy.deepcopy(model), batches, method="wanda", sparsity=0.5, progress=False)
     _check_element(res, ref)
 

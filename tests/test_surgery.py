@@ -21,7 +21,7 @@ CASES = [
     (fam, gran)
     for fam in FAMILY_NAMES
     for gran in ("mlp_neuron", "attention_head", "query_head", "layer")
-    if not (fam == "opt" and gran == "query_head")  # OPT has no GQA
+    if not (fam in ("opt", "gpt_neox") and gran == "query_head")  # OPT and GPT-NeoX have no GQA
 ]
 
 
@@ -79,8 +79,9 @@ def test_compact_equals_masked_and_reload(tmp_path: Path, family: str, granulari
     assert torch.equal(_greedy(model, ids), masked_gen)
     if granularity == "layer":
         assert model.config.num_hidden_layers == 3
-        layers = ModelStructure(model).layers
-        assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
+        s = ModelStructure(model)
+        attention = s.family.o.rpartition(".")[0]
+        assert [layer.get_submodule(attention).layer_idx for layer in s.layers] == [0, 1, 2]
         if getattr(model.config, "layer_types", None) is not None:
             assert len(model.config.layer_types) == 3
 
@@ -266,3 +267,46 @@ def test_bad_input() -> None:
     masks.set_groups(gs, torch.zeros(gs.count, dtype=torch.bool))
     with pytest.raises(ValueError, match="no attention head"):
         pruning.compact(model, masks)
+
+
+STOCK_CODE = (
+    "import sys, torch\n"
+    "from safetensors.torch import load_file, save_file\n"
+    "from transformers import AutoModelForCausalLM\n"
+    "ids = load_file('ids.safetensors')['ids']\n"
+    "out = {}\n"
+    "for name in sys.argv[1:]:\n"
+    "    m = AutoModelForCausalLM.from_pretrained(name, attn_implementation='eager').eval()\n"
+    "    with torch.no_grad():\n"
+    "        out[name] = m(input_ids=ids, use_cache=False).logits.contiguous()\n"
+    "save_file(out, 'logits.safetensors')\n"
+    "assert 'pruning' not in sys.modules\n"
+)
+
+
+def test_every_family_export_loads_with_stock_transformers(tmp_path: Path) -> None:
+    """Uniform MLP neurons (and KV groups where the config can state them) for every family: a stock config, loaded
+    by plain ``from_pretrained`` in a process that never imports this project, computing the compacted logits."""
+    ids = _ids()
+    save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
+    want = {}
+    for family in FAMILY_NAMES:
+        for granularity in ("mlp_neuron", "attention_head"):
+            model = tiny_model(family, layers=2)
+            res = pruning.prune(model, calib(), method="wanda", sparsity=0.5, granularity=granularity, progress=False)
+            pruning.compact(model, res.masks)
+            if model.config.is_heterogeneous:  # head counts some configs cannot state: load_pretrained's (above)
+                assert granularity == "attention_head"
+                continue
+            name = f"{family}-{granularity}"
+            pruning.save_pretrained(model, tmp_path / name)
+            want[name] = _logits(model, ids)
+    assert {n.rsplit("-", 1)[0] for n in want if n.endswith("mlp_neuron")} == set(FAMILY_NAMES)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", STOCK_CODE, *want], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = load_file(str(tmp_path / "logits.safetensors"))
+    for name, logits in want.items():
+        torch.testing.assert_close(got[name], logits, atol=ATOL, rtol=0, msg=name)

@@ -13,7 +13,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 VOCAB = 128
 BYTE_VOCAB = 256  # byte-level text (pruning.text.stdlib, the byte tokenizer of the harness tests)
-FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3", "opt")
+MOE_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox")
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, max_position_embeddings=128)
 _GQA = dict(intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
@@ -23,6 +24,22 @@ _FAMILY = {
     "qwen2": _GQA,
     "qwen3": {**_GQA, "head_dim": 8},
     "opt": dict(ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32),
+    "gemma": {**_GQA, "head_dim": 8},
+    "gemma2": {**_GQA, "head_dim": 8, "query_pre_attn_scalar": 8},
+    "gemma3_text": {**_GQA, "head_dim": 8, "query_pre_attn_scalar": 8},
+    "phi3": {**_GQA, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2},  # fused qkv_proj and gate_up_proj
+    "gpt_neox": dict(intermediate_size=64, num_attention_heads=4),  # per-head interleaved query_key_value
+    # mixtures of experts: 4 experts of 32 neurons, 2 per token (Qwen2-MoE adds a shared expert of 64)
+    "mixtral": {**_GQA, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        **_GQA,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 64,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+    },
+    "qwen3_moe": {**_GQA, "head_dim": 8, "moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2},
+    "olmoe": {**_GQA, "intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2, "eos_token_id": 2},
     # not a supported family: for the tests of the "unsupported model" errors
     "gpt2": dict(hidden_size=16, num_attention_heads=2, max_position_embeddings=32),
 }

@@ -134,7 +134,7 @@ class PrunedPerplexity:
                     continue
                 for m in gs.members:
                     p = self.params[m.name]
-                    idx = (pruned[:, None] * m.size + torch.arange(m.size)).flatten().to(p.device)
+                    idx = m.positions(pruned).to(p.device)
                     saved.append((p, m.dim, idx, p.index_select(m.dim, idx).clone()))
                     p.index_fill_(m.dim, idx, 0)
             return perplexity(self.model, self.heldout, self.device)

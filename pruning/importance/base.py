@@ -77,14 +77,15 @@ def sum_per_group(gs: GroupSet, parts: Iterable[tuple[Member, torch.Tensor]]) ->
     total = torch.zeros(gs.count, dtype=torch.float32)
     for m, t in parts:
         t = t.float()
-        t = (t.movedim(m.dim, 0) if m.dim else t).reshape(gs.count, -1).sum(1)
+        t = m.per_group(t, gs.count).sum(1)
         total = total.to(t.device) + t
     return total
 
 
 def matrix_members(gs: GroupSet, ctx: ScoreContext) -> list[Member]:
-    """The 2-D members of ``gs`` (biases carry no activation or gradient context and are left out of scores)."""
-    return [m for m in gs.members if ctx.weights[m.name].dim() == 2]
+    """The matrix members of ``gs``, 3-D expert weights included (biases carry no activation or gradient context
+    and are left out of scores)."""
+    return [m for m in gs.members if ctx.weights[m.name].dim() >= 2]
 
 
 def column_members(gs: GroupSet, ctx: ScoreContext) -> list[Member]:

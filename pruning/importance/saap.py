@@ -44,7 +44,7 @@ def element_term(gs: GroupSet, ctx: ScoreContext, second_order: bool = False) ->
         if second_order:
             w = ctx.weights[m.name].detach().float().to(s.device)
             s = s + 0.5 * w.square() * ctx.grad_stat(m.name, "sum_sq").float().to(s.device)
-        s = (s.movedim(m.dim, 0) if m.dim else s).reshape(gs.count, -1).sum(1)
+        s = m.per_group(s, gs.count).sum(1)
         total = s if total is None else total.to(s.device) + s
     return total
 

@@ -22,6 +22,7 @@ class Taylor(Criterion):
     """
 
     name = "taylor"
+    granularities = (*Criterion.granularities, "expert_neuron")
     grad_kinds = ("sum",)
     mode: Literal["element", "vector"] = "element"
 
@@ -42,6 +43,6 @@ class Taylor(Criterion):
         total = torch.zeros(gs.count)
         for m in gs.members:
             gw = self._gw(m.name, ctx)
-            gw = (gw.movedim(m.dim, 0) if m.dim else gw).reshape(gs.count, -1).sum(1)
+            gw = m.per_group(gw, gs.count).sum(1)
             total = total.to(gw.device) + gw
         return total.abs()

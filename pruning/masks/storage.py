@@ -30,14 +30,6 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(out_f, in_f)
 
 
-def _group_factor(member: Member, keep: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Broadcastable keep factor for one member tensor from a group keep-vector."""
-    vec = keep.repeat_interleave(member.size)
-    view = [1] * len(shape)
-    view[member.dim] = shape[member.dim]
-    return vec.view(view)
-
-
 def _sum_over(rows: RowShard, count: int, device: torch.device) -> int:
     """``count`` summed over the ranks of ``rows``' group (collective)."""
     t = torch.tensor([count], dtype=torch.int64, device=device)
@@ -120,7 +112,7 @@ class KeepMasks:
     # ------------------------------------------------------------------ factors and masks of one parameter
     def _group_factors(self, name: str, like: torch.Tensor) -> list[torch.Tensor]:
         return [
-            _group_factor(m, keep.to(like.device), like.shape)
+            m.factor(keep.to(like.device), like.shape)
             for key, keep in self.groups.items()
             for m in self.group_sets[key].members
             if m.name == name
@@ -222,7 +214,7 @@ class KeepMasks:
                     "count": gs.count,
                     "partitions": gs.partitions,
                     "numels": list(gs.numels),
-                    "members": [[m.name, m.dim, m.size] for m in gs.members],
+                    "members": [m.as_list() for m in gs.members],
                 }
                 for k, gs in self.group_sets.items()
             },

@@ -101,7 +101,8 @@ def _layer_statistics(pruner: Pruner, layer: int, forward_all: Callable, plain: 
     collector = ActivationCollector(modules) if plain else pruner.activation_collector(modules)
     collector.attach()
     structure = pruner.structure
-    forward_all(stop_at=structure.linear(layer, structure.family.mlp_out))
+    # a layer of experts only (no dense MLP) runs whole
+    forward_all(stop_at=structure.linear(layer, structure.family.mlp_out) if structure.family.has_mlp else None)
     collector.detach()
     collector.reduce()
     return collector.stats

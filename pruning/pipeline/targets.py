@@ -101,7 +101,7 @@ def existing_zeros(model: nn.Module, targets: Targets) -> MaskSet:
             alive = torch.zeros(gs.count, dtype=torch.bool)
             for m in gs.members:
                 w = params[m.name].detach()
-                alive |= (w.movedim(m.dim, 0) if m.dim else w).reshape(gs.count, -1).ne(0).any(1).cpu()
+                alive |= m.per_group(w, gs.count).ne(0).any(1).cpu()
             if not bool(alive.all()):
                 masks.set_groups(gs, alive)
         return masks

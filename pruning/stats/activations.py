@@ -6,11 +6,13 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ..distributed import comm_device
 from .accumulators import Accumulator
+from .routing import routing_sums
 
-ACT_STATS = ("sum_sq", "gram", "samples")
+ACT_STATS = ("sum_sq", "gram", "samples", "routing")
 
 
 class ActivationStats(Accumulator):
@@ -24,7 +26,9 @@ class ActivationStats(Accumulator):
     - ``gram``: ``Σ_t x_t x_tᵀ`` ([in, in], fp32), the Gram matrix SparseGPT's Hessian ``H = 2XXᵀ`` is made of;
       a sum like the others, so ``reduce`` and checkpoints treat it the same way;
     - ``samples``: a seeded uniform subsample of ``samples`` token rows ([m, in], see :class:`ActivationSamples`),
-      the per-sample activations the mutual-information criterion compares.
+      the per-sample activations the mutual-information criterion compares;
+    - ``routing``: at a mixture-of-experts' experts module, the per-expert sums of :func:`~.routing.routing_sums`
+      (``routed``, ``gate``, ``reap``) that expert criteria read.
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class ActivationStats(Accumulator):
         if bad:
             raise ValueError(f"activation statistics {sorted(bad)} unknown; choose from {ACT_STATS}")
         self.reservoir = ActivationSamples(samples, seed) if "samples" in self.kinds else None
+        self._routing = False  # inside update_routing (its own calls of the experts module are not counted)
 
     @property
     def squares_only(self) -> bool:
@@ -61,8 +66,21 @@ class ActivationStats(Accumulator):
             self.reservoir.update(x)
         self.count += x.shape[0]
 
+    def update_routing(self, experts: nn.Module, args: tuple, mask: torch.Tensor | None = None) -> None:
+        """The routing sums of one batch at an experts module (``args``: its forward's ``(hidden, top-k indices,
+        top-k weights)``); the module is called again inside, so this is a no-op while it runs."""
+        if self._routing:
+            return
+        self._routing = True
+        try:
+            for name, v in routing_sums(experts, *args[:3], mask).items():
+                self._buf(name, v.shape, v.device).add_(v)
+        finally:
+            self._routing = False
+
     def compute(self) -> dict[str, torch.Tensor]:
         out = {"sum_sq": self.sums["sum_sq"], "count": torch.tensor(self.count)}
+        out.update({k: self.sums[k] for k in ("routed", "gate", "reap") if k in self.sums})
         if self.with_mean and self.count:
             mean = self.sums["sum"] / self.count
             out["mean"] = mean

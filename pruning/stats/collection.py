@@ -53,6 +53,8 @@ class ActivationCollector:
             # run by the autograd engine (a graph task is current) is a recomputation, not a new sample.
             if self.grad_enabled_only and torch._C._current_graph_task_id() != -1:
                 return
+            if "routing" in stat.kinds and len(args) >= 3:  # an experts module: (hidden, indices, weights)
+                stat.update_routing(module, args, self.token_mask)
             if not stat.squares_only:
                 stat.update(args[0], self.token_mask)
                 return

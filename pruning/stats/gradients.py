@@ -176,14 +176,6 @@ class GradientStats(Accumulator):
             self.sharding.loaded_merged(rank)
 
 
-def _aligned(t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
-    """[count, other] view of a 2-D member: sum over the group's own rows/columns, keep the other axis."""
-    t = t.movedim(dim, 0) if dim else t
-    if t.shape[0] == count:  # one row per group (MLP neurons): nothing to sum, no copy
-        return t
-    return t.reshape(count, -1, t.shape[-1]).sum(1)
-
-
 class GroupGradientStats(Accumulator):
     """Per-sample statistics of the coupled weights of a :class:`GroupSet`.
 
@@ -215,7 +207,7 @@ class GroupGradientStats(Accumulator):
             for m in gs.members:
                 if weights[m.name].dim() != 2:
                     continue
-                gw = _aligned(grads[m.name].float() * weights[m.name].float(), m.dim, n)
+                gw = m.aligned(grads[m.name].float() * weights[m.name].float(), n)
                 if acc is not None and acc.shape != gw.shape:
                     raise ValueError(
                         f"'coupled' statistics need members aligned on one axis; {m.name} gives {tuple(gw.shape)}"
@@ -227,7 +219,7 @@ class GroupGradientStats(Accumulator):
             total = None
             for m in gs.members:
                 gw = grads[m.name].float() * weights[m.name].float()
-                gw = (gw.movedim(m.dim, 0) if m.dim else gw).reshape(n, -1).sum(1)
+                gw = m.per_group(gw, n).sum(1)
                 total = gw if total is None else total + gw
             self._buf("vector", n, total.device).add_(total.abs())
         self.count += 1
@@ -253,32 +245,34 @@ class GroupGradientStats(Accumulator):
         per layer until it ends."""
         gs = self.group_set
         n = gs.count
-        m = next(m for m in gs.members if m.name == name)
         gw = grad.float() * weight.float()
         if scale != 1.0:
             gw.mul_(scale)
-        if "coupled" in self.kinds and weight.dim() == 2:
-            aligned = _aligned(gw, m.dim, n)  # [groups, hidden]; a transposed view for column members (down_proj)
-            # row and column members are summed apart, each in its own contiguous layout, and joined once at the
-            # flush: adding a transposed tensor is a strided pass over memory (a few ms per MLP layer, cold), and
-            # the cheap direction is into the [groups, hidden] sum
-            key, part = (
-                ("coupled", aligned)
-                if aligned.is_contiguous() or not aligned.T.is_contiguous()
-                else ("coupled_t", aligned.T)
-            )
-            if key in self._parts:
-                self._parts[key].add_(part)
-            else:
-                self._parts[key] = part.contiguous()
-        if "vector" in self.kinds:
-            total = (gw.movedim(m.dim, 0) if m.dim else gw).reshape(n, -1).sum(1)
-            if "vector" in self._parts:
-                self._parts["vector"].add_(total)
-            else:
-                self._parts["vector"] = total
+        for m in gs.members:  # several when the weight is fused (each its slice); one member at a time
+            if m.name != name:
+                continue
+            if "coupled" in self.kinds and weight.dim() == 2:
+                aligned = m.aligned(gw, n)  # [groups, hidden]; a transposed view for column members (down_proj)
+                # row and column members are summed apart, each in its own contiguous layout, and joined once at the
+                # flush: adding a transposed tensor is a strided pass over memory (a few ms per MLP layer, cold), and
+                # the cheap direction is into the [groups, hidden] sum
+                key, part = (
+                    ("coupled", aligned)
+                    if aligned.is_contiguous() or not aligned.T.is_contiguous()
+                    else ("coupled_t", aligned.T)
+                )
+                if key in self._parts:
+                    self._parts[key].add_(part)
+                else:
+                    self._parts[key] = part.contiguous()
+            if "vector" in self.kinds:
+                total = m.per_group(gw, n).sum(1)
+                if "vector" in self._parts:
+                    self._parts["vector"].add_(total)
+                else:
+                    self._parts["vector"] = total
         self._added.add(name)
-        if len(self._added) == len(gs.members):
+        if len(self._added) == len({m.name for m in gs.members}):
             self._flush()
             self._closed = True
 

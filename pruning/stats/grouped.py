@@ -24,10 +24,11 @@ Mask = torch.Tensor | None  # [sequences, positions, 1], 0 at padding; None: no 
 
 @dataclass
 class Role:
-    """How one Linear's parameters enter a group set: the members its weight and its bias are (``None``: not one)."""
+    """How one Linear's parameters enter a group set: the members its weight and its bias are (none: not one; several
+    when the Linear is fused, each a slice of it)."""
 
-    weight: Member | None = None
-    bias: Member | None = None
+    weights: tuple[Member, ...] = ()
+    biases: tuple[Member, ...] = ()
 
 
 class GroupPlan:
@@ -42,13 +43,17 @@ class GroupPlan:
         self.roles: dict[str, Role] = {}
         for m in stats.group_set.members:
             owner, _, attr = m.name.rpartition(".")
-            setattr(self.roles.setdefault(owner, Role()), attr, m)
+            role = self.roles.setdefault(owner, Role())
+            if attr == "weight":
+                role.weights += (m,)
+            else:
+                role.biases += (m,)
 
     def transposed(self, module: str) -> bool:
         """Whether the module's per-sequence gradients are made transposed (``x_nᵀ δ_n``, ``[in, out]``): a column
         member (down_proj, o_proj) of a coupled set, so that its aligned ``g⊙w`` is contiguous like the rows'."""
         role = self.roles.get(module)
-        return self.coupled and role is not None and role.weight is not None and role.weight.dim == 1
+        return self.coupled and role is not None and any(m.dim == 1 for m in role.weights)
 
 
 class OpenGroup:
@@ -61,7 +66,7 @@ class OpenGroup:
         self.arrived: set[str] = set()
         self.vector = torch.zeros(sequences, plan.count, device=device) if plan.vector else None  # Σ_group g_n⊙w
         self.coupled: torch.Tensor | None = None  # [sequences, groups, hidden]: Σ_members aligned g_n⊙w
-        self._first = ""  # the member whose parts started the coupled sums
+        self._first: Member | None = None  # the member whose parts started the coupled sums
 
     @property
     def complete(self) -> bool:
@@ -71,21 +76,26 @@ class OpenGroup:
     def add_weight(self, lo: int, gw: torch.Tensor, role: Role) -> None:
         """A chunk of sequences ``[lo, lo + len(gw))`` of one member weight's ``g_n⊙w`` (``[n, out, in]``, or
         ``[n, in, out]`` when :meth:`GroupPlan.transposed`); ``gw``'s buffer may be reused."""
-        hi, count, size = lo + len(gw), self.plan.count, role.weight.size
+        for m in role.weights:
+            self._add_member(lo, gw, m)
+
+    def _add_member(self, lo: int, gw: torch.Tensor, m: Member) -> None:
+        hi, count, size = lo + len(gw), self.plan.count, m.size
         if not self.plan.coupled:
-            self.vector[lo:hi] += group_totals(gw, role.weight.dim, count)
+            self.vector[lo:hi] += group_totals(gw, m, count)
             return
-        part = gw if size == 1 else gw.reshape(len(gw), count, size, -1).sum(2)  # over the group's own rows
+        own = gw if not m.offset and gw.shape[1] == count * size else gw.narrow(1, m.offset, count * size)
+        part = own if size == 1 else own.reshape(len(gw), count, size, -1).sum(2)  # over the group's own rows
         if self.coupled is None:  # the first member writes its parts, the others add theirs
             self.coupled = torch.empty((self.sequences, *part.shape[1:]), dtype=torch.float32, device=part.device)
-            self._first = role.weight.name
+            self._first = m
         if self.coupled.shape[1:] != part.shape[1:]:
             raise ValueError(
-                f"'coupled' statistics need members aligned on one axis; {role.weight.name} gives "
+                f"'coupled' statistics need members aligned on one axis; {m.name} gives "
                 f"{tuple(part.shape[1:])}, the others {tuple(self.coupled.shape[1:])} (use 'vector' for "
                 f"{self.plan.key})"
             )
-        if role.weight.name == self._first:
+        if m == self._first:
             self.coupled[lo:hi].copy_(part)
         else:
             self.coupled[lo:hi] += part
@@ -93,8 +103,8 @@ class OpenGroup:
     def add_bias(self, gb: torch.Tensor, bias: torch.Tensor, role: Role) -> None:
         """Every sequence's bias gradient ``gb`` ``[n, out]`` times the bias, into the ``vector`` partial sums (the
         coupled sum leaves biases out)."""
-        if self.vector is not None and role.bias is not None:
-            self.vector += group_totals(gb * bias.float(), 0, self.plan.count)
+        for m in role.biases if self.vector is not None else ():
+            self.vector += group_totals(gb * bias.float(), m, self.plan.count)
 
     @torch.no_grad()
     def finish(self, factors: list[float]) -> None:
@@ -128,10 +138,12 @@ def bias_sequences(d3: torch.Tensor, m3: Mask) -> torch.Tensor:
     return d.float().sum(1)
 
 
-def group_totals(t: torch.Tensor, dim: int, count: int) -> torch.Tensor:
-    """``[n, groups]``: each sequence's ``t`` (``[n, *member shape]``) summed over each group's part along ``dim``."""
-    if dim:  # a weight's columns: over its rows first
+def group_totals(t: torch.Tensor, member: Member, count: int) -> torch.Tensor:
+    """``[n, groups]``: each sequence's ``t`` (``[n, *member shape]``) summed over each group's part of ``member``."""
+    if member.dim:  # a weight's columns: over its rows first
         t = t.sum(1)
+    if member.offset or t.shape[1] != count * member.size:
+        t = t.narrow(1, member.offset, count * member.size)
     return t.reshape(t.shape[0], count, -1).sum(2)
 
 

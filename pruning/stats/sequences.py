@@ -265,7 +265,7 @@ class SequenceGradients:
         role = plan.roles[site.name] if plan is not None else Role()
         group = self._open_group(plan, n, x3.device) if plan is not None else None
         transposed = plan is not None and plan.transposed(site.name)
-        wl = None if role.weight is None else (w.t() if transposed else w).float().contiguous()
+        wl = (w.t() if transposed else w).float().contiguous() if role.weights else None
         stat = site.element.get("weight")
         dest = stat.open_batch(w.shape, w.device) if stat is not None else None
         acc = None
@@ -278,7 +278,7 @@ class SequenceGradients:
                 group.add_weight(lo, g.mul_(wl), role)
         if dest is not None:
             stat.close_batch(dest, n)
-        if b is not None and ("bias" in site.element or role.bias is not None):
+        if b is not None and ("bias" in site.element or role.biases):
             gb = bias_sequences(d3, m3)
             fold_bias(site.element.get("bias"), gb, b, f)
             if group is not None:

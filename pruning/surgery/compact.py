@@ -8,31 +8,29 @@ import torch
 from torch import nn
 
 from ..masks import MaskSet
-from ..structure import FamilySpec, ModelStructure
+from ..structure import GroupSet, ModelStructure, config_value
 from .layers import (
     attention_module,
+    bind_layer_configs,
     config_has_head_dim,
-    config_value,
     global_widths,
-    head_index,
     set_head_attrs,
     set_submodule,
     shrunk_linear,
 )
 
 
-def _layer_widths(model: nn.Module, fam: FamilySpec, head_dim: int) -> list[dict[str, int]]:
+def _layer_widths(structure: ModelStructure) -> list[dict[str, int]]:
     """Per decoder layer, the widths its modules actually have."""
-    layers = model.get_submodule(fam.layers)
-    out = []
-    for layer in layers:
-        w = {
-            "intermediate": layer.get_submodule(fam.mlp_out).in_features,
-            "heads": layer.get_submodule(fam.q).out_features // head_dim,
-            "kv_heads": layer.get_submodule(fam.k).out_features // head_dim,
+    return [
+        {
+            "intermediate": structure.intermediate(i),
+            "heads": structure.heads(i),
+            "kv_heads": structure.kv_heads(i),
+            "expert_intermediate": structure.expert_width(i),
         }
-        out.append(w)
-    return out
+        for i in range(len(structure.layers))
+    ]
 
 
 @torch.no_grad()
@@ -49,23 +47,21 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
     cfg = model.config
     with global_widths(cfg):
         structure = ModelStructure(model)
-    num_layers, hd = structure.num_layers, structure.head_dim
-    per_layer = _keep_vectors(masks, dict(model.named_parameters(remove_duplicate=False)))
+    num_layers = structure.num_layers
+    per_layer = _keep_vectors(masks, structure)
 
     # slicing applied to each parameter: name -> {dim: kept indices}; used to re-index element masks
     slices: dict[str, dict[int, torch.Tensor]] = {}
     changed_heads = False
     for i, kinds in sorted(per_layer.items()):
-        if "mlp_neuron" in kinds and not bool(kinds["mlp_neuron"].all()):
-            _shrink_mlp(structure, i, kinds["mlp_neuron"], slices)
-        if "attention_head" in kinds or "query_head" in kinds:
-            changed_heads |= _shrink_heads(structure, i, kinds, hd, slices)
+        changed_heads |= shrink_layer(structure, i, {k: v for k, v in kinds.items() if k != "layer"}, slices)
 
-    drop = {i for i, kinds in per_layer.items() if "layer" in kinds and not bool(kinds["layer"].all())}
+    drop = {i for i, kinds in per_layer.items() if "layer" in kinds and not bool(kinds["layer"][1].all())}
     if drop and len(drop) == num_layers:
         raise ValueError("the masks remove every decoder layer. HINT: prune a smaller fraction of layers.")
     new_index = _drop_layers(structure, cfg, drop, num_layers)
-    _rewrite_config(model, structure.family, structure, hd, changed_heads)
+    _rewrite_config(model, structure, changed_heads)
+    bind_layer_configs(model, structure.family)
 
     # ---- consume the masks: element masks follow the new shapes and names
     masks.reset_to(_reindexed(masks.element, structure, slices, drop, new_index))
@@ -74,63 +70,108 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
     return model
 
 
-def _keep_vectors(masks: MaskSet, params: dict[str, nn.Parameter]) -> dict[int, dict[str, torch.Tensor]]:
-    """The group keep-vectors of ``masks`` by decoder layer and kind (on the host), checked against ``params``."""
-    per_layer: dict[int, dict[str, torch.Tensor]] = {}
+Kept = tuple[GroupSet, torch.Tensor]  # a group set and its keep-vector (on the host)
+
+
+def _keep_vectors(masks: MaskSet, structure: ModelStructure) -> dict[int, dict[str, Kept]]:
+    """The group sets of ``masks`` with their keep-vectors, by decoder layer and kind, checked against the model's
+    own group sets (same members, same counts)."""
+    per_layer: dict[int, dict[str, Kept]] = {}
+    own: dict[str, list[GroupSet]] = {}
     for key, keep in masks.groups.items():
         gs = masks.group_sets[key]
-        for m in gs.members:
-            p = params.get(m.name)
-            if p is None or p.shape[m.dim] != gs.count * m.size:
-                raise ValueError(
-                    f"mask {key!r} does not fit this model (member {m.name!r}). HINT: compact() needs the MaskSet "
-                    "made for this very model, before any other surgery; was it compacted already?"
-                )
-        per_layer.setdefault(gs.layer, {})[gs.kind] = keep.detach().to(torch.bool).flatten().cpu()
+        if gs.kind not in own:
+            own[gs.kind] = structure.group_sets(gs.kind)  # type: ignore[arg-type]
+        mine = own[gs.kind][gs.layer] if gs.layer < len(own[gs.kind]) else None
+        if mine is None or mine.count != gs.count or mine.members != gs.members:
+            bad = next((m.name for m in gs.members if mine is None or m not in mine.members), gs.members[0].name)
+            raise ValueError(
+                f"mask {key!r} does not fit this model (member {bad!r}). HINT: compact() needs the MaskSet "
+                "made for this very model, before any other surgery; was it compacted already?"
+            )
+        per_layer.setdefault(gs.layer, {})[gs.kind] = (gs, keep.detach().to(torch.bool).flatten().cpu())
     return per_layer
 
 
-def _shrink(
-    structure: ModelStructure, i: int, path: str, rows: torch.Tensor | None, cols: torch.Tensor | None, slices: dict
-) -> None:
-    """Layer ``i``'s Linear at ``path`` keeps its ``rows`` (outputs) or ``cols`` (inputs); ``slices`` records it."""
-    layer, name = structure.layers[i], structure.lname(i, path)
-    set_submodule(layer, path, shrunk_linear(layer.get_submodule(path), rows, cols))
-    if rows is not None:
-        slices[name + ".weight"] = {0: rows}
-        slices[name + ".bias"] = {0: rows}
-    else:
-        slices[name + ".weight"] = {1: cols}
+def _kept_along(structure: ModelStructure, sets: dict[str, Kept]) -> dict[str, dict[int, torch.Tensor]]:
+    """Per parameter and dimension, the indices the group sets keep (every member of a fused Linear combined);
+    ``[experts, kept]`` per expert for an expert member (each expert keeps its own, as many as the others)."""
+    keeps: dict[str, dict[int, torch.Tensor]] = {}
+    for gs, keep in sets.values():
+        for m in gs.members:
+            shape = structure.param(m.name).shape
+            vec = m.factor(keep, shape).reshape(m.experts, shape[m.dim]) if m.experts else m.factor(keep, shape)
+            vec = vec if m.experts else vec.flatten()
+            old = keeps.setdefault(m.name, {}).get(m.dim)
+            keeps[m.name][m.dim] = vec if old is None else old & vec
+    out: dict[str, dict[int, torch.Tensor]] = {}
+    for name, dims in keeps.items():
+        out[name] = {}
+        for dim, v in dims.items():
+            if not bool(v.all()):
+                out[name][dim] = v.nonzero()[:, -1].reshape(*v.shape[:-1], -1)
+    return out
 
 
-def _shrink_mlp(structure: ModelStructure, i: int, keep: torch.Tensor, slices: dict) -> None:
-    """Layer ``i``'s MLP keeps the neurons ``keep`` says."""
-    idx = keep.nonzero().flatten()
-    for path in structure.family.mlp_in:
-        _shrink(structure, i, path, idx, None, slices)
-    _shrink(structure, i, structure.family.mlp_out, None, idx, slices)
+def shrink_layer(structure: ModelStructure, i: int, sets: dict[str, Kept], slices: dict) -> bool:
+    """Layer ``i``'s Linears keep what the group sets ``sets`` (MLP neurons, KV groups, query heads, by kind) keep;
+    ``slices`` records each parameter's kept indices. Returns whether its head counts changed."""
+    heads = _kept_heads(structure, i, sets)
+    for name, dims in _kept_along(structure, sets).items():
+        owner, _, attr = name.rpartition(".")
+        if attr not in ("weight", "bias") and dims:  # a 3-D expert weight
+            _shrink_parameter(structure.model.get_submodule(owner), attr, dims)
+            continue
+        if attr != "weight" or not dims:
+            continue
+        path = owner[len(structure.layer_infos[i].prefix) :]
+        rows, cols = dims.get(0), dims.get(1)
+        layer = structure.layers[i]
+        set_submodule(layer, path, shrunk_linear(layer.get_submodule(path), rows, cols))
+        if rows is not None:
+            slices[owner + ".weight"] = {0: rows}
+            slices[owner + ".bias"] = {0: rows}
+        else:
+            slices[owner + ".weight"] = {1: cols}
+    if heads is None:
+        return False
+    set_head_attrs(attention_module(structure.layers[i], structure.family), *heads)
+    return True
 
 
-def _shrink_heads(structure: ModelStructure, i: int, kinds: dict[str, torch.Tensor], hd: int, slices: dict) -> bool:
-    """Layer ``i``'s attention keeps the KV groups and query heads ``kinds`` says; whether it changed."""
-    fam = structure.family
-    n_kv, n_h = structure.num_kv_heads, structure.num_heads
+def _shrink_parameter(module: nn.Module, attr: str, dims: dict[int, torch.Tensor]) -> None:
+    """``module.attr`` keeps the indices ``dims`` gives along each dimension (the experts module's
+    ``intermediate_dim`` follows its down projection's last axis)."""
+    old = getattr(module, attr)
+    new = old.detach()
+    for dim, idx in dims.items():
+        idx = idx.to(new.device)
+        if idx.dim() == 2:  # each expert its own indices along ``dim``
+            new = torch.stack([new[e].index_select(dim - 1, idx[e]) for e in range(len(idx))])
+        else:
+            new = new.index_select(dim, idx)
+    setattr(module, attr, nn.Parameter(new.clone(), requires_grad=old.requires_grad))
+    if attr == "down_proj" and isinstance(getattr(module, "intermediate_dim", None), int):
+        module.intermediate_dim = new.shape[-1]
+
+
+def _kept_heads(structure: ModelStructure, i: int, sets: dict[str, Kept]) -> tuple[int, int] | None:
+    """Layer ``i``'s (query heads, KV heads) after the head sets in ``sets`` (``None``: unchanged)."""
+    if "attention_head" not in sets and "query_head" not in sets:
+        return None
+    n_kv, n_h = structure.kv_heads(i), structure.heads(i)
     rep = n_h // n_kv
-    kv_keep = kinds.get("attention_head", torch.ones(n_kv, dtype=torch.bool))
-    q_keep = kinds.get("query_head", torch.ones(n_h, dtype=torch.bool)) & kv_keep.repeat_interleave(rep)
+    kv_keep = sets["attention_head"][1] if "attention_head" in sets else torch.ones(n_kv, dtype=torch.bool)
+    q_keep = sets["query_head"][1] if "query_head" in sets else torch.ones(n_h, dtype=torch.bool)
+    q_keep = q_keep & kv_keep.repeat_interleave(rep)
     if not bool(kv_keep.any()) or not bool(q_keep.any()):
         raise ValueError(
             f"layer {i} would keep no attention head; a layer without attention cannot be expressed by the "
             "model's code. HINT: prune with min_keep > 0, or remove the whole layer (granularity='layer')."
         )
     if bool(kv_keep.all()) and bool(q_keep.all()):
-        return False
-    q_idx, kv_idx = head_index(q_keep, hd), head_index(kv_keep, hd)
-    for path, idx in ((fam.q, q_idx), (fam.k, kv_idx), (fam.v, kv_idx)):
-        _shrink(structure, i, path, idx, None, slices)
-    _shrink(structure, i, fam.o, None, q_idx, slices)
-    set_head_attrs(attention_module(structure.layers[i], fam), int(q_keep.sum()), int(kv_keep.sum()))
-    return True
+        return None
+    return int(q_keep.sum()), int(kv_keep.sum())
 
 
 def _drop_layers(structure: ModelStructure, cfg: Any, drop: set[int], num_layers: int) -> dict[int, int]:
@@ -173,10 +214,11 @@ def _reindexed(
     return out
 
 
-def _rewrite_config(model: nn.Module, fam: FamilySpec, structure: ModelStructure, hd: int, changed_heads: bool) -> None:
+def _rewrite_config(model: nn.Module, structure: ModelStructure, changed_heads: bool) -> None:
     """Describe the new widths in ``model.config``: stock fields when uniform, else ``per_layer_config``."""
+    fam, hd = structure.family, structure.head_dim
     cfg = model.config
-    widths = _layer_widths(model, fam, hd)
+    widths = _layer_widths(structure)
     layers = model.get_submodule(fam.layers)
     attn = attention_module(layers[0], fam) if len(layers) else None
     has_kv = config_value(cfg, "num_key_value_heads") is not None
@@ -188,7 +230,10 @@ def _rewrite_config(model: nn.Module, fam: FamilySpec, structure: ModelStructure
         cfg.per_layer_config = None
     if uniform and expressible and not prior:
         w = widths[0]
-        setattr(cfg, fam.intermediate_attr, w["intermediate"])
+        if fam.has_mlp:
+            setattr(cfg, fam.intermediate_attr, w["intermediate"])
+        if w["expert_intermediate"]:
+            setattr(cfg, fam.expert_intermediate_attr, w["expert_intermediate"])
         if changed_heads:
             cfg.num_attention_heads = w["heads"]
             if has_kv:
@@ -199,7 +244,10 @@ def _rewrite_config(model: nn.Module, fam: FamilySpec, structure: ModelStructure
         cfg.head_dim = hd  # the global head count stays an upper bound; head_dim must not be derived from it
     overrides: dict[int, dict[str, int]] = {}
     for i, w in enumerate(widths):
-        o = {fam.intermediate_attr: w["intermediate"], "num_attention_heads": w["heads"]}
+        o = {fam.intermediate_attr: w["intermediate"]} if fam.has_mlp else {}
+        o["num_attention_heads"] = w["heads"]
+        if w["expert_intermediate"]:
+            o[fam.expert_intermediate_attr] = w["expert_intermediate"]
         if has_kv:
             o["num_key_value_heads"] = w["kv_heads"]
         overrides[i] = o

@@ -17,8 +17,9 @@ from torch import nn
 
 from ..loading import from_pretrained
 from ..record import library_versions
-from ..structure import FamilySpec, family_of
-from .layers import ALLOW, attention_module, config_value, global_widths, set_head_attrs, set_submodule, shrunk_linear
+from ..structure import FamilySpec, GroupSet, ModelStructure, config_value, family_of
+from .compact import Kept, shrink_layer
+from .layers import ALLOW, bind_layer_configs, global_widths
 
 MANIFEST = "pruning_manifest.json"
 CONFIG = "pruning_config.yaml"  # the resolved config of the run that wrote the export (pruning fit --config)
@@ -27,7 +28,7 @@ CONFIG = "pruning_config.yaml"  # the resolved config of the run that wrote the 
 def _kept_per_layer(config: Any, fam: FamilySpec) -> list[dict[str, int]]:
     """Per-layer widths as the (stock or per-layer) config records them."""
     n = int(config.num_hidden_layers)
-    attrs = [fam.intermediate_attr, "num_attention_heads"]
+    attrs = ([fam.intermediate_attr] if fam.has_mlp else []) + ["num_attention_heads"]
     if config_value(config, "num_key_value_heads") is not None:
         attrs.append("num_key_value_heads")
     if getattr(config, "is_heterogeneous", False):
@@ -80,8 +81,13 @@ def save_pretrained(
 
 def _write(model: nn.Module, directory: Path, tokenizer: Any, manifest: dict | None) -> None:
     kwargs = {}
-    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+    params = inspect.signature(model.save_pretrained).parameters
+    if "safe_serialization" in params:
         kwargs["safe_serialization"] = True
+    if getattr(model.config, "is_heterogeneous", False) and "save_original_format" in params:
+        # a per-layer export is read back by load_pretrained under the model's own parameter names (transformers
+        # would otherwise write the checkpoint's original ones, e.g. GPT-NeoX's embed_out, stacked experts split)
+        kwargs["save_original_format"] = False
     # FIX: transformers >= 5.25 validates the config on save (``hidden_size % num_attention_heads``), which a
     # per-layer config refuses to answer; the global fields are the upper bounds the validation expects
     with global_widths(model.config):
@@ -216,23 +222,15 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
         layer_cfgs.append(lc)
     with global_widths(config):
         model = AutoModelForCausalLM.from_config(config)
-    fam = family_of(model)
-    layers = model.get_submodule(fam.layers)
-    for layer, lc in zip(layers, layer_cfgs):
-        attn = attention_module(layer, fam)
-        hd = int(attn.head_dim)
-        inter = int(getattr(lc, fam.intermediate_attr))
+    structure = ModelStructure(model)
+    has_kv = config_value(config, "num_key_value_heads") is not None
+    full = _full_width_sets(structure)  # before any layer shrinks
+    for i, lc in enumerate(layer_cfgs):
         heads = int(lc.num_attention_heads)
-        kv = getattr(lc, "num_key_value_heads", None)
-        kv = int(kv) if kv is not None else heads
-        for p in fam.mlp_in:
-            set_submodule(layer, p, shrunk_linear(layer.get_submodule(p), torch.arange(inter), None))
-        set_submodule(layer, fam.mlp_out, shrunk_linear(layer.get_submodule(fam.mlp_out), None, torch.arange(inter)))
-        set_submodule(layer, fam.q, shrunk_linear(layer.get_submodule(fam.q), torch.arange(heads * hd), None))
-        for p in (fam.k, fam.v):
-            set_submodule(layer, p, shrunk_linear(layer.get_submodule(p), torch.arange(kv * hd), None))
-        set_submodule(layer, fam.o, shrunk_linear(layer.get_submodule(fam.o), None, torch.arange(heads * hd)))
-        set_head_attrs(attn, heads, kv if config_value(config, "num_key_value_heads") is not None else None)
+        kv = int(lc.num_key_value_heads) if has_kv else heads
+        inter = int(getattr(lc, structure.family.intermediate_attr)) if structure.family.has_mlp else 0
+        shrink_layer(structure, i, _leading({k: v[i] for k, v in full.items()}, inter, heads, kv), {})
+    bind_layer_configs(model, structure.family)
     saved_dtype = _load_safetensors(model, path)
     if dtype is None or dtype == "auto":
         dtype = saved_dtype
@@ -241,6 +239,26 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
     if kwargs.get("device") is not None:
         model.to(kwargs["device"])
     return model.eval()
+
+
+def _full_width_sets(structure: ModelStructure) -> dict[str, list[GroupSet]]:
+    """The group sets a per-layer export's layers are cut from (query heads only with grouped-query attention)."""
+    fam = structure.family
+    kinds = (["mlp_neuron"] if fam.has_mlp else []) + (["attention_head"] if fam.head_groups else [])
+    if fam.head_groups and structure.num_heads > structure.num_kv_heads:
+        kinds.append("query_head")
+    return {kind: structure.group_sets(kind) for kind in kinds}  # type: ignore[arg-type]
+
+
+def _leading(sets: dict[str, GroupSet], inter: int, heads: int, kv: int) -> dict[str, Kept]:
+    """The group sets of one layer of a full-width model keeping the leading ``inter`` neurons, ``kv`` KV groups and
+    ``heads // kv`` query heads of each: the shapes of a per-layer export's layer (its weights are loaded after)."""
+    limits = {"mlp_neuron": inter, "attention_head": kv}
+    out = {k: (sets[k], torch.arange(sets[k].count) < limits[k]) for k in limits if k in sets}
+    if "query_head" in sets:
+        q = sets["query_head"]
+        out["query_head"] = (q, torch.arange(q.count) % (q.count // q.partitions) < heads // kv)
+    return out
 
 
 def is_per_layer_export(path: str | os.PathLike) -> bool:

@@ -44,12 +44,6 @@ def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def head_index(keep: torch.Tensor, size: int) -> torch.Tensor:
-    """Row indices of the kept heads/groups (each ``size`` rows long)."""
-    groups = keep.nonzero().flatten().cpu()
-    return (groups[:, None] * size + torch.arange(size)[None, :]).flatten()
-
-
 def attention_module(layer: nn.Module, fam: FamilySpec) -> nn.Module:
     return layer.get_submodule(fam.q.rpartition(".")[0])
 
@@ -90,9 +84,15 @@ def global_widths(cfg: Any) -> Iterator[Any]:
         cfg.__dict__.pop(ALLOW, None)
 
 
-def config_value(cfg: Any, name: str, default: Any = None) -> Any:
-    """Read a config attribute, also a per-layer one of a heterogeneous config (global value)."""
-    getter = getattr(cfg, "_getattr_without_heterogeneous_validation", None)
-    if getter is not None:
-        return getter(name, default)
-    return getattr(cfg, name, default)
+def bind_layer_configs(model: nn.Module, fam: FamilySpec) -> None:
+    """Give the modules of each decoder layer that keep the model's config (Phi-3's attention reads
+    ``config.num_attention_heads`` in ``forward``) that layer's own config when the config is per-layer (a global read
+    would raise ``AmbiguousGlobalPerLayerAttributeError``, and the global value is the wrong width anyway), and the
+    model's config again when it is uniform. A config of the model's config class inside a layer is taken as one of
+    these (the model's, or a layer's bound by an earlier compaction)."""
+    cfg = model.config
+    per_layer = cfg.per_layer_config if getattr(cfg, "is_heterogeneous", False) else None
+    for i, layer in enumerate(model.get_submodule(fam.layers)):
+        for mod in layer.modules():
+            if isinstance(getattr(mod, "config", None), type(cfg)):
+                mod.config = cfg if per_layer is None else per_layer[i]

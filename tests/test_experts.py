@@ -1,0 +1,167 @@
+"""Mixture-of-experts families (transformers' 3-D expert layout): structure discovery, neurons inside experts (one
+width per expert: partitions), the shared expert's neurons, masked forward == hand-zeroed copy, zeros held in
+training."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_families import _assert_pruned_zero, _hand_zeroed, _train
+from tiny import MOE_NAMES, calib, tiny_model
+
+import pruning
+from pruning.structure import ModelStructure
+
+EXPERTS, WIDTH, HIDDEN = 4, 32, 32
+
+
+@pytest.mark.parametrize("family", MOE_NAMES)
+def test_moe_structure(family):
+    s = ModelStructure(tiny_model(family, layers=2))
+    experts = s.group_sets("expert")
+    # an expert: its router row (32) and its gate/up rows and down columns (3 * 32 * 32)
+    assert [g.count for g in experts] == [EXPERTS] * 2
+    assert experts[0].params_per_group == HIDDEN + 3 * WIDTH * HIDDEN
+    neurons = s.group_sets("expert_neuron")
+    assert [(g.count, g.partitions) for g in neurons] == [(EXPERTS * WIDTH, EXPERTS)] * 2
+    assert neurons[0].params_per_group == 3 * HIDDEN
+    assert s.widths(0)[s.family.experts_attr] == EXPERTS
+    if family == "qwen2_moe":  # the shared expert is the dense MLP
+        assert [g.count for g in s.group_sets("mlp_neuron")] == [64, 64]
+    else:
+        with pytest.raises(ValueError, match="expert_neuron"):
+            s.group_sets("mlp_neuron")
+    if family == "olmoe":  # q_norm/k_norm over the whole projection: no head can go exactly
+        with pytest.raises(ValueError, match="all heads at once"):
+            s.group_sets("attention_head")
+
+
+def test_expert_neuron_factor_by_hand():
+    """Neuron 1 of expert 2 is rows 1 and 33 of gate_up_proj[2] and column 1 of down_proj[2], nothing else."""
+    s = ModelStructure(tiny_model("mixtral", layers=1))
+    gs = s.group_sets("expert_neuron")[0]
+    keep = torch.ones(gs.count, dtype=torch.bool)
+    keep[2 * WIDTH + 1] = False
+    masks = pruning.MaskSet()
+    masks.set_groups(gs, keep)
+    gate_up = masks.keep_mask("model.layers.0.mlp.experts.gate_up_proj", s.param(gs.members[0].name))
+    down = masks.keep_mask("model.layers.0.mlp.experts.down_proj", s.param(gs.members[2].name))
+    assert (~gate_up).nonzero()[:, :2].unique(dim=0).tolist() == [[2, 1], [2, 33]]
+    assert (~down).nonzero()[:, [0, 2]].unique(dim=0).tolist() == [[2, 1]]
+
+
+@pytest.mark.parametrize("family", MOE_NAMES)
+@pytest.mark.parametrize(
+    "method,granularity", [("magnitude", "expert_neuron"), ("taylor", "expert_neuron"), ("magnitude", "unstructured")]
+)
+def test_moe_masked_forward_and_training(family, method, granularity):
+    model = tiny_model(family, layers=2)
+    original = copy.deepcopy(model)
+    ids = calib(n=4, seq=12)
+    res = pruning.prune(model, ids, method=method, sparsity=0.5, granularity=granularity, progress=False)
+    if granularity == "expert_neuron":  # every expert keeps the same width
+        assert {int(k.reshape(EXPERTS, -1).sum(1).unique().numel()) for k in res.masks.groups.values()} == {1}
+    with torch.no_grad():
+        got = model(input_ids=ids[0]).logits
+        want = _hand_zeroed(original, res.masks)(input_ids=ids[0]).logits
+    assert torch.equal(got, want)
+    res.masks.attach(model)
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        _train(model, opt, ids, 20, res.masks)
+        _assert_pruned_zero(model, res.masks)
+    finally:
+        res.masks.detach()
+
+
+def test_shared_expert_neurons():
+    model = tiny_model("qwen2_moe", layers=2)
+    original = copy.deepcopy(model)
+    ids = calib(n=2, seq=12)[0]
+    res = pruning.prune(
+        model, method="wanda", sparsity=0.5, granularity="mlp_neuron", progress=False, calibration=calib()
+    )
+    assert all("shared_expert" in m.name for gs in res.masks.group_sets.values() for m in gs.members)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+        assert torch.equal(masked, _hand_zeroed(original, res.masks)(input_ids=ids).logits)
+    before = sum(p.numel() for p in model.parameters())
+    pruning.compact(model, res.masks)
+    assert model.config.shared_expert_intermediate_size == 32
+    assert before - sum(p.numel() for p in model.parameters()) == 2 * 32 * 3 * HIDDEN
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("granularity", ["attention_head", "query_head"])
+def test_moe_heads_compact_and_reload(tmp_path, family, granularity):
+    """Attention of an MoE model: compacted logits equal the masked ones, the export loads back."""
+    model = tiny_model(family, layers=2)
+    ids = calib(n=2, seq=12)[0]
+    res = pruning.prune(model, calib(), method="wanda", sparsity=0.5, granularity=granularity, progress=False)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+    before = sum(p.numel() for p in model.parameters())
+    pruning.compact(model, res.masks)
+    assert sum(p.numel() for p in model.parameters()) < before
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
+    pruning.save_pretrained(model, tmp_path / "export")
+    loaded = pruning.load_pretrained(tmp_path / "export", attn_implementation="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", MOE_NAMES)
+def test_expert_neurons_compact_to_a_stock_config(tmp_path, family):
+    """One width per expert: compact gives the masked logits with a stock config (fewer neurons per expert) that
+    plain from_pretrained loads."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family, layers=2)
+    ids = calib(n=2, seq=12)[0]
+    res = pruning.prune(model, method="magnitude", sparsity=0.5, granularity="expert_neuron", progress=False)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+    before = sum(p.numel() for p in model.parameters())
+    pruning.compact(model, res.masks)
+    s = ModelStructure(model)
+    assert not model.config.is_heterogeneous
+    assert getattr(model.config, s.family.expert_intermediate_attr) == WIDTH // 2 == s.expert_width(0)
+    assert before - sum(p.numel() for p in model.parameters()) == 2 * EXPERTS * WIDTH // 2 * 3 * HIDDEN
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
+    pruning.save_pretrained(model, tmp_path / "export")
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
+
+
+def test_routing_statistics_by_hand():
+    """Routed-token counts add up to k per token; REAP's sum for each expert equals Σ g·‖down(silu(gate x)·up x)‖
+    over the tokens routed to it, computed from the 3-D weights by hand."""
+    from pruning.stats import ActivationCollector
+
+    model = tiny_model("mixtral", layers=1)
+    experts = model.model.layers[0].mlp.experts
+    seen = []
+    handle = experts.register_forward_pre_hook(lambda mod, args: seen.append([a.detach().clone() for a in args]))
+    collector = ActivationCollector({"experts": experts}, kinds=("routing",)).attach()
+    ids = calib(n=2, seq=12)[0]
+    with torch.no_grad():
+        model(input_ids=ids)
+    collector.detach()
+    handle.remove()
+    stats = collector.stats["experts"].compute()
+    x, index, gate = seen[0]
+    assert int(stats["routed"].sum()) == index.numel() == 2 * x.shape[0]
+    for e in range(EXPERTS):
+        rows, slot = (index == e).nonzero(as_tuple=True)
+        g, u = (x[rows] @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+        f = (torch.nn.functional.silu(g) * u) @ experts.down_proj[e].T
+        want = (gate[rows, slot] * f.norm(dim=-1)).sum()
+        assert int(stats["routed"][e]) == len(rows)
+        torch.testing.assert_close(stats["reap"][e], want.float(), rtol=1e-5, atol=1e-6)
