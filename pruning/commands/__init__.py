@@ -1,19 +1,48 @@
-"""The ``pruning`` console script: one subcommand per task.
+"""The ``pruning`` console script: one subcommand per task (``pruning --help`` lists them, ``pruning CMD --help``
+shows each one's flags, ``--config FILE`` / ``--print_config`` work for every one).
 
-- ``pruning fit --config configs/<recipe>.yaml`` (and ``validate``, ``test``, ``--print_config``): pruning while
-  training, through LightningCLI (:mod:`pruning.lightning.cli`).
-- ``pruning demo-model``: train (or reuse) the small Llama that the offline demo config prunes.
-- ``pruning demo``: the one-shot comparison of every criterion on that model (no training loop).
+- ``pruning fit --config configs/<recipe>.yaml`` (and ``validate``, ``test``): pruning while training, through
+  LightningCLI (:mod:`pruning.lightning.cli`).
+- ``pruning prune --config configs/oneshot/<recipe>.yaml``: one-shot pruning from a recipe (:mod:`pruning.recipe`).
 - ``pruning eval PATH``: held-out perplexity (recorded protocol) and lm-eval tasks of an export, a checkpoint or a
   hub model, in-process (:mod:`pruning.commands.eval`).
 - ``pruning search``: Self-Pruner's evolutionary search of per-layer rates (:mod:`pruning.commands.search`).
 - ``pruning rank``: SAAP's importance-fluctuation ranking into per-layer rates (:mod:`pruning.commands.rank`).
+- ``pruning demo-model`` / ``pruning demo``: the small Llama of the offline demo; every criterion on it one-shot.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+
+# name -> (module of pruning.commands, its entry, its line in `pruning --help`); no module: LightningCLI
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "fit": ("", "", "prune while training: LightningCLI over a recipe in configs/ (--config)"),
+    "validate": ("", "", "LightningCLI's validation loop over a recipe (--config)"),
+    "test": ("", "", "LightningCLI's test loop over a recipe (--config)"),
+    "prune": ("prune", "main", "one-shot pruning from a recipe in configs/oneshot/ (--config)"),
+    "eval": ("eval", "main", "perplexity and lm-eval tasks of an export, a checkpoint or a hub model"),
+    "search": ("search", "main", "Self-Pruner: evolutionary search of per-layer rates, written as JSON"),
+    "rank": ("rank", "main", "SAAP: sigma and importance-fluctuation layer rates, written as JSON"),
+    "demo": ("demo", "main", "the offline demo: every criterion one-shot on the shipped demo model"),
+    "demo-model": ("demo", "prepare", "put the shipped demo model in .cache/demo-model (or train it anew)"),
+}
+
+
+def usage() -> str:
+    """``pruning --help``: every subcommand with one line."""
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: pruning <command> [--config FILE] [--print_config] [options]",
+        "",
+        "Prune decoder-only LLMs and train them back to health. Commands:",
+        *(f"  {name:<{width}}  {line}" for name, (_, _, line) in COMMANDS.items()),
+        "",
+        "`pruning <command> --help` lists a command's options; every one takes --config and --print_config.",
+    ]
+    return "\n".join(lines)
 
 
 def _threads() -> None:
@@ -28,44 +57,30 @@ def _threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> object:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":
-        from .demo import main as demo
-
-        demo(argv[1:])
-        return
-    if argv and argv[0] == "demo-model":
-        from .demo import prepare
-
-        prepare(argv[1:])
-        return
-    if argv and argv[0] == "eval":
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return None
+    name = argv[0]
+    if name not in COMMANDS:
+        sys.stderr.write(f"error: unknown command {name!r}; allowed: {', '.join(COMMANDS)}. HINT: pruning --help\n")
+        raise SystemExit(2)
+    module, function, _ = COMMANDS[name]
+    if name not in ("demo", "demo-model"):  # the demo sets its own threads (its numbers do not depend on them)
         _threads()
-        from .eval import main as eval_main
-
-        eval_main(argv[1:])
-        return
-    if argv and argv[0] in ("search", "rank"):
-        _threads()
-        if argv[0] == "search":
-            from .search import main as search
-
-            search(argv[1:])
-        else:
-            from .rank import main as rank
-
-            rank(argv[1:])
-        return
-    _threads()
-    fit(argv)
+    if not module:
+        return fit(argv)
+    entry = getattr(importlib.import_module(f"{__name__}.{module}"), function)
+    return entry(argv[1:])
 
 
 def fit(argv: list[str]) -> None:
     """``pruning fit | validate | test``: LightningCLI. An error raised before training starts (a bad config value,
     data or model the start-up checks refuse) is printed as one line naming what to fix, exit code 2; errors during
     training keep their traceback (``PRUNING_VERBOSE_ERRORS=1``: always)."""
-    from ..lightning.cli import TrainingStarted, concise, lightning_cli
+    from ..lightning.cli import TrainingStarted, lightning_cli
+    from .parsing import concise
 
     try:
         lightning_cli(argv)
