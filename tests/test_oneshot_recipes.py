@@ -19,7 +19,7 @@ import yaml
 from tiny import BYTE_VOCAB, tiny_model
 
 import pruning
-from pruning.commands import main as pruning_main
+from pruning.commands import run as pruning_main
 from pruning.recipe import Recipe
 from pruning.text import Encoder, TextReader, batches, packed_stream, stdlib_files, windows
 

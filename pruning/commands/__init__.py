@@ -14,8 +14,10 @@ shows each one's flags, ``--config FILE`` / ``--print_config`` work for every on
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
+import warnings
 
 # name -> (module of pruning.commands, its entry, its line in `pruning --help`); no module: LightningCLI
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -57,7 +59,14 @@ def _threads() -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local, 1)))
 
 
-def main(argv: list[str] | None = None) -> object:
+def main(argv: list[str] | None = None) -> None:
+    """The console script (its exit status: 0, or what a command raises)."""
+    run(argv)
+
+
+def run(argv: list[str] | None = None) -> object:
+    """Run the subcommand ``argv[0]`` with the rest; returns what it returns (``pruning prune``: the
+    :class:`pruning.recipe.RecipeResult`; ``pruning eval``: the results)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -82,6 +91,7 @@ def fit(argv: list[str]) -> None:
     from ..lightning.cli import TrainingStarted, lightning_cli
     from .parsing import concise
 
+    _quiet_lightning()
     try:
         lightning_cli(argv)
     except (ValueError, TypeError, FileNotFoundError) as err:
@@ -90,6 +100,20 @@ def fit(argv: list[str]) -> None:
         # one line, the last of the output (PRUNING_VERBOSE_ERRORS=1: the traceback)
         sys.stderr.write(f"error: {concise(str(err))}\n")
         raise SystemExit(2) from None
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertisement of its cloud logger (printed by every run without it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
+def _quiet_lightning() -> None:
+    """What every ``pruning fit`` printed that says nothing about the run: Lightning's cloud-logger tip, and torch's
+    deprecation of ``LeafSpec`` that Lightning's own pytree helper triggers."""
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from ..allocation.ranking import saap_layer_rates, saap_scores
 from ..io import write_json
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     write_json(args.out, out)
     print(json.dumps({"criterion_options": out["criterion_options"], "layer_rates": rates}))
+    print(f"wrote {args.out} (SAAP's σ and layer rates from {args.calibration} calibration windows)", file=sys.stderr)
 
 
 if __name__ == "__main__":
