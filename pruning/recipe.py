@@ -329,6 +329,8 @@ class Recipe:
         say = log or (lambda _line: None)
         events = self.options()  # a bad event or source fails before the model is loaded
         reader = self.calibration.reader()
+        # the whole model is loaded on the host; a model larger than the host's memory would instead be pruned from
+        # self.model.path layer by layer straight into self.output.path (the one place to change for that path)
         model = self.model.load()
         tokenizer = tokenizer_for(self.model.path, model, self.calibration.tokenizer, "calibration")
         calib = self.calibration.batches(tokenizer, reader)

@@ -4,6 +4,7 @@ the same run; printed names say what was measured; normal runs print no warnings
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -97,6 +98,8 @@ def test_search_says_its_perplexity_is_on_the_search_split(export, tmp_path, cap
     line = next(x for x in capsys.readouterr().out.splitlines() if "ppl" in x)
     assert line.startswith("best search-split ppl ") and "held-out ppl" not in line
     assert "4 windows of the last 10% of the calibration text, not a held-out test set" in line
+    written = json.loads((tmp_path / "s.json").read_text())
+    assert written["fitness_measured_on"].startswith("search split: 4 windows of the last 10%")
 
 
 def _console(args: list[str], cwd: Path) -> str:
@@ -150,3 +153,17 @@ def test_normal_runs_print_no_warnings(export, tmp_path):
     for out in outputs:
         bad = [line for line in out.splitlines() if SPURIOUS.search(line)]
         assert not bad, bad
+
+
+def test_test_without_a_test_step_is_one_line(tmp_path, capsys):
+    """``pruning test`` over the DistillationModule (no test loop) says so in one line, with what to run instead."""
+    from test_cli import tiny_demo_config
+
+    with pytest.raises(SystemExit) as done:
+        run(["test", "--config", str(tiny_demo_config(tmp_path))])
+    assert done.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        "error: No `test_step()` method defined to run `Trainer.test`. HINT: `pruning validate --config ...` "
+        "measures the held-out perplexity"
+    )

@@ -23,7 +23,7 @@ import warnings
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "fit": ("", "", "prune while training: LightningCLI over a recipe in configs/ (--config)"),
     "validate": ("", "", "LightningCLI's validation loop over a recipe (--config)"),
-    "test": ("", "", "LightningCLI's test loop over a recipe (--config)"),
+    "test": ("", "", "LightningCLI's test loop over a recipe (--config; a module with a test_step)"),
     "prune": ("prune", "main", "one-shot pruning from a recipe in configs/oneshot/ (--config)"),
     "eval": ("eval", "main", "perplexity and lm-eval tasks of an export, a checkpoint or a hub model"),
     "search": ("search", "main", "Self-Pruner: evolutionary search of per-layer rates, written as JSON"),
@@ -88,17 +88,22 @@ def fit(argv: list[str]) -> None:
     """``pruning fit | validate | test``: LightningCLI. An error raised before training starts (a bad config value,
     data or model the start-up checks refuse) is printed as one line naming what to fix, exit code 2; errors during
     training keep their traceback (``PRUNING_VERBOSE_ERRORS=1``: always)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from ..lightning.cli import TrainingStarted, lightning_cli
     from .parsing import concise
 
     _quiet_lightning()
     try:
         lightning_cli(argv)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, MisconfigurationException) as err:
         if TrainingStarted.started or os.environ.get("PRUNING_VERBOSE_ERRORS"):
             raise
         # one line, the last of the output (PRUNING_VERBOSE_ERRORS=1: the traceback)
-        sys.stderr.write(f"error: {concise(str(err))}\n")
+        hint = ""
+        if "test_step" in str(err):  # DistillationModule validates (held-out perplexity) but has no test loop
+            hint = " HINT: `pruning validate --config ...` measures the held-out perplexity"
+        sys.stderr.write(f"error: {concise(str(err))}{hint}\n")
         raise SystemExit(2) from None
 
 

@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         "layer_rates": result.rates,
         "fitness": result.fitness,
         "uniform_fitness": result.uniform_fitness,
+        "fitness_measured_on": f"search split: {args.heldout} windows of the last {1 - CALIBRATION_SHARE:.0%} of the "
+        "calibration text (not held-out data)",
         "history": history,
     }
     write_json(args.out, out)
