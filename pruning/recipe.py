@@ -8,8 +8,9 @@ windows of ``seq_len`` tokens at seeded offsets: the papers' protocol), what is 
 stage), the ``output`` (a compacted export with its tokenizer and a manifest holding the recipe, the calibration's
 sha256 and the result's record) and an optional ``evaluation`` (the recorded perplexity protocol, lm-eval tasks).
 
-The command line and Python share one code path: :func:`parser` parses the file (and any ``--key value``
-overrides) into a :class:`Recipe`, whose :meth:`Recipe.run` calls :func:`pruning.prune` once per event.
+The command line and Python share one code path: ``pruning prune``'s parser (:mod:`pruning.commands.prune`) reads
+the file (and any ``--key value`` overrides) into a :class:`Recipe`, whose :meth:`Recipe.run` calls
+:func:`pruning.prune` once per event.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ __all__ = [
     "Recipe",
     "RecipeResult",
     "evaluation_lines",
-    "parser",
     "prune_recipe",
     "tokenizer_for",
 ]
@@ -300,8 +300,10 @@ class Recipe:
     @classmethod
     def load(cls, path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         """The recipe in the YAML file at ``path`` (``overrides``: ``--key value`` arguments as on the command
-        line), parsed exactly as ``pruning prune --config`` parses it."""
-        return from_arguments(["--config", str(path), *overrides])
+        line), parsed exactly as ``pruning prune --config`` parses it (a bad value raises instead of exiting)."""
+        from .commands.prune import from_arguments
+
+        return from_arguments(["--config", str(path), *overrides], exit_on_error=False)
 
     def options(self) -> list[PruneOptions]:
         """The options of every event: ``prune``, then ``prune`` with each of ``events``' changes."""
@@ -386,27 +388,6 @@ class Recipe:
         }
         text = yaml.safe_dump(self.record(), sort_keys=False)
         return save_pretrained(model, self.output.path, tokenizer=tok, manifest=manifest, config=text)
-
-
-def parser():
-    """The ``pruning prune`` parser: ``--config``, ``--print_config`` and a ``--section.key`` flag per field."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    ap = ArgumentParser(
-        prog="pruning prune",
-        description="One-shot pruning from a recipe (model, calibration, prune, events, output, evaluation).",
-    )
-    ap.add_argument("--config", action=ActionConfigFile, help="the recipe (YAML), e.g. configs/oneshot/wanda.yaml")
-    ap.add_class_arguments(Recipe, None, as_group=False)
-    return ap
-
-
-def from_arguments(argv: Sequence[str]) -> Recipe:
-    """The :class:`Recipe` of command-line arguments (``--config FILE`` and overrides)."""
-    ap = parser()
-    cfg = ap.instantiate(ap.parse_args(list(argv)))
-    fields = {f.name for f in dataclasses.fields(Recipe)}
-    return Recipe(**{k: v for k, v in vars(cfg).items() if k in fields})
 
 
 def prune_recipe(path: str | Path, overrides: Sequence[str] = ()) -> RecipeResult:

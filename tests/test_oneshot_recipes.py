@@ -164,6 +164,8 @@ def test_print_config_shows_every_field(tmp_path, capsys):
         (["--events", "[{sparsity: 0.6, bogus: 1}]"], r"events\[0\] has unknown key\(s\) \['bogus'\]"),
         (["--calibration.num_samples", "0"], r"calibration.num_samples=0 must be >= 1"),
         (["--calibration.source", "missing/*.txt"], r"no file matches `source`='missing/\*.txt'"),
+        (["--prune.sparsity", "half"], r"^error: prune.sparsity: Expected a <class 'float'>"),
+        (["--calibration.seq_lenn", "32"], r"^error: unrecognized arguments: --calibration.seq_lenn 32"),
     ],
 )
 def test_bad_values_are_one_line(args, match, tmp_path, monkeypatch, capsys):
@@ -176,3 +178,11 @@ def test_bad_values_are_one_line(args, match, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert re.search(match, err[0]), err[0]
+
+
+def test_python_form_raises_instead_of_exiting(tmp_path):
+    path, _ = shrunk("wanda_llama3.2-1b", tmp_path)
+    with pytest.raises(ValueError, match=r"sparsity=1.5 must be in \[0, 1\)"):
+        Recipe.load(path, ["--prune.sparsity", "1.5"])
+    with pytest.raises(Exception, match=r"prune.sparsity"):  # jsonargparse's ArgumentError, not SystemExit
+        Recipe.load(path, ["--prune.sparsity", "half"])
