@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -103,6 +104,30 @@ def test_recipe_parses_as_written(name):
     recipe = Recipe.load(ROOT / "configs" / "oneshot" / f"{name}.yaml")
     method = {"self_pruner": "wanda", "demo": "wanda"}.get(name.split("_llama")[0], name.split("_llama")[0])
     assert recipe.output.path and recipe.options()[0].method == method
+
+
+# what the comments of each recipe promise: MLP neurons kept per layer after each event, at the real scale
+KEPT = {"demo": [359], "sdm_llama3.2-1b": [7987, 4421], "taylor_llama3.2-1b": [6554], "mutual_info_llama3.2-1b": [6554]}
+
+
+@pytest.mark.parametrize("name", sorted(KEPT))
+def test_kept_widths_at_the_real_scale_match_the_comments(name):
+    """Each event of the recipe on the published shapes of its model (meta device: no weights, no download)."""
+    from test_recipes import REAL
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    recipe = Recipe.load(ROOT / "configs" / "oneshot" / f"{name}.yaml")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**REAL[recipe.model.path]))
+    kept = []
+    for opts in recipe.options():
+        pruner = pruning.Pruner(model, opts)
+        count = pruner.targets.group_sets[0].count
+        kept.append(count - int(math.floor(pruner.fraction * count + 1e-9)))
+    assert kept == KEPT[name]
+    text = (ROOT / "configs" / "oneshot" / f"{name}.yaml").read_text()
+    for k in kept:
+        assert re.search(rf"\b{k}\b", text), f"{name}: the comments do not state the {k} kept"
 
 
 @pytest.mark.parametrize("name", RECIPES)
