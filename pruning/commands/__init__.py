@@ -94,6 +94,7 @@ def fit(argv: list[str]) -> None:
     from .parsing import concise
 
     _quiet_lightning()
+    TrainingStarted.started = False  # per run: an earlier run in this process (tests, notebooks) must not count
     try:
         lightning_cli(argv)
     except (ValueError, TypeError, FileNotFoundError, MisconfigurationException) as err:
