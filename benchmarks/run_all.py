@@ -1,8 +1,8 @@
-"""The whole benchmark suite in one command; regenerates the README's tables and the plots.
+"""The whole benchmark suite in one command; regenerates the tables of docs/benchmarks-guide.md and the plots.
 
     .venv/bin/python benchmarks/run_all.py                     # everything (see docs/benchmarks.md for how long)
     .venv/bin/python benchmarks/run_all.py --only quality      # one stage (the reference model is cached)
-    .venv/bin/python benchmarks/run_all.py --quick             # smoke run of every stage, README untouched
+    .venv/bin/python benchmarks/run_all.py --quick             # smoke run of every stage, pages untouched
 
 Stages, each in a fresh subprocess (threads and memory peaks do not mix), timed:
 
@@ -12,10 +12,11 @@ Stages, each in a fresh subprocess (threads and memory peaks do not mix), timed:
 3. ``speed``, ``overhead``, ``memory``: ``benchmarks/<name>.py --out docs/<name>.md`` (skipped if the script does
    not exist).
 
-Afterwards the README's generated sections are replaced, each between its pair of markers
-(``<!-- name:begin -->`` … ``<!-- name:end -->``): ``quality`` (``docs/quality_table.md``), ``speed``,
+Afterwards the generated sections of the benchmarks page (``docs/benchmarks-guide.md``, which the README links) are
+replaced, each between its pair of markers (``<!-- name:begin -->`` … ``<!-- name:end -->``), links to ``docs/``
+made relative to the page: ``quality`` (``docs/quality_table.md``), ``speed``,
 ``overhead``, ``memory`` (``docs/<name>.md``) and ``benchmarks-time`` (how long each stage took). A marker pair
-missing from the README is reported and skipped. The timings also go to ``docs/benchmarks.md``.
+missing from the page is reported and skipped. The timings also go to ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 STAGES = ("reference_model", "quality", "speed", "overhead", "memory")
-# README section -> file under the output folder whose content goes between its markers
+PAGE = ROOT / "docs" / "benchmarks-guide.md"  # where the generated sections are (the README links it)
+# section -> file under the output folder whose content goes between its markers
 SECTIONS = {
     "quality": "quality_table.md",
     "speed": "speed.md",
@@ -54,19 +56,22 @@ def replace_between_markers(text: str, name: str, content: str) -> str:
 
 
 def update_readme(readme: Path, out: Path, log=print) -> list[str]:
-    """Replace every generated section of ``readme`` whose markers and source file exist; returns those done."""
+    """Replace every generated section of ``readme`` (the benchmarks page) whose markers and source file exist; links
+    into ``docs/`` are made relative to a page inside ``docs/``; returns the sections done."""
     text = readme.read_text()
+    in_docs = readme.resolve().parent == (ROOT / "docs").resolve()
     done = []
     for name, fname in SECTIONS.items():
         src = out / fname
         if not src.exists():
-            log(f"README: {name}: {src} does not exist, section left as it is")
+            log(f"{readme.name}: {name}: {src} does not exist, section left as it is")
             continue
         try:
-            text = replace_between_markers(text, name, src.read_text())
+            content = src.read_text()
+            text = replace_between_markers(text, name, content.replace("](docs/", "](") if in_docs else content)
             done.append(name)
         except KeyError as e:
-            log(f"README: {name}: {e.args[0]}, section skipped")
+            log(f"{readme.name}: {name}: {e.args[0]}, section skipped")
     readme.write_text(text)
     return done
 
@@ -110,8 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="where the reference model is trained (cpu, cuda)")
     ap.add_argument("--quick", action="store_true", help="smoke run of every stage; outputs under .cache/bench-quick")
     ap.add_argument("--out", type=Path, default=None, help="output folder (default docs/, quick: .cache/bench-quick)")
-    ap.add_argument("--readme", type=Path, default=None, help="README to update (default README.md; not with --quick)")
-    ap.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    ap.add_argument(
+        "--readme", type=Path, default=None, help="page to update (default docs/benchmarks-guide.md; not with --quick)"
+    )
+    ap.add_argument("--no-readme", action="store_true", help="leave the benchmarks page alone")
     args = ap.parse_args(argv)
     out = (args.out or (ROOT / ".cache/bench-quick" if args.quick else ROOT / "docs")).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         record.append({"stage": stage, "status": status, "seconds": secs, "command": " ".join(shown)})
 
     # timings: merged with earlier runs' (a stage not run now keeps its last time), docs/benchmarks.md in full, the
-    # README's section in short
+    # benchmarks page's section in short
     history_path = out / "benchmarks.json"
     history = json.loads(history_path.read_text()) if history_path.exists() else {}
     today = dt.date.today().isoformat()
@@ -174,9 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("\n" + summary + f"\n(this invocation: {fmt_minutes(time.time() - t_all)})")
     if not args.no_readme and (args.readme or not args.quick):
-        readme = args.readme or ROOT / "README.md"
+        readme = args.readme or PAGE
         done = update_readme(readme, out)
-        print(f"README sections regenerated: {done or 'none'}")
+        print(f"{readme.name} sections regenerated: {done or 'none'}")
     return 0 if all(r["status"] in ("ok", "missing") for r in record) else 1
 
 

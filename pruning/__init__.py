@@ -9,6 +9,7 @@ from .losses import distillation_loss
 from .masks import MaskSet, SparsityReport, nm_mask
 from .options import GRANULARITIES, Granularity, PruneOptions, SelectionOptions
 from .pipeline import Pruner, PruneResult, calibration_fingerprint, collect_gradients, prune, run_layerwise
+from .recipe import Recipe, prune_recipe
 from .stats import (
     ActivationCollector,
     ActivationStats,
@@ -36,6 +37,7 @@ __all__ = [
     "PruneOptions",
     "PruneResult",
     "Pruner",
+    "Recipe",
     "SelectionOptions",
     "ScoreContext",
     "SparsityReport",
@@ -46,6 +48,7 @@ __all__ = [
     "get_criterion",
     "nm_mask",
     "prune",
+    "prune_recipe",
     "register",
     "register_family",
     "run_layerwise",

@@ -6,4 +6,5 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/ruff check pruning callbacks datamodules tests benchmarks
 .venv/bin/ruff format --check pruning callbacks datamodules tests benchmarks
+.venv/bin/mkdocs build --strict --quiet   # the docs/ tree (tests/test_docs.py also builds it)
 exec .venv/bin/python -m pytest tests "$@"

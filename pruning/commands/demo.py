@@ -11,7 +11,6 @@ perplexity and parameter counts per method.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shutil
@@ -27,6 +26,7 @@ from ..evaluation.perplexity import perplexity
 from ..text.stdlib import BYTE_VOCAB, batches, stdlib_bytes, windows
 from ..text.tokens import byte_tokenizer
 from ..training import RandomWindows, TrainConfig, train
+from .parsing import command_parser
 
 
 def demo_config() -> LlamaConfig:
@@ -89,7 +89,7 @@ def load_or_train(cache: Path, train: bool = False, steps: int = 800, threads: i
 
 def prepare(argv: list[str] | None = None) -> None:
     """``pruning demo-model``: put the shipped demo model in ``--cache`` (or train it anew with ``--train``)."""
-    ap = argparse.ArgumentParser(prog="pruning demo-model", description=prepare.__doc__)
+    ap = command_parser("pruning demo-model", prepare.__doc__)
     ap.add_argument("--cache", type=Path, default=Path(".cache/demo-model"))
     ap.add_argument("--train", action="store_true", help="train it instead of using the shipped one")
     ap.add_argument("--steps", type=int, default=800, help="training steps (with --train)")
@@ -103,7 +103,7 @@ def nonzero_params(model) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="pruning demo", description=__doc__)
+    ap = command_parser("pruning demo", __doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=Path(".cache/demo-model"))
     ap.add_argument("--calibration", type=int, default=32, help="calibration windows of 128 bytes")
     ap.add_argument("--eval-windows", type=int, default=128, help="held-out windows of 128 bytes")

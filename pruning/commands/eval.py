@@ -16,7 +16,6 @@ only unless ``--allow-pickle``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 import sys
@@ -26,29 +25,15 @@ from typing import Any
 import torch
 
 from ..loading import PickleRefused, from_pretrained, refused_checkpoint
+from ..recipe import DTYPES, Evaluation, evaluation_lines, tokenizer_for
+from .parsing import CommandParser, command_parser
 
 __all__ = ["load_for_eval", "main"]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _tokenizer_from(path: str, model, name: str | None) -> Any:
     """``--tokenizer`` if given; else the one saved with the model; else the byte tokenizer for vocab 256."""
-    from transformers import AutoTokenizer
-
-    if name == "bytes":
-        return None
-    if name is not None:
-        return AutoTokenizer.from_pretrained(name)
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError):
-        if getattr(model.config, "vocab_size", None) == 256:
-            return None  # byte-level model without tokenizer files (the demo model)
-        raise SystemExit(
-            f"pruning eval: no tokenizer found with {path!r} and the model is not byte-level. "
-            "HINT: --tokenizer NAME_OR_PATH"
-        ) from None
+    return tokenizer_for(path, model, name, owner="pruning eval")
 
 
 # hyper-parameters of a user's LightningModule that usually name the Hugging Face model it trains
@@ -171,10 +156,8 @@ def load_for_eval(
     return model.eval(), _tokenizer_from(target, model, tokenizer), {"kind": "hub", "name": target}
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="pruning eval", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def _parser() -> CommandParser:
+    ap = command_parser("pruning eval", __doc__.split("\n\n")[0])
     ap.add_argument("model", help="export directory, Lightning .ckpt, or hub name")
     ap.add_argument(
         "--perplexity",
@@ -231,10 +214,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     if args.perplexity is None and not args.tasks:
         raise SystemExit("pruning eval: nothing to do. HINT: --perplexity stdlib|wikitext|FILE and/or --tasks ...")
-    from ..evaluation.harness import DEFAULT_TASKS, evaluate_tasks, markdown_table
-    from ..evaluation.perplexity import PerplexityProtocol, evaluate_perplexity
-    from ..text.tokens import byte_tokenizer
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, tok, info = load_for_eval(
@@ -243,48 +222,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except PickleRefused as err:
         raise SystemExit(f"pruning eval: {err}") from None
     model.to(device)
-    out: dict[str, Any] = {"model": info}
-    if args.perplexity is not None:
-        overrides = {
-            k: v
-            for k, v in dict(
-                dataset_config=args.dataset_config,
-                split=args.split,
-                text_field=args.text_field,
-                seq_len=args.seq_len,
-                stride=args.stride,
-                add_bos=args.add_bos,
-                max_windows=args.max_windows,
-            ).items()
-            if v is not None
-        }
-        protocol = PerplexityProtocol.preset(args.perplexity, **overrides)
-        res = evaluate_perplexity(model, "bytes" if tok is None else tok, protocol, args.batch_size, device)
-        out["perplexity"] = res.as_dict()
-        p = res.protocol
-        print(
-            f"perplexity {res.ppl:.4f}  ({res.tokens:,} tokens in {res.windows} windows; source {p['source']}"
-            f"{'/' + p['split'] if p['split'] else ''}, seq_len {p['seq_len']}, stride {p['stride']}, "
-            f"bos {p['add_bos']}, tokenizer {res.tokenizer})",
-            flush=True,
-        )
-    if args.tasks:
-        tasks = [t for name in args.tasks for t in (DEFAULT_TASKS if name == "suite" else [name])]
-        limit = args.limit
-        if limit is not None and limit >= 1:
-            limit = int(limit)
-        harness = evaluate_tasks(
-            model,
-            byte_tokenizer() if tok is None else tok,
-            tasks,
-            limit=limit,
-            num_fewshot=args.num_fewshot,
-            batch_size=args.batch_size,
-            include_path=args.include_path,
-            metrics=args.metrics,
-        )
-        out["lm_eval"] = harness.as_dict()
-        print("\n" + markdown_table(harness.rows), flush=True)
+    protocol = dict(
+        dataset_config=args.dataset_config,
+        split=args.split,
+        text_field=args.text_field,
+        seq_len=args.seq_len,
+        stride=args.stride,
+        add_bos=args.add_bos,
+        max_windows=args.max_windows,
+    )
+    evaluation = Evaluation(
+        perplexity=args.perplexity,
+        perplexity_options={k: v for k, v in protocol.items() if v is not None},
+        tasks=list(args.tasks or []),
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        include_path=args.include_path,
+        metrics=args.metrics,
+        batch_size=args.batch_size,
+    )
+    out: dict[str, Any] = {"model": info, **evaluation.run(model, tok, device)}
+    for line in evaluation_lines(out):
+        print(line, flush=True)
     if args.json_path:
         path = Path(args.json_path)
         path.parent.mkdir(parents=True, exist_ok=True)

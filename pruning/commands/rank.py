@@ -3,17 +3,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 
 from ..allocation.ranking import saap_layer_rates, saap_scores
 from ..io import write_json
+from .parsing import command_parser
 from .search import add_data_arguments, load_data, load_model
 
 
 def main(argv: list[str] | None = None) -> None:
     """``pruning rank``: SAAP's σ and layer rates for a model, written as JSON for a recipe."""
-    ap = argparse.ArgumentParser(prog="pruning rank", description=main.__doc__)
+    ap = command_parser("pruning rank", main.__doc__)
     ap.add_argument("--model", required=True, help="local path or hub name of the model")
     ap.add_argument("--target", type=float, required=True, help="mean pruning rate over the layers")
     ap.add_argument("--granularity", default="mlp_neuron", choices=["mlp_neuron", "attention_head", "query_head"])
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     write_json(args.out, out)
     print(json.dumps({"criterion_options": out["criterion_options"], "layer_rates": rates}))
+    print(f"wrote {args.out} (SAAP's σ and layer rates from {args.calibration} calibration windows)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,7 @@ JSON for a recipe's ``PruningCallback(allocation: rates, rates_file: ...)``."""
 
 from __future__ import annotations
 
-import argparse
-import json
+from argparse import Namespace
 from pathlib import Path
 
 import torch
@@ -14,9 +13,12 @@ from ..allocation.operators import LLM_OPERATORS, ChatEndpoint, LLMOperator
 from ..allocation.search import SEARCH_GRANULARITIES, search_rates
 from ..io import write_json
 from ..loading import from_pretrained
+from .parsing import CommandParser, command_parser
+
+CALIBRATION_SHARE = 0.9  # of the token stream; the rest is the search split
 
 
-def add_data_arguments(ap: argparse.ArgumentParser) -> None:
+def add_data_arguments(ap: CommandParser) -> None:
     """Model and calibration-data options shared by ``pruning.allocation.search`` and ``pruning.allocation.ranking``."""
     ap.add_argument(
         "--text",
@@ -28,7 +30,13 @@ def add_data_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--calibration", type=int, default=32, help="calibration windows (scoring)")
-    ap.add_argument("--heldout", type=int, default=16, help="held-out windows (fitness)")
+    ap.add_argument(
+        "--heldout",
+        type=int,
+        default=16,
+        help="windows of the search split (the fitness of search; the last 10 %% of the token stream, which "
+        "calibration never reads)",
+    )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -40,9 +48,9 @@ def load_model(path: str, dtype: str = "float32", device: str | None = None) -> 
     return model.to(device) if device is not None else model
 
 
-def load_data(args: argparse.Namespace, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Calibration and held-out windows from one token stream: scoring windows from its first 90 %, held-out
-    windows from the rest, so the two never overlap."""
+def load_data(args: Namespace, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Calibration and search-split windows from one token stream: scoring windows from its first 90 %, the search
+    split's windows (Self-Pruner's fitness) from the rest, so the two never overlap."""
     from ..text.reader import TextReader
     from ..text.stdlib import batches, stdlib_bytes, windows
     from ..text.tokens import joined_ids
@@ -59,7 +67,7 @@ def load_data(args: argparse.Namespace, model: nn.Module) -> tuple[list[torch.Te
         ids = joined_ids(reader.documents(), tok, "\n\n", special_tokens=True)
     else:
         ids = stdlib_bytes("train", max_bytes=4_000_000)
-    cut = int(ids.numel() * 0.9)
+    cut = int(ids.numel() * CALIBRATION_SHARE)
     need = args.seq_len + 1
     if cut < need or ids.numel() - cut < need:
         raise ValueError(f"{ids.numel()} tokens are too few for windows of {args.seq_len}")
@@ -68,7 +76,7 @@ def load_data(args: argparse.Namespace, model: nn.Module) -> tuple[list[torch.Te
     return list(batches(calib, args.batch_size)), list(batches(held, args.batch_size))
 
 
-def operator_of(args: argparse.Namespace) -> str | LLMOperator | None:
+def operator_of(args: Namespace) -> str | LLMOperator | None:
     """The operator model the flags name: a local path, an endpoint (wrapped in an :class:`LLMOperator`), or none.
     Every operator flag is checked here, before the model is loaded."""
     ops = [op.strip() for op in args.llm_operators.split(",") if op.strip()]
@@ -98,13 +106,13 @@ def operator_of(args: argparse.Namespace) -> str | LLMOperator | None:
     return LLMOperator(endpoint)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``pruning search``: Self-Pruner's rate search; writes the best rates as JSON for a recipe."""
-    ap = argparse.ArgumentParser(prog="pruning search", description=main.__doc__)
+def parser():
+    """The ``pruning search`` arguments."""
+    ap = command_parser("pruning search", main.__doc__)
     ap.add_argument("--model", required=True, help="local path or hub name of the model to prune")
     ap.add_argument("--target", type=float, required=True, help="mean pruning rate over the layers")
     ap.add_argument("--criterion", default="wanda")
-    ap.add_argument("--criterion-options", type=json.loads, default=None, help='JSON, e.g. \'{"mode": "vector"}\'')
+    ap.add_argument("--criterion-options", type=dict | None, default=None, help='JSON, e.g. \'{"mode": "vector"}\'')
     ap.add_argument("--granularity", default="mlp_neuron", choices=list(SEARCH_GRANULARITIES))
     ap.add_argument("--population", type=int, default=30)
     ap.add_argument("--generations", type=int, default=20)
@@ -135,7 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="self_pruner_rates.json", help="best rates (JSON)")
     ap.add_argument("--history", default=None, help="search history (JSON; default: <out>.history.json)")
     add_data_arguments(ap)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``pruning search``: Self-Pruner's rate search; writes the best rates as JSON for a recipe."""
+    args = parser().parse_args(argv)
     operator = operator_of(args)
     model = load_model(args.model, args.dtype, args.device)
     calib, held = load_data(args, model)
@@ -168,10 +181,17 @@ def main(argv: list[str] | None = None) -> None:
         "layer_rates": result.rates,
         "fitness": result.fitness,
         "uniform_fitness": result.uniform_fitness,
+        "fitness_measured_on": f"search split: {args.heldout} windows of the last {1 - CALIBRATION_SHARE:.0%} of the "
+        "calibration text (not held-out data)",
         "history": history,
     }
     write_json(args.out, out)
-    print(f"best held-out ppl {result.fitness:.4f} (uniform {result.uniform_fitness:.4f}); wrote {args.out}")
+    # the fitness is measured on the search split (the end of the calibration stream), not on held-out text
+    print(
+        f"best search-split ppl {result.fitness:.4f} (uniform rates: {result.uniform_fitness:.4f}; {args.heldout} "
+        f"windows of the last {1 - CALIBRATION_SHARE:.0%} of the calibration text, not a held-out test set: "
+        f"`pruning eval` measures that); wrote {args.out}"
+    )
     print("layer_rates: [" + ", ".join(f"{r:.6g}" for r in result.rates) + "]")
 
 

@@ -259,16 +259,39 @@ def _quiet_lm_eval() -> Iterator[None]:
     """lm-eval's warnings about what this use of it does on purpose (a model object instead of a name, a local task's
     custom dataset function) silenced for the call; its errors still show."""
     import logging
+    from unittest import mock
+
+    import lm_eval.evaluator
+    import lm_eval.loggers.utils
 
     loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval", "lm_eval.models.huggingface")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    # lm-eval records `git describe` of the working directory, whose "fatal: not a git repository" would land on
+    # stderr in every run outside a clone
+    quiet_git = [
+        mock.patch.object(m, "get_git_commit_hash", _git_hash) for m in (lm_eval.evaluator, lm_eval.loggers.utils)
+    ]
     try:
-        yield
+        with contextlib.ExitStack() as stack:
+            for patch in quiet_git:
+                stack.enter_context(patch)
+            yield
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def _git_hash() -> str | None:
+    """``git describe --always`` of the working directory, or ``None`` (git's complaint not printed)."""
+    import subprocess
+
+    try:
+        out = subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL)  # noqa: S607
+    except (subprocess.CalledProcessError, OSError):
+        return None
+    return out.strip().decode()
 
 
 def evaluate_tasks(
