@@ -25,23 +25,24 @@ class _StopForward(Exception):
     pass
 
 
-def _to(obj, device):
+def to_device(obj, device):
+    """``obj`` (a tensor, or tuples / lists / dicts of them, anything else as it is) on ``device``."""
     if torch.is_tensor(obj):
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(to_device(o, device) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [to_device(o, device) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
-def _move_except(module: nn.Module, skip: nn.Module, device: torch.device) -> None:
+def move_except(module: nn.Module, skip: nn.Module, device: torch.device) -> None:
     """Move every parameter and buffer except those under ``skip`` (the decoder layers) to ``device``."""
     for child in module.children():
         if child is not skip:
-            _move_except(child, skip, device)
+            move_except(child, skip, device)
     for _key, p in module._parameters.items():
         if p is not None and p.device != device:
             p.data = p.data.to(device)
@@ -72,7 +73,7 @@ def capture_inputs(
     def hook(module, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach().to(store), _to(kwargs, store)))
+        captured.append((hidden.detach().to(store), to_device(kwargs, store)))
         raise _StopForward
 
     handle = structure.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -151,7 +152,7 @@ def run_layerwise(
     was_training = model.training
     model.eval()
     if dev != home:
-        _move_except(model, structure.layers, dev)
+        move_except(model, structure.layers, dev)
     try:
         inputs = capture_inputs(model, structure, calibration, dev, store_dev)
         if one_pass:
@@ -173,7 +174,7 @@ def run_layerwise(
                     with torch.no_grad():
                         for hidden, kwargs in inputs:
                             try:
-                                out = layer(hidden.to(dev), **_to(kwargs, dev))
+                                out = layer(hidden.to(dev), **to_device(kwargs, dev))
                                 if keep_outputs:
                                     outputs.append(layer_output(out).to(store_dev))
                             except _StopForward:
@@ -196,9 +197,9 @@ def run_layerwise(
                 layer.to(layer_home)
                 break
             with torch.no_grad():
-                inputs = [(layer_output(layer(h.to(dev), **_to(kw, dev))).to(store_dev), kw) for h, kw in inputs]
+                inputs = [(layer_output(layer(h.to(dev), **to_device(kw, dev))).to(store_dev), kw) for h, kw in inputs]
             layer.to(layer_home)
     finally:
         if dev != home:
-            _move_except(model, structure.layers, home)
+            move_except(model, structure.layers, home)
         model.train(was_training)

@@ -14,6 +14,7 @@ from ..stats import ActivationCollector, ActivationStats, GradientCollector
 from .calibration import calibration_batches, calibration_fingerprint, check_calibration, collect_gradients
 from .drive import collect_activations, prune_from_statistics, prune_layer_by_layer
 from .pruner import Pruner, PruneResult
+from .streamed import collect_gradients_layerwise, streams
 
 __all__ = ["GRANULARITIES", "PruneResult", "calibration_fingerprint", "prune"]
 
@@ -49,7 +50,8 @@ def prune(
       the same model with the masks lifted.
     - Activation criteria run one decoder layer at a time (``sequential``), the calibration activations passing
       through the already-pruned layers; ``device`` may differ from where the model lives (layers visit it one by
-      one; ``store='cpu'`` keeps the hidden states on the host).
+      one; ``store='cpu'`` keeps the hidden states on the host); so do gradient criteria's: forward layer by layer,
+      then backward layer by layer from each layer's stored input (:mod:`pruning.pipeline.streamed`).
     - ``masks``: earlier masks to continue (monotone); without them, what an earlier pruning left (whole groups,
       or weights more than 1 % exactly zero) is continued. ``keep_original`` stashes the pruned values (the lifted
       teacher of self-distillation needs them).
@@ -70,7 +72,9 @@ def prune(
     pruner.info["calibration"] = calibration_fingerprint(calib) if calib else None
     if crit.needs_gradients and gradients is None:
         gradients = pruner.gradient_collector()
-        collect_gradients(
+        # the model elsewhere than `device`: its layers visit the device one at a time, the backward too
+        collect = collect_gradients_layerwise if streams(model, device) else collect_gradients
+        collect(
             model,
             calib,
             gradients,
