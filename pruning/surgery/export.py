@@ -19,6 +19,7 @@ from ..loading import from_pretrained
 from ..record import library_versions
 from ..structure import FamilySpec, family_of
 from .layers import ALLOW, attention_module, config_value, global_widths, set_head_attrs, set_submodule, shrunk_linear
+from .meta import TensorFiles, build_on_meta, materialise, on_meta
 
 MANIFEST = "pruning_manifest.json"
 CONFIG = "pruning_config.yaml"  # the resolved config of the run that wrote the export (pruning fit --config)
@@ -181,12 +182,11 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
     ``allow_pickle`` (a pickled ``pytorch_model.bin`` can run code when loaded).
 
     Stock configs go to ``AutoModelForCausalLM.from_pretrained(path, **kwargs)``. Per-layer configs are built from
-    the config at the global (upper-bound) widths, each layer's Linears are shrunk to the recorded sizes and the
-    attention modules' head counts fixed, then the safetensors weights are loaded (never pickles). For those,
+    the config at the global (upper-bound) widths with their parameters on the ``meta`` device (no memory, no
+    initialisation), each layer's Linears are made at the recorded sizes and the attention modules' head counts
+    fixed, then the safetensors weights are assigned one tensor at a time (memory-mapped; never pickles). For those,
     ``kwargs`` may hold ``dtype``/``torch_dtype``, ``device`` and ``attn_implementation``.
     """
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
     if not path.exists():
         recover_export(path)  # an export interrupted between its two renames left the previous one aside
@@ -215,7 +215,7 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
         lc.__dict__[ALLOW] = True
         layer_cfgs.append(lc)
     with global_widths(config):
-        model = AutoModelForCausalLM.from_config(config)
+        model = build_on_meta(config)  # no full-width weights: the smaller layers are built, then assigned
     fam = family_of(model)
     layers = model.get_submodule(fam.layers)
     for layer, lc in zip(layers, layer_cfgs):
@@ -276,32 +276,24 @@ def read_config(path: str | os.PathLike) -> Any:
 
 @torch.no_grad()
 def _load_safetensors(model: nn.Module, path: Path) -> torch.dtype | None:
-    """Copy the export's safetensors into ``model``; returns the dtype of its floating-point weights."""
-    from safetensors.torch import load_file
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{str(path)!r} holds no .safetensors weights. HINT: export with pruning.save_pretrained().")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(path / f)))
-    own = model.state_dict()
-    unexpected = [k for k in state if k not in own]
-    if unexpected:
-        raise ValueError(f"weights the model does not have: {unexpected[:5]}")
-    for k, v in state.items():
-        if own[k].shape != v.shape:
-            raise ValueError(f"{k}: saved shape {tuple(v.shape)} != built shape {tuple(own[k].shape)}")
-        own[k].copy_(v)
-    missing = [k for k in own if k not in state]
+    """Assign the export's safetensors to ``model`` (built on the ``meta`` device), one tensor at a time, memory-
+    mapped; returns the dtype of its floating-point weights."""
+    tensors = TensorFiles(path)
+    try:
+        own = set(model.state_dict())
+        unexpected = [k for k in tensors.keys() if k not in own]
+        if unexpected:
+            raise ValueError(f"weights the model does not have: {unexpected[:5]}")
+        missing = materialise(model, tensors)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta), None)
+    finally:
+        tensors.close()
     tied = getattr(model, "_tied_weights_keys", None) or {}
     really_missing = [k for k in missing if k not in tied]
     if really_missing:
         raise ValueError(f"the export lacks weights: {really_missing[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    return next((v.dtype for v in state.values() if v.is_floating_point()), None)
+    if on_meta(model):
+        raise ValueError(f"the export lacks weights: {[n for n, p in model.named_parameters() if p.is_meta][:5]}")
+    return dtype
