@@ -116,6 +116,7 @@ def prune_layer_by_layer(
     device: Device = None,
     store: str = "device",
     progress: bool = True,
+    visit: Callable[[int], AbstractContextManager] | None = None,
 ) -> None:
     """Activation criteria one decoder layer at a time: layer ``i`` is scored on the inputs the already-pruned
     layers ``< i`` produce, pruned, and its pruned outputs feed layer ``i + 1`` (``device``: where layers are
@@ -134,7 +135,9 @@ def prune_layer_by_layer(
             stats = _layer_statistics(pruner, i, forward_all, plain=True)
             ratios.append(pruner.outlier_ratio(i, pruner.context(stats, gradients)))
 
-        run_layerwise(model, structure, calibration, owl_layer, device=device, store=store, progress=progress)
+        run_layerwise(
+            model, structure, calibration, owl_layer, device=device, store=store, progress=progress, visit=visit
+        )
         pruner.set_outlier_rates(ratios)
 
     def on_layer(i: int, forward_all: Callable) -> None:
@@ -150,6 +153,7 @@ def prune_layer_by_layer(
         store=store,
         progress=progress,
         one_pass=one_pass,
+        visit=visit,
     )
 
 

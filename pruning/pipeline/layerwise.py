@@ -13,6 +13,7 @@ hidden states (``store='cpu'`` keeps those on the host too).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -133,6 +134,7 @@ def run_layerwise(
     store: str = "device",
     progress: bool = True,
     one_pass: bool = False,
+    visit: Callable[[int], AbstractContextManager] | None = None,
 ) -> None:
     """Call ``on_layer(index, forward_all)`` for each decoder layer in order.
 
@@ -144,7 +146,8 @@ def run_layerwise(
     already processed layers); ``on_layer`` typically attaches statistics hooks, calls it, and prunes the layer.
     Then the layer's outputs are recomputed with its pruned weights and fed to the next layer. ``device``: where
     layers are computed (default: where the model is); layers found elsewhere are moved there one at a time and
-    back.
+    back. ``visit(i)``: a context entered around everything done with layer ``i`` (a checkpoint streamed from
+    disk materialises the layer on entry, writes and releases it on exit).
     """
     home = next(model.parameters()).device
     dev = torch.device(device) if device is not None else home
@@ -159,47 +162,56 @@ def run_layerwise(
             inputs = merge_inputs(inputs)
         bar = tqdm(range(structure.num_layers), desc="layers", unit="layer", disable=not progress)
         for i in bar:
-            layer = structure.layers[i]
-            layer_home = next(layer.parameters()).device
-            layer.to(dev)
-
-            def forward_all(stop_at: nn.Module | None = None, keep_outputs: bool = False, layer=layer, inputs=inputs):
-                # stop_at: a module whose inputs are the last thing wanted (e.g. the MLP's output projection, once
-                # its input statistics are taken): its pre-hook ends the pass, saving that matmul.
-                handle = None
-                if stop_at is not None:
-                    handle = stop_at.register_forward_pre_hook(_raise_stop)
-                outputs = []
-                try:
-                    with torch.no_grad():
-                        for hidden, kwargs in inputs:
-                            try:
-                                out = layer(hidden.to(dev), **to_device(kwargs, dev))
-                                if keep_outputs:
-                                    outputs.append(layer_output(out).to(store_dev))
-                            except _StopForward:
-                                pass
-                finally:
-                    if handle is not None:
-                        handle.remove()
-                return outputs if keep_outputs else None
-
-            result = on_layer(i, forward_all)
-            if one_pass:
-                if result is None or len(result) != len(inputs):
-                    raise RuntimeError(
-                        "run_layerwise(one_pass=True): on_layer must return forward_all(keep_outputs=True)"
-                    )
-                inputs = [(out, kw) for out, (_, kw) in zip(result, inputs)]
-                layer.to(layer_home)
-                continue
-            if i == structure.num_layers - 1:  # nothing reads the last layer's outputs
-                layer.to(layer_home)
-                break
-            with torch.no_grad():
-                inputs = [(layer_output(layer(h.to(dev), **to_device(kw, dev))).to(store_dev), kw) for h, kw in inputs]
-            layer.to(layer_home)
+            with (visit or _here)(i):
+                inputs = _one_layer(structure.layers[i], i, inputs, on_layer, dev, store_dev, one_pass, structure)
+                if inputs is None:  # nothing reads the last layer's outputs
+                    break
     finally:
         if dev != home:
             move_except(model, structure.layers, home)
         model.train(was_training)
+
+
+def _here(i: int) -> AbstractContextManager:
+    return nullcontext()
+
+
+def _one_layer(layer: nn.Module, i: int, inputs: list, on_layer: Callable, dev, store_dev, one_pass: bool, structure):
+    """Layer ``i``'s turn in :func:`run_layerwise`: ``on_layer`` (statistics, pruning), then its outputs with the
+    pruned weights, the next layer's inputs (``None`` after the last layer)."""
+    layer_home = next(layer.parameters()).device
+    layer.to(dev)
+
+    def forward_all(stop_at: nn.Module | None = None, keep_outputs: bool = False):
+        # stop_at: a module whose inputs are the last thing wanted (e.g. the MLP's output projection, once
+        # its input statistics are taken): its pre-hook ends the pass, saving that matmul.
+        handle = None
+        if stop_at is not None:
+            handle = stop_at.register_forward_pre_hook(_raise_stop)
+        outputs = []
+        try:
+            with torch.no_grad():
+                for hidden, kwargs in inputs:
+                    try:
+                        out = layer(hidden.to(dev), **to_device(kwargs, dev))
+                        if keep_outputs:
+                            outputs.append(layer_output(out).to(store_dev))
+                    except _StopForward:
+                        pass
+        finally:
+            if handle is not None:
+                handle.remove()
+        return outputs if keep_outputs else None
+
+    try:
+        result = on_layer(i, forward_all)
+        if one_pass:
+            if result is None or len(result) != len(inputs):
+                raise RuntimeError("run_layerwise(one_pass=True): on_layer must return forward_all(keep_outputs=True)")
+            return [(out, kw) for out, (_, kw) in zip(result, inputs)]
+        if i == structure.num_layers - 1:
+            return None
+        with torch.no_grad():
+            return [(layer_output(layer(h.to(dev), **to_device(kw, dev))).to(store_dev), kw) for h, kw in inputs]
+    finally:
+        layer.to(layer_home)

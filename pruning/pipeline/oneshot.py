@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable
 
 import torch
@@ -13,6 +14,7 @@ from ..options import GRANULARITIES, Granularity, PruneOptions
 from ..stats import ActivationCollector, ActivationStats, GradientCollector
 from .calibration import calibration_batches, calibration_fingerprint, check_calibration, collect_gradients
 from .drive import collect_activations, prune_from_statistics, prune_layer_by_layer
+from .frompath import prune_checkpoint
 from .pruner import Pruner, PruneResult
 from .streamed import collect_gradients_layerwise, streams
 
@@ -20,7 +22,7 @@ __all__ = ["GRANULARITIES", "PruneResult", "calibration_fingerprint", "prune"]
 
 
 def prune(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     calibration: Iterable[torch.Tensor] | None = None,
     method: str | None = None,
     sparsity: float | None = None,
@@ -34,6 +36,7 @@ def prune(
     device: torch.device | str | None = None,
     store: str = "device",
     progress: bool = True,
+    save_to: str | os.PathLike | None = None,
     **fields,
 ) -> PruneResult:
     """Score, select and apply masks in one call; afterwards ``model`` computes as the pruned model.
@@ -57,8 +60,27 @@ def prune(
       teacher of self-distillation needs them).
     - ``sparsegpt`` also rewrites the weights it keeps; its damping and retries per weight are in
       ``result.info["diagnostics"]``.
+    - ``model`` may be the local path of a Hugging Face checkpoint (safetensors) instead, for models larger than
+      the host's memory: its layers are read one at a time, and ``save_to=DIR`` writes the pruned model there
+      (compacted for structured granularities) shard by shard (:mod:`pruning.pipeline.frompath`).
     """
     opts = _options(options, method, sparsity, granularity, fields)
+    if isinstance(model, (str, os.PathLike)):
+        given = [k for k, v in (("masks", masks), ("gradients", gradients), ("activations", activations)) if v]
+        if given or keep_original:
+            raise ValueError(
+                f"prune(path) streams a checkpoint from disk; {given or ['keep_original']} need a model in memory. "
+                "HINT: load the model first, or leave them out"
+            )
+        store = "cpu" if store == "device" else store
+        return prune_checkpoint(
+            model, calibration, opts, save_to=save_to, device=device, store=store, progress=progress
+        )
+    if save_to is not None:
+        raise ValueError(
+            "save_to= writes a pruned checkpoint streamed from its path. HINT: for a model in memory call "
+            "pruning.compact(model, result.masks) and pruning.save_pretrained(model, DIR)"
+        )
     pruner = Pruner(model, opts, masks, keep_original)
     if masks is None:
         pruner.continue_from_zeros()  # pruned before without passing masks=: continue monotonically

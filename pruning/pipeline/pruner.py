@@ -268,13 +268,15 @@ class Pruner:
         """Masked parameters of decoder layer ``layer``."""
         return [n for n in self.masks.names() if self.structure.layer_of(n) == layer]
 
-    def result(self) -> PruneResult:
-        """The masks, the sparsity report and the record of this event."""
+    def result(self, report: SparsityReport | None = None) -> PruneResult:
+        """The masks, the sparsity report (``report``: made already, by a driver that streams the layers) and the
+        record of this event."""
         info = dict(self.info)
         if self.kept:
             info["kept_groups_per_layer"] = dict(self.kept)
         if getattr(self.criterion, "diagnostics", None):  # e.g. SparseGPT's damping/retries, MI's clusters
             info["diagnostics"] = dict(self.criterion.diagnostics)
-        report = self.masks.report(self.model, targets=self.targets.weights)
+        if report is None:
+            report = self.masks.report(self.model, targets=self.targets.weights)
         info["report"] = {"targeted": report.targeted.as_dict(), "model": report.model.as_dict()}
         return PruneResult(masks=self.masks, report=report, info=info)

@@ -19,7 +19,7 @@ sums are wanted), ``.grad`` adding the parts of the walk up as a whole-model bac
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -73,8 +73,8 @@ class LayerStream:
     """A model whose decoder layers visit ``device`` one at a time (the rest, embeddings and head, moved there for
     the stream's life); the calibration inputs of every layer kept on ``store``."""
 
-    def __init__(self, model: nn.Module, structure: ModelStructure, device, store: str = "cpu") -> None:
-        self.model, self.structure = model, structure
+    def __init__(self, model: nn.Module, structure: ModelStructure, device, store: str = "cpu", visit=None) -> None:
+        self.model, self.structure, self.visit = model, structure, visit
         self.home = next(model.parameters()).device
         self.device = torch.device(device) if device is not None else self.home
         self.store = self.device if store == "device" else torch.device("cpu")
@@ -92,14 +92,15 @@ class LayerStream:
 
     @contextmanager
     def visiting(self, i: int) -> Iterator[nn.Module]:
-        """Decoder layer ``i`` on the device for the block, back home after it."""
+        """Decoder layer ``i`` on the device for the block, back home after it (inside ``visit(i)``, if given)."""
         layer = self.structure.layers[i]
-        layer_home = next(layer.parameters()).device
-        layer.to(self.device)
-        try:
-            yield layer
-        finally:
-            layer.to(layer_home)
+        with self.visit(i) if self.visit is not None else nullcontext():
+            layer_home = next(layer.parameters()).device
+            layer.to(self.device)
+            try:
+                yield layer
+            finally:
+                layer.to(layer_home)
 
     @torch.no_grad()
     def sweep(self, batches: Sequence[torch.Tensor]) -> tuple[list[Inputs], list[torch.Tensor]]:
@@ -200,7 +201,9 @@ class _Stop(Exception):
     pass
 
 
-def _stream_pass(stream, batches, collector, loss_args, masks, teacher, batched: bool, embeddings: bool) -> None:
+def _stream_pass(
+    stream, batches, collector, loss_args, masks, teacher, batched: bool, embeddings: bool, done=None
+) -> None:
     """One forward sweep, top and walk back over ``batches`` (``batched``: the collector's per-sequence function
     folds each layer's statistics in its backward, around each (layer, calibration tensor) call)."""
     home = stream.home
@@ -219,6 +222,8 @@ def _stream_pass(stream, batches, collector, loss_args, masks, teacher, batched:
         for p in stream.structure.layers[i].parameters():
             p.grad = None
         _statistics_home(collector, home)
+        if done is not None:
+            done(i)
 
     per_layer, final = stream.sweep(batches)
     teacher_hidden = _teacher_hidden(stream, batches, loss_args[0], masks)
@@ -259,10 +264,14 @@ def collect_gradients_layerwise(
     store: str = "cpu",
     batched: bool = True,
     progress: bool = False,
+    visit: Callable[[int], AbstractContextManager] | None = None,
+    done: LayerHook | None = None,
 ) -> GradientCollector:
     """:func:`~pruning.pipeline.calibration.collect_gradients` with one decoder layer on ``device`` at a time (see
     the module docstring): the same statistics, the same arguments; ``store``: where every layer's calibration
-    inputs wait (``'cpu'``: the host, ``'device'``); ``progress``: a bar over the passes."""
+    inputs wait (``'cpu'``: the host, ``'device'``); ``progress``: a bar over the passes. ``visit(i)``: a context
+    entered around each use of layer ``i`` (a checkpoint streamed from disk materialises it); ``done(i)``: called in
+    the walk back once layer ``i``'s statistics are complete, the layer still visited (batched passes only)."""
     check_distillation_gradient(alpha, temperature, masks, model)
     if alpha > 0 and teacher is None and masks is not None and len(masks) and not masks.has_original:
         raise ValueError(
@@ -270,8 +279,13 @@ def collect_gradients_layerwise(
             "keep_original=True. HINT: apply the masks with MaskSet.apply(model, keep_original=True)."
         )
     structure = ModelStructure(model)
-    stream = LayerStream(model, structure, device, store)
+    stream = LayerStream(model, structure, device, store, visit)
     per_batch = not batched or bool(collector.unbatchable())  # .grad read after each pass
+    if per_batch and done is not None:
+        raise ValueError(
+            f"done= needs statistics a batched backward makes; {sorted(collector.unbatchable())[:3]} need .grad. "
+            "HINT: target the decoder layers' Linears only"
+        )
     sums = per_batch and collector.sums_only
     batches = calibration_batches(calibration) if not per_batch or sums else list(iter_sequences(calibration))
     wanted = {id(p) for p in collector.parameters.values()}
@@ -288,7 +302,9 @@ def collect_gradients_layerwise(
             if not per_batch:
                 collector.weight_grads = False
                 collector.attach()
-                _stream_pass(stream, batches, collector, loss_args, masks, teacher, True, bool(wanted & embedding))
+                _stream_pass(
+                    stream, batches, collector, loss_args, masks, teacher, True, bool(wanted & embedding), done
+                )
             else:
                 for group in tqdm([batches] if sums else [[b] for b in batches], "gradients", disable=not progress):
                     _stream_pass(stream, group, collector, loss_args, masks, teacher, False, bool(wanted & embedding))

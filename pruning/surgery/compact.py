@@ -74,6 +74,35 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
     return model
 
 
+@torch.no_grad()
+def compact_layer(model: nn.Module, masks: MaskSet, layer: int) -> bool:
+    """Decoder layer ``layer`` made smaller by the structured masks of ``masks`` (MLP neurons, KV groups, query
+    heads), in place, the rest of the model untouched (it may be on the ``meta`` device): what a streaming export
+    writes one layer at a time. Returns whether its head counts changed (for :func:`rewrite_config`). Whole layers
+    are not removed here."""
+    with global_widths(model.config):
+        structure = ModelStructure(model)
+    params = {n: p for n, p in model.named_parameters(remove_duplicate=False) if structure.layer_of(n) == layer}
+    mine = MaskSet()
+    for key, keep in masks.groups.items():
+        gs = masks.group_sets[key]
+        if gs.layer == layer and gs.kind != "layer":
+            mine.set_groups(gs, keep)
+    kinds = _keep_vectors(mine, params).get(layer, {})
+    if "mlp_neuron" in kinds and not bool(kinds["mlp_neuron"].all()):
+        _shrink_mlp(structure, layer, kinds["mlp_neuron"], {})
+    if "attention_head" in kinds or "query_head" in kinds:
+        return _shrink_heads(structure, layer, kinds, structure.head_dim, {})
+    return False
+
+
+def rewrite_config(model: nn.Module, changed_heads: bool) -> None:
+    """``model.config`` rewritten to describe the widths its layers have now (after :func:`compact_layer`)."""
+    with global_widths(model.config):
+        structure = ModelStructure(model)
+    _rewrite_config(model, structure.family, structure, structure.head_dim, changed_heads)
+
+
 def _keep_vectors(masks: MaskSet, params: dict[str, nn.Parameter]) -> dict[int, dict[str, torch.Tensor]]:
     """The group keep-vectors of ``masks`` by decoder layer and kind (on the host), checked against ``params``."""
     per_layer: dict[int, dict[str, torch.Tensor]] = {}

@@ -9,6 +9,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,17 @@ def save_pretrained(
     removed by the next export to the same path, and a previous export moved aside by an interrupted swap is put
     back first.
     """
+    with atomic_export(path) as tmp:
+        _write(model, tmp, tokenizer, manifest)
+        if config is not None:
+            (tmp / CONFIG).write_text(config)
+    return Path(path).resolve()
+
+
+@contextmanager
+def atomic_export(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory next to ``path`` to write an export into; swapped in atomically when the block ends
+    without an exception (see :func:`save_pretrained`), removed otherwise."""
     path = Path(path).resolve()
     if path.exists() and not path.is_dir():
         raise ValueError(
@@ -69,14 +82,24 @@ def save_pretrained(
     recover_export(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        _write(model, tmp, tokenizer, manifest)
-        if config is not None:
-            (tmp / CONFIG).write_text(config)
+        yield tmp
+        _readable(tmp)
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+
+
+def write_model_files(model: nn.Module, directory: Path, manifest: dict | None = None) -> None:
+    """What an export holds besides its weights: the config (per-layer ones too), the generation config and the
+    manifest; for a writer that streams the weights itself (the model may be on the ``meta`` device)."""
+    with global_widths(model.config):
+        model.config.save_pretrained(str(directory))
+    _drop_key(directory / "config.json", ALLOW)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(str(directory))
+    (directory / MANIFEST).write_text(json.dumps(_manifest(model, manifest), indent=2, default=str))
 
 
 def _write(model: nn.Module, directory: Path, tokenizer: Any, manifest: dict | None) -> None:
@@ -93,6 +116,9 @@ def _write(model: nn.Module, directory: Path, tokenizer: Any, manifest: dict | N
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     (directory / MANIFEST).write_text(json.dumps(_manifest(model, manifest), indent=2, default=str))
+
+
+def _readable(directory: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(directory, 0o777 & ~mask)  # readable like any directory save_pretrained makes, not mkdtemp's 0700

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -83,11 +83,16 @@ class TensorFiles:
 
 
 @torch.no_grad()
-def materialise(module: nn.Module, tensors: TensorFiles, prefix: str = "", device: Any = None) -> list[str]:
-    """The parameters and persistent buffers of ``module`` (named ``prefix`` + their name in the checkpoint) read from
-    ``tensors`` and assigned, shapes checked; returns the names it found no tensor for (tied ones, typically)."""
+def materialise(
+    module: nn.Module, tensors: TensorFiles, prefix: str = "", device: Any = None, names: Iterable[str] | None = None
+) -> list[str]:
+    """The parameters of ``module`` (named ``prefix`` + their name in the checkpoint; only ``names`` if given) read
+    from ``tensors`` and assigned, shapes checked; returns the names it found no tensor for (tied ones, typically)."""
     missing = []
     params = dict(module.named_parameters(remove_duplicate=False))
+    if names is not None:
+        wanted = set(names)
+        params = {n: p for n, p in params.items() if n in wanted}
     for name, p in params.items():
         key = prefix + name
         if key not in tensors.where:
