@@ -55,6 +55,8 @@ CASES = [
     dict(method="magnitude", granularity="attention_head", sparsity=0.5),
     dict(method="wanda", granularity="query_head", sparsity=0.5, allocation="rates", layer_rates=[0.0, 0.25, 0.5]),
     dict(method="gblm", granularity="unstructured", sparsity=0.5),
+    dict(method="wanda", granularity="mlp_neuron", sparsity=0.5, allocation="global"),
+    dict(method="sdm", granularity="attention_head", sparsity=0.25, allocation="global"),
     dict(method="taylor", granularity="unstructured", sparsity=0.5, allocation="owl"),
     dict(method="taylor", granularity="mlp_neuron", sparsity=0.25),
     dict(method="sdm", granularity="mlp_neuron", sparsity=0.25),
@@ -130,7 +132,7 @@ def test_tied_embeddings_and_opt(tmp_path):
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(method="wanda", granularity="mlp_neuron", allocation="global"), "rank scores across layers"),
+        (dict(method="wanda", granularity="unstructured", allocation="global"), "rank scores across layers"),
         (dict(method="magnitude", granularity="layer", sparsity=0.34), "rank scores across layers"),
         (dict(method="taylor", include_embeddings=True), "outside the decoder layers"),
         (dict(method="wanda", sequential=False), "sequential=False"),

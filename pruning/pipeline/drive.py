@@ -94,7 +94,7 @@ def collect_activations(
     return collector.stats
 
 
-def _layer_statistics(pruner: Pruner, layer: int, forward_all: Callable, plain: bool = False) -> dict:
+def layer_statistics(pruner: Pruner, layer: int, forward_all: Callable, plain: bool = False) -> dict:
     """One decoder layer's input statistics over the calibration data reaching it (``plain``: Σx² only, what OWL's
     ratios read). The pass ends at the MLP's output projection's input: its output is recomputed after pruning."""
     modules = pruner.targets.modules_in(layer)
@@ -132,7 +132,7 @@ def prune_layer_by_layer(
         ratios: list[float] = []
 
         def owl_layer(i: int, forward_all: Callable) -> None:
-            stats = _layer_statistics(pruner, i, forward_all, plain=True)
+            stats = layer_statistics(pruner, i, forward_all, plain=True)
             ratios.append(pruner.outlier_ratio(i, pruner.context(stats, gradients)))
 
         run_layerwise(
@@ -141,7 +141,7 @@ def prune_layer_by_layer(
         pruner.set_outlier_rates(ratios)
 
     def on_layer(i: int, forward_all: Callable) -> None:
-        pruner.select_layer(i, pruner.context(_layer_statistics(pruner, i, forward_all), gradients))
+        pruner.select_layer(i, pruner.context(layer_statistics(pruner, i, forward_all), gradients))
         pruner.apply(pruner.names_in(i))
 
     run_layerwise(

@@ -13,8 +13,11 @@ swapped in atomically. The whole model is never in memory: one layer, the head, 
 - Gradient criteria (taylor, sdm, saap, gblm's gradients): the statistics of the whole-model backward from
   :func:`~pruning.pipeline.streamed.collect_gradients_layerwise`, each layer's spilled to a temporary file as its
   backward completes; then a second pass selects every layer from them (OWL's ratios known by then).
-- Not supported here (each refused with the reason): selections that rank across layers (``allocation='global'``,
-  whole ``layer`` granularity, ``scope='model'``), which need every layer's scores before any layer is written;
+- ``allocation='global'`` over one kind of groups: a first pass gathers every layer's group scores (small), the
+  ranking follows, a second pass applies and writes each layer.
+- Not supported here (each refused with the reason): the other selections that rank across layers (global
+  unstructured thresholds, ``scope='global'``: every weight's score at once, the size of the model in fp32; whole
+  ``layer`` granularity and joint budgets of two kinds of groups: not implemented in this driver);
   targets outside the decoder layers (embeddings, LM head), whose statistics a batched backward cannot make;
   ``sequential=False`` (statistics of the dense model through every layer at once); continuing earlier masks.
 """
@@ -39,7 +42,8 @@ from ..structure import ModelStructure
 from ..surgery import atomic_export, compact_layer, read_config, rewrite_config, write_model_files
 from ..surgery.meta import TensorFiles, build_on_meta, materialise, release
 from .calibration import calibration_batches, calibration_fingerprint, check_calibration
-from .drive import prune_layer_by_layer
+from .drive import layer_statistics, prune_layer_by_layer
+from .layerwise import run_layerwise
 from .pruner import Pruner, PruneResult
 from .streamed import collect_gradients_layerwise
 
@@ -47,11 +51,14 @@ from .streamed import collect_gradients_layerwise
 def refusal(options: PruneOptions) -> str | None:
     """Why ``options`` cannot prune a checkpoint streamed from disk (``None``: they can)."""
     crit = options.criterion()
-    if options.ranks_across_layers:
+    unit = options.unit
+    groups_globally = unit.structured and not unit.joint and unit.name != "layer" and options.allocation == "global"
+    if options.ranks_across_layers and not groups_globally:
         return (
             f"allocation={options.allocation!r}, granularity={str(options.unit)!r}, scope="
-            f"{options.comparison_scope!r} rank scores across layers, which needs every layer's scores before any "
-            "layer is written. HINT: allocation='uniform', 'owl' or 'rates' with a per-layer granularity"
+            f"{options.comparison_scope!r} rank scores across layers: every weight's score (unstructured), whole layers"
+            " or two kinds of groups under one budget, which this driver does not hold. HINT: allocation='uniform', "
+            "'owl' or 'rates', or 'global' with one kind of structured groups"
         )
     if options.include_embeddings or options.include_lm_head:
         return "targets outside the decoder layers (embeddings, LM head). HINT: leave include_* off"
@@ -257,6 +264,9 @@ def _drive(ckpt: _Checkpoint, calib: list[torch.Tensor], device, store: str, pro
                 pruner.set_outlier_rates(ratios[::-1])  # the walk back went from the last layer
         else:
             gradients = None
+        if options.ranks_across_layers:
+            _select_globally(ckpt, calib, gradients, device, store, progress)
+            return
         if crit.needs_activations:
             one_pass = options.within_layer == "sequential"
             prune_layer_by_layer(
@@ -268,6 +278,31 @@ def _drive(ckpt: _Checkpoint, calib: list[torch.Tensor], device, store: str, pro
             with ckpt.visit(i):
                 pruner.select_layer(i, pruner.context(None, gradients))
                 pruner.apply(pruner.names_in(i))
+
+
+def _select_globally(ckpt: _Checkpoint, calib, gradients, device, store: str, progress: bool) -> None:
+    """A global ranking of groups in two passes: every layer's group scores (on the dense model, as the in-memory
+    path scores it), the ranking, then each layer visited again to apply its masks and be written."""
+    pruner = ckpt.pruner
+    model, structure = pruner.model, pruner.structure
+    scores: list[torch.Tensor] = []
+    if pruner.criterion.needs_activations:
+
+        def on_layer(i: int, forward_all) -> None:
+            stats = layer_statistics(pruner, i, forward_all)
+            scores.extend(pruner.group_scores_in(i, pruner.context(stats, gradients)))
+
+        run_layerwise(
+            model, structure, calib, on_layer, device=device, store=store, progress=progress, visit=ckpt.visit
+        )
+    else:
+        for i in range(structure.num_layers):
+            with ckpt.visit(i):
+                scores.extend(pruner.group_scores_in(i, pruner.context(None, gradients)))
+    pruner.select_across_layers(pruner.context(), scores)
+    for i in range(structure.num_layers):
+        with ckpt.visit(i):
+            pruner.apply(pruner.names_in(i))
 
 
 def _write_rest(ckpt: _Checkpoint, out: Path) -> None:
