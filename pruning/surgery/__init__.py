@@ -24,6 +24,7 @@ from .compact import compact, compact_layer, rewrite_config
 from .export import (
     MANIFEST,
     atomic_export,
+    build_export_on_meta,
     is_per_layer_export,
     load_pretrained,
     read_config,
@@ -35,6 +36,7 @@ from .export import (
 __all__ = [
     "MANIFEST",
     "atomic_export",
+    "build_export_on_meta",
     "compact",
     "compact_layer",
     "is_per_layer_export",

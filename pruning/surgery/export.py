@@ -232,8 +232,26 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    if kwargs.get("attn_implementation"):
-        config._attn_implementation = kwargs["attn_implementation"]
+    model = build_export_on_meta(path, kwargs.get("attn_implementation"))
+    saved_dtype = _load_safetensors(model, path)
+    if dtype is None or dtype == "auto":
+        dtype = saved_dtype
+    if dtype is not None:
+        model.to(dtype)
+    if kwargs.get("device") is not None:
+        model.to(kwargs["device"])
+    return model.eval()
+
+
+def build_export_on_meta(path: str | os.PathLike, attn_implementation: str | None = None) -> nn.Module:
+    """The model of a checkpoint or export directory with its parameters on the ``meta`` device, per-layer widths
+    included (each layer's Linears made at their recorded sizes, the attention modules' head counts fixed): the
+    weights are to be assigned afterwards (:func:`_load_safetensors`, or each rank's shard under FSDP)."""
+    config = read_config(path)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    if not getattr(config, "is_heterogeneous", False):
+        return build_on_meta(config)
     view = config.per_layer_config
     layer_cfgs = []
     for i in range(int(config.num_hidden_layers)):
@@ -259,14 +277,7 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
             set_submodule(layer, p, shrunk_linear(layer.get_submodule(p), torch.arange(kv * hd), None))
         set_submodule(layer, fam.o, shrunk_linear(layer.get_submodule(fam.o), None, torch.arange(heads * hd)))
         set_head_attrs(attn, heads, kv if config_value(config, "num_key_value_heads") is not None else None)
-    saved_dtype = _load_safetensors(model, path)
-    if dtype is None or dtype == "auto":
-        dtype = saved_dtype
-    if dtype is not None:
-        model.to(dtype)
-    if kwargs.get("device") is not None:
-        model.to(kwargs["device"])
-    return model.eval()
+    return model
 
 
 def is_per_layer_export(path: str | os.PathLike) -> bool:

@@ -61,7 +61,7 @@ def safetensors_files(path: str | os.PathLike) -> dict[str, str]:
 
 class TensorFiles:
     """The tensors of a checkpoint's safetensors files, read one at a time (memory-mapped: a tensor read is the only
-    one in memory); files stay open until :meth:`close`."""
+    one in memory); files stay open (mapped, the pages read resident) until :meth:`close`."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.where = safetensors_files(path)
@@ -77,6 +77,15 @@ class TensorFiles:
         if f not in self._open:
             self._open[f] = safe_open(f, framework="pt")
         return self._open[f].get_tensor(name)
+
+    def rows(self, name: str, first: int, count: int) -> torch.Tensor:
+        """Rows ``first`` to ``first + count`` of tensor ``name`` (dimension 0), reading only those."""
+        from safetensors import safe_open
+
+        f = self.where[name]
+        if f not in self._open:
+            self._open[f] = safe_open(f, framework="pt")
+        return self._open[f].get_slice(name)[first : first + count]
 
     def close(self) -> None:
         self._open.clear()
@@ -104,6 +113,7 @@ def materialise(
         owner, _, attr = name.rpartition(".")
         target = module.get_submodule(owner) if owner else module
         setattr(target, attr, nn.Parameter(t if device is None else t.to(device), requires_grad=p.requires_grad))
+    tensors.close()  # unmapped: the pages read are no longer resident with the process
     return missing
 
 
