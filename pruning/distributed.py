@@ -25,7 +25,7 @@ that parameter's gradient into the sharded ``.grad``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -385,6 +385,39 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@torch.no_grad()
+def load_shards(
+    model: nn.Module, read_rows: Callable[[str, int, int], torch.Tensor] | None, full: nn.Module | None = None
+) -> None:
+    """Every rank's rows of the parameters of ``model``, sharded while on the ``meta`` device (FSDP2 ``fully_shard``
+    of a model built without weights): its storage made (``to_empty``, the buffers kept), then each parameter's local
+    rows read by ``read_rows(name, first, count)`` (a checkpoint's memory-mapped slices: no rank reads more than its
+    rows), or, with ``read_rows=None``, broadcast one parameter at a time from rank 0's whole model ``full`` (a random
+    initialisation made there; ``None`` on the other ranks). Collective in the broadcast form."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    device = comm_device() if dist.is_initialized() else torch.device("cpu")
+    model.to_empty(device=device)
+    for name, b in buffers.items():  # made from the config (rotary tables): to_empty left them undefined
+        owner, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(owner) if owner else model, attr, b.to(device))
+    sources = dict(full.named_parameters()) if full is not None else {}
+    for name, p in sorted(model.named_parameters()):
+        first, count = local_rows(p) if is_dtensor(p) else (0, p.shape[0])
+        if read_rows is not None:
+            rows = read_rows(name, first, count)
+        elif not dist.is_initialized():
+            rows = sources[name].detach()
+        else:
+            whole = (
+                sources[name].detach().to(device)
+                if name in sources
+                else torch.empty(p.shape, dtype=p.dtype, device=device)
+            )
+            dist.broadcast(whole, src=0)
+            rows = whole[first : first + count]
+        local(p).copy_(rows.to(local(p).dtype))
 
 
 def shard_model(model: nn.Module, layers, mesh, reshard_after_forward: bool = True) -> nn.Module:

@@ -1,7 +1,9 @@
 """The 2-rank FSDP2 runs of ``tests/test_fsdp.py`` (``python tests/fsdp_script.py OUT CRITERION MODE``).
 
 Lightning's ``ModelParallelStrategy`` (CPU, gloo, ``data_parallel_size=2``) starts rank 1 by re-running this command.
-``MODE``: ``full`` (one run of ``MAX_STEPS`` with an export at the end) or ``resume`` (a run stopped at step 3, inside
+``MODE``: ``full`` (one run of ``MAX_STEPS`` with an export at the end), ``meta`` / ``meta_pretrained`` (the same
+with ``meta_init``: from the config, or from the checkpoint ``OUT/checkpoint``) or ``resume`` (a run stopped at
+step 3, inside
 a scoring window (``RESUME``), saved as a sharded checkpoint, then resumed to ``MAX_STEPS`` in a new trainer).
 Each rank writes ``OUT/<mode>_rank<r>.pt``.
 """
@@ -121,9 +123,10 @@ def run(
     ckpt: str | None = None,
     save: str | None = None,
     schedules: dict = SCHEDULES,
+    **module_kw,
 ) -> dict:
     granularity, events = schedules[criterion]
-    m = module(lr=1e-2, weight_decay=0.1)
+    m = module(lr=1e-2, weight_decay=0.1, **module_kw)
     ic = Held()
     pc = PruningCallback(criterion, granularity, Schedule(kind="steps", events=events))
     cbs = [ic, pc] + ([ExportOnFitEnd(export)] if export is not None else [])
@@ -172,6 +175,9 @@ if __name__ == "__main__":
     out, crit, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     if mode == "full":
         res = run(crit, 2, export=out / "export_fsdp")
+    elif mode in ("meta", "meta_pretrained"):  # built on meta, each rank loads its rows after sharding
+        kw = {"pretrained": str(out / "checkpoint"), "config": None} if mode == "meta_pretrained" else {}
+        res = run(crit, 2, export=out / f"export_{mode}", meta_init=True, **kw)
     else:  # stop at step 3 (second event's window half-scored), sharded checkpoint, resume in a new trainer
         first = run(crit, 2, stop=3, save=str(out / "ckpt"), schedules=RESUME)
         res = run(crit, 2, ckpt=str(out / "ckpt"), schedules=RESUME)

@@ -260,3 +260,21 @@ def test_layer_scope_only_where_layers_are_scored_alone():
     )
     with pytest.raises(ValueError, match="needs every layer's weights at once. HINT"):
         prune_from_statistics(pruner, layer_scope=lambda i: contextlib.nullcontext())
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("source", ["meta", "meta_pretrained"])
+def test_fsdp_meta_device_init_gives_the_same_masks_and_export(tmp_path, source):
+    """``meta_init``: the student built on the meta device, sharded, then each rank loads its rows (of the
+    checkpoint's safetensors, or broadcast from rank 0's initialisation): the same masks, weights and export as the
+    2-rank run that builds the whole model on every rank."""
+    save_pretrained(module().student, tmp_path / "checkpoint")  # the same weights as the config's initialisation
+    want = _two_ranks(tmp_path, "sdm", "full")
+    got = _two_ranks(tmp_path, "sdm", source)
+    for g, w in zip(got, want):
+        assert_same_masks(_masks(g["masks"]), _masks(w["masks"]))
+    assert set(got[0]["weights"]) == set(want[0]["weights"])
+    for k, v in want[0]["weights"].items():
+        assert torch.equal(got[0]["weights"][k], v), k
+    a, b = _tensors(tmp_path / f"export_{source}"), _tensors(tmp_path / "export_fsdp")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)

@@ -67,7 +67,8 @@ def trainer(max_steps: int, callbacks: list, **kw) -> pl.Trainer:
 
 def module(**kw) -> DistillationModule:
     kw.setdefault("attn_implementation", "eager")
-    return DistillationModule(config=CFG, **kw)
+    kw.setdefault("config", CFG)
+    return DistillationModule(**kw)
 
 
 class Recording(ImportanceCallback):
@@ -529,3 +530,31 @@ def test_module_needs_exactly_one_source():
         DistillationModule()
     with pytest.raises(ValueError, match=r"give exactly one of pretrained= .* and config="):
         DistillationModule(pretrained="/nonexistent", config=CFG)
+
+
+@pytest.mark.parametrize("source", ["config", "pretrained", "per_layer"])
+def test_meta_init_loads_the_same_weights(tmp_path, source):
+    """``meta_init`` without FSDP: built on the meta device, the weights loaded in ``configure_model`` (from a
+    checkpoint's safetensors, a per-layer export, or the config's seeded initialisation) equal a plain build's; the
+    ``copy`` teacher likewise."""
+    import pruning
+
+    kw: dict = {}
+    if source != "config":
+        model = module().student
+        if source == "per_layer":
+            res = pruning.prune(model, method="magnitude", granularity="mlp_neuron", layer_rates=[0.25, 0.5])
+            pruning.compact(model, res.masks)
+        pruning.save_pretrained(model, tmp_path / "ckpt")
+        kw = {"pretrained": str(tmp_path / "ckpt"), "config": None}
+    want = module(teacher="copy", **kw)
+    got = module(teacher="copy", meta_init=True, **kw)
+    assert all(p.is_meta for p in got.student.parameters())
+    for m in (want, got):
+        m.setup("fit")
+        m.configure_model()
+    for a, b in ((got.student, want.student), (got.teacher, want.teacher)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sb)
+    ids = torch.randint(0, 128, (1, 8))
+    torch.testing.assert_close(got.student(input_ids=ids).logits, want.student(input_ids=ids).logits)

@@ -310,3 +310,34 @@ def test_every_family_export_loads_with_stock_transformers(tmp_path: Path) -> No
     got = load_file(str(tmp_path / "logits.safetensors"))
     for name, logits in want.items():
         torch.testing.assert_close(got[name], logits, atol=ATOL, rtol=0, msg=name)
+
+
+def test_per_layer_export_loads_without_a_full_width_model(tmp_path: Path, monkeypatch) -> None:
+    """The per-layer model is built with its parameters on the meta device and its layers at their own widths: no
+    weight is initialised or allocated at the full width, every parameter is the export's tensor."""
+    model = tiny_model("llama", layers=2)
+    res = pruning.prune(
+        model, method="magnitude", sparsity=0.5, granularity="mlp_neuron", layer_rates=[0.25, 0.5], progress=False
+    )
+    pruning.compact(model, res.masks)
+    pruning.save_pretrained(model, tmp_path / "export")
+    made: list[tuple] = []
+    real = torch.nn.Module.register_parameter
+
+    def spy(module, name, param):
+        if param is not None and not param.is_meta:
+            made.append((type(module).__name__, name, tuple(param.shape)))
+        real(module, name, param)
+
+    monkeypatch.setattr(torch.nn.Module, "register_parameter", spy)
+    loaded = pruning.load_pretrained(tmp_path / "export", attn_implementation="eager")
+    monkeypatch.undo()
+    widths = [layer.mlp.down_proj.in_features for layer in loaded.model.layers]
+    assert widths == [48, 32]
+    assert made and not [m for m in made if m[2] in ((64, 32), (32, 64))]  # no MLP Linear at the full width
+    assert not any(p.is_meta for p in loaded.parameters())
+    saved = load_file(str(tmp_path / "export" / "model.safetensors"))
+    for name, p in loaded.named_parameters():
+        assert torch.equal(p, saved[name]), name
+    ids = _ids()
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=ATOL, rtol=0)

@@ -43,6 +43,7 @@ from ..lora import merge as merge_lora
 from ..losses import ChunkedLogits, distillation_loss
 from ..masks import MaskSet
 from ..surgery import is_per_layer_export, load_pretrained
+from .meta import build_on_meta_device, materialise_model
 
 # causal LMs whose logits are exactly lm_head(final hidden state) (no soft-capping or logit scale)
 _PLAIN_HEAD = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "OPTForCausalLM"}
@@ -67,15 +68,19 @@ def build_model(
     revision: str | None = None,
     seed: int = 0,
     allow_pickle: bool = False,
+    meta: bool = False,
 ) -> PreTrainedModel:
     """A causal LM from a hub name or local path (``from_pretrained``, safetensors only unless ``allow_pickle``) or
-    from a config dict (``{"model_type": "llama", ...}``, random init seeded by ``seed``)."""
+    from a config dict (``{"model_type": "llama", ...}``, random init seeded by ``seed``). ``meta``: its parameters
+    on the ``meta`` device, the weights loaded later (:func:`materialise_model`)."""
     if (pretrained is None) == (config is None):
         raise ValueError(
             "give exactly one of pretrained= (hub name or path) and config= (dict with model_type). "
             "HINT: set model.pretrained or model.config"
         )
     torch_dtype = _dtype(dtype, "dtype")
+    if meta:
+        return build_on_meta_device(pretrained, config, torch_dtype, attn_implementation)
     kwargs: dict[str, Any] = {}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
@@ -155,6 +160,7 @@ class DistillationModule(pl.LightningModule):
         lora: LoraSettings | None = None,
         keep_zeros: bool = False,
         allow_pickle: bool = False,
+        meta_init: bool = False,
     ) -> None:
         """
         Args:
@@ -186,6 +192,10 @@ class DistillationModule(pl.LightningModule):
                 unstructured export: training and LoRA merges cannot revive them).
             allow_pickle: also load ``pretrained`` weights stored as pickles (``pytorch_model.bin``), which can run
                 code when loaded: only for files you trust (default: safetensors only).
+            meta_init: build the student (and the ``copy`` teacher) with its parameters on the ``meta`` device and
+                load the weights in ``configure_model``: under FSDP2 after sharding, each rank reading only its rows
+                of a local safetensors checkpoint (from a ``config``: rank 0's initialisation, broadcast), so no rank
+                holds the whole model on its host.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -208,6 +218,11 @@ class DistillationModule(pl.LightningModule):
         self.teacher_mode = teacher
         self.masks: MaskSet | None = None  # set by the pruning callback; the lifted teacher reads it
         self.weights_frozen = False  # set by the importance callback during scoring steps
+        if meta_init and (lora is not None or trust_remote_code or revision is not None):
+            raise ValueError(
+                "meta_init builds a local checkpoint's own model class without weights; it does not combine with "
+                "lora, trust_remote_code or revision. HINT: leave meta_init off for those"
+            )
         self.student = build_model(
             pretrained,
             config,
@@ -217,6 +232,7 @@ class DistillationModule(pl.LightningModule):
             revision=revision,
             seed=init_seed,
             allow_pickle=allow_pickle,
+            meta=meta_init,
         )
         self.student.train()  # from_pretrained returns eval mode; Lightning would warn about every module
         if gradient_checkpointing:
@@ -224,11 +240,8 @@ class DistillationModule(pl.LightningModule):
         self.tokenizer = self._load_tokenizer(
             tokenizer_path or pretrained, trust_remote_code, required=tokenizer_path is not None
         )
-        if keep_zeros:
-            from ..structure import ModelStructure
-
-            names = [n + ".weight" for n in ModelStructure(self.student).targets()]
-            self.masks = MaskSet.from_zeros(self.student, names)
+        if keep_zeros and not meta_init:  # else once the weights are loaded (configure_model)
+            self._keep_zeros()
         self._teacher: list[PreTrainedModel] = []  # a list keeps the copy out of children, state_dict, optimiser
         self._peft = None
         self.lora = LoraSettings.of(lora)
@@ -250,6 +263,27 @@ class DistillationModule(pl.LightningModule):
                 raise
             return None  # a model directory without tokenizer files (e.g. the byte-level demo model)
 
+    def _keep_zeros(self) -> None:
+        from ..structure import ModelStructure
+
+        names = [n + ".weight" for n in ModelStructure(self.student).targets()]
+        self.masks = MaskSet.from_zeros(self.student, names)
+
+    def _materialise(self) -> None:
+        """``meta_init``: the weights of the student and of the ``copy`` teacher, loaded where they are (sharded or
+        not), once."""
+        hp = self.hparams
+        for model, dtype in ((self.student, hp.dtype), (self.teacher, hp.teacher_dtype or hp.dtype)):
+            if model is None or not any(p.is_meta for p in model.parameters()):
+                continue
+
+            def full(dtype=dtype):
+                return build_model(hp.pretrained, hp.config, dtype=dtype, seed=hp.init_seed)
+
+            materialise_model(model, hp.pretrained, full)
+        if hp.keep_zeros and self.masks is None:
+            self._keep_zeros()
+
     def merge_lora(self) -> None:
         """Merge the adapters into the base weights and drop them, then re-apply the masks (a merge adds B·A to
         every entry, pruned ones included)."""
@@ -268,6 +302,7 @@ class DistillationModule(pl.LightningModule):
         fraction of the data. It is refused."""
         mesh = self._device_mesh
         if mesh is None:
+            self._materialise()
             return
         from ..distributed import is_sharded, shard_model
         from ..structure import ModelStructure
@@ -294,6 +329,7 @@ class DistillationModule(pl.LightningModule):
         t = self.teacher
         if t is not None and not is_sharded(t):
             shard_model(t, ModelStructure(t).layers, dp)
+        self._materialise()  # meta_init: each rank loads its rows now that the shards are laid out
 
     @property
     def teacher(self) -> PreTrainedModel | None:
@@ -311,6 +347,7 @@ class DistillationModule(pl.LightningModule):
                 revision=hp.revision,
                 seed=hp.init_seed,
                 allow_pickle=hp.allow_pickle,
+                meta=hp.meta_init,
             )
             t.requires_grad_(False)
             t.eval()

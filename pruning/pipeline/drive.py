@@ -94,7 +94,7 @@ def collect_activations(
     return collector.stats
 
 
-def _layer_statistics(pruner: Pruner, layer: int, forward_all: Callable, plain: bool = False) -> dict:
+def layer_statistics(pruner: Pruner, layer: int, forward_all: Callable, plain: bool = False) -> dict:
     """One decoder layer's input statistics over the calibration data reaching it (``plain``: Σx² only, what OWL's
     ratios read). The pass ends at the MLP's output projection's input: its output is recomputed after pruning."""
     modules = pruner.targets.modules_in(layer)
@@ -117,6 +117,7 @@ def prune_layer_by_layer(
     device: Device = None,
     store: str = "device",
     progress: bool = True,
+    visit: Callable[[int], AbstractContextManager] | None = None,
 ) -> None:
     """Activation criteria one decoder layer at a time: layer ``i`` is scored on the inputs the already-pruned
     layers ``< i`` produce, pruned, and its pruned outputs feed layer ``i + 1`` (``device``: where layers are
@@ -132,14 +133,16 @@ def prune_layer_by_layer(
         ratios: list[float] = []
 
         def owl_layer(i: int, forward_all: Callable) -> None:
-            stats = _layer_statistics(pruner, i, forward_all, plain=True)
+            stats = layer_statistics(pruner, i, forward_all, plain=True)
             ratios.append(pruner.outlier_ratio(i, pruner.context(stats, gradients)))
 
-        run_layerwise(model, structure, calibration, owl_layer, device=device, store=store, progress=progress)
+        run_layerwise(
+            model, structure, calibration, owl_layer, device=device, store=store, progress=progress, visit=visit
+        )
         pruner.set_outlier_rates(ratios)
 
     def on_layer(i: int, forward_all: Callable) -> None:
-        pruner.select_layer(i, pruner.context(_layer_statistics(pruner, i, forward_all), gradients))
+        pruner.select_layer(i, pruner.context(layer_statistics(pruner, i, forward_all), gradients))
         pruner.apply(pruner.names_in(i))
 
     run_layerwise(
@@ -151,6 +154,7 @@ def prune_layer_by_layer(
         store=store,
         progress=progress,
         one_pass=one_pass,
+        visit=visit,
     )
 
 

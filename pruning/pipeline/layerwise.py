@@ -13,6 +13,7 @@ hidden states (``store='cpu'`` keeps those on the host too).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -25,23 +26,24 @@ class _StopForward(Exception):
     pass
 
 
-def _to(obj, device):
+def to_device(obj, device):
+    """``obj`` (a tensor, or tuples / lists / dicts of them, anything else as it is) on ``device``."""
     if torch.is_tensor(obj):
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(to_device(o, device) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [to_device(o, device) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     return obj
 
 
-def _move_except(module: nn.Module, skip: nn.Module, device: torch.device) -> None:
+def move_except(module: nn.Module, skip: nn.Module, device: torch.device) -> None:
     """Move every parameter and buffer except those under ``skip`` (the decoder layers) to ``device``."""
     for child in module.children():
         if child is not skip:
-            _move_except(child, skip, device)
+            move_except(child, skip, device)
     for _key, p in module._parameters.items():
         if p is not None and p.device != device:
             p.data = p.data.to(device)
@@ -72,7 +74,7 @@ def capture_inputs(
     def hook(module, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach().to(store), _to(kwargs, store)))
+        captured.append((hidden.detach().to(store), to_device(kwargs, store)))
         raise _StopForward
 
     handle = structure.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -132,6 +134,7 @@ def run_layerwise(
     store: str = "device",
     progress: bool = True,
     one_pass: bool = False,
+    visit: Callable[[int], AbstractContextManager] | None = None,
 ) -> None:
     """Call ``on_layer(index, forward_all)`` for each decoder layer in order.
 
@@ -143,7 +146,8 @@ def run_layerwise(
     already processed layers); ``on_layer`` typically attaches statistics hooks, calls it, and prunes the layer.
     Then the layer's outputs are recomputed with its pruned weights and fed to the next layer. ``device``: where
     layers are computed (default: where the model is); layers found elsewhere are moved there one at a time and
-    back.
+    back. ``visit(i)``: a context entered around everything done with layer ``i`` (a checkpoint streamed from
+    disk materialises the layer on entry, writes and releases it on exit).
     """
     home = next(model.parameters()).device
     dev = torch.device(device) if device is not None else home
@@ -151,54 +155,63 @@ def run_layerwise(
     was_training = model.training
     model.eval()
     if dev != home:
-        _move_except(model, structure.layers, dev)
+        move_except(model, structure.layers, dev)
     try:
         inputs = capture_inputs(model, structure, calibration, dev, store_dev)
         if one_pass:
             inputs = merge_inputs(inputs)
         bar = tqdm(range(structure.num_layers), desc="layers", unit="layer", disable=not progress)
         for i in bar:
-            layer = structure.layers[i]
-            layer_home = next(layer.parameters()).device
-            layer.to(dev)
-
-            def forward_all(stop_at: nn.Module | None = None, keep_outputs: bool = False, layer=layer, inputs=inputs):
-                # stop_at: a module whose inputs are the last thing wanted (e.g. the MLP's output projection, once
-                # its input statistics are taken): its pre-hook ends the pass, saving that matmul.
-                handle = None
-                if stop_at is not None:
-                    handle = stop_at.register_forward_pre_hook(_raise_stop)
-                outputs = []
-                try:
-                    with torch.no_grad():
-                        for hidden, kwargs in inputs:
-                            try:
-                                out = layer(hidden.to(dev), **_to(kwargs, dev))
-                                if keep_outputs:
-                                    outputs.append(layer_output(out).to(store_dev))
-                            except _StopForward:
-                                pass
-                finally:
-                    if handle is not None:
-                        handle.remove()
-                return outputs if keep_outputs else None
-
-            result = on_layer(i, forward_all)
-            if one_pass:
-                if result is None or len(result) != len(inputs):
-                    raise RuntimeError(
-                        "run_layerwise(one_pass=True): on_layer must return forward_all(keep_outputs=True)"
-                    )
-                inputs = [(out, kw) for out, (_, kw) in zip(result, inputs)]
-                layer.to(layer_home)
-                continue
-            if i == structure.num_layers - 1:  # nothing reads the last layer's outputs
-                layer.to(layer_home)
-                break
-            with torch.no_grad():
-                inputs = [(layer_output(layer(h.to(dev), **_to(kw, dev))).to(store_dev), kw) for h, kw in inputs]
-            layer.to(layer_home)
+            with (visit or _here)(i):
+                inputs = _one_layer(structure.layers[i], i, inputs, on_layer, dev, store_dev, one_pass, structure)
+                if inputs is None:  # nothing reads the last layer's outputs
+                    break
     finally:
         if dev != home:
-            _move_except(model, structure.layers, home)
+            move_except(model, structure.layers, home)
         model.train(was_training)
+
+
+def _here(i: int) -> AbstractContextManager:
+    return nullcontext()
+
+
+def _one_layer(layer: nn.Module, i: int, inputs: list, on_layer: Callable, dev, store_dev, one_pass: bool, structure):
+    """Layer ``i``'s turn in :func:`run_layerwise`: ``on_layer`` (statistics, pruning), then its outputs with the
+    pruned weights, the next layer's inputs (``None`` after the last layer)."""
+    layer_home = next(layer.parameters()).device
+    layer.to(dev)
+
+    def forward_all(stop_at: nn.Module | None = None, keep_outputs: bool = False):
+        # stop_at: a module whose inputs are the last thing wanted (e.g. the MLP's output projection, once
+        # its input statistics are taken): its pre-hook ends the pass, saving that matmul.
+        handle = None
+        if stop_at is not None:
+            handle = stop_at.register_forward_pre_hook(_raise_stop)
+        outputs = []
+        try:
+            with torch.no_grad():
+                for hidden, kwargs in inputs:
+                    try:
+                        out = layer(hidden.to(dev), **to_device(kwargs, dev))
+                        if keep_outputs:
+                            outputs.append(layer_output(out).to(store_dev))
+                    except _StopForward:
+                        pass
+        finally:
+            if handle is not None:
+                handle.remove()
+        return outputs if keep_outputs else None
+
+    try:
+        result = on_layer(i, forward_all)
+        if one_pass:
+            if result is None or len(result) != len(inputs):
+                raise RuntimeError("run_layerwise(one_pass=True): on_layer must return forward_all(keep_outputs=True)")
+            return [(out, kw) for out, (_, kw) in zip(result, inputs)]
+        if i == structure.num_layers - 1:
+            return None
+        with torch.no_grad():
+            return [(layer_output(layer(h.to(dev), **to_device(kw, dev))).to(store_dev), kw) for h, kw in inputs]
+    finally:
+        layer.to(layer_home)

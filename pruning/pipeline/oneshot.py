@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable
 
 import torch
@@ -13,13 +14,15 @@ from ..options import GRANULARITIES, Granularity, PruneOptions
 from ..stats import ActivationCollector, ActivationStats, GradientCollector
 from .calibration import calibration_batches, calibration_fingerprint, check_calibration, collect_gradients
 from .drive import collect_activations, prune_from_statistics, prune_layer_by_layer
+from .frompath import prune_checkpoint
 from .pruner import Pruner, PruneResult
+from .streamed import collect_gradients_layerwise, streams
 
 __all__ = ["GRANULARITIES", "PruneResult", "calibration_fingerprint", "prune"]
 
 
 def prune(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     calibration: Iterable[torch.Tensor] | None = None,
     method: str | None = None,
     sparsity: float | None = None,
@@ -33,6 +36,7 @@ def prune(
     device: torch.device | str | None = None,
     store: str = "device",
     progress: bool = True,
+    save_to: str | os.PathLike | None = None,
     **fields,
 ) -> PruneResult:
     """Score, select and apply masks in one call; afterwards ``model`` computes as the pruned model.
@@ -49,14 +53,34 @@ def prune(
       the same model with the masks lifted.
     - Activation criteria run one decoder layer at a time (``sequential``), the calibration activations passing
       through the already-pruned layers; ``device`` may differ from where the model lives (layers visit it one by
-      one; ``store='cpu'`` keeps the hidden states on the host).
+      one; ``store='cpu'`` keeps the hidden states on the host); so do gradient criteria's: forward layer by layer,
+      then backward layer by layer from each layer's stored input (:mod:`pruning.pipeline.streamed`).
     - ``masks``: earlier masks to continue (monotone); without them, what an earlier pruning left (whole groups,
       or weights more than 1 % exactly zero) is continued. ``keep_original`` stashes the pruned values (the lifted
       teacher of self-distillation needs them).
     - ``sparsegpt`` also rewrites the weights it keeps; its damping and retries per weight are in
       ``result.info["diagnostics"]``.
+    - ``model`` may be the local path of a Hugging Face checkpoint (safetensors) instead, for models larger than
+      the host's memory: its layers are read one at a time, and ``save_to=DIR`` writes the pruned model there
+      (compacted for structured granularities) shard by shard (:mod:`pruning.pipeline.frompath`).
     """
     opts = _options(options, method, sparsity, granularity, fields)
+    if isinstance(model, (str, os.PathLike)):
+        given = [k for k, v in (("masks", masks), ("gradients", gradients), ("activations", activations)) if v]
+        if given or keep_original:
+            raise ValueError(
+                f"prune(path) streams a checkpoint from disk; {given or ['keep_original']} need a model in memory. "
+                "HINT: load the model first, or leave them out"
+            )
+        store = "cpu" if store == "device" else store
+        return prune_checkpoint(
+            model, calibration, opts, save_to=save_to, device=device, store=store, progress=progress
+        )
+    if save_to is not None:
+        raise ValueError(
+            "save_to= writes a pruned checkpoint streamed from its path. HINT: for a model in memory call "
+            "pruning.compact(model, result.masks) and pruning.save_pretrained(model, DIR)"
+        )
     pruner = Pruner(model, opts, masks, keep_original)
     if masks is None:
         pruner.continue_from_zeros()  # pruned before without passing masks=: continue monotonically
@@ -70,7 +94,9 @@ def prune(
     pruner.info["calibration"] = calibration_fingerprint(calib) if calib else None
     if crit.needs_gradients and gradients is None:
         gradients = pruner.gradient_collector()
-        collect_gradients(
+        # the model elsewhere than `device`: its layers visit the device one at a time, the backward too
+        collect = collect_gradients_layerwise if streams(model, device) else collect_gradients
+        collect(
             model,
             calib,
             gradients,

@@ -223,16 +223,23 @@ class Pruner:
                 keep = alloc.select_unstructured(scores, rate, self.options.comparison_scope, prev)
         self.masks.set_element(name, keep, self.options.monotone)
 
-    def select_across_layers(self, ctx: ScoreContext) -> None:
-        """Selection that compares scores of different layers: whole layers, a global ranking of groups, or one
-        unstructured threshold over every targeted weight."""
+    def group_scores_in(self, layer: int, ctx: ScoreContext) -> list[torch.Tensor]:
+        """The scores of decoder layer ``layer``'s group sets (on the host): what a global ranking of groups reads
+        of that layer (a driver streaming the layers gathers them one layer at a time)."""
+        return [self.criterion.group_scores(gs, ctx).float().cpu() for gs in self.targets.sets_in(layer)]
+
+    def select_across_layers(self, ctx: ScoreContext, scores: list[torch.Tensor] | None = None) -> None:
+        """Selection that compares scores of different layers: whole layers, a global ranking of groups (``scores``:
+        those of every group set, in order, computed already), or one unstructured threshold over every targeted
+        weight."""
         t, o = self.targets, self.options
         if o.unit.name == "layer":
             self._select_whole_layers(ctx)
         elif o.unit.joint:
             self.select_joint(t.group_sets, ctx, self.fraction)
         elif t.group_sets:
-            scores = [self.criterion.group_scores(gs, ctx) for gs in t.group_sets]
+            if scores is None:
+                scores = [self.criterion.group_scores(gs, ctx) for gs in t.group_sets]
             previous = [self.masks.groups.get(gs.key) for gs in t.group_sets]
             partitions = t.group_sets[0].partitions
             heads = o.unit.name in ("attention_head", "query_head")  # every layer keeps attention: one group at least
@@ -268,13 +275,15 @@ class Pruner:
         """Masked parameters of decoder layer ``layer``."""
         return [n for n in self.masks.names() if self.structure.layer_of(n) == layer]
 
-    def result(self) -> PruneResult:
-        """The masks, the sparsity report and the record of this event."""
+    def result(self, report: SparsityReport | None = None) -> PruneResult:
+        """The masks, the sparsity report (``report``: made already, by a driver that streams the layers) and the
+        record of this event."""
         info = dict(self.info)
         if self.kept:
             info["kept_groups_per_layer"] = dict(self.kept)
         if getattr(self.criterion, "diagnostics", None):  # e.g. SparseGPT's damping/retries, MI's clusters
             info["diagnostics"] = dict(self.criterion.diagnostics)
-        report = self.masks.report(self.model, targets=self.targets.weights)
+        if report is None:
+            report = self.masks.report(self.model, targets=self.targets.weights)
         info["report"] = {"targeted": report.targeted.as_dict(), "model": report.model.as_dict()}
         return PruneResult(masks=self.masks, report=report, info=info)

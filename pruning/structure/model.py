@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -241,8 +242,8 @@ class ModelStructure:
             members += self._members_rows(layer, fam.v, hd, v_at)
         return members
 
-    def group_sets(self, kind: GroupKind) -> list[GroupSet]:
-        """One :class:`GroupSet` of ``kind`` per decoder layer.
+    def group_sets(self, kind: GroupKind, layers: Iterable[int] | None = None) -> list[GroupSet]:
+        """One :class:`GroupSet` of ``kind`` per decoder layer (of ``layers`` only, when given).
 
         - ``mlp_neuron``: neuron i = row i of every ``mlp_in`` projection (weight and bias; of each chunk of a
           fused one) and column i of ``mlp_out`` (Qwen2-MoE: its shared expert's).
@@ -266,7 +267,8 @@ class ModelStructure:
         }
         if kind not in builders:
             raise ValueError(f"group kind={kind!r} is not one of {sorted(builders)}")
-        return [self._finish(builders[kind](layer)) for layer in range(self.num_layers)]
+        wanted = range(self.num_layers) if layers is None else layers
+        return [self._finish(builders[kind](layer)) for layer in wanted]
 
     def _mlp_neurons(self, layer: int) -> GroupSet:
         if not self.family.has_mlp:

@@ -20,15 +20,30 @@ Limitation: a model with per-layer head counts cannot be pruned again with ``att
 granularity (:class:`~pruning.structure.ModelStructure` assumes one head count for all layers).
 """
 
-from .compact import compact
-from .export import MANIFEST, is_per_layer_export, load_pretrained, read_config, recover_export, save_pretrained
+from .compact import compact, compact_layer, rewrite_config
+from .export import (
+    MANIFEST,
+    atomic_export,
+    build_export_on_meta,
+    is_per_layer_export,
+    load_pretrained,
+    read_config,
+    recover_export,
+    save_pretrained,
+    write_model_files,
+)
 
 __all__ = [
     "MANIFEST",
+    "atomic_export",
+    "build_export_on_meta",
     "compact",
+    "compact_layer",
     "is_per_layer_export",
     "load_pretrained",
     "read_config",
     "recover_export",
+    "rewrite_config",
     "save_pretrained",
+    "write_model_files",
 ]

@@ -77,12 +77,13 @@ def _keep_vectors(masks: MaskSet, structure: ModelStructure) -> dict[int, dict[s
     """The group sets of ``masks`` with their keep-vectors, by decoder layer and kind, checked against the model's
     own group sets (same members, same counts)."""
     per_layer: dict[int, dict[str, Kept]] = {}
-    own: dict[str, list[GroupSet]] = {}
+    own: dict[tuple[str, int], GroupSet | None] = {}
     for key, keep in masks.groups.items():
         gs = masks.group_sets[key]
-        if gs.kind not in own:
-            own[gs.kind] = structure.group_sets(gs.kind)  # type: ignore[arg-type]
-        mine = own[gs.kind][gs.layer] if gs.layer < len(own[gs.kind]) else None
+        if (gs.kind, gs.layer) not in own:  # the layer's own group set (only the masked layers are read)
+            fits = gs.layer < structure.num_layers
+            own[gs.kind, gs.layer] = structure.group_sets(gs.kind, [gs.layer])[0] if fits else None  # type: ignore[arg-type]
+        mine = own[gs.kind, gs.layer]
         if mine is None or mine.count != gs.count or mine.members != gs.members:
             bad = next((m.name for m in gs.members if mine is None or m not in mine.members), gs.members[0].name)
             raise ValueError(
@@ -91,6 +92,31 @@ def _keep_vectors(masks: MaskSet, structure: ModelStructure) -> dict[int, dict[s
             )
         per_layer.setdefault(gs.layer, {})[gs.kind] = (gs, keep.detach().to(torch.bool).flatten().cpu())
     return per_layer
+
+
+@torch.no_grad()
+def compact_layer(model: nn.Module, masks: MaskSet, layer: int) -> bool:
+    """Decoder layer ``layer`` made smaller by the structured masks of ``masks`` (MLP neurons, KV groups, query
+    heads), in place, the rest of the model untouched (it may be on the ``meta`` device): what a streaming export
+    writes one layer at a time. Returns whether its head counts changed (for :func:`rewrite_config`). Whole layers
+    are not removed here."""
+    with global_widths(model.config):
+        structure = ModelStructure(model)
+    mine = MaskSet()
+    for key, keep in masks.groups.items():
+        gs = masks.group_sets[key]
+        if gs.layer == layer and gs.kind != "layer":
+            mine.set_groups(gs, keep)
+    kinds = _keep_vectors(mine, structure).get(layer, {})
+    return shrink_layer(structure, layer, kinds, {}) if kinds else False
+
+
+def rewrite_config(model: nn.Module, changed_heads: bool) -> None:
+    """``model.config`` rewritten to describe the widths its layers have now (after :func:`compact_layer`)."""
+    with global_widths(model.config):
+        structure = ModelStructure(model)
+    _rewrite_config(model, structure, changed_heads)
+    bind_layer_configs(model, structure.family)
 
 
 def _kept_along(structure: ModelStructure, sets: dict[str, Kept]) -> dict[str, dict[int, torch.Tensor]]:

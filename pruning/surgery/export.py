@@ -9,6 +9,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from ..record import library_versions
 from ..structure import FamilySpec, GroupSet, ModelStructure, config_value, family_of
 from .compact import Kept, shrink_layer
 from .layers import ALLOW, bind_layer_configs, global_widths
+from .meta import TensorFiles, build_on_meta, materialise, on_meta
 
 MANIFEST = "pruning_manifest.json"
 CONFIG = "pruning_config.yaml"  # the resolved config of the run that wrote the export (pruning fit --config)
@@ -60,6 +63,17 @@ def save_pretrained(
     removed by the next export to the same path, and a previous export moved aside by an interrupted swap is put
     back first.
     """
+    with atomic_export(path) as tmp:
+        _write(model, tmp, tokenizer, manifest)
+        if config is not None:
+            (tmp / CONFIG).write_text(config)
+    return Path(path).resolve()
+
+
+@contextmanager
+def atomic_export(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory next to ``path`` to write an export into; swapped in atomically when the block ends
+    without an exception (see :func:`save_pretrained`), removed otherwise."""
     path = Path(path).resolve()
     if path.exists() and not path.is_dir():
         raise ValueError(
@@ -69,14 +83,24 @@ def save_pretrained(
     recover_export(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        _write(model, tmp, tokenizer, manifest)
-        if config is not None:
-            (tmp / CONFIG).write_text(config)
+        yield tmp
+        _readable(tmp)
         _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+
+
+def write_model_files(model: nn.Module, directory: Path, manifest: dict | None = None) -> None:
+    """What an export holds besides its weights: the config (per-layer ones too), the generation config and the
+    manifest; for a writer that streams the weights itself (the model may be on the ``meta`` device)."""
+    with global_widths(model.config):
+        model.config.save_pretrained(str(directory))
+    _drop_key(directory / "config.json", ALLOW)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(str(directory))
+    (directory / MANIFEST).write_text(json.dumps(_manifest(model, manifest), indent=2, default=str))
 
 
 def _write(model: nn.Module, directory: Path, tokenizer: Any, manifest: dict | None) -> None:
@@ -98,6 +122,9 @@ def _write(model: nn.Module, directory: Path, tokenizer: Any, manifest: dict | N
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     (directory / MANIFEST).write_text(json.dumps(_manifest(model, manifest), indent=2, default=str))
+
+
+def _readable(directory: Path) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(directory, 0o777 & ~mask)  # readable like any directory save_pretrained makes, not mkdtemp's 0700
@@ -187,12 +214,11 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
     ``allow_pickle`` (a pickled ``pytorch_model.bin`` can run code when loaded).
 
     Stock configs go to ``AutoModelForCausalLM.from_pretrained(path, **kwargs)``. Per-layer configs are built from
-    the config at the global (upper-bound) widths, each layer's Linears are shrunk to the recorded sizes and the
-    attention modules' head counts fixed, then the safetensors weights are loaded (never pickles). For those,
+    the config at the global (upper-bound) widths with their parameters on the ``meta`` device (no memory, no
+    initialisation), each layer's Linears are made at the recorded sizes and the attention modules' head counts
+    fixed, then the safetensors weights are assigned one tensor at a time (memory-mapped; never pickles). For those,
     ``kwargs`` may hold ``dtype``/``torch_dtype``, ``device`` and ``attn_implementation``.
     """
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
     if not path.exists():
         recover_export(path)  # an export interrupted between its two renames left the previous one aside
@@ -212,8 +238,26 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
-    if kwargs.get("attn_implementation"):
-        config._attn_implementation = kwargs["attn_implementation"]
+    model = build_export_on_meta(path, kwargs.get("attn_implementation"))
+    saved_dtype = _load_safetensors(model, path)
+    if dtype is None or dtype == "auto":
+        dtype = saved_dtype
+    if dtype is not None:
+        model.to(dtype)
+    if kwargs.get("device") is not None:
+        model.to(kwargs["device"])
+    return model.eval()
+
+
+def build_export_on_meta(path: str | os.PathLike, attn_implementation: str | None = None) -> nn.Module:
+    """The model of a checkpoint or export directory with its parameters on the ``meta`` device, per-layer widths
+    included (each layer's Linears made at their recorded sizes, the attention modules' head counts fixed): the
+    weights are to be assigned afterwards (:func:`_load_safetensors`, or each rank's shard under FSDP)."""
+    config = read_config(path)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    if not getattr(config, "is_heterogeneous", False):
+        return build_on_meta(config)
     view = config.per_layer_config
     layer_cfgs = []
     for i in range(int(config.num_hidden_layers)):
@@ -221,7 +265,7 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
         lc.__dict__[ALLOW] = True
         layer_cfgs.append(lc)
     with global_widths(config):
-        model = AutoModelForCausalLM.from_config(config)
+        model = build_on_meta(config)  # no full-width weights: the layers are cut on meta, then assigned
     structure = ModelStructure(model)
     has_kv = config_value(config, "num_key_value_heads") is not None
     full = _full_width_sets(structure)  # before any layer shrinks
@@ -231,14 +275,7 @@ def load_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, **kw
         inter = int(getattr(lc, structure.family.intermediate_attr)) if structure.family.has_mlp else 0
         shrink_layer(structure, i, _leading({k: v[i] for k, v in full.items()}, inter, heads, kv), {})
     bind_layer_configs(model, structure.family)
-    saved_dtype = _load_safetensors(model, path)
-    if dtype is None or dtype == "auto":
-        dtype = saved_dtype
-    if dtype is not None:
-        model.to(dtype)
-    if kwargs.get("device") is not None:
-        model.to(kwargs["device"])
-    return model.eval()
+    return model
 
 
 def _full_width_sets(structure: ModelStructure) -> dict[str, list[GroupSet]]:
@@ -294,32 +331,24 @@ def read_config(path: str | os.PathLike) -> Any:
 
 @torch.no_grad()
 def _load_safetensors(model: nn.Module, path: Path) -> torch.dtype | None:
-    """Copy the export's safetensors into ``model``; returns the dtype of its floating-point weights."""
-    from safetensors.torch import load_file
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{str(path)!r} holds no .safetensors weights. HINT: export with pruning.save_pretrained().")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(path / f)))
-    own = model.state_dict()
-    unexpected = [k for k in state if k not in own]
-    if unexpected:
-        raise ValueError(f"weights the model does not have: {unexpected[:5]}")
-    for k, v in state.items():
-        if own[k].shape != v.shape:
-            raise ValueError(f"{k}: saved shape {tuple(v.shape)} != built shape {tuple(own[k].shape)}")
-        own[k].copy_(v)
-    missing = [k for k in own if k not in state]
+    """Assign the export's safetensors to ``model`` (built on the ``meta`` device), one tensor at a time, memory-
+    mapped; returns the dtype of its floating-point weights."""
+    tensors = TensorFiles(path)
+    try:
+        own = set(model.state_dict())
+        unexpected = [k for k in tensors.keys() if k not in own]
+        if unexpected:
+            raise ValueError(f"weights the model does not have: {unexpected[:5]}")
+        missing = materialise(model, tensors)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.is_meta), None)
+    finally:
+        tensors.close()
     tied = getattr(model, "_tied_weights_keys", None) or {}
     really_missing = [k for k in missing if k not in tied]
     if really_missing:
         raise ValueError(f"the export lacks weights: {really_missing[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    return next((v.dtype for v in state.values() if v.is_floating_point()), None)
+    if on_meta(model):
+        raise ValueError(f"the export lacks weights: {[n for n, p in model.named_parameters() if p.is_meta][:5]}")
+    return dtype
