@@ -33,10 +33,11 @@ GranularityName = Literal[
     "query_head",
     "layer",
     "expert_neuron",
+    "expert",
     "mlp_neuron+attention_head",
 ]
 GRANULARITIES: tuple[str, ...] = get_args(GranularityName)
-STRUCTURED = ("mlp_neuron", "attention_head", "query_head", "layer", "expert_neuron", JOINT)
+STRUCTURED = ("mlp_neuron", "attention_head", "query_head", "layer", "expert_neuron", "expert", JOINT)
 Allocation = Literal["uniform", "global", "owl", "rates"]
 Scope = Literal["row", "layer", "global"]
 SparsityBasis = Literal["targets", "model"]
@@ -46,8 +47,9 @@ SparsityBasis = Literal["targets", "model"]
 class Granularity:
     """One pruned unit: a single weight (``unstructured``), ``N`` kept of every ``M`` consecutive input columns
     (``"N:M"``, e.g. ``2:4``), an MLP neuron, a KV group with its query heads (``attention_head``), a query head, a
-    whole decoder layer, or MLP neurons and KV groups together (``mlp_neuron+attention_head``: both group kinds
-    selected in one event under one parameter budget, :attr:`kinds`)."""
+    whole decoder layer, the neurons inside the routed experts of a mixture of experts (``expert_neuron``), whole
+    routed experts (``expert``), or MLP neurons and KV groups together (``mlp_neuron+attention_head``: both group
+    kinds selected in one event under one parameter budget, :attr:`kinds`)."""
 
     name: str
     n: int = 0
@@ -188,6 +190,12 @@ class SelectionOptions:
             )
         if unit.nm is not None and self.allocation != "uniform":
             raise ValueError(f"granularity={unit.name!r} fixes the pattern of every row: use allocation='uniform'")
+        if unit.name == "expert" and self.allocation != "uniform":
+            raise ValueError(
+                f"granularity='expert' removes the same number of experts in every mixture-of-experts layer (a stock "
+                f"config); allocation={self.allocation!r} would give each layer its own count, which is not supported "
+                "yet. HINT: use allocation='uniform'"
+            )
         _check_fraction("min_keep", self.min_keep, "]")
         _check_fraction("max_keep", self.max_keep, "]")
         if unit.joint and (self.min_keep, self.max_keep) != (0.0, 1.0):

@@ -147,6 +147,10 @@ class Criterion:
     def needs_gradients(self) -> bool:
         return bool(self.grad_kinds or self.group_kinds)
 
+    def group_statistics(self, granularity: str) -> tuple[str, ...]:
+        """The group gradient statistics it reads to score groups of ``granularity`` (default: ``group_kinds``)."""
+        return self.group_kinds
+
     def collector_options(self) -> dict:
         """Keyword arguments for the :class:`~pruning.stats.ActivationCollector` that gathers this criterion's
         activation statistics (``kinds``, and for ``samples`` their number and seed)."""

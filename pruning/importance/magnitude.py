@@ -22,7 +22,7 @@ class Magnitude(Criterion):
     """
 
     name = "magnitude"
-    granularities = (*Criterion.granularities, "expert_neuron")
+    granularities = (*Criterion.granularities, "expert_neuron", "expert")
     norm: Literal["l2", "l1"] = "l2"
 
     def __post_init__(self) -> None:

@@ -22,7 +22,7 @@ class Taylor(Criterion):
     """
 
     name = "taylor"
-    granularities = (*Criterion.granularities, "expert_neuron")
+    granularities = (*Criterion.granularities, "expert_neuron", "expert")
     grad_kinds = ("sum",)
     mode: Literal["element", "vector"] = "element"
 

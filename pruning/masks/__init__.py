@@ -49,6 +49,7 @@ class MaskSet(Holding, Reporting):
     def reset_to(self, element: dict[str, torch.Tensor]) -> None:
         """Replace every mask by the whole element masks ``element`` (the masks of a model after surgery): no group
         masks, no stash of original values, no parameter bindings (attach again to hold them)."""
+        self.release_routers()
         self.element = dict(element)
         self.groups, self.group_sets, self._stash = {}, {}, {}
         self._params, self._by_id, self._rows = {}, {}, {}

@@ -15,8 +15,9 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from ..distributed import is_dtensor, local
-from ..structure import named_parameters
+from ..structure import family_of, named_parameters
 from .lifted import Originals
+from .routing import router_hook, router_path
 
 
 class Holding(Originals):
@@ -27,6 +28,7 @@ class Holding(Originals):
         self._handles: list = []
         self._by_id: dict[int, str] = {}
         self._params: dict[str, nn.Parameter] = {}  # the attached model's masked parameters
+        self._routers: dict[int, object] = {}  # id(router module) -> its forward-hook handle (removed experts)
 
     def resolve(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The parameters of ``model`` the masks name, by name (sorted); ``KeyError`` if one is missing."""
@@ -51,8 +53,29 @@ class Holding(Originals):
                 self._stash_original(name, p)
             for f in self._local_factors(name, p):
                 local(p).mul_(f)
+        self._mask_routers(model, only)
         if self.attached:
             self._params = self.resolve(model)
+
+    def _mask_routers(self, model: nn.Module, only: set[str] | None = None) -> None:
+        """A forward hook on the router of every ``expert`` group set that removes experts (of the routers named in
+        ``only``, default all), so that the removed experts are never chosen (:mod:`.routing`); it stays until
+        :meth:`release_routers` (:func:`~pruning.compact` removes the experts themselves)."""
+        for key, gs in self.group_sets.items():
+            if gs.kind != "expert" or bool(self.groups[key].all()):
+                continue
+            if only is not None and gs.members[0].name not in only:
+                continue
+            router = model.get_submodule(router_path(gs))
+            if id(router) not in self._routers:
+                hook = router_hook(self, key, family_of(model))
+                self._routers[id(router)] = router.register_forward_hook(hook)
+
+    def release_routers(self) -> None:
+        """Remove the router hooks that keep removed experts from being chosen."""
+        for handle in self._routers.values():
+            handle.remove()
+        self._routers = {}
 
     @torch.no_grad()
     def reapply(self) -> None:

@@ -33,6 +33,7 @@ class Originals(KeepMasks):
     def __init__(self) -> None:
         super().__init__()
         self._stash: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}  # name -> (mask factors, pruned values)
+        self.lifting = False  # inside lifted(): the routers choose among every expert again (the original model)
 
     @torch.no_grad()
     def _stash_original(self, name: str, p: torch.Tensor) -> None:
@@ -66,9 +67,11 @@ class Originals(KeepMasks):
                     vals = vals[start : start + int(pruned.sum())]
                 lp = local(p)
                 lp[pruned.to(lp.device)] = vals.to(lp.device, lp.dtype)
+        self.lifting = True
         try:
             yield
         finally:
+            self.lifting = False
             with torch.no_grad():
                 for name in self._stash:
                     p = params[name]

@@ -101,8 +101,11 @@ def layer_statistics(pruner: Pruner, layer: int, forward_all: Callable, plain: b
     collector = ActivationCollector(modules) if plain else pruner.activation_collector(modules)
     collector.attach()
     structure = pruner.structure
-    # a layer of experts only (no dense MLP) runs whole
-    forward_all(stop_at=structure.linear(layer, structure.family.mlp_out) if structure.family.has_mlp else None)
+    # a layer of experts only (no dense MLP) runs whole, and so does one whose experts are scored (Qwen2-MoE runs
+    # its shared expert, the dense MLP, before the router)
+    experts = any(gs.kind.startswith("expert") for gs in pruner.targets.sets_in(layer))
+    stop = structure.linear(layer, structure.family.mlp_out) if structure.family.has_mlp and not experts else None
+    forward_all(stop_at=stop)
     collector.detach()
     collector.reduce()
     return collector.stats

@@ -22,7 +22,7 @@ from ..importance import ScoreContext
 from ..masks import MaskSet, SparsityReport
 from ..options import PruneOptions
 from ..stats import ActivationCollector, ActivationStats, GradientCollector
-from ..structure import GroupSet, ModelStructure
+from ..structure import GroupSet, ModelStructure, config_value
 from .targets import existing_zeros, plan_targets
 
 
@@ -73,6 +73,20 @@ class Pruner:
         }
         if self.rates is not None:
             self.info["layer_rates"] = self.rates
+        if self.options.unit.name == "expert":
+            self._check_top_k()
+
+    def _check_top_k(self) -> None:
+        """Every mixture-of-experts layer keeps at least the experts each token is routed to (top-k)."""
+        top_k = int(config_value(self.structure.config, "num_experts_per_tok", 1) or 1)
+        for gs in self.targets.group_sets:
+            keep = alloc.keep_counts_uniform([gs.count], self.fraction)[0]
+            if keep < top_k:
+                raise ValueError(
+                    f"sparsity={self.options.sparsity} leaves {keep} of the {gs.count} experts of layer {gs.layer}, "
+                    f"fewer than the {top_k} each token is routed to (num_experts_per_tok). HINT: lower sparsity to "
+                    f"at most {(gs.count - top_k) / gs.count:g}"
+                )
 
     def _with_rates(self, options: PruneOptions) -> PruneOptions:
         """``layer_rates`` checked against the model (read from ``rates_file`` first, with what it learned)."""
@@ -102,12 +116,13 @@ class Pruner:
         crit = self.criterion
         if not crit.needs_gradients:
             return None
+        group_kinds = crit.group_statistics(self.options.unit.name)
         return GradientCollector(
             self.model,
             param_names=self.targets.weights if crit.grad_kinds else (),
             grad_kinds=crit.grad_kinds or ("sum",),
-            group_sets=self.targets.group_sets if crit.group_kinds else (),
-            group_kinds=crit.group_kinds or ("coupled",),
+            group_sets=self.targets.group_sets if group_kinds else (),
+            group_kinds=group_kinds or ("coupled",),
         )
 
     def activation_collector(self, modules: dict[str, nn.Module] | None = None) -> ActivationCollector | None:

@@ -52,6 +52,9 @@ class FamilySpec:
     expert_out: str = "down_proj"
     experts_attr: str = "num_experts"  # config attributes: experts per layer, neurons per expert
     expert_intermediate_attr: str = "moe_intermediate_size"
+    # how the router turns its logits into the top-k weights: a softmax over every expert, the top k of it, and
+    # (where the router's attribute ``router_norm`` is true, or always when it is "") those k renormalised to sum 1
+    router_norm: str = "norm_topk_prob"
 
     @property
     def has_mlp(self) -> bool:
@@ -154,7 +157,13 @@ def _moe(name: str, model_types: tuple[str, ...], **fields) -> FamilySpec:
 
 
 register_family(
-    _moe("mixtral", ("mixtral",), experts_attr="num_local_experts", expert_intermediate_attr="intermediate_size")
+    _moe(
+        "mixtral",
+        ("mixtral",),
+        experts_attr="num_local_experts",
+        expert_intermediate_attr="intermediate_size",
+        router_norm="",  # Mixtral always renormalises its top-k weights
+    )
 )
 register_family(_moe("qwen3_moe", ("qwen3_moe",)))
 register_family(_moe("olmoe", ("olmoe",), expert_intermediate_attr="intermediate_size", head_groups=False))

@@ -28,6 +28,7 @@ def _layer_widths(structure: ModelStructure) -> list[dict[str, int]]:
             "heads": structure.heads(i),
             "kv_heads": structure.kv_heads(i),
             "expert_intermediate": structure.expert_width(i),
+            "experts": structure.num_experts(i),
         }
         for i in range(len(structure.layers))
     ]
@@ -37,8 +38,9 @@ def _layer_widths(structure: ModelStructure) -> list[dict[str, int]]:
 def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
     """Physically remove what the structured masks removed; returns ``model`` (changed in place).
 
-    MLP neurons, KV groups (``attention_head``), query heads and whole layers go; the config is rewritten (see the
-    module docstring). ``masks`` is consumed: its group entries are cleared, its element masks are re-indexed to the
+    MLP neurons, KV groups (``attention_head``), query heads, neurons inside experts, whole experts (their router
+    rows with them; ``num_local_experts`` / ``num_experts`` follow, top-k unchanged) and whole layers go; the config
+    is rewritten (see the module docstring). ``masks`` is consumed: its group entries are cleared, its element masks are re-indexed to the
     new shapes and names (layers renumbered; masks of removed layers dropped) and the stash of original values is
     dropped. If ``masks`` was attached it is re-attached to the compacted model.
     """
@@ -145,8 +147,12 @@ def shrink_layer(structure: ModelStructure, i: int, sets: dict[str, Kept], slice
     heads = _kept_heads(structure, i, sets)
     for name, dims in _kept_along(structure, sets).items():
         owner, _, attr = name.rpartition(".")
-        if attr not in ("weight", "bias") and dims:  # a 3-D expert weight
-            _shrink_parameter(structure.model.get_submodule(owner), attr, dims)
+        module = structure.model.get_submodule(owner)
+        if dims and (attr not in ("weight", "bias") or not isinstance(module, nn.Linear)):
+            # a 3-D expert weight, or a router's weight (rows = experts): a parameter of a module of its own
+            _shrink_parameter(module, attr, dims)
+            if all(idx.dim() == 1 for idx in dims.values()):
+                slices[name] = dims
             continue
         if attr != "weight" or not dims:
             continue
@@ -170,7 +176,8 @@ def _shrink_parameter(module: nn.Module, attr: str, dims: dict[int, torch.Tensor
     ``intermediate_dim`` follows its down projection's last axis)."""
     old = getattr(module, attr)
     new = old.detach()
-    for dim, idx in dims.items():
+    # per-expert indices (inside each expert) first, while the experts are all there; then whole experts
+    for dim, idx in sorted(dims.items(), key=lambda item: item[1].dim() == 1):
         idx = idx.to(new.device)
         if idx.dim() == 2:  # each expert its own indices along ``dim``
             new = torch.stack([new[e].index_select(dim - 1, idx[e]) for e in range(len(idx))])
@@ -179,6 +186,8 @@ def _shrink_parameter(module: nn.Module, attr: str, dims: dict[int, torch.Tensor
     setattr(module, attr, nn.Parameter(new.clone(), requires_grad=old.requires_grad))
     if attr == "down_proj" and isinstance(getattr(module, "intermediate_dim", None), int):
         module.intermediate_dim = new.shape[-1]
+    if 0 in dims and isinstance(getattr(module, "num_experts", None), int):  # whole experts removed
+        module.num_experts = new.shape[0]
 
 
 def _kept_heads(structure: ModelStructure, i: int, sets: dict[str, Kept]) -> tuple[int, int] | None:
@@ -260,6 +269,8 @@ def _rewrite_config(model: nn.Module, structure: ModelStructure, changed_heads: 
             setattr(cfg, fam.intermediate_attr, w["intermediate"])
         if w["expert_intermediate"]:
             setattr(cfg, fam.expert_intermediate_attr, w["expert_intermediate"])
+        if w["experts"]:
+            setattr(cfg, fam.experts_attr, w["experts"])
         if changed_heads:
             cfg.num_attention_heads = w["heads"]
             if has_kv:
@@ -274,6 +285,7 @@ def _rewrite_config(model: nn.Module, structure: ModelStructure, changed_heads: 
         o["num_attention_heads"] = w["heads"]
         if w["expert_intermediate"]:
             o[fam.expert_intermediate_attr] = w["expert_intermediate"]
+            o[fam.experts_attr] = w["experts"]
         if has_kv:
             o["num_key_value_heads"] = w["kv_heads"]
         overrides[i] = o
