@@ -165,3 +165,150 @@ def test_routing_statistics_by_hand():
         want = (gate[rows, slot] * f.norm(dim=-1)).sum()
         assert int(stats["routed"][e]) == len(rows)
         torch.testing.assert_close(stats["reap"][e], want.float(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- whole experts
+def _routed(experts, seen):
+    """A pre-hook on an experts module recording the top-k expert indices of every forward."""
+    return experts.register_forward_pre_hook(lambda mod, args: seen.append(args[1].detach().clone()))
+
+
+def _experts_attr(model):
+    return getattr(model.config, ModelStructure(model).family.experts_attr)
+
+
+def test_expert_scores_by_hand():
+    """frequency = tokens whose top-k holds e; reap = mean over those tokens of g_e(x)·‖f_e(x)‖₂, with f_e computed
+    from the 3-D weights by hand; both from the scores the criteria give inside pruning.prune's pipeline."""
+    from pruning.pipeline.drive import collect_activations
+    from pruning.pipeline.pruner import Pruner
+
+    model = tiny_model("mixtral", layers=1)
+    experts = model.model.layers[0].mlp.experts
+    seen = []
+    handle = experts.register_forward_pre_hook(lambda mod, args: seen.append([a.detach().clone() for a in args]))
+    scores = {}
+    for method in ("frequency", "reap"):
+        seen.clear()
+        pruner = Pruner(model, pruning.PruneOptions(method=method, granularity="expert", sparsity=0.25))
+        ctx = pruner.context(collect_activations(pruner, calib()))
+        scores[method] = pruner.criterion.group_scores(pruner.targets.group_sets[0], ctx)
+    handle.remove()
+    seen = [s for s in seen if s[1].shape[-1] == 2]  # the layer's own calls (not REAP's one expert at a time)
+    x, index, gate = (torch.cat([s[i] for s in seen]) for i in range(3))
+    for e in range(EXPERTS):
+        rows, slot = (index == e).nonzero(as_tuple=True)
+        g, u = (x[rows] @ experts.gate_up_proj[e].T).chunk(2, dim=-1)
+        f = (torch.nn.functional.silu(g) * u) @ experts.down_proj[e].T
+        assert int(scores["frequency"][e]) == len(rows) > 0
+        want = (gate[rows, slot] * f.norm(dim=-1)).mean()
+        torch.testing.assert_close(scores["reap"][e], want.float(), rtol=1e-5, atol=1e-6)
+    assert int(scores["frequency"].sum()) == 2 * x.shape[0]  # top-2 of every token
+
+
+@pytest.mark.parametrize("method", ["frequency", "reap", "taylor", "sdm"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_experts_compact_like_masked_and_reload(tmp_path, family, method):
+    """A quarter of the experts of every layer go (1 of 4; top-2 among the 3 left): the masked model never routes to
+    a removed expert, and the compacted model routes every token to the same kept experts (renumbered) with the same
+    logits; stock from_pretrained loads the export with 3 experts per layer and gives those logits again."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(family, layers=2)
+    ids = calib(n=2, seq=12)[0]
+    extra = {"alpha": 0.5} if method == "sdm" else {}
+    res = pruning.prune(model, calib(), method=method, granularity="expert", sparsity=0.25, progress=False, **extra)
+    keeps = [res.masks.groups[f"expert.{i}"] for i in range(2)]
+    assert [int(k.sum()) for k in keeps] == [3, 3]
+    layers = ModelStructure(model).layers
+    seen: list[torch.Tensor] = []
+    handles = [_routed(layer.mlp.experts, seen) for layer in layers]
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+    masked_routes = list(seen)
+    for i, keep in enumerate(keeps):  # never a removed expert
+        assert not bool(torch.isin(masked_routes[i], (~keep).nonzero().flatten()).any())
+    res.masks.release_routers()  # a zeroed router row alone lets its expert be picked: the hook is what holds
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, masked)
+    res.masks.apply(model)
+    before = sum(p.numel() for p in model.parameters())
+    shared = layers[0].mlp.shared_expert.down_proj.weight.shape if family == "qwen2_moe" else None
+    pruning.compact(model, res.masks)
+    for h in handles:
+        h.remove()
+    assert before - sum(p.numel() for p in model.parameters()) == 2 * (HIDDEN + 3 * WIDTH * HIDDEN)
+    assert _experts_attr(model) == 3 and model.config.num_experts_per_tok == 2
+    assert not model.config.is_heterogeneous
+    if shared is not None:  # the shared expert stays whole
+        assert layers[0].mlp.shared_expert.down_proj.weight.shape == shared
+    seen.clear()
+    handles = [_routed(layer.mlp.experts, seen) for layer in ModelStructure(model).layers]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
+    for h in handles:
+        h.remove()
+    for i, keep in enumerate(keeps):  # the same experts, renumbered among the kept ones
+        renumber = torch.cumsum(keep.long(), 0) - 1
+        assert torch.equal(seen[i], renumber[masked_routes[i]])
+    pruning.save_pretrained(model, tmp_path / "export")
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), attn_implementation="eager").eval()
+    assert _experts_attr(loaded) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_removed_experts_stay_zero_and_unrouted_in_training(family):
+    model = tiny_model(family, layers=2)
+    ids = calib(n=4, seq=12)
+    res = pruning.prune(model, ids, method="reap", granularity="expert", sparsity=0.5, progress=False)
+    seen: list[torch.Tensor] = []
+    layers = ModelStructure(model).layers
+    handles = [_routed(layer.mlp.experts, seen) for layer in layers]
+    res.masks.attach(model)
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        _train(model, opt, ids, 20, res.masks)
+        _assert_pruned_zero(model, res.masks)
+    finally:
+        res.masks.detach()
+        for h in handles:
+            h.remove()
+    assert len(seen) == 2 * 20
+    for i in range(2):
+        removed = (~res.masks.groups[f"expert.{i}"]).nonzero().flatten()
+        assert len(removed) == 2
+        assert not any(bool(torch.isin(idx, removed).any()) for idx in seen[i::2])
+
+
+def test_expert_bad_input():
+    calibration = calib()
+    with pytest.raises(ValueError, match=r"granularity='expert' prunes routed experts; layer 0 of this llama"):
+        pruning.prune(tiny_model("llama"), method="magnitude", granularity="expert", sparsity=0.25, progress=False)
+    with pytest.raises(ValueError, match=r"leaves 1 of the 4 experts.*num_experts_per_tok.*at most 0.5"):
+        pruning.prune(tiny_model("mixtral"), calibration, method="reap", granularity="expert", sparsity=0.75)
+    with pytest.raises(ValueError, match=r"allocation='global'.*HINT: use allocation='uniform'"):
+        pruning.PruneOptions(method="reap", granularity="expert", allocation="global")
+    with pytest.raises(ValueError, match=r"method='wanda' does not support granularity='expert'"):
+        pruning.PruneOptions(method="wanda", granularity="expert")
+    with pytest.raises(ValueError, match=r"method='reap' does not support granularity='expert_neuron'.*\['expert'\]"):
+        pruning.prune(tiny_model("mixtral"), calibration, method="reap", granularity="expert_neuron")
+
+
+def test_lifted_teacher_routes_to_every_expert():
+    """With the masks lifted (the distillation teacher) the model is the original one again: its removed experts'
+    weights are back and its router chooses among all experts."""
+    model = tiny_model("qwen3_moe", layers=2)
+    original = copy.deepcopy(model)
+    ids = calib(n=2, seq=12)[0]
+    res = pruning.prune(model, calib(), method="reap", granularity="expert", sparsity=0.5, keep_original=True)
+    with torch.no_grad():
+        want = original(input_ids=ids).logits
+        assert not torch.allclose(model(input_ids=ids).logits, want)
+        with res.masks.lifted(model):
+            torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-6, rtol=0)
+        pruned = model(input_ids=ids).logits
+    res.masks.release_routers()
+    with torch.no_grad():  # the hook is back in force after the lifted block
+        assert not torch.equal(model(input_ids=ids).logits, pruned)
