@@ -12,8 +12,8 @@ from .base import Criterion, ScoreContext, register
 
 
 def routing_stat(gs: GroupSet, ctx: ScoreContext, name: str) -> torch.Tensor:
-    """The per-expert routing sum ``name`` (``routed``, ``gate`` or ``reap``, :func:`~pruning.stats.routing.routing_sums`)
-    of the experts module of the ``expert`` group set ``gs``, fp32."""
+    """The per-expert routing sum ``name`` (``routed``, ``gate`` or ``reap``:
+    :func:`~pruning.stats.routing.routing_sums`) of the experts module of the ``expert`` group set ``gs``, fp32."""
     module = experts_path(gs)
     stats = ctx.act.get(module)
     if stats is None or name not in stats.sums:

@@ -29,6 +29,7 @@ One class, one module per responsibility, each layer built on the one below:
 - :mod:`.storage` (:class:`KeepMasks`): building and storing the masks, their factors, counts, rows, state;
 - :mod:`.lifted` (:class:`Originals`): the stash of original values and the ``lifted`` teacher;
 - :mod:`.holding` (:class:`Holding`): applying in place, attach/detach, gradient and optimiser hooks, reapply;
+- :mod:`.routing`: the router hook that keeps removed experts from being chosen (installed by ``apply``);
 - :mod:`.report` (:class:`Reporting`, :class:`SparsityReport`): how much the masks prune.
 """
 

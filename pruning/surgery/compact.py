@@ -40,9 +40,10 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
 
     MLP neurons, KV groups (``attention_head``), query heads, neurons inside experts, whole experts (their router
     rows with them; ``num_local_experts`` / ``num_experts`` follow, top-k unchanged) and whole layers go; the config
-    is rewritten (see the module docstring). ``masks`` is consumed: its group entries are cleared, its element masks are re-indexed to the
-    new shapes and names (layers renumbered; masks of removed layers dropped) and the stash of original values is
-    dropped. If ``masks`` was attached it is re-attached to the compacted model.
+    is rewritten (see the module docstring). ``masks`` is consumed: its group entries are cleared, its element masks
+    are re-indexed to the new shapes and names (layers renumbered; masks of removed layers dropped), the stash of
+    original values is dropped and its router hooks are removed. If ``masks`` was attached it is re-attached to the
+    compacted model.
     """
     was_attached = masks.attached
     masks.detach()
