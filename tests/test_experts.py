@@ -312,3 +312,29 @@ def test_lifted_teacher_routes_to_every_expert():
     res.masks.release_routers()
     with torch.no_grad():  # the hook is back in force after the lifted block
         assert not torch.equal(model(input_ids=ids).logits, pruned)
+
+
+def test_sdm_and_taylor_expert_scores_by_hand():
+    """sdm over experts = Σₙ |Σ_{expert's weights} gₙ·w| (one backward per sequence, CE at α = 0); taylor's element
+    form = Σ_{expert's weights} |G·w| with G = Σₙ gₙ."""
+    from pruning.pipeline.calibration import collect_gradients, sequence_losses
+    from pruning.pipeline.pruner import Pruner
+
+    model = tiny_model("mixtral", layers=1)
+    batches = calib(n=4, seq=12)
+    names = ["model.layers.0.mlp.gate.weight", "model.layers.0.mlp.experts.gate_up_proj"]
+    names.append("model.layers.0.mlp.experts.down_proj")
+    params = [model.get_parameter(n) for n in names]
+    sdm_want, grad_sum = torch.zeros(EXPERTS), [torch.zeros_like(p) for p in params]
+    for row in torch.cat(batches):
+        ids = row[None]
+        loss = sequence_losses(model(input_ids=ids).logits, ids, None, 0.0, 1.0)
+        grads = torch.autograd.grad(loss, params)
+        sdm_want += sum((g * p).detach().reshape(EXPERTS, -1).sum(1) for g, p in zip(grads, params)).abs()
+        grad_sum = [a + g for a, g in zip(grad_sum, grads)]
+    taylor_want = sum((g * p).detach().abs().reshape(EXPERTS, -1).sum(1) for g, p in zip(grad_sum, params))
+    for method, want in (("sdm", sdm_want), ("taylor", taylor_want)):
+        pruner = Pruner(model, pruning.PruneOptions(method=method, granularity="expert", sparsity=0.25))
+        gradients = collect_gradients(model, batches, pruner.gradient_collector(), progress=False)
+        got = pruner.criterion.group_scores(pruner.targets.group_sets[0], pruner.context(None, gradients))
+        torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-7)
