@@ -190,11 +190,11 @@ class SelectionOptions:
             )
         if unit.nm is not None and self.allocation != "uniform":
             raise ValueError(f"granularity={unit.name!r} fixes the pattern of every row: use allocation='uniform'")
-        if unit.name == "expert" and self.allocation != "uniform":
+        if unit.name == "expert" and self.allocation == "owl":
             raise ValueError(
-                f"granularity='expert' removes the same number of experts in every mixture-of-experts layer (a stock "
-                f"config); allocation={self.allocation!r} would give each layer its own count, which is not supported "
-                "yet. HINT: use allocation='uniform'"
+                "allocation='owl' reads outlier ratios of per-weight scores, which whole-expert criteria do not have. "
+                "HINT: for granularity='expert' use allocation='uniform' (the same count in every layer: a stock "
+                "config), 'rates' or 'global' (a per-layer export)"
             )
         _check_fraction("min_keep", self.min_keep, "]")
         _check_fraction("max_keep", self.max_keep, "]")

@@ -288,8 +288,16 @@ def test_expert_bad_input():
         pruning.prune(tiny_model("llama"), method="magnitude", granularity="expert", sparsity=0.25, progress=False)
     with pytest.raises(ValueError, match=r"leaves 1 of the 4 experts.*num_experts_per_tok.*at most 0.5"):
         pruning.prune(tiny_model("mixtral"), calibration, method="reap", granularity="expert", sparsity=0.75)
-    with pytest.raises(ValueError, match=r"allocation='global'.*HINT: use allocation='uniform'"):
-        pruning.PruneOptions(method="reap", granularity="expert", allocation="global")
+    with pytest.raises(ValueError, match=r"allocation='owl'.*HINT: for granularity='expert' use allocation='uniform'"):
+        pruning.PruneOptions(method="reap", granularity="expert", allocation="owl")
+    with pytest.raises(ValueError, match=r"layer_rates=\[0.0, 0.75\] leaves 1 of the 4 experts of layer 1"):
+        pruning.prune(
+            tiny_model("qwen3_moe"), calibration, method="reap", granularity="expert", allocation="rates",
+            layer_rates=[0.0, 0.75],
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"leaves 3 of the 8 experts of the model, fewer than the 2 per layer"):
+        pruning.prune(tiny_model("mixtral"), calibration, method="reap", granularity="expert", sparsity=0.7,
+                      allocation="global")  # fmt: skip
     with pytest.raises(ValueError, match=r"method='wanda' does not support granularity='expert'"):
         pruning.PruneOptions(method="wanda", granularity="expert")
     with pytest.raises(ValueError, match=r"method='reap' does not support granularity='expert_neuron'.*\['expert'\]"):
@@ -338,3 +346,40 @@ def test_sdm_and_taylor_expert_scores_by_hand():
         gradients = collect_gradients(model, batches, pruner.gradient_collector(), progress=False)
         got = pruner.criterion.group_scores(pruner.targets.group_sets[0], pruner.context(None, gradients))
         torch.testing.assert_close(got.float(), want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", MOE_NAMES)
+def test_per_layer_expert_counts_export(tmp_path, family):
+    """Per-layer rates: layers keep 3, 2 and 4 experts (and, pruned again, half of each expert's neurons); the
+    compacted model has a per-layer config with those counts, gives the masked logits, and its export loads back
+    through pruning.load_pretrained with the same logits."""
+    model = tiny_model(family, layers=3)
+    ids = calib(n=2, seq=12)[0]
+    res = pruning.prune(
+        model, calib(), method="frequency", granularity="expert", allocation="rates", layer_rates=[0.25, 0.5, 0.0],
+        progress=False,
+    )  # fmt: skip
+    assert [int(res.masks.groups[f"expert.{i}"].sum()) for i in range(3)] == [3, 2, 4]
+    pruning.prune(model, method="magnitude", granularity="expert_neuron", sparsity=0.5, masks=res.masks)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+    pruning.compact(model, res.masks)
+    s = ModelStructure(model)
+    assert [(s.num_experts(i), s.expert_width(i)) for i in range(3)] == [(3, 16), (2, 16), (4, 16)]
+    assert model.config.is_heterogeneous
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
+    pruning.save_pretrained(model, tmp_path / "export")
+    loaded = pruning.load_pretrained(tmp_path / "export", attn_implementation="eager")
+    s = ModelStructure(loaded)
+    assert [s.num_experts(i) for i in range(3)] == [3, 2, 4]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
+
+
+def test_global_expert_ranking_keeps_top_k_per_layer():
+    """allocation='global': one ranking of REAP scores over the layers; every layer keeps at least top-k (2)."""
+    model = tiny_model("mixtral", layers=3)
+    res = pruning.prune(model, calib(), method="reap", granularity="expert", sparsity=0.5, allocation="global")
+    kept = [int(res.masks.groups[f"expert.{i}"].sum()) for i in range(3)]
+    assert sum(kept) == 6 and min(kept) >= 2

@@ -76,16 +76,32 @@ class Pruner:
         if self.options.unit.name == "expert":
             self._check_top_k()
 
+    @property
+    def top_k(self) -> int:
+        """Experts each token is routed to (``num_experts_per_tok``; 1 without)."""
+        return int(config_value(self.structure.config, "num_experts_per_tok", 1) or 1)
+
     def _check_top_k(self) -> None:
-        """Every mixture-of-experts layer keeps at least the experts each token is routed to (top-k)."""
-        top_k = int(config_value(self.structure.config, "num_experts_per_tok", 1) or 1)
-        for gs in self.targets.group_sets:
-            keep = alloc.keep_counts_uniform([gs.count], self.fraction)[0]
-            if keep < top_k:
+        """Every mixture-of-experts layer keeps at least the experts each token is routed to (top-k); a global
+        ranking keeps them by its lower bound per layer, and the whole model's share is checked."""
+        top_k, sets = self.top_k, self.targets.group_sets
+        if self.options.allocation == "global":
+            total = sum(gs.count for gs in sets)
+            keep = alloc.keep_counts_uniform([total], self.fraction)[0]
+            if keep < top_k * len(sets):
                 raise ValueError(
-                    f"sparsity={self.options.sparsity} leaves {keep} of the {gs.count} experts of layer {gs.layer}, "
-                    f"fewer than the {top_k} each token is routed to (num_experts_per_tok). HINT: lower sparsity to "
-                    f"at most {(gs.count - top_k) / gs.count:g}"
+                    f"sparsity={self.options.sparsity} leaves {keep} of the {total} experts of the model, fewer than "
+                    f"the {top_k} per layer each token is routed to (num_experts_per_tok). HINT: lower sparsity"
+                )
+            return
+        for gs in sets:
+            keep = alloc.keep_counts_uniform([gs.count], self.rate(gs.layer))[0]
+            if keep < top_k:
+                what = "sparsity" if self.rates is None else "layer_rates"
+                raise ValueError(
+                    f"{what}={self.options.sparsity if self.rates is None else self.rates} leaves {keep} of the "
+                    f"{gs.count} experts of layer {gs.layer}, fewer than the {top_k} each token is routed to "
+                    f"(num_experts_per_tok). HINT: lower it to at most {(gs.count - top_k) / gs.count:g}"
                 )
 
     def _with_rates(self, options: PruneOptions) -> PruneOptions:
@@ -258,8 +274,9 @@ class Pruner:
             previous = [self.masks.groups.get(gs.key) for gs in t.group_sets]
             partitions = t.group_sets[0].partitions
             heads = o.unit.name in ("attention_head", "query_head")  # every layer keeps attention: one group at least
+            least = self.top_k if o.unit.name == "expert" else int(heads)  # and the experts a token is routed to
             counts = alloc.keep_counts_global(
-                scores, self.fraction, o.min_keep, o.max_keep, previous, partitions, min_units=int(heads)
+                scores, self.fraction, o.min_keep, o.max_keep, previous, partitions, min_units=least
             )
             for gs, s, k in zip(t.group_sets, scores, counts):
                 s = alloc.exclude_pruned(s.float(), self.masks.groups.get(gs.key))

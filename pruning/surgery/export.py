@@ -269,32 +269,50 @@ def build_export_on_meta(path: str | os.PathLike, attn_implementation: str | Non
     structure = ModelStructure(model)
     has_kv = config_value(config, "num_key_value_heads") is not None
     full = _full_width_sets(structure)  # before any layer shrinks
+    fam = structure.family
     for i, lc in enumerate(layer_cfgs):
         heads = int(lc.num_attention_heads)
         kv = int(lc.num_key_value_heads) if has_kv else heads
-        inter = int(getattr(lc, structure.family.intermediate_attr)) if structure.family.has_mlp else 0
-        shrink_layer(structure, i, _leading({k: v[i] for k, v in full.items()}, inter, heads, kv), {})
-    bind_layer_configs(model, structure.family)
+        inter = int(getattr(lc, fam.intermediate_attr)) if fam.has_mlp else 0
+        experts = (
+            (int(getattr(lc, fam.experts_attr)), int(getattr(lc, fam.expert_intermediate_attr)))
+            if fam.experts
+            else (0, 0)
+        )
+        sets = {k: v[i] for k, v in full.items() if v[i] is not None}
+        shrink_layer(structure, i, _leading(sets, inter, heads, kv, experts), {})
+    bind_layer_configs(model, fam)
     return model
 
 
-def _full_width_sets(structure: ModelStructure) -> dict[str, list[GroupSet]]:
-    """The group sets a per-layer export's layers are cut from (query heads only with grouped-query attention)."""
+def _full_width_sets(structure: ModelStructure) -> dict[str, list[GroupSet | None]]:
+    """The group sets a per-layer export's layers are cut from (query heads only with grouped-query attention;
+    experts and the neurons inside them in the layers that have experts, ``None`` in the others)."""
     fam = structure.family
     kinds = (["mlp_neuron"] if fam.has_mlp else []) + (["attention_head"] if fam.head_groups else [])
     if fam.head_groups and structure.num_heads > structure.num_kv_heads:
         kinds.append("query_head")
-    return {kind: structure.group_sets(kind) for kind in kinds}  # type: ignore[arg-type]
+    out: dict[str, list[GroupSet | None]] = {kind: structure.group_sets(kind) for kind in kinds}  # type: ignore
+    if fam.experts:
+        moe = [i for i in range(structure.num_layers) if structure.expert_params(i)]
+        for kind in ("expert", "expert_neuron"):
+            found = dict(zip(moe, structure.group_sets(kind, moe)))  # type: ignore[arg-type]
+            out[kind] = [found.get(i) for i in range(structure.num_layers)]
+    return out
 
 
-def _leading(sets: dict[str, GroupSet], inter: int, heads: int, kv: int) -> dict[str, Kept]:
+def _leading(
+    sets: dict[str, GroupSet], inter: int, heads: int, kv: int, experts: tuple[int, int] = (0, 0)
+) -> dict[str, Kept]:
     """The group sets of one layer of a full-width model keeping the leading ``inter`` neurons, ``kv`` KV groups and
-    ``heads // kv`` query heads of each: the shapes of a per-layer export's layer (its weights are loaded after)."""
-    limits = {"mlp_neuron": inter, "attention_head": kv}
+    ``heads // kv`` query heads of each, and the leading ``experts[0]`` experts with the leading ``experts[1]``
+    neurons of each: the shapes of a per-layer export's layer (its weights are loaded after)."""
+    limits = {"mlp_neuron": inter, "attention_head": kv, "expert": experts[0]}
     out = {k: (sets[k], torch.arange(sets[k].count) < limits[k]) for k in limits if k in sets}
-    if "query_head" in sets:
-        q = sets["query_head"]
-        out["query_head"] = (q, torch.arange(q.count) % (q.count // q.partitions) < heads // kv)
+    for kind, per in (("query_head", heads // kv), ("expert_neuron", experts[1])):
+        if kind in sets:
+            g = sets[kind]
+            out[kind] = (g, torch.arange(g.count) % (g.count // g.partitions) < per)
     return out
 
 
