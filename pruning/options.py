@@ -114,9 +114,12 @@ class SelectionOptions:
 
     Args:
         method: a registered criterion (``magnitude``, ``wanda``, ``taylor``, ``gblm``, ``sdm``, ``sparsegpt``,
-            ``saap``, ``mutual_info``, ...).
+            ``saap``, ``mutual_info``, ``frequency``, ``reap``, ...).
         granularity: ``unstructured``, ``2:4`` / ``4:8`` (any ``N:M``), ``mlp_neuron``, ``attention_head`` (whole KV
-            groups), ``query_head`` (the same count per KV group), ``layer``, or ``mlp_neuron+attention_head`` (MLP
+            groups), ``query_head`` (the same count per KV group), ``layer``, ``expert_neuron`` (neurons inside the
+            routed experts, one width for every expert of a layer), ``expert`` (whole routed experts: the same number
+            in every mixture-of-experts layer with ``uniform``, per layer with ``rates`` / ``global``; criteria
+            ``frequency``, ``reap``, ``taylor``, ``sdm``, ``magnitude``), or ``mlp_neuron+attention_head`` (MLP
             neurons and KV groups chosen together, the sparsity being one budget of their parameters: per layer with
             ``uniform`` / ``rates``, over the model with ``global``; for criteria that say so, e.g. ``saap``).
         criterion_options: the criterion's own knobs (e.g. ``{alpha: 100, gradient_norm: l1}`` for gblm).
