@@ -383,3 +383,48 @@ def test_global_expert_ranking_keeps_top_k_per_layer():
     res = pruning.prune(model, calib(), method="reap", granularity="expert", sparsity=0.5, allocation="global")
     kept = [int(res.masks.groups[f"expert.{i}"].sum()) for i in range(3)]
     assert sum(kept) == 6 and min(kept) >= 2
+
+
+@pytest.mark.parametrize("method", ["reap", "taylor"])
+def test_expert_event_from_training_steps(method):
+    """The training-time path (what the callbacks call): statistics collected over training steps, then an event;
+    REAP's routing sums equal those of a calibration pass over the same batches in eval mode (no jitter, no
+    dropout), and the masks then hold through more training with the removed experts never routed to."""
+    from pruning.pipeline.event import event_collectors, prune_event
+
+    model = tiny_model("mixtral", layers=2)
+    reference = copy.deepcopy(model)
+    ids = list(torch.cat(calib(n=4, seq=12)).split(1))  # one sequence a step: expert weights are not Linears
+    options = pruning.PruneOptions(method=method, granularity="expert", sparsity=0.25)
+    activations, gradients = event_collectors(model, options)
+    for c in (activations, gradients):
+        if c is not None:
+            c.attach()
+    model.train()
+    for batch in ids:
+        if gradients is not None:
+            gradients.begin_batch(batch.shape[0])
+        model(input_ids=batch, labels=batch).loss.backward()
+        if gradients is not None:
+            gradients.end_batch()
+        model.zero_grad()
+    for c in (activations, gradients):
+        if c is not None:
+            c.detach()
+            c.reduce()
+    res = prune_event(model, options, pruning.MaskSet(), activations, gradients)
+    want = pruning.prune(reference, ids, method=method, granularity="expert", sparsity=0.25, progress=False)
+    for i in range(2):
+        assert torch.equal(res.masks.groups[f"expert.{i}"], want.masks.groups[f"expert.{i}"])
+    seen: list[torch.Tensor] = []
+    handles = [_routed(layer.mlp.experts, seen) for layer in ModelStructure(model).layers]
+    res.masks.attach(model)
+    try:
+        _train(model, torch.optim.AdamW(model.parameters(), lr=1e-2), ids, 4, res.masks)
+    finally:
+        res.masks.detach()
+        for h in handles:
+            h.remove()
+    for i in range(2):
+        removed = (~res.masks.groups[f"expert.{i}"]).nonzero().flatten()
+        assert not any(bool(torch.isin(idx, removed).any()) for idx in seen[i::2])
