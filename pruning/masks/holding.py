@@ -20,6 +20,17 @@ from .lifted import Originals
 from .routing import router_hook, router_path
 
 
+def _module(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at ``path``, also under a wrapper that prefixes the names (PEFT's ``base_model.model.``)."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        found = [m for n, m in model.named_modules() if n.endswith("." + path)]
+        if len(found) != 1:
+            raise
+        return found[0]
+
+
 class Holding(Originals):
     """Keep masks applied in place to a model's parameters, and held there by hooks once attached."""
 
@@ -66,10 +77,16 @@ class Holding(Originals):
                 continue
             if only is not None and gs.members[0].name not in only:
                 continue
-            router = model.get_submodule(router_path(gs))
+            router = _module(model, router_path(gs))
             if id(router) not in self._routers:
                 hook = router_hook(self, key, family_of(model))
                 self._routers[id(router)] = router.register_forward_hook(hook)
+
+    def __getstate__(self) -> dict:
+        """A copy (``copy.deepcopy``, pickling) holds no router hooks: those belong to the model they were put on."""
+        state = self.__dict__.copy()
+        state["_routers"] = {}
+        return state
 
     def release_routers(self) -> None:
         """Remove the router hooks that keep removed experts from being chosen."""
