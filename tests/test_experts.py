@@ -428,3 +428,33 @@ def test_expert_event_from_training_steps(method):
     for i in range(2):
         removed = (~res.masks.groups[f"expert.{i}"]).nonzero().flatten()
         assert not any(bool(torch.isin(idx, removed).any()) for idx in seen[i::2])
+
+
+def test_expert_exports_load_in_a_process_without_pruning(tmp_path):
+    """Experts removed (a quarter of them, REAP) in each MoE family: the export is a stock config that plain
+    from_pretrained loads in a process that never imports this project, giving the masked model's logits."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+    from test_surgery import STOCK_CODE
+
+    ids = calib(2, 12, seed=1)[0]
+    save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
+    want = {}
+    for family in MOE_NAMES:
+        model = tiny_model(family, layers=2)
+        res = pruning.prune(model, calib(), method="reap", granularity="expert", sparsity=0.25, progress=False)
+        with torch.no_grad():
+            want[family] = model(input_ids=ids, use_cache=False).logits
+        pruning.compact(model, res.masks)
+        pruning.save_pretrained(model, tmp_path / family)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", STOCK_CODE, *want], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = load_file(str(tmp_path / "logits.safetensors"))
+    for family, logits in want.items():
+        torch.testing.assert_close(got[family], logits, atol=1e-5, rtol=0, msg=family)
