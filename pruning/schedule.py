@@ -8,7 +8,7 @@ loss its scores are computed with (``alpha``, ``temperature``: SDMPrune's two st
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Literal
 
 
@@ -26,6 +26,15 @@ class Event:
     temperature: float | None = None
 
 
+# the fields each kind reads, and the defaults of those left None
+USES = {
+    "one_shot": ("step", "sparsity", "alpha", "temperature"),
+    "steps": ("events",),
+    "cubic": ("sparsity", "initial_sparsity", "start_step", "end_step", "every", "alpha", "temperature"),
+}
+DEFAULTS = {"step": 0, "sparsity": 0.5, "initial_sparsity": 0.0, "start_step": 0, "every": 1}
+
+
 @dataclass
 class Schedule:
     """Pruning schedule. ``kind``:
@@ -35,16 +44,20 @@ class Schedule:
     - ``cubic`` (Zhu & Gupta 2017, "To prune, or not to prune"): from ``initial_sparsity`` at ``start_step`` to
       ``sparsity`` at ``end_step``, an event every ``every`` steps, ``s_t = s_f + (s_0 − s_f)(1 − (t − t_0)/(t_1 −
       t_0))³`` (fast early, gentle at the end).
+
+    A field left ``None`` takes its kind's default (``step`` 0, ``sparsity`` 0.5, ``initial_sparsity`` 0.0,
+    ``start_step`` 0, ``every`` 1); a field its kind does not use is refused when set (``--print_config=skip_null``
+    shows only the fields a schedule sets).
     """
 
     kind: Literal["one_shot", "steps", "cubic"] = "one_shot"
-    step: int = 0
-    sparsity: float = 0.5
-    events: list[Event] = field(default_factory=list)
-    initial_sparsity: float = 0.0
-    start_step: int = 0
-    end_step: int = 0
-    every: int = 1
+    step: int | None = None
+    sparsity: float | None = None
+    events: list[Event] | None = None
+    initial_sparsity: float | None = None
+    start_step: int | None = None
+    end_step: int | None = None
+    every: int | None = None
     alpha: float | None = None
     temperature: float | None = None
 
@@ -66,13 +79,24 @@ class Schedule:
         return cls(**value)
 
     def __post_init__(self) -> None:
-        self.events = [e if isinstance(e, Event) else Event(**e) for e in self.events]
-        if self.kind not in ("one_shot", "steps", "cubic"):
+        if self.kind not in USES:
             raise ValueError(f"schedule.kind={self.kind!r} must be 'one_shot', 'steps' or 'cubic'")
+        stray = [f.name for f in fields(self) if f.name != "kind" and f.name not in USES[self.kind]]
+        stray = [n for n in stray if getattr(self, n) not in (None, [])]
+        if stray:
+            own = " (each event carries its own step, sparsity, alpha and temperature)" if self.kind == "steps" else ""
+            raise ValueError(
+                f"schedule.kind={self.kind!r} does not use {', '.join('schedule.' + n for n in stray)} (it uses "
+                f"{', '.join(USES[self.kind])}). HINT: remove {stray[0]}{own}"
+            )
+        for name, value in DEFAULTS.items():
+            if name in USES[self.kind] and getattr(self, name) is None:
+                setattr(self, name, value)
+        self.events = [e if isinstance(e, Event) else Event(**e) for e in self.events or []]
         if self.kind == "steps" and not self.events:
             raise ValueError("schedule.kind='steps' needs schedule.events: [{step: 10, sparsity: 0.3}, ...]")
         if self.kind == "cubic":
-            if self.end_step <= self.start_step:
+            if self.end_step is None or self.end_step <= self.start_step:
                 raise ValueError(f"schedule.end_step={self.end_step} must be > schedule.start_step={self.start_step}")
             if self.every < 1:
                 raise ValueError(f"schedule.every={self.every} must be >= 1")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pruning.schedule import Event, Schedule
@@ -54,3 +56,43 @@ def test_cubic_by_hand():
 def test_bad_schedules(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Schedule(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"kind": "steps", "events": [{"step": 5, "sparsity": 0.1}], "sparsity": 0.3}, r"does not use schedule.spar"),
+        ({"kind": "one_shot", "end_step": 9}, r"kind='one_shot' does not use schedule.end_step"),
+        ({"kind": "cubic", "end_step": 9, "step": 3}, r"kind='cubic' does not use schedule.step "),
+        ({"kind": "one_shot", "events": [{"step": 5, "sparsity": 0.1}]}, r"does not use schedule.events"),
+    ],
+)
+def test_fields_a_kind_does_not_use_are_refused(kwargs, match):
+    """A key the kind ignores (``sparsity`` next to a ``steps`` list) was dropped silently; now it is named."""
+    with pytest.raises(ValueError, match=match):
+        Schedule(**kwargs)
+
+
+def test_fields_left_unset_take_their_kinds_defaults():
+    assert Schedule().plan() == [Event(0, 0.5)]
+    cubic = Schedule(kind="cubic", end_step=4)
+    assert (cubic.sparsity, cubic.initial_sparsity, cubic.start_step, cubic.every) == (0.5, 0.0, 0, 1)
+    assert Schedule(kind="steps", events=[{"step": 3, "sparsity": 0.2}]).plan() == [Event(3, 0.2)]
+
+
+def test_print_config_shows_only_the_fields_a_steps_schedule_uses(capsys):
+    """``pruning fit --print_config=skip_null`` of the demo's ``kind: steps`` schedule: its events, nothing else."""
+    import yaml
+
+    from pruning.commands import run
+
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit) as done:
+        run(["fit", "--config", str(root / "configs/demo.yaml"), "--print_config=skip_null"])
+    assert done.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    (schedule,) = [c["init_args"]["schedule"] for c in cfg["trainer"]["callbacks"] if "schedule" in c["init_args"]]
+    assert schedule == {
+        "kind": "steps",
+        "events": [{"step": 4, "sparsity": 0.025}, {"step": 8, "sparsity": 0.3, "alpha": 0.42, "temperature": 0.5}],
+    }

@@ -5,7 +5,8 @@ the gradient criteria from batched backwards (activations are collected by forwa
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -69,8 +70,16 @@ def calibration_fingerprint(batches: Sequence[torch.Tensor]) -> dict:
     }
 
 
-def check_distillation_gradient(alpha: float, temperature: float, masks: MaskSet | None, model=None) -> None:
-    """Refuse a loss whose gradient is identically zero: KL alone at τ = 1 while the student equals the teacher."""
+def check_distillation_gradient(
+    alpha: float, temperature: float, masks: MaskSet | None, model=None, teacher: nn.Module | None = None
+) -> None:
+    """Refuse a loss whose gradient is identically zero (KL alone at τ = 1 while the student equals the teacher),
+    and a lifted teacher whose masks kept no original weights."""
+    if alpha > 0 and teacher is None and masks is not None and len(masks) and not masks.has_original:
+        raise ValueError(
+            "alpha>0 needs the original weights for the teacher, but these masks were applied without "
+            "keep_original=True. HINT: apply the masks with MaskSet.apply(model, keep_original=True)."
+        )
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha={alpha} must be in [0, 1]")
     if temperature <= 0:
@@ -151,54 +160,60 @@ def collect_gradients(
     gradients. Only the parameters the collector reads require gradients during the pass. ``kl_positions``: the
     KL's positions (:func:`~pruning.losses.distillation_loss`).
     """
-    check_distillation_gradient(alpha, temperature, masks, model)
-    if alpha > 0 and teacher is None and masks is not None and len(masks) and not masks.has_original:
-        raise ValueError(
-            "alpha>0 needs the original weights for the teacher, but these masks were applied without "
-            "keep_original=True. HINT: apply the masks with MaskSet.apply(model, keep_original=True)."
-        )
+    check_distillation_gradient(alpha, temperature, masks, model, teacher)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     how = gradient_pass(collector, batched)
     batches = list(iter_sequences(calibration) if how == "per_sequence" else calibration_batches(calibration))
-    wanted = {id(p) for p in collector.parameters.values()}  # by identity: a tied weight has several names
+    weight_grads = collector.weight_grads
+    bar = tqdm(total=sum(b.shape[0] for b in batches), desc="gradients", unit="seq", disable=not progress)
+    with gradient_mode(model, collector):
+        try:
+            if how == "batched":
+                collector.weight_grads = False  # the statistics are made in the backward; nobody reads .grad
+                collector.attach()
+            for ids in batches:
+                ids = ids.to(device)
+                target = _teacher_logits(model, ids, alpha, masks, teacher)
+                if how == "batched":
+                    collector.begin_batch(ids.shape[0])
+                logits = model(input_ids=ids, use_cache=False).logits
+                if alpha > 0 and target is None:  # nothing pruned yet: the teacher is the student itself
+                    target = logits.detach()
+                loss = sequence_losses(logits, ids, target, alpha, temperature, kl_positions)
+                del logits, target  # the fused loss keeps only its gradient: nothing else of [seq, vocab] lives on
+                loss.backward()
+                if how == "batched":
+                    collector.end_batch()
+                else:
+                    collector.update(samples=ids.shape[0])
+                for p in model.parameters():
+                    p.grad = None
+                bar.update(ids.shape[0])
+        finally:
+            bar.close()
+            if how == "batched":
+                collector.detach()
+                collector.weight_grads = weight_grads
+    return collector
+
+
+@contextmanager
+def gradient_mode(model: nn.Module, collector: GradientCollector) -> Iterator[set[int]]:
+    """``model`` in eval mode with only the parameters ``collector`` reads requiring gradients (by identity: a tied
+    weight has several names) and no ``.grad``; yields their ids; every flag restored on exit."""
+    wanted = {id(p) for p in collector.parameters.values()}
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training, weight_grads = model.training, collector.weight_grads
+    was_training = model.training
     model.eval()
     for p in model.parameters():
         p.requires_grad_(id(p) in wanted)
         p.grad = None
-    bar = tqdm(total=sum(b.shape[0] for b in batches), desc="gradients", unit="seq", disable=not progress)
     try:
-        if how == "batched":
-            collector.weight_grads = False  # the statistics are made in the backward; nobody reads .grad
-            collector.attach()
-        for ids in batches:
-            ids = ids.to(device)
-            target = _teacher_logits(model, ids, alpha, masks, teacher)
-            if how == "batched":
-                collector.begin_batch(ids.shape[0])
-            logits = model(input_ids=ids, use_cache=False).logits
-            if alpha > 0 and target is None:  # nothing pruned yet: the teacher is the student itself
-                target = logits.detach()
-            loss = sequence_losses(logits, ids, target, alpha, temperature, kl_positions)
-            del logits, target  # the fused loss keeps only its gradient: nothing else of [seq, vocab] lives on
-            loss.backward()
-            if how == "batched":
-                collector.end_batch()
-            else:
-                collector.update(samples=ids.shape[0])
-            for p in model.parameters():
-                p.grad = None
-            bar.update(ids.shape[0])
+        yield wanted
     finally:
-        bar.close()
-        if how == "batched":
-            collector.detach()
-            collector.weight_grads = weight_grads
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
         model.train(was_training)
-    return collector
 
 
 def _teacher_logits(

@@ -29,7 +29,13 @@ from ..losses import KLPositions
 from ..masks import MaskSet
 from ..stats import GradientCollector
 from ..structure import ModelStructure
-from .calibration import calibration_batches, check_distillation_gradient, iter_sequences, sequence_losses
+from .calibration import (
+    calibration_batches,
+    check_distillation_gradient,
+    gradient_mode,
+    iter_sequences,
+    sequence_losses,
+)
 from .layerwise import capture_inputs, layer_output, move_except, to_device
 
 Inputs = list[tuple[torch.Tensor, dict]]  # per calibration tensor: the hidden states reaching a layer, its kwargs
@@ -255,29 +261,24 @@ def collect_gradients_layerwise(
     calibration: Iterable[torch.Tensor],
     collector: GradientCollector,
     *,
+    device: torch.device | str | None = None,
+    store: str = "cpu",
+    visit: Callable[[int], AbstractContextManager] | None = None,
+    done: LayerHook | None = None,
     alpha: float = 0.0,
     temperature: float = 1.0,
     kl_positions: KLPositions = "labelled",
     masks: MaskSet | None = None,
     teacher: nn.Module | None = None,
-    device: torch.device | str | None = None,
-    store: str = "cpu",
     batched: bool = True,
     progress: bool = False,
-    visit: Callable[[int], AbstractContextManager] | None = None,
-    done: LayerHook | None = None,
 ) -> GradientCollector:
     """:func:`~pruning.pipeline.calibration.collect_gradients` with one decoder layer on ``device`` at a time (see
     the module docstring): the same statistics, the same arguments; ``store``: where every layer's calibration
     inputs wait (``'cpu'``: the host, ``'device'``); ``progress``: a bar over the passes. ``visit(i)``: a context
     entered around each use of layer ``i`` (a checkpoint streamed from disk materialises it); ``done(i)``: called in
     the walk back once layer ``i``'s statistics are complete, the layer still visited (batched passes only)."""
-    check_distillation_gradient(alpha, temperature, masks, model)
-    if alpha > 0 and teacher is None and masks is not None and len(masks) and not masks.has_original:
-        raise ValueError(
-            "alpha>0 needs the original weights for the teacher, but these masks were applied without "
-            "keep_original=True. HINT: apply the masks with MaskSet.apply(model, keep_original=True)."
-        )
+    check_distillation_gradient(alpha, temperature, masks, model, teacher)
     structure = ModelStructure(model)
     stream = LayerStream(model, structure, device, store, visit)
     per_batch = not batched or bool(collector.unbatchable())  # .grad read after each pass
@@ -288,17 +289,11 @@ def collect_gradients_layerwise(
         )
     sums = per_batch and collector.sums_only
     batches = calibration_batches(calibration) if not per_batch or sums else list(iter_sequences(calibration))
-    wanted = {id(p) for p in collector.parameters.values()}
     embedding = {id(p) for p in model.get_input_embeddings().parameters()}
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    was_training, weight_grads = model.training, collector.weight_grads
+    weight_grads = collector.weight_grads
     loss_args = (alpha, temperature, kl_positions)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(id(p) in wanted)
-        p.grad = None
-    try:
-        with stream.opened():
+    with gradient_mode(model, collector) as wanted, stream.opened():
+        try:
             if not per_batch:
                 collector.weight_grads = False
                 collector.attach()
@@ -311,11 +306,8 @@ def collect_gradients_layerwise(
                     collector.update(samples=sum(b.shape[0] for b in group))
                     for p in model.parameters():
                         p.grad = None
-    finally:
-        if not per_batch:
-            collector.detach()
-            collector.weight_grads = weight_grads
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
-        model.train(was_training)
+        finally:
+            if not per_batch:
+                collector.detach()
+                collector.weight_grads = weight_grads
     return collector
