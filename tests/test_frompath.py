@@ -1,7 +1,9 @@
 """Pruning a checkpoint from its path (``pruning.prune(path, ..., save_to=DIR)``): the layers are read one at a
 time and written shard by shard, and the export equals in-memory pruning + ``compact`` + ``save_pretrained`` byte
 for byte in the weights, for activation and gradient criteria, unstructured, N:M and structured granularities,
-uniform, OWL and rates allocations; each layer really leaves memory (``meta``) and returns."""
+uniform, OWL and rates allocations; each layer really leaves memory (``meta``) and returns. Mixture-of-experts
+checkpoints hold one tensor per expert (as transformers saves them) where the model stacks them: read and written so,
+equal to the in-memory path, and loaded by stock ``from_pretrained``."""
 
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import calib, tiny_model
+from tiny import MOE_NAMES, calib, tiny_model
 
 import pruning
 from pruning.options import PruneOptions
 from pruning.pipeline import Pruner
 from pruning.pipeline.streamed import collect_gradients_layerwise
+from pruning.surgery.export import is_per_layer_export
 
 
 def checkpoint(tmp_path: Path, family: str = "llama", dtype=torch.float32, **kw) -> Path:
@@ -34,6 +37,11 @@ def weights(directory: Path) -> dict[str, torch.Tensor]:
 def in_memory(ckpt: Path, out: Path, data, **kw) -> pruning.PruneResult:
     """The reference: the whole model loaded, pruned, compacted and saved (gradient statistics from the layer-wise
     backward, the same algorithm: the whole-model backward equals it to fp32 rounding, not bit for bit)."""
+    return in_memory_model(ckpt, out, data, **kw)[0]
+
+
+def in_memory_model(ckpt: Path, out: Path, data, **kw) -> tuple[pruning.PruneResult, torch.nn.Module]:
+    """:func:`in_memory`, and the pruned, compacted model."""
     model = pruning.load_pretrained(ckpt)
     opts = PruneOptions(**kw)
     gradients = None
@@ -44,7 +52,7 @@ def in_memory(ckpt: Path, out: Path, data, **kw) -> pruning.PruneResult:
     result = pruning.prune(model, data, options=opts, gradients=gradients, progress=False)
     pruning.compact(model, result.masks)
     pruning.save_pretrained(model, out)
-    return result
+    return result, model
 
 
 CASES = [
@@ -136,12 +144,87 @@ def test_tied_embeddings_and_opt(tmp_path):
         (dict(method="magnitude", granularity="layer", sparsity=0.34), "rank scores across layers"),
         (dict(method="taylor", include_embeddings=True), "outside the decoder layers"),
         (dict(method="wanda", sequential=False), "sequential=False"),
+        (dict(method="taylor", granularity="expert", family="qwen3_moe"), "per-sequence gradient statistics"),
     ],
 )
 def test_what_a_streamed_checkpoint_refuses(tmp_path, kw, match):
-    ckpt = checkpoint(tmp_path)
+    ckpt = checkpoint(tmp_path, kw.pop("family", "llama"))
     with pytest.raises(ValueError, match=match):
         pruning.prune(str(ckpt), calib(n=2, seq=8), **kw, save_to=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match=r"save_to= writes a pruned checkpoint streamed from its path"):
         pruning.prune(tiny_model(), calib(n=2, seq=8), save_to=tmp_path / "out", progress=False)
+
+
+def equal_exports(want: Path, got: Path) -> dict[str, torch.Tensor]:
+    w, g = weights(want), weights(got)
+    assert set(g) == set(w)
+    for k in w:
+        assert g[k].dtype == w[k].dtype and torch.equal(g[k], w[k]), k
+    cfg_w, cfg_g = (json.loads((d / "config.json").read_text()) for d in (want, got))
+    cfg_w.pop("transformers_version", None), cfg_g.pop("transformers_version", None)
+    assert cfg_g == cfg_w
+    return g
+
+
+MOE_CASES = [
+    *[(f, dict(method="magnitude", granularity="expert_neuron", sparsity=0.5)) for f in MOE_NAMES],
+    *[(f, dict(method="magnitude", granularity="expert", sparsity=0.5)) for f in MOE_NAMES],
+    ("mixtral", dict(method="wanda", granularity="unstructured", sparsity=0.5)),
+    ("olmoe", dict(method="reap", granularity="expert", sparsity=0.5)),
+    ("mixtral", dict(method="frequency", granularity="expert", sparsity=0.5)),
+    ("qwen3_moe", dict(method="magnitude", granularity="attention_head", sparsity=0.5)),
+]
+
+
+@pytest.mark.parametrize(
+    "family,kw", MOE_CASES, ids=lambda x: x if isinstance(x, str) else f"{x['method']}-{x['granularity']}"
+)
+def test_moe_checkpoint_one_tensor_per_expert(tmp_path, family, kw):
+    """The checkpoint (as ``save_pretrained`` writes it) holds one tensor per expert; pruned from its path, the export
+    equals the in-memory one in names, weights and config, and stock ``from_pretrained`` loads it with the logits of
+    the in-memory pruned model."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = checkpoint(tmp_path, family)
+    assert any(".experts.0." in k for k in weights(ckpt))  # the layout the streamed reader must stack
+    data = calib(n=4, seq=16, seed=4, batch=2)
+    want, model = in_memory_model(ckpt, tmp_path / "want", data, **kw)
+    got = pruning.prune(str(ckpt), data, **kw, save_to=tmp_path / "got", progress=False)
+    g = equal_exports(tmp_path / "want", tmp_path / "got")
+    assert got.report.as_dict() == want.report.as_dict() and want.report.model.pruned > 0
+    if is_per_layer_export(tmp_path / "got"):  # heads cut per layer: the model's own (stacked) names
+        assert not any(".experts.0." in k for k in g) and any(k.endswith("experts.down_proj") for k in g)
+        loaded = pruning.load_pretrained(tmp_path / "got")
+    else:  # stock: one tensor per expert
+        assert any(".experts.0." in k for k in g) and not any(k.endswith("experts.down_proj") for k in g)
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "got").eval()
+    assert loaded.num_parameters() == model.num_parameters()
+    if kw["granularity"] != "unstructured":
+        assert loaded.num_parameters() < pruning.load_pretrained(ckpt).num_parameters()
+    x = data[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model.eval()(x).logits)
+
+
+def test_moe_per_layer_export_and_gpt_neox(tmp_path):
+    """Different expert counts per layer (``rates``): a per-layer export, written under the model's own (stacked)
+    names as the in-memory export is, and loaded by ``load_pretrained``; GPT-NeoX's head, saved as ``embed_out``,
+    is found and written back so."""
+    ckpt = checkpoint(tmp_path / "moe", "qwen2_moe")
+    data = calib(n=4, seq=16, seed=5, batch=2)
+    kw = dict(method="magnitude", granularity="expert", sparsity=0.5, allocation="rates", layer_rates=[0.0, 0.25, 0.5])
+    _, model = in_memory_model(ckpt, tmp_path / "moe" / "want", data, **kw)
+    pruning.prune(str(ckpt), data, **kw, save_to=tmp_path / "moe" / "got", progress=False)
+    g = equal_exports(tmp_path / "moe" / "want", tmp_path / "moe" / "got")
+    assert "model.layers.2.mlp.experts.down_proj" in g and g["model.layers.2.mlp.experts.down_proj"].shape[0] == 2
+    loaded = pruning.load_pretrained(tmp_path / "moe" / "got")
+    with torch.no_grad():
+        assert torch.equal(loaded(data[0]).logits, model.eval()(data[0]).logits)
+
+    ckpt = checkpoint(tmp_path / "neox", "gpt_neox")
+    assert "embed_out.weight" in weights(ckpt)
+    kw = dict(method="wanda", granularity="mlp_neuron", sparsity=0.5)
+    in_memory(ckpt, tmp_path / "neox" / "want", data, **kw)
+    pruning.prune(str(ckpt), data, **kw, save_to=tmp_path / "neox" / "got", progress=False)
+    assert "embed_out.weight" in equal_exports(tmp_path / "neox" / "want", tmp_path / "neox" / "got")

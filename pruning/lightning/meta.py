@@ -45,7 +45,7 @@ def materialise_model(model: PreTrainedModel, pretrained: str | None, build_full
     from ..surgery.meta import TensorFiles
 
     if pretrained is not None:
-        files = TensorFiles(pretrained)
+        files = TensorFiles(pretrained, model)
         try:
             load_shards(model, lambda name, first, count: files.rows(name, first, count))
         finally:

@@ -7,6 +7,10 @@ decoder layer only while it is used (memory-mapped, one tensor at a time) and pu
 ``save_to`` each layer, once pruned, is made smaller (structured granularities, :func:`~pruning.surgery.compact_layer`)
 and written as its own safetensors shard; the config, the index and the manifest follow at the end, the directory
 swapped in atomically. The whole model is never in memory: one layer, the head, the calibration activations.
+A mixture-of-experts checkpoint holds one tensor per expert where the model stacks them (as transformers saves it):
+each layer's stacked weights are made from those as it is read (:class:`~pruning.surgery.meta.TensorFiles`) and
+split again as it is written (:func:`~pruning.surgery.meta.original_names`); a per-layer export keeps the stacked
+names, as :func:`~pruning.save_pretrained` writes one.
 
 - Activation criteria (wanda, sparsegpt, gblm, ...): the sequential protocol of the in-memory path
   (:func:`~pruning.pipeline.drive.prune_layer_by_layer`); OWL's first pass streams the layers too.
@@ -18,7 +22,8 @@ swapped in atomically. The whole model is never in memory: one layer, the head, 
 - Not supported here (each refused with the reason): the other selections that rank across layers (global
   unstructured thresholds, ``scope='global'``: every weight's score at once, the size of the model in fp32; whole
   ``layer`` granularity and joint budgets of two kinds of groups: not implemented in this driver);
-  targets outside the decoder layers (embeddings, LM head), whose statistics a batched backward cannot make;
+  targets outside the decoder layers (embeddings, LM head), and experts held as 3-D parameters under a gradient
+  criterion, whose per-sequence statistics a batched backward cannot make;
   ``sequential=False`` (statistics of the dense model through every layer at once); continuing earlier masks.
 """
 
@@ -40,7 +45,7 @@ from ..options import PruneOptions
 from ..stats import GradientCollector
 from ..structure import ModelStructure
 from ..surgery import atomic_export, compact_layer, read_config, rewrite_config, write_model_files
-from ..surgery.meta import TensorFiles, build_on_meta, materialise, release
+from ..surgery.meta import TensorFiles, build_on_meta, materialise, original_names, release
 from .calibration import calibration_batches, calibration_fingerprint, check_calibration
 from .drive import layer_statistics, prune_layer_by_layer
 from .layerwise import run_layerwise
@@ -131,6 +136,7 @@ class _Checkpoint:
             state = {k: v for k, v in state.items() if k in names}
         if not state:
             return
+        state = original_names(self.model, state)  # e.g. a MoE layer one tensor per expert, as save_pretrained
         file = f"model-{shard}.safetensors"
         save_file(state, str(self.out / file), metadata={"format": "pt"})
         self.written.update(dict.fromkeys(state, file))
@@ -209,7 +215,7 @@ def prune_checkpoint(
     config = read_config(path)
     model = build_on_meta(config).eval()
     structure = ModelStructure(model)
-    tensors = TensorFiles(path)
+    tensors = TensorFiles(path, model)  # by the model's names: a MoE checkpoint holds one tensor per expert
     outside = [n for n, _ in model.named_parameters() if structure.layer_of(n) is None]
     missing = materialise(model, tensors, names=outside)
     if hasattr(model, "tie_weights"):
@@ -240,6 +246,15 @@ def _drive(ckpt: _Checkpoint, calib: list[torch.Tensor], device, store: str, pro
         ckpt.spill_dir = spill
         if crit.needs_gradients:
             ckpt.gradients = gradients = pruner.gradient_collector()
+            per_sequence = gradients.unbatchable()
+            if per_sequence:
+                name, why = next(iter(per_sequence.items()))
+                raise ValueError(
+                    f"pruning a checkpoint from its path: method={options.method!r} needs per-sequence gradient "
+                    f"statistics of {name} ({why}; {len(per_sequence)} such), which the layer-by-layer backward does "
+                    "not make (one backward per sequence through the streamed layers). HINT: method='magnitude', "
+                    "'wanda', 'reap' or 'frequency' for experts, or prune the model in memory"
+                )
             ratios: list[float] = []
 
             def done(i: int) -> None:
@@ -305,6 +320,26 @@ def _select_globally(ckpt: _Checkpoint, calib, gradients, device, store: str, pr
             pruner.apply(pruner.names_in(i))
 
 
+def _own_names(ckpt: _Checkpoint, out: Path) -> None:
+    """A per-layer export holds the model's own names (as :func:`~pruning.save_pretrained` writes it, and
+    :func:`~pruning.load_pretrained` reads it): each shard written in the stock layout (one tensor per expert) is
+    read back and written again stacked, one layer at a time."""
+    own = set(ckpt.model.state_dict(keep_vars=True))
+    for file in sorted(set(ckpt.written.values())):
+        names = [k for k, f in ckpt.written.items() if f == file]
+        if all(k in own for k in names):
+            continue
+        tensors = TensorFiles(out / file, ckpt.model)
+        state = {n: tensors.get(n).contiguous().clone() for n in tensors.keys()}
+        tensors.close()
+        tmp = out / f"{file}.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, out / file)
+        for n in names:
+            del ckpt.written[n]
+        ckpt.written.update(dict.fromkeys(state, file))
+
+
 def _write_rest(ckpt: _Checkpoint, out: Path) -> None:
     """What lies outside the decoder layers, the config of the smaller layers, the index and the manifest."""
     import json
@@ -314,6 +349,8 @@ def _write_rest(ckpt: _Checkpoint, out: Path) -> None:
     tied = set(getattr(model, "_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
     ckpt.write("", model, "rest", names=own - tied)
     rewrite_config(model, ckpt.changed_heads)
+    if getattr(model.config, "is_heterogeneous", False):
+        _own_names(ckpt, out)
     files = sorted(set(ckpt.written.values()))
     renamed = {f: f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k, f in enumerate(files)}
     for old, new in renamed.items():

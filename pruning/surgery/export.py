@@ -351,7 +351,7 @@ def read_config(path: str | os.PathLike) -> Any:
 def _load_safetensors(model: nn.Module, path: Path) -> torch.dtype | None:
     """Assign the export's safetensors to ``model`` (built on the ``meta`` device), one tensor at a time, memory-
     mapped; returns the dtype of its floating-point weights."""
-    tensors = TensorFiles(path)
+    tensors = TensorFiles(path, model)
     try:
         own = set(model.state_dict())
         unexpected = [k for k in tensors.keys() if k not in own]
