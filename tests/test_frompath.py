@@ -228,3 +228,20 @@ def test_moe_per_layer_export_and_gpt_neox(tmp_path):
     in_memory(ckpt, tmp_path / "neox" / "want", data, **kw)
     pruning.prune(str(ckpt), data, **kw, save_to=tmp_path / "neox" / "got", progress=False)
     assert "embed_out.weight" in equal_exports(tmp_path / "neox" / "want", tmp_path / "neox" / "got")
+
+
+def test_moe_checkpoint_read_by_rows_for_meta_init(tmp_path):
+    """``meta_init``'s reader (each parameter's rows by name, :func:`~pruning.lightning.meta.materialise_model`, here
+    on one process) on a checkpoint with one tensor per expert: the weights stock ``from_pretrained`` loads."""
+    from transformers import AutoModelForCausalLM
+
+    from pruning.lightning.meta import materialise_model
+    from pruning.surgery.meta import build_on_meta
+
+    ckpt = checkpoint(tmp_path, "mixtral")
+    want = AutoModelForCausalLM.from_pretrained(ckpt).state_dict()
+    model = build_on_meta(AutoModelForCausalLM.from_pretrained(ckpt).config)
+    materialise_model(model, str(ckpt), None)
+    got = model.state_dict()
+    assert set(got) == set(want) and "model.layers.0.mlp.experts.gate_up_proj" in got
+    assert all(torch.equal(got[k], want[k]) for k in want)
