@@ -330,7 +330,7 @@ def _own_names(ckpt: _Checkpoint, out: Path) -> None:
         if all(k in own for k in names):
             continue
         tensors = TensorFiles(out / file, ckpt.model)
-        state = {n: tensors.get(n).contiguous().clone() for n in tensors.keys()}
+        state = {n: tensors.get(n).clone(memory_format=torch.contiguous_format) for n in tensors.keys()}
         tensors.close()
         tmp = out / f"{file}.tmp"
         save_file(state, str(tmp), metadata={"format": "pt"})

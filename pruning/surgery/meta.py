@@ -185,7 +185,7 @@ def original_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str
     out = revert_weight_conversion(model, state)
     if set(out) == set(state):
         return state
-    return {k: v.contiguous().clone() for k, v in out.items()}
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in out.items()}
 
 
 @torch.no_grad()
