@@ -15,13 +15,17 @@ Where the teacher's logits come from (``teacher``):
 
 Models load from a hub name or a local path with ``from_pretrained`` (safetensors only, never unpickled; remote
 code only with ``trust_remote_code: true``) or are built from ``config`` (random init, seeded) for tests and demos.
-Recovery with LoRA (``lora``): adapters are injected when the module is built (so DDP sees them from the start) and
-merged at the end of fit; masks are re-applied after the merge, so pruned weights stay exactly zero.
+Recovery with LoRA (``lora``): adapters are injected when the module is built (so DDP sees them from the start),
+initialised from ``init_seed`` (the same on every rank), and merged at the end of fit; masks are re-applied after
+the merge, so pruned weights stay exactly zero. Under FSDP2 the adapters are sharded with their decoder layer and
+each rank merges its own rows of the update (:func:`pruning.lora.merge_shards`).
 
 FSDP2 (Lightning's ``ModelParallelStrategy``, CPU/gloo or GPU/NCCL): :meth:`DistillationModule.configure_model`
 shards every decoder layer, then the root, over the data-parallel mesh (the ``copy`` teacher too); parameters
-become ``DTensor``s sharded by rows. The student is still built whole on every rank in ``__init__`` (host memory:
-one full model per rank until ``configure_model`` shards it); tensor parallelism is refused.
+become ``DTensor``s sharded by rows. The student is built whole on every rank in ``__init__`` (host memory: one
+full model per rank until ``configure_model`` shards it) unless ``meta_init``: then it is built on the meta device
+and each rank loads only its rows after sharding. LoRA adapters are sharded with their layers. Tensor parallelism
+is refused.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from ..evaluation.metrics import PerplexityMetric
 from ..loading import from_pretrained
-from ..lora import LoraSettings
+from ..lora import LoraSettings, base_layers
 from ..lora import inject as inject_lora
 from ..lora import merge as merge_lora
 from ..losses import ChunkedLogits, distillation_loss
@@ -246,7 +250,7 @@ class DistillationModule(pl.LightningModule):
         self._peft = None
         self.lora = LoraSettings.of(lora)
         if self.lora is not None:
-            self._peft = inject_lora(self.student, self.lora, lambda: self.masks)
+            self._peft = inject_lora(self.student, self.lora, lambda: self.masks, seed=init_seed)
         self.val_perplexity = PerplexityMetric()  # Σ NLL and Σ tokens of the validation epoch, over every rank
 
     # ------------------------------------------------------------------ building
@@ -318,14 +322,11 @@ class DistillationModule(pl.LightningModule):
                 "tensor_parallel_size: 1 (the defaults, 'auto', give data_parallel_size = number of nodes and "
                 "tensor_parallel_size = devices per node)"
             )
-        if self._peft is not None:
-            raise NotImplementedError(
-                "lora under ModelParallelStrategy (FSDP2) is not supported (the end-of-fit merge works on unsharded "
-                "weights). HINT: recover with lora under strategy: ddp, or without lora under FSDP"
-            )
         dp = mesh["data_parallel"]
         if not is_sharded(self.student):
-            shard_model(self.student, ModelStructure(self.student).layers, dp)
+            with base_layers(self.student):  # LoRA: the structure is read through PEFT's wrappers
+                layers = ModelStructure(self.student).layers
+            shard_model(self.student, layers, dp)  # the wrappers back: the adapters are sharded with their layer
         t = self.teacher
         if t is not None and not is_sharded(t):
             shard_model(t, ModelStructure(t).layers, dp)
