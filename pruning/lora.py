@@ -14,6 +14,7 @@ statistics made before the injection keep holding (:func:`pruning.structure.name
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ torch.serialization.add_safe_globals([LoraSettings])
 def inject(model: nn.Module, settings: LoraSettings, masks: MasksOf, seed: int | None = None) -> nn.Module:
     """PEFT's LoRA adapters on ``model`` (wrapped in place; returns the ``PeftModel``), every adapter's update
     masked by ``masks()`` as read at each forward, so later pruning events are followed. ``seed``: the adapters'
-    random initialisation (``A``; ``B`` starts at zero) drawn from it, the global generator left as it was.
+    random initialisation drawn from it (:func:`initial_adapters`), the global generator left as it was.
 
     FIX (FSDP2): each rank keeps its own rows of every parameter it builds, and nothing broadcasts them (DDP does),
     so adapters drawn from each process's generator made a model no single process had; seeded, every rank (and a
@@ -80,14 +81,39 @@ def inject(model: nn.Module, settings: LoraSettings, masks: MasksOf, seed: int |
         task_type="CAUSAL_LM",
     )
     with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
         peft_model = get_peft_model(model, cfg)
+    if seed is not None:
+        with torch.no_grad():
+            initial = initial_adapters(model, seed)
+            for name, p in model.named_parameters():
+                if name in initial and not p.is_meta:  # on meta: written when the model is materialised
+                    p.copy_(initial[name].to(p.dtype))
     for name, mod in model.named_modules():
         if hasattr(mod, "lora_A") and hasattr(mod, "base_layer"):
             for adapter in mod.lora_A:
                 mask_adapter(name + ".weight", mod.base_layer.weight, mod.lora_A[adapter], mod.lora_B[adapter], masks)
     return peft_model
+
+
+def initial_adapters(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """The adapters' starting values by parameter name, at their global shapes, fp32 on the host: every ``lora_A``
+    Kaiming-uniform (``a=√5``, PEFT's default) from one generator seeded by ``seed``, drawn in the order of the sorted
+    names; every ``lora_B`` zero (so the adapted model starts as the base model). The same on every rank and on a
+    model built on the meta device (whose adapters are written when its weights are loaded)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if ".lora_A." in name:
+            out[name] = nn.init.kaiming_uniform_(torch.empty(p.shape), a=math.sqrt(5), generator=g)
+        elif ".lora_B." in name:
+            out[name] = torch.zeros(p.shape)
+    return out
+
+
+def base_name(name: str) -> str:
+    """The name a wrapped layer's base parameter has without PEFT's wrapper (``q_proj.base_layer.weight`` ->
+    ``q_proj.weight``): its name in a checkpoint."""
+    return name.replace(".base_layer.", ".")
 
 
 def _split_factors(masks: MaskSet | None, name: str, weight: torch.Tensor) -> tuple:

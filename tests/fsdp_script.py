@@ -2,10 +2,10 @@
 
 Lightning's ``ModelParallelStrategy`` (CPU, gloo, ``data_parallel_size=2``) starts rank 1 by re-running this command.
 ``MODE``: ``full`` (one run of ``MAX_STEPS`` with an export at the end), ``meta`` / ``meta_pretrained`` (the same
-with ``meta_init``: from the config, or from the checkpoint ``OUT/checkpoint``), ``lora`` (LoRA recovery after a
-``LORA_SCHEDULES`` event, merged at the end, exported) or ``resume`` (a run stopped at
-step 3, inside
-a scoring window (``RESUME``), saved as a sharded checkpoint, then resumed to ``MAX_STEPS`` in a new trainer).
+with ``meta_init``: from the config, or from the checkpoint ``OUT/checkpoint``), ``lora`` / ``lora_meta`` (LoRA
+recovery after a ``LORA_SCHEDULES`` event, merged at the end, exported; built whole, or on meta) or ``resume`` (a
+run stopped at step 3, inside a scoring window (``RESUME``), saved as a sharded checkpoint, then resumed to
+``MAX_STEPS`` in a new trainer).
 Each rank writes ``OUT/<mode>_rank<r>.pt``.
 """
 
@@ -199,10 +199,11 @@ if __name__ == "__main__":
     elif mode in ("meta", "meta_pretrained"):  # built on meta, each rank loads its rows after sharding
         kw = {"pretrained": str(out / "checkpoint"), "config": None} if mode == "meta_pretrained" else {}
         res = run(crit, 2, export=out / f"export_{mode}", meta_init=True, **kw)
-    elif mode == "lora":  # LoRA recovery on the sharded student, merged on the shards at the end of fit
+    elif mode in ("lora", "lora_meta"):  # LoRA recovery on the sharded student, merged on the shards at fit end
         from test_lightning import LORA
 
-        res = run(crit, 2, export=out / "export_lora", schedules=LORA_SCHEDULES, lora=LORA, teacher="none")
+        kw = dict(schedules=LORA_SCHEDULES, lora=LORA, teacher="none", meta_init=mode == "lora_meta")
+        res = run(crit, 2, export=out / "export_lora", **kw)
     else:  # stop at step 3 (second event's window half-scored), sharded checkpoint, resume in a new trainer
         first = run(crit, 2, stop=3, save=str(out / "ckpt"), schedules=RESUME)
         res = run(crit, 2, ckpt=str(out / "ckpt"), schedules=RESUME)

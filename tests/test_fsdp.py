@@ -281,12 +281,14 @@ def test_fsdp_meta_device_init_gives_the_same_masks_and_export(tmp_path, source)
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("criterion", list(LORA_SCHEDULES))
-def test_fsdp_lora_equals_one_process(tmp_path, criterion):
+@pytest.mark.parametrize("criterion,mode", [("wanda", "lora"), ("magnitude", "lora_meta")])
+def test_fsdp_lora_equals_one_process(tmp_path, criterion, mode):
     """LoRA recovery on the sharded student (adapters sharded with their layer, their updates masked, merged on each
     rank's rows at the end of fit): the same adapters, merged weights and export as LoRA on one process, and the
-    pruned weights exactly zero after the merge."""
-    ranks = _two_ranks(tmp_path, criterion, "lora")
+    pruned weights exactly zero after the merge. ``lora_meta``: the 2-rank student built on the meta device
+    (adapters written from the seed after sharding, base weights broadcast from rank 0's initialisation)."""
+    assert set(LORA_SCHEDULES) == {"wanda", "magnitude"}
+    ranks = _two_ranks(tmp_path, criterion, mode)
     want = run(criterion, world=1, schedules=LORA_SCHEDULES, lora=LORA, teacher="none")
     want_masks = _masks(want["masks"])
     lora_names = sorted(n for n in want["adapters"] if "lora_" in n)

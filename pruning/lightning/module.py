@@ -41,7 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from ..evaluation.metrics import PerplexityMetric
 from ..loading import from_pretrained
-from ..lora import LoraSettings, base_layers
+from ..lora import LoraSettings, base_layers, base_name, initial_adapters
 from ..lora import inject as inject_lora
 from ..lora import merge as merge_lora
 from ..losses import ChunkedLogits, distillation_loss
@@ -191,7 +191,9 @@ class DistillationModule(pl.LightningModule):
             scheduler: ``constant`` or ``cosine`` (to ``min_lr_ratio``·lr at the last step) after the warm-up.
             min_lr_ratio: final learning rate of the cosine schedule as a fraction of ``lr``.
             gradient_checkpointing: recompute activations in backward (less memory, ~30 % more compute).
-            lora: LoRA recovery settings; base weights are frozen and the adapters merged at the end of fit.
+            lora: LoRA recovery settings; base weights are frozen, the adapters start from ``init_seed`` (the same
+                on every rank, with or without ``meta_init``) and are merged at the end of fit (on each rank's rows
+                under FSDP2).
             keep_zeros: the exact zeros of the decoder layers' Linear weights become masks (recovering an
                 unstructured export: training and LoRA merges cannot revive them).
             allow_pickle: also load ``pretrained`` weights stored as pickles (``pytorch_model.bin``), which can run
@@ -222,10 +224,10 @@ class DistillationModule(pl.LightningModule):
         self.teacher_mode = teacher
         self.masks: MaskSet | None = None  # set by the pruning callback; the lifted teacher reads it
         self.weights_frozen = False  # set by the importance callback during scoring steps
-        if meta_init and (lora is not None or trust_remote_code or revision is not None):
+        if meta_init and (trust_remote_code or revision is not None):
             raise ValueError(
                 "meta_init builds a local checkpoint's own model class without weights; it does not combine with "
-                "lora, trust_remote_code or revision. HINT: leave meta_init off for those"
+                "trust_remote_code or revision. HINT: leave meta_init off for those"
             )
         self.student = build_model(
             pretrained,
@@ -270,7 +272,8 @@ class DistillationModule(pl.LightningModule):
     def _keep_zeros(self) -> None:
         from ..structure import ModelStructure
 
-        names = [n + ".weight" for n in ModelStructure(self.student).targets()]
+        with base_layers(self.student):  # LoRA (meta_init: injected before the weights are loaded)
+            names = [n + ".weight" for n in ModelStructure(self.student).targets()]
         self.masks = MaskSet.from_zeros(self.student, names)
 
     def _materialise(self) -> None:
@@ -284,7 +287,10 @@ class DistillationModule(pl.LightningModule):
             def full(dtype=dtype):
                 return build_model(hp.pretrained, hp.config, dtype=dtype, seed=hp.init_seed)
 
-            materialise_model(model, hp.pretrained, full)
+            known = rename = None
+            if model is self.student and self._peft is not None:  # LoRA: the seeded adapters, the wrapped names
+                known, rename = initial_adapters(model, hp.init_seed), base_name
+            materialise_model(model, hp.pretrained, full, known=known, rename=rename)
         if hp.keep_zeros and self.masks is None:
             self._keep_zeros()
 
