@@ -292,6 +292,11 @@ def main() -> None:
             raise SystemExit(proc.stderr[-4000:])
         oneshot = json.loads((tmp / "o.oneshot.json").read_text())
 
+    report(args, measures, results, oneshot)
+
+
+def report(args, measures: list[str], results: dict, oneshot: dict | None) -> None:
+    """Print the table of every rank's numbers and the 2-rank / 1-rank ratios."""
     mib = 1 / 2**20
     params = results[1][0]["params"]
     what = (
