@@ -19,6 +19,12 @@ Every configuration runs three times in fresh processes, because each probe dist
 - ``tensor``: net tensor bytes allocated at once (torch.profiler allocation records); the profiler's own records
   inflate RSS by about a GiB here, which is why RSS comes from the other two runs.
 
+``--meta-init`` builds the student and the teacher copy with ``DistillationModule(meta_init=True)`` from a
+checkpoint of the same model written beforehand (by the driver, outside the measured processes): each rank builds
+both on the ``meta`` device, shards them, then reads only its rows of the safetensors. The process's lifetime peak
+(VmHWM from start to end, across every reset) is the number this is for: without it every rank first builds the
+whole student and teacher. ``--measures rss`` runs only the RSS probe (a third of the time).
+
 ``--criterion gblm`` scores GBLM (``unstructured``, per-weight Σg² plus activation norms) instead of SDMPrune: its
 per-weight statistic has the size of the targeted weights and is held on the local rows of each shard.
 
@@ -28,6 +34,7 @@ One-shot part: ``pruning.prune(model, calib, 'wanda', device=...)`` with the mod
     .venv/bin/python benchmarks/fsdp_memory.py            # about 4 minutes on 2 cores
     .venv/bin/python benchmarks/fsdp_memory.py --vocab 4096 --hidden 768 --inter 2048 --layers 8 --heads 12
     .venv/bin/python benchmarks/fsdp_memory.py --quick
+    .venv/bin/python benchmarks/fsdp_memory.py --meta-init --measures rss --no-oneshot
 """
 
 from __future__ import annotations
@@ -77,8 +84,13 @@ def worker(args) -> None:
     from pruning.schedule import Event, Schedule
 
     torch.set_num_threads(1)
-    out: dict = {"rss_imports": settle(reset=False)}
+    out: dict = {"rss_imports": settle(reset=False), "peak_total": 0}
     steps = args.steps
+
+    def reset_peak() -> int:
+        """settle() and reset VmHWM, the process's peak so far kept in ``peak_total`` first."""
+        out["peak_total"] = max(out["peak_total"], rss_peak())
+        return settle()
 
     class Probe(pl.Callback):
         def __init__(self, role: str) -> None:
@@ -86,7 +98,7 @@ def worker(args) -> None:
 
         def on_train_start(self, trainer, pl_module) -> None:
             if self.role == "first":
-                out["rss_setup"] = settle()
+                out["rss_setup"] = reset_peak()
                 out["param_bytes_local"] = sum(
                     (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
                     for p in pl_module.student.parameters()
@@ -99,7 +111,7 @@ def worker(args) -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if self.role == "first" and trainer.global_step == 0:
                 out["t0"] = time.perf_counter()
-                settle()
+                reset_peak()
                 self.tp = TensorPeak() if args.measure == "tensor" else None
                 if self.tp is not None:
                     self.tp.start()
@@ -111,12 +123,18 @@ def worker(args) -> None:
                 out["peak_scoring"] = rss_peak()
                 out["tensor_peak_scoring"] = self.tp.stop() if self.tp is not None else None
                 out["scoring_s"] = time.perf_counter() - out.pop("t0")
-                settle()
+                reset_peak()
             else:  # after it
                 out["peak_event"] = rss_peak()
 
-    m = DistillationModule(config=model_config(args), teacher="copy", alpha=0.0, attn_implementation="sdpa")
-    ic = ImportanceCallback()
+    source = {"pretrained": args.checkpoint, "config": None} if args.checkpoint else {"config": model_config(args)}
+    m = DistillationModule(
+        **source, teacher="copy", alpha=0.0, attn_implementation="sdpa", meta_init=bool(args.checkpoint)
+    )
+    # scoring on frozen weights, as the recipes do (FIX: freeze_weights defaults to False since the batched gradient
+    # statistics, and without it the scoring steps trained: gradients and AdamW's moments, ~3 model sizes, were
+    # in the peaks)
+    ic = ImportanceCallback(freeze_weights=True)
     if args.criterion == "sdm":
         pc = PruningCallback(
             "sdm", "mlp_neuron", Schedule(kind="steps", events=[Event(steps, 0.2, alpha=0.42, temperature=0.5)])
@@ -140,6 +158,7 @@ def worker(args) -> None:
     sampler = DistributedSampler(data, num_replicas=args.world, rank=tr.global_rank, shuffle=False)
     tr.fit(m, DataLoader(data, batch_size=1, sampler=sampler))
     out["peak_lifetime"] = rss_peak()  # VmHWM was reset above: this is the last window's; lifetime below
+    out["peak_total"] = max(out["peak_total"], out["peak_lifetime"])  # from start to end, every window
     with open("/proc/self/status") as f:
         out["vm_peak_lifetime"] = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmPeak:"))
     out["params"] = sum(p.numel() for p in m.student.parameters())
@@ -185,6 +204,9 @@ def main() -> None:
     ap.add_argument("--criterion", default="sdm", choices=["sdm", "gblm"])
     ap.add_argument("--measure", default="rss", choices=list(MEASURES))
     ap.add_argument("--no-oneshot", action="store_true")
+    ap.add_argument("--meta-init", action="store_true")
+    ap.add_argument("--checkpoint", default="")  # worker: meta_init from this checkpoint (set by --meta-init)
+    ap.add_argument("--measures", default=",".join(MEASURES))
     args = ap.parse_args()
     if args.worker:
         return worker(args)
@@ -215,10 +237,20 @@ def main() -> None:
         "--criterion",
         args.criterion,
     ]
+    measures = args.measures.split(",")
+    if not set(measures) <= set(MEASURES) or "rss" not in measures:
+        raise SystemExit(f"--measures={args.measures!r} must list some of {list(MEASURES)}, rss included")
+    if args.meta_init:  # the same model, written once; every run builds it on meta and reads its rows
+        from pruning import save_pretrained
+        from pruning.lightning.module import build_model
+
+        save_pretrained(build_model(None, model_config(args)), tmp / "checkpoint")
+        shape += ["--checkpoint", str(tmp / "checkpoint")]
     clean = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
     results: dict = {}
     for world in (1, 2):
-        for measure, extra_env in MEASURES.items():
+        for measure in measures:
+            extra_env = MEASURES[measure]
             out = tmp / f"w{world}_{measure}"
             proc = subprocess.run(
                 [
@@ -260,6 +292,11 @@ def main() -> None:
             raise SystemExit(proc.stderr[-4000:])
         oneshot = json.loads((tmp / "o.oneshot.json").read_text())
 
+    report(args, measures, results, oneshot)
+
+
+def report(args, measures: list[str], results: dict, oneshot: dict | None) -> None:
+    """Print the table of every rank's numbers and the 2-rank / 1-rank ratios."""
     mib = 1 / 2**20
     params = results[1][0]["params"]
     what = (
@@ -275,9 +312,13 @@ def main() -> None:
     print(
         "| ranks | rank | student params held (MiB) | teacher params held (MiB) | RSS after setup (MiB) | "
         "peak RSS scoring (MiB) | peak RSS scoring, glibc defaults (MiB) | peak tensor bytes scoring (MiB) | "
-        "peak RSS event (MiB) | scoring time (s) |"
+        "peak RSS event (MiB) | peak RSS start to end (MiB) | scoring time (s) |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+    def cell(r: dict, key: str) -> str:
+        return f"{r[key] * mib:.0f}" if r.get(key) is not None else "–"
+
     for world, ranks in results.items():
         for _, r in sorted(ranks.items()):
             cells = [
@@ -287,19 +328,26 @@ def main() -> None:
                 f"{r['teacher_bytes_local'] * mib:.0f}",
                 f"{r['rss_setup'] * mib:.0f}",
                 f"{r['peak_scoring'] * mib:.0f}",
-                f"{r['peak_scoring_rss_default'] * mib:.0f}",
-                f"{r['tensor_peak_scoring_tensor'] * mib:.0f}",
+                cell(r, "peak_scoring_rss_default"),
+                cell(r, "tensor_peak_scoring_tensor"),
                 f"{r['peak_event'] * mib:.0f}",
+                f"{r['peak_total'] * mib:.0f}",
                 f"{r['scoring_s']:.1f}",
             ]
             print("| " + " | ".join(map(str, cells)) + " |")
     peak = {w: max(r["peak_scoring"] for r in ranks.values()) for w, ranks in results.items()}
-    tens = {w: max(r["tensor_peak_scoring_tensor"] for r in ranks.values()) for w, ranks in results.items()}
+    total = {w: max(r["peak_total"] for r in ranks.values()) for w, ranks in results.items()}
     base = {w: min(r["rss_imports"] for r in ranks.values()) for w, ranks in results.items()}
+    tensors = ""
+    if "tensor" in measures:
+        tens = {w: max(r["tensor_peak_scoring_tensor"] for r in ranks.values()) for w, ranks in results.items()}
+        tensors = f", peak tensor bytes scoring {tens[2] / tens[1]:.2f}"
     print(
         f"\nworst rank, 2 ranks / 1 rank: peak RSS scoring {peak[2] / peak[1]:.2f} "
         f"({(peak[2] - base[2]) / (peak[1] - base[1]):.2f} above the {base[1] * mib:.0f} MiB the imports take in "
-        f"every process), peak tensor bytes scoring {tens[2] / tens[1]:.2f}"
+        f"every process){tensors}; peak RSS start to end {total[2] / total[1]:.2f} "
+        f"({(total[2] - base[2]) / (total[1] - base[1]):.2f} above the imports)"
+        + (" with meta_init" if args.meta_init else "")
     )
     if oneshot is not None:
         print(

@@ -389,13 +389,19 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_shards(
-    model: nn.Module, read_rows: Callable[[str, int, int], torch.Tensor] | None, full: nn.Module | None = None
+    model: nn.Module,
+    read_rows: Callable[[str, int, int], torch.Tensor] | None,
+    full: nn.Module | None = None,
+    known: dict[str, torch.Tensor] | None = None,
+    rename: Callable[[str], str] | None = None,
 ) -> None:
     """Every rank's rows of the parameters of ``model``, sharded while on the ``meta`` device (FSDP2 ``fully_shard``
     of a model built without weights): its storage made (``to_empty``, the buffers kept), then each parameter's local
     rows read by ``read_rows(name, first, count)`` (a checkpoint's memory-mapped slices: no rank reads more than its
     rows), or, with ``read_rows=None``, broadcast one parameter at a time from rank 0's whole model ``full`` (a random
-    initialisation made there; ``None`` on the other ranks). Collective in the broadcast form."""
+    initialisation made there; ``None`` on the other ranks). ``known``: whole values every rank has already (LoRA
+    adapters' seeded start), cut to the rows, no reading or communication; ``rename``: the name a parameter has in
+    the source (checkpoint or ``full``), default its own. Collective in the broadcast form."""
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     device = comm_device() if dist.is_initialized() else torch.device("cpu")
     model.to_empty(device=device)
@@ -403,16 +409,20 @@ def load_shards(
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, b.to(device))
     sources = dict(full.named_parameters()) if full is not None else {}
+    known = known or {}
     for name, p in sorted(model.named_parameters()):
         first, count = local_rows(p) if is_dtensor(p) else (0, p.shape[0])
-        if read_rows is not None:
-            rows = read_rows(name, first, count)
+        src = rename(name) if rename is not None else name
+        if name in known:
+            rows = known[name][first : first + count]
+        elif read_rows is not None:
+            rows = read_rows(src, first, count)
         elif not dist.is_initialized():
-            rows = sources[name].detach()
+            rows = sources[src].detach()
         else:
             whole = (
-                sources[name].detach().to(device)
-                if name in sources
+                sources[src].detach().to(device)
+                if src in sources
                 else torch.empty(p.shape, dtype=p.dtype, device=device)
             )
             dist.broadcast(whole, src=0)

@@ -3,7 +3,8 @@
 - :func:`inject`: adapters on the targeted Linears, each adapter's update masked like the weight it adapts, so the
   model trained and validated is the one that the merge produces;
 - :func:`merge`: the adapters merged into the base weights and dropped, then the masks re-applied (a merge adds
-  ``B·A`` to every entry, pruned ones included);
+  ``B·A`` to every entry, pruned ones included); on FSDP2-sharded weights each rank adds its own rows of the update,
+  ``B[rows]·A`` (:func:`merge_shards`), so no weight is gathered;
 - :func:`base_layers`: PEFT's wrappers swapped back for the ``nn.Linear`` they wrap while the structure is read and
   scores are computed.
 
@@ -13,6 +14,7 @@ statistics made before the injection keep holding (:func:`pruning.structure.name
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,9 +63,14 @@ class LoraSettings:
 torch.serialization.add_safe_globals([LoraSettings])
 
 
-def inject(model: nn.Module, settings: LoraSettings, masks: MasksOf) -> nn.Module:
+def inject(model: nn.Module, settings: LoraSettings, masks: MasksOf, seed: int | None = None) -> nn.Module:
     """PEFT's LoRA adapters on ``model`` (wrapped in place; returns the ``PeftModel``), every adapter's update
-    masked by ``masks()`` as read at each forward, so later pruning events are followed."""
+    masked by ``masks()`` as read at each forward, so later pruning events are followed. ``seed``: the adapters'
+    random initialisation drawn from it (:func:`initial_adapters`), the global generator left as it was.
+
+    FIX (FSDP2): each rank keeps its own rows of every parameter it builds, and nothing broadcasts them (DDP does),
+    so adapters drawn from each process's generator made a model no single process had; seeded, every rank (and a
+    single process) starts from the same adapters."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(
@@ -73,12 +80,40 @@ def inject(model: nn.Module, settings: LoraSettings, masks: MasksOf) -> nn.Modul
         target_modules=list(settings.target_modules),
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, cfg)
+    with torch.random.fork_rng(devices=[]):
+        peft_model = get_peft_model(model, cfg)
+    if seed is not None:
+        with torch.no_grad():
+            initial = initial_adapters(model, seed)
+            for name, p in model.named_parameters():
+                if name in initial and not p.is_meta:  # on meta: written when the model is materialised
+                    p.copy_(initial[name].to(p.dtype))
     for name, mod in model.named_modules():
         if hasattr(mod, "lora_A") and hasattr(mod, "base_layer"):
             for adapter in mod.lora_A:
                 mask_adapter(name + ".weight", mod.base_layer.weight, mod.lora_A[adapter], mod.lora_B[adapter], masks)
     return peft_model
+
+
+def initial_adapters(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """The adapters' starting values by parameter name, at their global shapes, fp32 on the host: every ``lora_A``
+    Kaiming-uniform (``a=√5``, PEFT's default) from one generator seeded by ``seed``, drawn in the order of the sorted
+    names; every ``lora_B`` zero (so the adapted model starts as the base model). The same on every rank and on a
+    model built on the meta device (whose adapters are written when its weights are loaded)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if ".lora_A." in name:
+            out[name] = nn.init.kaiming_uniform_(torch.empty(p.shape), a=math.sqrt(5), generator=g)
+        elif ".lora_B." in name:
+            out[name] = torch.zeros(p.shape)
+    return out
+
+
+def base_name(name: str) -> str:
+    """The name a wrapped layer's base parameter has without PEFT's wrapper (``q_proj.base_layer.weight`` ->
+    ``q_proj.weight``): its name in a checkpoint."""
+    return name.replace(".base_layer.", ".")
 
 
 def _split_factors(masks: MaskSet | None, name: str, weight: torch.Tensor) -> tuple:
@@ -106,13 +141,19 @@ def mask_adapter(name: str, weight: torch.Tensor, lora_a: nn.Module, lora_b: nn.
     q/k/v rows) scale the adapter's output, column factors (down/o columns) its input, at no cost; element masks
     (unstructured, N:M) need the dense ``(B·A) ⊙ M``, computed per forward from the adapter's input. Without masks on
     this weight the adapter runs untouched.
+
+    ``weight`` gives only the global shape: under FSDP2 the factors are read for a stand-in of that shape on the
+    input's device (the parameter object given here is replaced when the model is sharded), and an element mask
+    held as a rank's rows is gathered whole for the forward (a collective every rank runs in the same order).
     """
     state: dict[str, torch.Tensor | None] = {}
+    shape = tuple(weight.shape)
 
     def before_a(module, args):
         state.clear()
-        rows, cols, elem = _split_factors(masks(), name, weight)
         x = args[0]
+        like = x.new_empty(()).expand(shape)  # the weight's shape and the input's device, no storage
+        rows, cols, elem = _split_factors(masks(), name, like)
         if cols is not None:
             x = x * cols.to(x.dtype)
         if elem is not None:
@@ -135,14 +176,54 @@ def mask_adapter(name: str, weight: torch.Tensor, lora_a: nn.Module, lora_b: nn.
 
 def merge(peft_model: nn.Module, masks: MaskSet | None) -> nn.Module:
     """The adapters merged into the base weights and removed; the masks re-applied to the merged model, which is
-    returned (the same modules, unwrapped)."""
-    model = peft_model.merge_and_unload()
+    returned (the same modules, unwrapped). Sharded (FSDP2) adapters are merged on each rank's rows
+    (:func:`merge_shards`), then unwrapped."""
+    from .distributed import is_sharded
+
+    if is_sharded(peft_model.base_model.model):
+        merge_shards(peft_model)
+        model = peft_model.unload()
+    else:
+        model = peft_model.merge_and_unload()
     if masks is not None:
         if masks.attached:
             masks.reapply()
         else:
             masks.apply(model)
     return model
+
+
+@torch.no_grad()
+def merge_shards(peft_model: nn.Module) -> None:
+    """Every adapter's update ``s·B·A`` added in place to the rows of its base weight that this rank stores (the
+    adapters stay; :meth:`unload` drops them). For a weight sharded by rows (FSDP2 ``Shard(0)``) the update of rows
+    ``[i, j)`` is ``s·B[i:j]·A``: ``B`` (``[out, r]``) is sharded like the weight (the same rows of the same number of
+    rows on the same mesh), so its local rows are the ones needed, and ``A`` (``[r, in]``, small) is gathered whole.
+    Collective when ``A`` is sharded (every rank merges the same adapters in the same order). A weight that is not
+    sharded gets the whole update."""
+    from .distributed import is_dtensor, local, local_rows
+
+    for name, mod in sorted(peft_model.base_model.model.named_modules(), key=lambda kv: kv[0]):
+        if not (hasattr(mod, "lora_A") and hasattr(mod, "base_layer")):
+            continue
+        weight = mod.base_layer.weight
+        for adapter in sorted(mod.lora_A.keys()):
+            extras = [k for k in ("use_dora", "lora_bias") if getattr(mod, k, {}).get(adapter, False)]
+            if extras or getattr(mod, "fan_in_fan_out", False):
+                raise NotImplementedError(
+                    f"{name}: merging adapters with {extras or ['fan_in_fan_out']} on sharded weights is not "
+                    "supported. HINT: use plain LoRA (no DoRA, no LoRA bias) on nn.Linear projections"
+                )
+            a, b = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
+            a_full = a.full_tensor() if is_dtensor(a) else a
+            if is_dtensor(weight) and local_rows(b) != local_rows(weight):
+                raise RuntimeError(f"{name}: lora_B rows {local_rows(b)} are not the weight's {local_rows(weight)}")
+            b_rows = local(b) if is_dtensor(weight) else (b.full_tensor() if is_dtensor(b) else b)
+            w = local(weight)
+            delta = (b_rows.to(torch.float32) @ a_full.to(device=b_rows.device, dtype=torch.float32)) * float(
+                mod.scaling[adapter]
+            )
+            w.add_(delta.to(device=w.device, dtype=w.dtype))
 
 
 @contextmanager

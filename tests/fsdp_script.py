@@ -2,9 +2,10 @@
 
 Lightning's ``ModelParallelStrategy`` (CPU, gloo, ``data_parallel_size=2``) starts rank 1 by re-running this command.
 ``MODE``: ``full`` (one run of ``MAX_STEPS`` with an export at the end), ``meta`` / ``meta_pretrained`` (the same
-with ``meta_init``: from the config, or from the checkpoint ``OUT/checkpoint``) or ``resume`` (a run stopped at
-step 3, inside
-a scoring window (``RESUME``), saved as a sharded checkpoint, then resumed to ``MAX_STEPS`` in a new trainer).
+with ``meta_init``: from the config, or from the checkpoint ``OUT/checkpoint``), ``lora`` / ``lora_meta`` (LoRA
+recovery after a ``LORA_SCHEDULES`` event, merged at the end, exported; built whole, or on meta) or ``resume`` (a
+run stopped at step 3, inside a scoring window (``RESUME``), saved as a sharded checkpoint, then resumed to
+``MAX_STEPS`` in a new trainer).
 Each rank writes ``OUT/<mode>_rank<r>.pt``.
 """
 
@@ -36,6 +37,9 @@ SCHEDULES = {
 # the resumed runs stop at step 3, inside an event's scoring window: sdm's second one, gblm's only one (its per-weight
 # statistics are row-sharded, so the checkpoint gathers the rows and the resumed ranks cut them again)
 RESUME = {"sdm": SCHEDULES["sdm"], "gblm": ("unstructured", [Event(4, 0.5)])}
+# LoRA recovery on the sharded student (activation criteria: LoRA freezes the base weights): unstructured element
+# masks (held as each rank's rows, gathered for the adapters' forward) and MLP neurons (row and column factors)
+LORA_SCHEDULES = {"wanda": ("unstructured", [Event(2, 0.5)]), "magnitude": ("mlp_neuron", [Event(2, 0.25)])}
 MAX_STEPS = 6
 BATCH = 2  # sequences per micro-batch: each rank's step scores 2, one process's (2 micro-batches) 4
 
@@ -60,6 +64,22 @@ class Held(Recording):
                 {k: {kind: tuple(t.shape) for kind, t in s.sums.items()} for k, s in self.gradients.stats.items()}
             )
         return super().collected(lazy)
+
+
+class Adapters(Held):
+    """Also records, before the merge at the end of fit, whether the LoRA adapters and their base weights are
+    sharded (name -> (is a DTensor, global shape, local shape)) and the adapters' local ``B`` rows."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.adapters: dict = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        super().on_train_end(trainer, pl_module)
+        for n, p in pl_module.student.named_parameters():
+            if "lora_" in n or "layers.0.mlp.down_proj" in n:
+                loc = p.to_local() if is_dtensor(p) else p
+                self.adapters[n] = (is_dtensor(p), tuple(p.shape), tuple(loc.shape), loc.detach().clone())
 
 
 @contextmanager
@@ -127,7 +147,7 @@ def run(
 ) -> dict:
     granularity, events = schedules[criterion]
     m = module(lr=1e-2, weight_decay=0.1, **module_kw)
-    ic = Held()
+    ic = Adapters() if module_kw.get("lora") is not None else Held()
     pc = PruningCallback(criterion, granularity, Schedule(kind="steps", events=events))
     cbs = [ic, pc] + ([ExportOnFitEnd(export)] if export is not None else [])
     cbs += [StopAt(stop)] if stop is not None else []  # an interrupted run of MAX_STEPS
@@ -168,6 +188,7 @@ def run(
         "held": ic.held,
         "grads_at_step": ic.grads_at_step,
         "whole_at_read": reads,
+        "adapters": getattr(ic, "adapters", None),
     }
 
 
@@ -178,6 +199,11 @@ if __name__ == "__main__":
     elif mode in ("meta", "meta_pretrained"):  # built on meta, each rank loads its rows after sharding
         kw = {"pretrained": str(out / "checkpoint"), "config": None} if mode == "meta_pretrained" else {}
         res = run(crit, 2, export=out / f"export_{mode}", meta_init=True, **kw)
+    elif mode in ("lora", "lora_meta"):  # LoRA recovery on the sharded student, merged on the shards at fit end
+        from test_lightning import LORA
+
+        kw = dict(schedules=LORA_SCHEDULES, lora=LORA, teacher="none", meta_init=mode == "lora_meta")
+        res = run(crit, 2, export=out / "export_lora", **kw)
     else:  # stop at step 3 (second event's window half-scored), sharded checkpoint, resume in a new trainer
         first = run(crit, 2, stop=3, save=str(out / "ckpt"), schedules=RESUME)
         res = run(crit, 2, ckpt=str(out / "ckpt"), schedules=RESUME)

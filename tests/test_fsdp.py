@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_script import RESUME, SCHEDULES, run  # noqa: E402
-from test_lightning import CFG, assert_pruned_zero, assert_same_masks, assert_same_stats, module  # noqa: E402
+from fsdp_script import LORA_SCHEDULES, RESUME, SCHEDULES, run  # noqa: E402
+from test_lightning import CFG, LORA, assert_pruned_zero, assert_same_masks, assert_same_stats, module  # noqa: E402
 
 from pruning import MaskSet, ModelStructure, compact, prune, save_pretrained  # noqa: E402
 from pruning.options import PruneOptions, SelectionOptions  # noqa: E402
@@ -278,3 +278,52 @@ def test_fsdp_meta_device_init_gives_the_same_masks_and_export(tmp_path, source)
         assert torch.equal(got[0]["weights"][k], v), k
     a, b = _tensors(tmp_path / f"export_{source}"), _tensors(tmp_path / "export_fsdp")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("criterion,mode", [("wanda", "lora"), ("magnitude", "lora_meta")])
+def test_fsdp_lora_equals_one_process(tmp_path, criterion, mode):
+    """LoRA recovery on the sharded student (adapters sharded with their layer, their updates masked, merged on each
+    rank's rows at the end of fit): the same adapters, merged weights and export as LoRA on one process, and the
+    pruned weights exactly zero after the merge. ``lora_meta``: the 2-rank student built on the meta device
+    (adapters written from the seed after sharding, base weights broadcast from rank 0's initialisation)."""
+    assert set(LORA_SCHEDULES) == {"wanda", "magnitude"}
+    ranks = _two_ranks(tmp_path, criterion, mode)
+    want = run(criterion, world=1, schedules=LORA_SCHEDULES, lora=LORA, teacher="none")
+    want_masks = _masks(want["masks"])
+    lora_names = sorted(n for n in want["adapters"] if "lora_" in n)
+    assert lora_names and all(not want["adapters"][n][0] for n in lora_names)
+    for r in ranks:
+        assert_same_masks(_masks(r["masks"]), want_masks)
+        assert sorted(n for n in r["adapters"] if "lora_" in n) == lora_names
+        for n, (dtensor, shape, local_shape, _) in r["adapters"].items():  # adapters and base weights sharded by rows
+            assert dtensor and local_shape[0] == (shape[0] + 1 - r["rank"]) // 2, (n, shape, local_shape)
+    # before the merge: the adapters trained on 2 ranks (their rows put together) = the adapters of one process
+    trained_b = 0
+    for n in lora_names:
+        whole = torch.cat([r["adapters"][n][3] for r in ranks])
+        torch.testing.assert_close(whole, want["adapters"][n][3], rtol=1e-4, atol=WEIGHT_ATOL, msg=n)
+        trained_b += "lora_B" in n and bool(whole.count_nonzero())
+    assert trained_b > 0  # B starts at zero: the adapters did train, so the merge changes the weights
+    # merged at the end of fit: plain names, the same weights as the single-process merge, pruned entries exactly 0
+    got_w = ranks[0]["weights"]
+    assert not any("lora_" in k or "base_layer" in k for k in got_w)
+    assert set(got_w) == set(want["weights"])
+    for k, v in want["weights"].items():
+        torch.testing.assert_close(got_w[k], v, rtol=1e-4, atol=WEIGHT_ATOL, msg=k)
+    m = module()
+    m.student.load_state_dict(got_w)
+    assert_pruned_zero(m.student, want_masks)
+    down = "model.layers.0.mlp.down_proj"
+    before = torch.cat([r["adapters"][down + ".base_layer.weight"][3] for r in ranks])
+    keep = want_masks.keep_mask(down + ".weight", before)
+    assert not torch.equal(got_w[down + ".weight"][keep], before[keep])  # the merge added the adapters' update
+    # the export written from the shards = the single-process export of the same weights (byte for byte), and close
+    # to the single-process run's export
+    got_t = _tensors(tmp_path / "export_lora")
+    same_t = _tensors(_export(got_w, ranks[0]["masks"], tmp_path / "export_same"))
+    assert set(got_t) == set(same_t) and all(torch.equal(got_t[k], same_t[k]) for k in same_t)
+    ref_t = _tensors(_export(want["weights"], want["masks"], tmp_path / "export_single"))
+    assert {k: v.shape for k, v in ref_t.items()} == {k: v.shape for k, v in got_t.items()}
+    for k in ref_t:
+        torch.testing.assert_close(got_t[k], ref_t[k], rtol=1e-4, atol=WEIGHT_ATOL, msg=k)

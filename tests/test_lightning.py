@@ -558,3 +558,23 @@ def test_meta_init_loads_the_same_weights(tmp_path, source):
         assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sb)
     ids = torch.randint(0, 128, (1, 8))
     torch.testing.assert_close(got.student(input_ids=ids).logits, want.student(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("source", ["config", "pretrained"])
+def test_meta_init_with_lora_loads_the_same_weights_and_adapters(tmp_path, source):
+    """``meta_init`` with ``lora``: the adapters injected on the meta device, then the base weights loaded under
+    their wrapped names (``...base_layer.weight``) and the adapters written from ``init_seed``: the same state as a
+    plain build with LoRA, whose adapters are drawn from the same seed (a different seed draws other ones)."""
+    kw: dict = {}
+    if source == "pretrained":
+        module().student.save_pretrained(tmp_path / "ckpt")
+        kw = {"pretrained": str(tmp_path / "ckpt"), "config": None}
+    want = module(lora=LORA, **kw)
+    got = module(lora=LORA, meta_init=True, **kw)
+    assert all(p.is_meta for p in got.student.parameters())
+    got.configure_model()
+    sa, sb = got.student.state_dict(), want.student.state_dict()
+    assert any(".lora_A." in k for k in sb) and any(".base_layer." in k for k in sb)
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sb)
+    other = module(lora=LORA, init_seed=1, **kw).student.state_dict()
+    assert all(not torch.equal(other[k], sb[k]) for k in sb if ".lora_A." in k)

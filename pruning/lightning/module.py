@@ -15,13 +15,17 @@ Where the teacher's logits come from (``teacher``):
 
 Models load from a hub name or a local path with ``from_pretrained`` (safetensors only, never unpickled; remote
 code only with ``trust_remote_code: true``) or are built from ``config`` (random init, seeded) for tests and demos.
-Recovery with LoRA (``lora``): adapters are injected when the module is built (so DDP sees them from the start) and
-merged at the end of fit; masks are re-applied after the merge, so pruned weights stay exactly zero.
+Recovery with LoRA (``lora``): adapters are injected when the module is built (so DDP sees them from the start),
+initialised from ``init_seed`` (the same on every rank), and merged at the end of fit; masks are re-applied after
+the merge, so pruned weights stay exactly zero. Under FSDP2 the adapters are sharded with their decoder layer and
+each rank merges its own rows of the update (:func:`pruning.lora.merge_shards`).
 
 FSDP2 (Lightning's ``ModelParallelStrategy``, CPU/gloo or GPU/NCCL): :meth:`DistillationModule.configure_model`
 shards every decoder layer, then the root, over the data-parallel mesh (the ``copy`` teacher too); parameters
-become ``DTensor``s sharded by rows. The student is still built whole on every rank in ``__init__`` (host memory:
-one full model per rank until ``configure_model`` shards it); tensor parallelism is refused.
+become ``DTensor``s sharded by rows. The student is built whole on every rank in ``__init__`` (host memory: one
+full model per rank until ``configure_model`` shards it) unless ``meta_init``: then it is built on the meta device
+and each rank loads only its rows after sharding. LoRA adapters are sharded with their layers. Tensor parallelism
+is refused.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from ..evaluation.metrics import PerplexityMetric
 from ..loading import from_pretrained
-from ..lora import LoraSettings
+from ..lora import LoraSettings, base_layers, base_name, initial_adapters
 from ..lora import inject as inject_lora
 from ..lora import merge as merge_lora
 from ..losses import ChunkedLogits, distillation_loss
@@ -187,7 +191,9 @@ class DistillationModule(pl.LightningModule):
             scheduler: ``constant`` or ``cosine`` (to ``min_lr_ratio``·lr at the last step) after the warm-up.
             min_lr_ratio: final learning rate of the cosine schedule as a fraction of ``lr``.
             gradient_checkpointing: recompute activations in backward (less memory, ~30 % more compute).
-            lora: LoRA recovery settings; base weights are frozen and the adapters merged at the end of fit.
+            lora: LoRA recovery settings; base weights are frozen, the adapters start from ``init_seed`` (the same
+                on every rank, with or without ``meta_init``) and are merged at the end of fit (on each rank's rows
+                under FSDP2).
             keep_zeros: the exact zeros of the decoder layers' Linear weights become masks (recovering an
                 unstructured export: training and LoRA merges cannot revive them).
             allow_pickle: also load ``pretrained`` weights stored as pickles (``pytorch_model.bin``), which can run
@@ -218,10 +224,10 @@ class DistillationModule(pl.LightningModule):
         self.teacher_mode = teacher
         self.masks: MaskSet | None = None  # set by the pruning callback; the lifted teacher reads it
         self.weights_frozen = False  # set by the importance callback during scoring steps
-        if meta_init and (lora is not None or trust_remote_code or revision is not None):
+        if meta_init and (trust_remote_code or revision is not None):
             raise ValueError(
                 "meta_init builds a local checkpoint's own model class without weights; it does not combine with "
-                "lora, trust_remote_code or revision. HINT: leave meta_init off for those"
+                "trust_remote_code or revision. HINT: leave meta_init off for those"
             )
         self.student = build_model(
             pretrained,
@@ -246,7 +252,7 @@ class DistillationModule(pl.LightningModule):
         self._peft = None
         self.lora = LoraSettings.of(lora)
         if self.lora is not None:
-            self._peft = inject_lora(self.student, self.lora, lambda: self.masks)
+            self._peft = inject_lora(self.student, self.lora, lambda: self.masks, seed=init_seed)
         self.val_perplexity = PerplexityMetric()  # Σ NLL and Σ tokens of the validation epoch, over every rank
 
     # ------------------------------------------------------------------ building
@@ -266,7 +272,8 @@ class DistillationModule(pl.LightningModule):
     def _keep_zeros(self) -> None:
         from ..structure import ModelStructure
 
-        names = [n + ".weight" for n in ModelStructure(self.student).targets()]
+        with base_layers(self.student):  # LoRA (meta_init: injected before the weights are loaded)
+            names = [n + ".weight" for n in ModelStructure(self.student).targets()]
         self.masks = MaskSet.from_zeros(self.student, names)
 
     def _materialise(self) -> None:
@@ -280,7 +287,10 @@ class DistillationModule(pl.LightningModule):
             def full(dtype=dtype):
                 return build_model(hp.pretrained, hp.config, dtype=dtype, seed=hp.init_seed)
 
-            materialise_model(model, hp.pretrained, full)
+            known = rename = None
+            if model is self.student and self._peft is not None:  # LoRA: the seeded adapters, the wrapped names
+                known, rename = initial_adapters(model, hp.init_seed), base_name
+            materialise_model(model, hp.pretrained, full, known=known, rename=rename)
         if hp.keep_zeros and self.masks is None:
             self._keep_zeros()
 
@@ -318,14 +328,11 @@ class DistillationModule(pl.LightningModule):
                 "tensor_parallel_size: 1 (the defaults, 'auto', give data_parallel_size = number of nodes and "
                 "tensor_parallel_size = devices per node)"
             )
-        if self._peft is not None:
-            raise NotImplementedError(
-                "lora under ModelParallelStrategy (FSDP2) is not supported (the end-of-fit merge works on unsharded "
-                "weights). HINT: recover with lora under strategy: ddp, or without lora under FSDP"
-            )
         dp = mesh["data_parallel"]
         if not is_sharded(self.student):
-            shard_model(self.student, ModelStructure(self.student).layers, dp)
+            with base_layers(self.student):  # LoRA: the structure is read through PEFT's wrappers
+                layers = ModelStructure(self.student).layers
+            shard_model(self.student, layers, dp)  # the wrappers back: the adapters are sharded with their layer
         t = self.teacher
         if t is not None and not is_sharded(t):
             shard_model(t, ModelStructure(t).layers, dp)
