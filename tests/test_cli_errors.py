@@ -30,7 +30,7 @@ BAD = {  # case: (changes to the tiny demo recipe, the actionable line that must
         r"error: schedule: temperature=0.0 at step 4 must be > 0",
     ),
     "event after max_steps": (
-        {"pruning": {"schedule": {"kind": "one_shot", "step": 40, "sparsity": 0.3}}},
+        {"pruning": {"schedule": {"kind": "one_shot", "step": 40, "sparsity": 0.3, "events": None}}},
         r"error: schedule: the event at step 40 .* last optimiser step 12",
     ),
     "missing data file": ({"data": {"source": "./nope.jsonl"}}, r"error: TextDataModule: source='./nope.jsonl'"),
