@@ -137,7 +137,7 @@ def finetune(model, data: list[tuple[torch.Tensor, torch.Tensor]], steps: int, b
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % 50 == 0 or step + 1 == steps:
             print(f"  step {step + 1}/{steps}  loss {sum(losses[-50:]) / len(losses[-50:]):.4f}", flush=True)
     return losses
