@@ -33,6 +33,8 @@ USES = {
     "cubic": ("sparsity", "initial_sparsity", "start_step", "end_step", "every", "alpha", "temperature"),
 }
 DEFAULTS = {"step": 0, "sparsity": 0.5, "initial_sparsity": 0.0, "start_step": 0, "every": 1}
+# every field's value in a schedule printed whole by earlier versions: unused fields at these values are not refused
+WRITTEN_WHOLE = {**DEFAULTS, "events": [], "end_step": 0, "alpha": None, "temperature": None}
 
 
 @dataclass
@@ -47,7 +49,8 @@ class Schedule:
 
     A field left ``None`` takes its kind's default (``step`` 0, ``sparsity`` 0.5, ``initial_sparsity`` 0.0,
     ``start_step`` 0, ``every`` 1); a field its kind does not use is refused when set (``--print_config=skip_null``
-    shows only the fields a schedule sets).
+    shows only the fields a schedule sets); an unused field at the value earlier versions printed for it (a
+    schedule written whole: ``step: 0``, ``sparsity: 0.5``, ``events: []``, ...) is read as unset.
     """
 
     kind: Literal["one_shot", "steps", "cubic"] = "one_shot"
@@ -81,17 +84,7 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.kind not in USES:
             raise ValueError(f"schedule.kind={self.kind!r} must be 'one_shot', 'steps' or 'cubic'")
-        stray = [f.name for f in fields(self) if f.name != "kind" and f.name not in USES[self.kind]]
-        stray = [n for n in stray if getattr(self, n) not in (None, [])]
-        if stray:
-            own = " (each event carries its own step, sparsity, alpha and temperature)" if self.kind == "steps" else ""
-            raise ValueError(
-                f"schedule.kind={self.kind!r} does not use {', '.join('schedule.' + n for n in stray)} (it uses "
-                f"{', '.join(USES[self.kind])}). HINT: remove {stray[0]}{own}"
-            )
-        for name, value in DEFAULTS.items():
-            if name in USES[self.kind] and getattr(self, name) is None:
-                setattr(self, name, value)
+        self._settle_keys()
         self.events = [e if isinstance(e, Event) else Event(**e) for e in self.events or []]
         if self.kind == "steps" and not self.events:
             raise ValueError("schedule.kind='steps' needs schedule.events: [{step: 10, sparsity: 0.3}, ...]")
@@ -113,6 +106,24 @@ class Schedule:
         steps = [e.step for e in plan]
         if steps != sorted(set(steps)):
             raise ValueError(f"schedule: event steps {steps} must be strictly increasing")
+
+    def _settle_keys(self) -> None:
+        """Refuse a field the kind does not use (read as unset at the value earlier versions printed for it); give
+        the unset fields the kind uses their defaults."""
+        unused = [f.name for f in fields(self) if f.name != "kind" and f.name not in USES[self.kind]]
+        for name in unused:  # a schedule written whole (every field at its old default) reads as before
+            if getattr(self, name) == WRITTEN_WHOLE[name]:
+                setattr(self, name, None)
+        stray = [n for n in unused if getattr(self, n) is not None]
+        if stray:
+            own = " (each event carries its own step, sparsity, alpha and temperature)" if self.kind == "steps" else ""
+            raise ValueError(
+                f"schedule.kind={self.kind!r} does not use {', '.join('schedule.' + n for n in stray)} (it uses "
+                f"{', '.join(USES[self.kind])}). HINT: remove {stray[0]}{own}"
+            )
+        for name, value in DEFAULTS.items():
+            if name in USES[self.kind] and getattr(self, name) is None:
+                setattr(self, name, value)
 
     @staticmethod
     def cubic_sparsity(t: int, s0: float, sf: float, t0: int, t1: int) -> float:

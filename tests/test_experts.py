@@ -458,3 +458,27 @@ def test_expert_exports_load_in_a_process_without_pruning(tmp_path):
     got = load_file(str(tmp_path / "logits.safetensors"))
     for family, logits in want.items():
         torch.testing.assert_close(got[family], logits, atol=1e-5, rtol=0, msg=family)
+
+
+def test_routing_holds_without_the_mask_set_and_in_copies():
+    """The router's state is its own: dropping the mask set (garbage-collected) keeps the routing among the kept
+    experts (it fell back to every expert, the zeroed rows' logit 0 picked again), and a deep copy of the masked model
+    compacts on its own with the same logits (the copy's hook kept the original's expert count and crashed)."""
+    import gc
+
+    model = tiny_model("mixtral", layers=2)
+    ids = calib(n=2, seq=12)[0]
+    res = pruning.prune(model, calib(), method="reap", granularity="expert", sparsity=0.5, progress=False)
+    with torch.no_grad():
+        masked = model(input_ids=ids).logits
+    twin = copy.deepcopy(model)
+    twin_masks = copy.deepcopy(res.masks)
+    del res
+    gc.collect()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, masked)
+    pruning.compact(twin, twin_masks)
+    assert _experts_attr(twin) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(twin(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
+        assert torch.equal(model(input_ids=ids).logits, masked)  # the original keeps its own routing

@@ -96,3 +96,12 @@ def test_print_config_shows_only_the_fields_a_steps_schedule_uses(capsys):
         "kind": "steps",
         "events": [{"step": 4, "sparsity": 0.025}, {"step": 8, "sparsity": 0.3, "alpha": 0.42, "temperature": 0.5}],
     }
+
+
+def test_a_schedule_written_whole_by_earlier_versions_still_reads():
+    """Earlier ``--print_config`` output lists every field at its default; those unused values are read as unset."""
+    whole = dict(step=0, sparsity=0.5, events=[], initial_sparsity=0.0, start_step=0, end_step=0, every=1)
+    assert Schedule(**{**whole, "kind": "steps", "events": [{"step": 3, "sparsity": 0.2}]}).plan() == [Event(3, 0.2)]
+    assert Schedule(**{**whole, "kind": "one_shot", "step": 4, "sparsity": 0.3}).plan() == [Event(4, 0.3)]
+    with pytest.raises(ValueError, match="does not use schedule.sparsity"):
+        Schedule(**{**whole, "kind": "steps", "sparsity": 0.3, "events": [{"step": 3, "sparsity": 0.2}]})

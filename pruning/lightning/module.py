@@ -174,7 +174,7 @@ class DistillationModule(pl.LightningModule):
             attn_implementation: e.g. ``sdpa``, ``eager``, ``flash_attention_2`` (default: transformers' choice).
             trust_remote_code: allow modeling code shipped with the checkpoint (off: never run code from a hub).
             revision: hub revision (branch, tag or commit) of ``model``.
-            init_seed: seed of the random initialisation when ``config`` is given.
+            init_seed: seed of the random initialisation when ``config`` is given, and of the LoRA adapters' start.
             tokenizer_path: tokenizer name or path, exposed as ``.tokenizer`` (default: ``pretrained``'s, if any).
             alpha: distillation weight α (0 = plain cross-entropy).
             temperature: τ, dividing the teacher logits only (τ < 1 sharpens the teacher, SDMPrune's choice).

@@ -17,7 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from ..distributed import is_dtensor, local
 from ..structure import family_of, named_parameters
 from .lifted import Originals
-from .routing import router_hook, router_path
+from .routing import mask_router, router_path
 
 
 def _module(model: nn.Module, path: str) -> nn.Module:
@@ -78,9 +78,9 @@ class Holding(Originals):
             if only is not None and gs.members[0].name not in only:
                 continue
             router = _module(model, router_path(gs))
-            if id(router) not in self._routers:
-                hook = router_hook(self, key, family_of(model))
-                self._routers[id(router)] = router.register_forward_hook(hook)
+            handle = mask_router(router, self.groups[key], family_of(model))
+            if handle is not None:
+                self._routers[id(router)] = handle
 
     def __getstate__(self) -> dict:
         """A copy (``copy.deepcopy``, pickling) holds no router hooks: those belong to the model they were put on."""

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..distributed import is_dtensor, local, local_rows
 from ..structure import named_parameters
+from .routing import experts_lifted
 from .storage import KeepMasks
 
 
@@ -33,7 +34,6 @@ class Originals(KeepMasks):
     def __init__(self) -> None:
         super().__init__()
         self._stash: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}  # name -> (mask factors, pruned values)
-        self.lifting = False  # inside lifted(): the routers choose among every expert again (the original model)
 
     @torch.no_grad()
     def _stash_original(self, name: str, p: torch.Tensor) -> None:
@@ -67,11 +67,10 @@ class Originals(KeepMasks):
                     vals = vals[start : start + int(pruned.sum())]
                 lp = local(p)
                 lp[pruned.to(lp.device)] = vals.to(lp.device, lp.dtype)
-        self.lifting = True
         try:
-            yield
+            with experts_lifted(model):  # the routers choose among every expert again (the original model)
+                yield
         finally:
-            self.lifting = False
             with torch.no_grad():
                 for name in self._stash:
                     p = params[name]

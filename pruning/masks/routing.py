@@ -10,7 +10,8 @@ so the kept experts get the probabilities a softmax over them alone gives: the c
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -42,20 +43,58 @@ def experts_path(gs: GroupSet) -> str:
     return gs.members[1].name.rpartition(".")[0]
 
 
-def router_hook(masks, key: str, family: FamilySpec):
-    """A forward hook for the router of group set ``key``: its output routed among the experts ``masks`` keeps
-    (nothing changed while the masks are lifted for the teacher, or when every expert is kept)."""
-    ref = weakref.ref(masks)
+KEEP = "pruning_expert_keep"  # on a masked router: bool [experts], False = removed
+NORM = "pruning_router_norm"  # the router's attribute that says whether top-k weights are renormalised
+LIFTED = "pruning_experts_lifted"  # True while the masks are lifted for the teacher: every expert routable
 
-    def hook(module: nn.Module, args, output):
-        owner = ref()
-        if owner is None or owner.lifting or key not in owner.groups:
-            return None
-        keep = owner.groups[key]
-        if bool(keep.all()):
-            return None
-        logits, weights, _ = output
-        renormalise = bool(getattr(module, family.router_norm)) if family.router_norm else True
-        return kept_routing(logits, keep, int(module.top_k), renormalise, weights.dtype)
 
-    return hook
+def route_among_kept(module: nn.Module, args, output):
+    """Forward hook of a router whose experts are masked: its output routed among the experts it keeps.
+
+    The state is the router's own (attributes :data:`KEEP`, :data:`NORM`, :data:`LIFTED`), so the hook holds for as
+    long as the model does, whatever happens to the mask set that put it there, and a copy of the model keeps its
+    own; nothing changes while the masks are lifted or when every expert is kept."""
+    keep = getattr(module, KEEP, None)
+    if keep is None or getattr(module, LIFTED, False) or bool(keep.all()):
+        return None
+    logits, weights, _ = output
+    norm = getattr(module, NORM, None)
+    renormalise = bool(getattr(module, norm)) if norm else True
+    return kept_routing(logits, keep, int(module.top_k), renormalise, weights.dtype)
+
+
+def mask_router(router: nn.Module, keep: torch.Tensor, family: FamilySpec):
+    """Route ``router`` among the experts ``keep`` holds from now on; the new hook's handle, or ``None`` when the
+    router had one already (its kept experts updated)."""
+    setattr(router, KEEP, keep.detach().to(torch.bool).clone())
+    setattr(router, NORM, family.router_norm)
+    if any(fn is route_among_kept for fn in router._forward_hooks.values()):
+        return None
+    return router.register_forward_hook(route_among_kept)
+
+
+def unmask_routers(model: nn.Module) -> None:
+    """Every router of ``model`` routes among all its experts again (hooks and their state removed; what
+    :func:`~pruning.compact` does once the removed experts are gone)."""
+    for m in model.modules():
+        if not hasattr(m, KEEP):
+            continue
+        for hid, fn in list(m._forward_hooks.items()):
+            if fn is route_among_kept:
+                del m._forward_hooks[hid]
+        for attr in (KEEP, NORM, LIFTED):
+            if hasattr(m, attr):
+                delattr(m, attr)
+
+
+@contextmanager
+def experts_lifted(model: nn.Module) -> Iterator[None]:
+    """Every masked router of ``model`` routes among all its experts inside the block (the lifted teacher)."""
+    routers = [m for m in model.modules() if hasattr(m, KEEP)]
+    for m in routers:
+        setattr(m, LIFTED, True)
+    try:
+        yield
+    finally:
+        for m in routers:
+            setattr(m, LIFTED, False)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..masks import MaskSet
+from ..masks.routing import unmask_routers
 from ..structure import GroupSet, ModelStructure, config_value
 from .layers import (
     attention_module,
@@ -68,6 +69,7 @@ def compact(model: nn.Module, masks: MaskSet) -> nn.Module:
 
     # ---- consume the masks: element masks follow the new shapes and names
     masks.reset_to(_reindexed(masks.element, structure, slices, drop, new_index))
+    unmask_routers(model)  # a copy's hooks too (a deep copy of a masked model carries them)
     if was_attached:
         masks.attach(model)
     return model
