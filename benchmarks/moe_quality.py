@@ -130,6 +130,8 @@ def run(preset: Preset, cache: Path, criteria=CRITERIA, sparsities=SPARSITIES, l
     """Every criterion at every sparsity: held-out perplexity pruned (compacted) and after recovery."""
     dense, manifest = load_or_train(preset, cache, log)
     stream, calib, evals = data(preset)
+    control = dense_control(dense, stream, evals, preset)
+    log(f"dense: {manifest['heldout_ppl']:.3f} -> {control:.3f} after the same recovery (control)")
     rows = []
     for sparsity in sparsities:
         for method in criteria:
@@ -139,9 +141,7 @@ def run(preset: Preset, cache: Path, criteria=CRITERIA, sparsities=SPARSITIES, l
             prune_s = time.time() - t0
             pruning.compact(model, res.masks)
             pruned = perplexity(model, evals)
-            recover = TrainConfig(steps=preset.recover_steps, lr=preset.recover_lr, schedule="cosine", warmup=0.05)
-            train(model, RandomWindows(stream, preset.seq_len, preset.batch, seed=preset.seed + 2), recover)
-            model.eval()
+            recover(model, stream, preset)
             rows.append(
                 {
                     "method": method,
@@ -154,13 +154,61 @@ def run(preset: Preset, cache: Path, criteria=CRITERIA, sparsities=SPARSITIES, l
                 }
             )
             log(f"{method} {sparsity:.0%}: {pruned:.3f} -> {rows[-1]['recovered_ppl']:.3f}")
-    return {"dense": manifest, "recover_steps": preset.recover_steps, "rows": rows}
+    return {"dense": manifest, "dense_recovered_ppl": control, "recover_steps": preset.recover_steps, "rows": rows}
+
+
+def recover(model, stream, preset: Preset) -> None:
+    """The short recovery every row gets (the same batches), masks gone with the removed experts."""
+    cfg = TrainConfig(steps=preset.recover_steps, lr=preset.recover_lr, schedule="cosine", warmup=0.05)
+    train(model, RandomWindows(stream, preset.seq_len, preset.batch, seed=preset.seed + 2), cfg)
+    model.eval()
+
+
+def dense_control(dense, stream, evals, preset: Preset) -> float:
+    """Held-out perplexity of the dense model after the same recovery (what the recovery alone does)."""
+    model = copy.deepcopy(dense)
+    recover(model, stream, preset)
+    return perplexity(model, evals)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Held-out perplexity against the fraction of experts removed, per criterion, pruned (solid) and after the
+    recovery (dashed), with the dense model and its control as horizontal lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    for i, m in enumerate(methods):
+        rows = [r for r in result["rows"] if r["method"] == m]
+        x = [0.0] + [r["sparsity"] for r in rows]
+        colour = plt.get_cmap("tab10")(i)
+        ax.plot(x, [result["dense"]["heldout_ppl"]] + [r["pruned_ppl"] for r in rows], "-o", color=colour, label=m)
+        if "dense_recovered_ppl" in result:
+            after = [result["dense_recovered_ppl"]] + [r["recovered_ppl"] for r in rows]
+            ax.plot(x, after, "--", color=colour, alpha=0.7)
+    ax.axhline(result["dense"]["heldout_ppl"], color="black", lw=0.8, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("fraction of experts removed (every MoE layer)")
+    ax.set_ylabel("held-out perplexity per byte (log)")
+    ax.set_title("Whole experts removed: pruned (solid), after recovery (dashed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def table(result: dict) -> str:
     dense = result["dense"]
     lines = [
-        f"dense: {dense['parameters']:,} parameters, held-out perplexity per byte {dense['heldout_ppl']:.3f}",
+        f"dense: {dense['parameters']:,} parameters, held-out perplexity per byte {dense['heldout_ppl']:.3f}"
+        + (
+            f" ({result['dense_recovered_ppl']:.3f} after the same recovery: the control)"
+            if "dense_recovered_ppl" in result
+            else ""
+        ),
         "",
         f"| criterion | experts removed | experts kept | parameters | pruned ppl | after {result['recover_steps']} "
         "steps |",
@@ -182,7 +230,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recover-steps", type=int, help="recovery steps (overrides the preset)")
     parser.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=CRITERIA)
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    parser.add_argument("--plot", type=Path, help="draw the result here (PNG)")
+    parser.add_argument("--from-json", type=Path, help="only print the table (and --plot) of an earlier result")
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+        print(table(result))
+        if args.plot is not None:
+            plot(result, args.plot)
+        return result
     preset = PRESETS[args.preset]
     if args.steps is not None:
         preset = replace(preset, steps=args.steps)
@@ -192,6 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(result))
     if args.out is not None:
         args.out.write_text(json.dumps(result, indent=1))
+    if args.plot is not None:
+        plot(result, args.plot)
     return result
 
 

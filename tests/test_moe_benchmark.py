@@ -16,7 +16,10 @@ import moe_quality  # noqa: E402
 
 def test_moe_quality_smoke(tmp_path, capsys):
     out = tmp_path / "result.json"
-    result = moe_quality.main(["--preset", "smoke", "--cache", str(tmp_path / "cache"), "--out", str(out)])
+    png = tmp_path / "moe.png"
+    result = moe_quality.main(
+        ["--preset", "smoke", "--cache", str(tmp_path / "cache"), "--out", str(out), "--plot", str(png)]
+    )
     rows = result["rows"]
     assert [(r["method"], r["sparsity"]) for r in rows] == [
         (m, s) for s in moe_quality.SPARSITIES for m in moe_quality.CRITERIA
@@ -28,6 +31,7 @@ def test_moe_quality_smoke(tmp_path, capsys):
         assert r["parameters"] == dense - 2 * removed * (3 * 32 * 32 + 32)
         assert math.isfinite(r["pruned_ppl"]) and math.isfinite(r["recovered_ppl"])
     assert json.loads(out.read_text())["rows"] == rows
+    assert math.isfinite(result["dense_recovered_ppl"]) and png.stat().st_size > 1000
     table = capsys.readouterr().out
     assert "| reap | 50% | 2 |" in table
     # cached: a second call reuses the trained model (same manifest)
