@@ -482,3 +482,14 @@ def test_routing_holds_without_the_mask_set_and_in_copies():
     with torch.no_grad():
         torch.testing.assert_close(twin(input_ids=ids).logits, masked, atol=1e-5, rtol=0)
         assert torch.equal(model(input_ids=ids).logits, masked)  # the original keeps its own routing
+
+
+def test_an_export_of_masked_experts_is_refused(tmp_path):
+    """Saved as it is, the export would route to the removed experts again on reload: compact first."""
+    model = tiny_model("mixtral", layers=2)
+    res = pruning.prune(model, calib(), method="frequency", granularity="expert", sparsity=0.5, progress=False)
+    with pytest.raises(ValueError, match=r"mlp.gate routes around removed experts.*HINT: pruning.compact"):
+        pruning.save_pretrained(model, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    pruning.compact(model, res.masks)
+    pruning.save_pretrained(model, tmp_path / "export")

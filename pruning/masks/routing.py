@@ -73,6 +73,17 @@ def mask_router(router: nn.Module, keep: torch.Tensor, family: FamilySpec):
     return router.register_forward_hook(route_among_kept)
 
 
+def masked_routers(model: nn.Module) -> list[str]:
+    """Names of the routers of ``model`` that route around removed experts (a hook and experts not kept)."""
+    return [
+        n
+        for n, m in model.named_modules()
+        if getattr(m, KEEP, None) is not None
+        and not bool(getattr(m, KEEP).all())
+        and any(fn is route_among_kept for fn in m._forward_hooks.values())
+    ]
+
+
 def unmask_routers(model: nn.Module) -> None:
     """Every router of ``model`` routes among all its experts again (hooks and their state removed; what
     :func:`~pruning.compact` does once the removed experts are gone)."""

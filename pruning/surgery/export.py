@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..loading import from_pretrained
+from ..masks.routing import masked_routers
 from ..record import library_versions
 from ..structure import FamilySpec, GroupSet, ModelStructure, config_value, family_of
 from .compact import Kept, shrink_layer
@@ -61,8 +62,15 @@ def save_pretrained(
     exchange of the two directories where the system has one (Linux ``renameat2``), else two renames. A crash or an
     exception leaves the previous export at ``path`` intact; temporaries an interrupted export left behind are
     removed by the next export to the same path, and a previous export moved aside by an interrupted swap is put
-    back first.
+    back first. A model whose routers still route around masked experts is refused (saved as it is, its reload
+    would route to the removed experts again): :func:`~pruning.compact` it first.
     """
+    masked = masked_routers(model)
+    if masked:
+        raise ValueError(
+            f"{masked[0]} routes around removed experts that are still in the model (masked, not compacted); an export "
+            "of it would route to them again once loaded. HINT: pruning.compact(model, masks) before saving"
+        )
     with atomic_export(path) as tmp:
         _write(model, tmp, tokenizer, manifest)
         if config is not None:
