@@ -40,6 +40,10 @@ RESUME = {"sdm": SCHEDULES["sdm"], "gblm": ("unstructured", [Event(4, 0.5)])}
 # LoRA recovery on the sharded student (activation criteria: LoRA freezes the base weights): unstructured element
 # masks (held as each rank's rows, gathered for the adapters' forward) and MLP neurons (row and column factors)
 LORA_SCHEDULES = {"wanda": ("unstructured", [Event(2, 0.5)]), "magnitude": ("mlp_neuron", [Event(2, 0.25)])}
+# a tiny Mixtral (3-D expert weights, sharded by experts): whole experts by REAP's routing statistics, expert neurons
+# by Taylor's gradients of the 3-D weights (not Linears: micro-batches of one sequence, MOE_BATCH)
+MOE = {"reap": ("expert", [Event(2, 0.25)]), "taylor": ("expert_neuron", [Event(2, 0.25)])}
+MOE_BATCH = {"reap": 2, "taylor": 1}
 MAX_STEPS = 6
 BATCH = 2  # sequences per micro-batch: each rank's step scores 2, one process's (2 micro-batches) 4
 
@@ -126,13 +130,13 @@ def trainer(max_steps: int, callbacks: list, world: int):
     )
 
 
-def loader(tr, world: int):
+def loader(tr, world: int, batch: int = BATCH):
     from torch.utils.data import DistributedSampler
 
     data = samples(SEQS)
     # rank r sees sequences r, r + 2, ... (as in tests/test_lightning_ddp.py); one process sees them in order
     sampler = DistributedSampler(data, num_replicas=2, rank=tr.global_rank, shuffle=False) if world == 2 else None
-    return Resumable(data, batch_size=BATCH, sampler=sampler, shuffle=False)
+    return Resumable(data, batch_size=batch, sampler=sampler, shuffle=False)
 
 
 def run(
@@ -143,6 +147,7 @@ def run(
     ckpt: str | None = None,
     save: str | None = None,
     schedules: dict = SCHEDULES,
+    batch: int = BATCH,
     **module_kw,
 ) -> dict:
     granularity, events = schedules[criterion]
@@ -154,11 +159,15 @@ def run(
     tr = trainer(MAX_STEPS, cbs, world)
     reads: list = []
     with whole_at_read(reads):
-        tr.fit(m, loader(tr, world), ckpt_path=ckpt)
+        tr.fit(m, loader(tr, world, batch), ckpt_path=ckpt)
     if save is not None:
         tr.save_checkpoint(save)
+    m.student.eval()
+    with torch.no_grad():  # the masked model after the events (a masked router routes to kept experts only)
+        logits = m.student(input_ids=torch.stack(SEQS[:4])).logits
     params = dict(m.student.named_parameters())
     name = "model.layers.0.mlp.down_proj.weight"
+    name = name if name in params else "model.layers.0.mlp.experts.down_proj"  # MoE: a 3-D weight of all experts
     p = params[name]
     info = {"dtensor": is_dtensor(p), "global_shape": tuple(p.shape)}
     if is_dtensor(p):
@@ -189,6 +198,7 @@ def run(
         "grads_at_step": ic.grads_at_step,
         "whole_at_read": reads,
         "adapters": getattr(ic, "adapters", None),
+        "logits": logits,
     }
 
 
@@ -204,6 +214,11 @@ if __name__ == "__main__":
 
         kw = dict(schedules=LORA_SCHEDULES, lora=LORA, teacher="none", meta_init=mode == "lora_meta")
         res = run(crit, 2, export=out / "export_lora", **kw)
+    elif mode == "moe":  # a tiny Mixtral, exported at the end
+        from tiny import tiny_config_dict
+
+        kw = dict(schedules=MOE, batch=MOE_BATCH[crit], config=tiny_config_dict("mixtral"))
+        res = run(crit, 2, export=out / "export_moe", **kw)
     else:  # stop at step 3 (second event's window half-scored), sharded checkpoint, resume in a new trainer
         first = run(crit, 2, stop=3, save=str(out / "ckpt"), schedules=RESUME)
         res = run(crit, 2, ckpt=str(out / "ckpt"), schedules=RESUME)

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_script import LORA_SCHEDULES, RESUME, SCHEDULES, run  # noqa: E402
-from test_lightning import CFG, LORA, assert_pruned_zero, assert_same_masks, assert_same_stats, module  # noqa: E402
+from fsdp_script import LORA_SCHEDULES, MOE, MOE_BATCH, RESUME, SCHEDULES, run  # noqa: E402
+from test_lightning import CFG, LORA, SEQS, assert_pruned_zero, assert_same_masks, assert_same_stats, module  # noqa: E402
 
 from pruning import MaskSet, ModelStructure, compact, prune, save_pretrained  # noqa: E402
 from pruning.options import PruneOptions, SelectionOptions  # noqa: E402
@@ -56,9 +56,9 @@ def _masks(state: dict) -> MaskSet:
     return out
 
 
-def _export(weights: dict, masks_state: dict, path: Path) -> Path:
+def _export(weights: dict, masks_state: dict, path: Path, **module_kw) -> Path:
     """The single-process export path (ExportOnFitEnd without FSDP): a plain model, compacted, written."""
-    m = module()
+    m = module(**module_kw)
     m.student.load_state_dict(weights)
     masks = _masks(masks_state)
     if masks.groups:
@@ -327,3 +327,70 @@ def test_fsdp_lora_equals_one_process(tmp_path, criterion, mode):
     assert {k: v.shape for k, v in ref_t.items()} == {k: v.shape for k, v in got_t.items()}
     for k in ref_t:
         torch.testing.assert_close(got_t[k], ref_t[k], rtol=1e-4, atol=WEIGHT_ATOL, msg=k)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("criterion", list(MOE))
+def test_fsdp_moe_two_ranks_equal_one_process(tmp_path, criterion):
+    """A tiny Mixtral under FSDP2: its 3-D expert weights sharded by experts (2 of the 4 on each rank); the masks
+    (whole experts by REAP, expert neurons by Taylor), the recovered weights, the masked model's logits (the masked
+    router's choice among the kept experts) and the export gathered from the shards equal one process's."""
+    from tiny import tiny_config_dict
+
+    cfg = tiny_config_dict("mixtral")
+    granularity = MOE[criterion][0]
+    ranks = _two_ranks(tmp_path, criterion, "moe")
+    want = run(criterion, world=1, schedules=MOE, batch=MOE_BATCH[criterion], config=cfg)
+    want_masks = _masks(want["masks"])
+    for r in ranks:
+        info = r["info"]  # model.layers.0.mlp.experts.down_proj [4 experts, hidden, neurons]: 2 experts per rank
+        assert info["dtensor"] and info["placements"] == ["S(0)"], info
+        assert info["global_shape"] == (4, 32, 32) and info["local_shape"] == (2, 32, 32), info
+        assert info["mask_dtensor"] and info["mask_placements"] == info["placements"]
+        assert not info["local_weight"][~info["mask_local"]].any()  # pruned entries of the local shard are 0
+        assert [h["micro_batches_scored_on_rank"] for h in r["history"]] == [2]
+        for got, exp in zip(r["snapshots"], want["snapshots"], strict=True):
+            for kind in ("activations", "gradients"):
+                assert (got[kind] is None) == (exp[kind] is None)
+                if exp[kind] is not None:
+                    assert_same_stats(got[kind], exp[kind], kind + "/")
+        assert_same_masks(_masks(r["masks"]), want_masks)
+        torch.testing.assert_close(r["logits"], want["logits"], rtol=1e-4, atol=1e-4)
+    # the statistics the criterion read: REAP's routing (activations), Taylor's gradients of the 3-D weights
+    kind = "activations" if criterion == "reap" else "gradients"
+    assert want["snapshots"][0][kind]
+    groups = {k: v for k, v in want_masks.groups.items() if k.startswith("expert")}
+    assert groups and all((~g).any() for g in groups.values()), want_masks.groups.keys()
+    got_w = ranks[0]["weights"]
+    assert set(got_w) == set(want["weights"])
+    for k, v in want["weights"].items():
+        torch.testing.assert_close(got_w[k], v, rtol=1e-4, atol=WEIGHT_ATOL, msg=k)
+    m = module(config=cfg)
+    m.student.load_state_dict(got_w)
+    assert_pruned_zero(m.student, want_masks)
+    # export gathered from the shards = the single-process export of the same weights and masks, and close to the
+    # single-process run's export
+    fsdp_dir = tmp_path / "export_moe"
+    got_t = _tensors(fsdp_dir)
+    same = _export(got_w, ranks[0]["masks"], tmp_path / "export_same", config=cfg)
+    same_t = _tensors(same)
+    assert set(got_t) == set(same_t) and all(torch.equal(got_t[k], same_t[k]) for k in same_t)
+    exported = json.loads((fsdp_dir / "config.json").read_text())
+    assert exported == json.loads((same / "config.json").read_text())
+    ref_t = _tensors(_export(want["weights"], want["masks"], tmp_path / "export_single", config=cfg))
+    assert {k: v.shape for k, v in ref_t.items()} == {k: v.shape for k, v in got_t.items()}
+    for k in ref_t:
+        torch.testing.assert_close(got_t[k], ref_t[k], rtol=1e-4, atol=WEIGHT_ATOL, msg=k)
+    # the export reloaded computes what the sharded masked model did (its router chooses among the kept experts)
+    from pruning.surgery.export import load_pretrained
+
+    loaded = load_pretrained(fsdp_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = loaded(input_ids=torch.stack(SEQS[:4])).logits
+    torch.testing.assert_close(logits, ranks[0]["logits"], rtol=1e-4, atol=1e-4)
+    # written in the checkpoint's layout, one w1/w2/w3 per expert (w2: hidden x neurons)
+    down = [v for k, v in got_t.items() if k.startswith("model.layers.0.block_sparse_moe.experts.") and "w2" in k]
+    if granularity == "expert":  # 3 of 4 experts kept in each layer
+        assert exported["num_local_experts"] == 3 and len(down) == 3, (exported, len(down))
+    else:  # 32 neurons an expert at 25 %: fewer in the export
+        assert len(down) == 4 and sum(d.shape[1] for d in down) < 4 * 32, [d.shape for d in down]
