@@ -67,13 +67,18 @@ def test_moe_masked_forward_and_training(family, method, granularity):
         got = model(input_ids=ids[0]).logits
         want = _hand_zeroed(original, res.masks)(input_ids=ids[0]).logits
     assert torch.equal(got, want)
-    res.masks.attach(model)
+    _train_held(model, res.masks, ids)
+
+
+def _train_held(model, masks, ids, steps: int = 20) -> None:
+    """``steps`` AdamW steps on ``ids`` with ``masks`` attached: the pruned weights stay exactly zero throughout."""
+    masks.attach(model)
     try:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        _train(model, opt, ids, 20, res.masks)
-        _assert_pruned_zero(model, res.masks)
+        _train(model, opt, ids, steps, masks)
+        _assert_pruned_zero(model, masks)
     finally:
-        res.masks.detach()
+        masks.detach()
 
 
 def test_shared_expert_neurons():
@@ -266,13 +271,9 @@ def test_removed_experts_stay_zero_and_unrouted_in_training(family):
     seen: list[torch.Tensor] = []
     layers = ModelStructure(model).layers
     handles = [_routed(layer.mlp.experts, seen) for layer in layers]
-    res.masks.attach(model)
     try:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        _train(model, opt, ids, 20, res.masks)
-        _assert_pruned_zero(model, res.masks)
+        _train_held(model, res.masks, ids)
     finally:
-        res.masks.detach()
         for h in handles:
             h.remove()
     assert len(seen) == 2 * 20

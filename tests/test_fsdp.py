@@ -34,6 +34,16 @@ SCRIPT = Path(__file__).parent / "fsdp_script.py"
 WEIGHT_ATOL = 5e-5
 
 
+def _assert_same_weights(got: dict, want: dict, masks) -> None:
+    """The weights gathered from the shards equal one process's (fp32 tolerance), pruned entries exactly zero."""
+    assert set(got) == set(want)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=WEIGHT_ATOL, msg=k)
+    m = module()
+    m.student.load_state_dict(got)
+    assert_pruned_zero(m.student, masks)
+
+
 def _two_ranks(tmp_path: Path, criterion: str, mode: str) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
@@ -128,12 +138,7 @@ def test_fsdp_two_ranks_equal_one_process(tmp_path, criterion):
         assert ranks[0]["teacher_stash"]
     # recovery steps on the shards (gradients reduce-scattered, averaged) = one process's accumulated steps
     got_w = ranks[0]["weights"]  # gathered to rank 0
-    assert set(got_w) == set(want["weights"])
-    for k, v in want["weights"].items():
-        torch.testing.assert_close(got_w[k], v, rtol=1e-4, atol=WEIGHT_ATOL, msg=k)
-    m = module()
-    m.student.load_state_dict(got_w)
-    assert_pruned_zero(m.student, want_masks)
+    _assert_same_weights(got_w, want["weights"], want_masks)
 
     # export: the files gathered from the shards = the single-process export of the same weights and masks
     fsdp_dir = tmp_path / "export_fsdp"
@@ -308,12 +313,7 @@ def test_fsdp_lora_equals_one_process(tmp_path, criterion, mode):
     # merged at the end of fit: plain names, the same weights as the single-process merge, pruned entries exactly 0
     got_w = ranks[0]["weights"]
     assert not any("lora_" in k or "base_layer" in k for k in got_w)
-    assert set(got_w) == set(want["weights"])
-    for k, v in want["weights"].items():
-        torch.testing.assert_close(got_w[k], v, rtol=1e-4, atol=WEIGHT_ATOL, msg=k)
-    m = module()
-    m.student.load_state_dict(got_w)
-    assert_pruned_zero(m.student, want_masks)
+    _assert_same_weights(got_w, want["weights"], want_masks)
     down = "model.layers.0.mlp.down_proj"
     before = torch.cat([r["adapters"][down + ".base_layer.weight"][3] for r in ranks])
     keep = want_masks.keep_mask(down + ".weight", before)
