@@ -5,7 +5,8 @@ Lightning's ``ModelParallelStrategy`` (CPU, gloo, ``data_parallel_size=2``) star
 with ``meta_init``: from the config, or from the checkpoint ``OUT/checkpoint``), ``lora`` / ``lora_meta`` (LoRA
 recovery after a ``LORA_SCHEDULES`` event, merged at the end, exported; built whole, or on meta) or ``resume`` (a
 run stopped at step 3, inside a scoring window (``RESUME``), saved as a sharded checkpoint, then resumed to
-``MAX_STEPS`` in a new trainer).
+``MAX_STEPS`` in a new trainer) or ``lora_resume`` (LoRA recovery checkpointed at step ``LORA_SAVE`` while the
+adapters train, as ``ModelCheckpoint`` saves, the run interrupted there and resumed to ``MAX_STEPS``, merged, exported).
 Each rank writes ``OUT/<mode>_rank<r>.pt``.
 """
 
@@ -15,6 +16,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 
 torch.set_num_threads(1)
@@ -45,6 +47,7 @@ LORA_SCHEDULES = {"wanda": ("unstructured", [Event(2, 0.5)]), "magnitude": ("mlp
 MOE = {"reap": ("expert", [Event(2, 0.25)]), "taylor": ("expert_neuron", [Event(2, 0.25)])}
 MOE_BATCH = {"reap": 2, "taylor": 1}
 MAX_STEPS = 6
+LORA_SAVE = 4  # after the LoRA event at step 2: the checkpoint holds adapters with 2 steps of training
 BATCH = 2  # sequences per micro-batch: each rank's step scores 2, one process's (2 micro-batches) 4
 
 
@@ -68,6 +71,18 @@ class Held(Recording):
                 {k: {kind: tuple(t.shape) for kind, t in s.sums.items()} for k, s in self.gradients.stats.items()}
             )
         return super().collected(lazy)
+
+
+class SaveAt(pl.Callback):
+    """Saves a checkpoint after optimiser step ``step``, inside training (where ``ModelCheckpoint`` saves: before the
+    end of fit merges the LoRA adapters)."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
 
 
 class Adapters(Held):
@@ -146,6 +161,7 @@ def run(
     export: Path | None = None,
     ckpt: str | None = None,
     save: str | None = None,
+    save_at: int | None = None,
     schedules: dict = SCHEDULES,
     batch: int = BATCH,
     **module_kw,
@@ -155,12 +171,13 @@ def run(
     ic = Adapters() if module_kw.get("lora") is not None else Held()
     pc = PruningCallback(criterion, granularity, Schedule(kind="steps", events=events))
     cbs = [ic, pc] + ([ExportOnFitEnd(export)] if export is not None else [])
+    cbs += [SaveAt(save_at, save)] if save_at is not None else []
     cbs += [StopAt(stop)] if stop is not None else []  # an interrupted run of MAX_STEPS
     tr = trainer(MAX_STEPS, cbs, world)
     reads: list = []
     with whole_at_read(reads):
         tr.fit(m, loader(tr, world, batch), ckpt_path=ckpt)
-    if save is not None:
+    if save is not None and save_at is None:
         tr.save_checkpoint(save)
     m.student.eval()
     with torch.no_grad():  # the masked model after the events (a masked router routes to kept experts only)
@@ -214,6 +231,14 @@ if __name__ == "__main__":
 
         kw = dict(schedules=LORA_SCHEDULES, lora=LORA, teacher="none", meta_init=mode == "lora_meta")
         res = run(crit, 2, export=out / "export_lora", **kw)
+    elif mode == "lora_resume":  # checkpointed while the adapters train, resumed in a new trainer, merged at the end
+        from test_lightning import LORA
+
+        kw = dict(schedules=LORA_SCHEDULES, lora=LORA, teacher="none")
+        ckpt = str(out / "ckpt")
+        first = run(crit, 2, stop=LORA_SAVE, save=ckpt, save_at=LORA_SAVE, **kw)
+        res = run(crit, 2, ckpt=ckpt, export=out / "export_lora_resume", **kw)
+        res["first_history"], res["first_step"] = first["history"], first["global_step"]
     elif mode == "moe":  # a tiny Mixtral, exported at the end
         from tiny import tiny_config_dict
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_script import LORA_SCHEDULES, MOE, MOE_BATCH, RESUME, SCHEDULES, run  # noqa: E402
+from fsdp_script import LORA_SAVE, LORA_SCHEDULES, MOE, MOE_BATCH, RESUME, SCHEDULES, run  # noqa: E402
 from test_lightning import CFG, LORA, SEQS, assert_pruned_zero, assert_same_masks, assert_same_stats, module  # noqa: E402
 
 from pruning import MaskSet, ModelStructure, compact, prune, save_pretrained  # noqa: E402
@@ -323,6 +323,35 @@ def test_fsdp_lora_equals_one_process(tmp_path, criterion, mode):
     got_t = _tensors(tmp_path / "export_lora")
     same_t = _tensors(_export(got_w, ranks[0]["masks"], tmp_path / "export_same"))
     assert set(got_t) == set(same_t) and all(torch.equal(got_t[k], same_t[k]) for k in same_t)
+    ref_t = _tensors(_export(want["weights"], want["masks"], tmp_path / "export_single"))
+    assert {k: v.shape for k, v in ref_t.items()} == {k: v.shape for k, v in got_t.items()}
+    for k in ref_t:
+        torch.testing.assert_close(got_t[k], ref_t[k], rtol=1e-4, atol=WEIGHT_ATOL, msg=k)
+
+
+@pytest.mark.multiprocess
+def test_fsdp_lora_resume_equals_one_process(tmp_path):
+    """LoRA recovery on the sharded student, checkpointed at step LORA_SAVE while the adapters train (a distributed
+    checkpoint of the sharded adapters, base weights and AdamW state), interrupted there and resumed in a new trainer:
+    the adapters before the merge, the merged weights and the export equal one uninterrupted process's."""
+    ranks = _two_ranks(tmp_path, "magnitude", "lora_resume")
+    assert (tmp_path / "ckpt").is_dir()
+    want = run("magnitude", world=1, schedules=LORA_SCHEDULES, lora=LORA, teacher="none")
+    want_masks = _masks(want["masks"])
+    lora_names = sorted(n for n in want["adapters"] if "lora_" in n)
+    for r in ranks:
+        assert r["first_step"] == LORA_SAVE and [h["step"] for h in r["first_history"]] == [2]
+        assert r["global_step"] == 6 and [h["step"] for h in r["history"]] == [2]  # the event came back, not redone
+        assert [step for step, _, _ in r["grads_at_step"]] == [4, 5]  # the new trainer ran the last 2 steps only
+        assert_same_masks(_masks(r["masks"]), want_masks)
+        assert sorted(n for n in r["adapters"] if "lora_" in n) == lora_names
+    for n in lora_names:  # the adapters trained before the checkpoint and after the resume = one process's
+        whole = torch.cat([r["adapters"][n][3] for r in ranks])
+        torch.testing.assert_close(whole, want["adapters"][n][3], rtol=1e-4, atol=WEIGHT_ATOL, msg=n)
+    got_w = ranks[0]["weights"]
+    assert not any("lora_" in k or "base_layer" in k for k in got_w)
+    _assert_same_weights(got_w, want["weights"], want_masks)
+    got_t = _tensors(tmp_path / "export_lora_resume")
     ref_t = _tensors(_export(want["weights"], want["masks"], tmp_path / "export_single"))
     assert {k: v.shape for k, v in ref_t.items()} == {k: v.shape for k, v in got_t.items()}
     for k in ref_t:
