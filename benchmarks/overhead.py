@@ -136,12 +136,15 @@ def model_config(args) -> dict:
     )
 
 
+NEVER = 10**9  # the step of the event that scoring windows lead to; the runs stop long before it
+
+
 def callbacks_for(name: str, alternate: bool) -> list[pl.Callback]:
     if name == "plain":
         return []
     crit, gran, freeze, _ = CONFIGS[name]
     # one event far beyond the run: every step is in the scoring window of that event, nothing is pruned
-    sched = Schedule(kind="one_shot", step=10**9, sparsity=0.5)
+    sched = Schedule(kind="one_shot", step=NEVER, sparsity=0.5)
     imp = (AlternatingImportance if alternate else ImportanceCallback)(freeze_weights=freeze)
     return [imp, PruningCallback(crit, gran, sched)]
 
@@ -154,18 +157,31 @@ def check_clean(module: DistillationModule) -> None:
         raise RuntimeError(f"hooks left after fit on {left[:3]}")
 
 
+class StopAfter(pl.Callback):
+    """Ends the fit after ``steps`` optimiser steps of a run planned longer (so that the pruning callback's event
+    far beyond them passes its start-up check that events are reached, and never fires)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
 def trainer(steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=steps,
+        max_steps=NEVER,
+        max_epochs=-1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=callbacks,
+        callbacks=[*callbacks, StopAfter(steps)],
     )
 
 
