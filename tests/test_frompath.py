@@ -144,7 +144,7 @@ def test_tied_embeddings_and_opt(tmp_path):
         (dict(method="magnitude", granularity="layer", sparsity=0.34), "rank scores across layers"),
         (dict(method="taylor", include_embeddings=True), "outside the decoder layers"),
         (dict(method="wanda", sequential=False), "sequential=False"),
-        (dict(method="taylor", granularity="expert", family="qwen3_moe"), "per-sequence gradient statistics"),
+        (dict(method="sdm", granularity="expert", family="qwen3_moe"), "per-sequence gradient statistics"),
     ],
 )
 def test_what_a_streamed_checkpoint_refuses(tmp_path, kw, match):
@@ -174,6 +174,9 @@ MOE_CASES = [
     ("olmoe", dict(method="reap", granularity="expert", sparsity=0.5)),
     ("mixtral", dict(method="frequency", granularity="expert", sparsity=0.5)),
     ("qwen3_moe", dict(method="magnitude", granularity="attention_head", sparsity=0.5)),
+    # Taylor on 3-D expert weights: only the sum of the gradients, each layer's .grad read after its walk back
+    ("qwen3_moe", dict(method="taylor", granularity="expert", sparsity=0.5)),
+    ("mixtral", dict(method="taylor", granularity="expert_neuron", sparsity=0.5)),
 ]
 
 

@@ -23,7 +23,8 @@ names, as :func:`~pruning.save_pretrained` writes one.
   unstructured thresholds, ``scope='global'``: every weight's score at once, the size of the model in fp32; whole
   ``layer`` granularity and joint budgets of two kinds of groups: not implemented in this driver);
   targets outside the decoder layers (embeddings, LM head), and experts held as 3-D parameters under a gradient
-  criterion, whose per-sequence statistics a batched backward cannot make;
+  criterion that needs per-sequence statistics (sdm, saap, gblm: a batched backward cannot make them for a 3-D
+  weight; Taylor, which needs only their sum, reads each layer's ``.grad`` after its walk back);
   ``sequential=False`` (statistics of the dense model through every layer at once); continuing earlier masks.
 """
 
@@ -45,7 +46,7 @@ from ..options import PruneOptions
 from ..stats import GradientCollector
 from ..structure import ModelStructure
 from ..surgery import atomic_export, compact_layer, read_config, rewrite_config, write_model_files
-from ..surgery.meta import TensorFiles, build_on_meta, materialise, original_names, release
+from ..surgery.meta import TensorFiles, build_on_meta, materialise, original_names, release, trim_host_memory
 from .calibration import calibration_batches, calibration_fingerprint, check_calibration
 from .drive import layer_statistics, prune_layer_by_layer
 from .layerwise import run_layerwise
@@ -109,6 +110,7 @@ class _Checkpoint:
             release(layer)
             self.pruner.refresh_weights(i)
             self._drop_statistics(i)
+            trim_host_memory()  # the layer's memory back to the system, not kept as heap: the peak stays flat
 
     def finish(self, i: int) -> None:
         """Layer ``i`` pruned: its share of the report, made smaller, written; its element masks dropped."""
@@ -246,14 +248,14 @@ def _drive(ckpt: _Checkpoint, calib: list[torch.Tensor], device, store: str, pro
         ckpt.spill_dir = spill
         if crit.needs_gradients:
             ckpt.gradients = gradients = pruner.gradient_collector()
-            per_sequence = gradients.unbatchable()
+            per_sequence = {} if gradients.sums_only else gradients.unbatchable()  # sums: each layer's .grad
             if per_sequence:
                 name, why = next(iter(per_sequence.items()))
                 raise ValueError(
                     f"pruning a checkpoint from its path: method={options.method!r} needs per-sequence gradient "
                     f"statistics of {name} ({why}; {len(per_sequence)} such), which the layer-by-layer backward does "
-                    "not make (one backward per sequence through the streamed layers). HINT: method='magnitude', "
-                    "'wanda', 'reap' or 'frequency' for experts, or prune the model in memory"
+                    "not make (one backward per sequence through the streamed layers). HINT: method='taylor', "
+                    "'magnitude', 'wanda', 'reap' or 'frequency' for experts, or prune the model in memory"
                 )
             ratios: list[float] = []
 

@@ -208,10 +208,11 @@ class _Stop(Exception):
 
 
 def _stream_pass(
-    stream, batches, collector, loss_args, masks, teacher, batched: bool, embeddings: bool, done=None
+    stream, batches, collector, loss_args, masks, teacher, batched: bool, embeddings: bool, done=None, read=None
 ) -> None:
     """One forward sweep, top and walk back over ``batches`` (``batched``: the collector's per-sequence function
-    folds each layer's statistics in its backward, around each (layer, calibration tensor) call)."""
+    folds each layer's statistics in its backward, around each (layer, calibration tensor) call; otherwise ``.grad``
+    is read by ``read(i)`` after layer ``i``'s walk back, the layer still visited, or by the caller after the pass)."""
     home = stream.home
 
     def begin(n: int) -> None:
@@ -223,8 +224,10 @@ def _stream_pass(
             collector.end_batch()
 
     def after_layer(i: int) -> None:
-        if not batched:
+        if not batched and read is None:
             return  # .grad is read after the pass
+        if read is not None:
+            read(i)
         for p in stream.structure.layers[i].parameters():
             p.grad = None
         _statistics_home(collector, home)
@@ -241,6 +244,22 @@ def _stream_pass(
     grads = _walk_back(stream, per_layer, grads, begin, end, after_layer)
     if embeddings:
         _bottom(stream, batches, grads)
+
+
+def _read_layer(stream: LayerStream, collector: GradientCollector, i: int, samples: int) -> None:
+    """Layer ``i``'s ``.grad`` (``samples`` sequences' sum) into the collector, read after its walk back (complete:
+    nothing above it adds to it later) while it is visited, so from its parameters as they are now (a layer
+    materialised from disk holds new ones)."""
+    prefix = f"{stream.structure.family.layers}.{i}"
+    live = {f"{prefix}.{n}": p for n, p in stream.structure.layers[i].named_parameters(remove_duplicate=False)}
+    collector.update(samples=samples, live=live)
+
+
+def _read_grads(model: nn.Module, collector: GradientCollector, samples: int) -> None:
+    """Every ``.grad`` left (``samples`` sequences' sum) into the collector, then cleared."""
+    collector.update(samples=samples)
+    for p in model.parameters():
+        p.grad = None
 
 
 def streams(model: nn.Module, device: torch.device | str | None) -> bool:
@@ -281,13 +300,13 @@ def collect_gradients_layerwise(
     check_distillation_gradient(alpha, temperature, masks, model, teacher)
     structure = ModelStructure(model)
     stream = LayerStream(model, structure, device, store, visit)
-    per_batch = not batched or bool(collector.unbatchable())  # .grad read after each pass
-    if per_batch and done is not None:
-        raise ValueError(
-            f"done= needs statistics a batched backward makes; {sorted(collector.unbatchable())[:3]} need .grad. "
-            "HINT: target the decoder layers' Linears only"
-        )
+    per_batch = not batched or bool(collector.unbatchable())  # .grad read after each pass (sums: each layer's)
     sums = per_batch and collector.sums_only
+    if per_batch and not sums and done is not None:
+        raise ValueError(
+            f"done= needs statistics complete after each layer's walk back; {sorted(collector.unbatchable())[:3]} "
+            "need one backward per sequence. HINT: target the decoder layers' Linears only"
+        )
     batches = calibration_batches(calibration) if not per_batch or sums else list(iter_sequences(calibration))
     embedding = {id(p) for p in model.get_input_embeddings().parameters()}
     weight_grads = collector.weight_grads
@@ -302,10 +321,12 @@ def collect_gradients_layerwise(
                 )
             else:
                 for group in tqdm([batches] if sums else [[b] for b in batches], "gradients", disable=not progress):
-                    _stream_pass(stream, group, collector, loss_args, masks, teacher, False, bool(wanted & embedding))
-                    collector.update(samples=sum(b.shape[0] for b in group))
-                    for p in model.parameters():
-                        p.grad = None
+                    n = sum(b.shape[0] for b in group)
+                    read = (lambda i, n=n: _read_layer(stream, collector, i, n)) if sums else None
+                    _stream_pass(
+                        stream, group, collector, loss_args, masks, teacher, False, bool(wanted & embedding), done, read
+                    )
+                    _read_grads(model, collector, n)  # what the walk back left: the embeddings' (sums) or all
         finally:
             if not per_batch:
                 collector.detach()

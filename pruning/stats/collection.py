@@ -163,23 +163,28 @@ class GradientCollector:
         members of the group sets."""
         return {**self.params, **self._group_params}
 
-    def update(self, samples: int = 1) -> None:
+    def update(self, samples: int = 1, live: dict[str, torch.Tensor] | None = None) -> None:
         """Read ``.grad`` after a backward of one sample; ``samples`` > 1: a backward of the summed losses of that
-        many samples, which gives ``sum`` statistics only (:attr:`sums_only`)."""
+        many samples, which gives ``sum`` statistics only (:attr:`sums_only`). ``live``: read only these element
+        parameters, by name, as they are now (a layer materialised from disk holds new ones; default: every one the
+        collector was built with)."""
         if samples != 1 and not self.sums_only:
             raise ValueError(
                 f"a backward of {samples} samples' summed losses gives sum statistics only. HINT: attach() the "
                 "collector for per-sequence statistics from batched backwards"
             )
-        for n, p in self.params.items():
+        read = self.params if live is None else {n: p for n, p in live.items() if n in self.params}
+        live = live or {}
+        for n, p in read.items():
             if p.grad is not None:
                 self.stats[n].update(p.grad, p, samples=samples)
         if self.group_stats:
-            grads = {n: p.grad for n, p in self._group_params.items()}
+            params = {n: live.get(n, p) for n, p in self._group_params.items()}
+            grads = {n: p.grad for n, p in params.items()}
             missing = [n for n, g in grads.items() if g is None]
             if missing:
                 raise RuntimeError(f"no gradient for {missing[:3]}: are these parameters trainable?")
-            weights = {n: p.detach() for n, p in self._group_params.items()}
+            weights = {n: p.detach() for n, p in params.items()}
             for s in self.group_stats.values():
                 s.update(grads, weights)
 

@@ -4,6 +4,7 @@ at a time, from safetensors files (memory-mapped) or from another rank."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -221,6 +222,31 @@ def release(module: nn.Module) -> None:
         owner, _, attr = name.rpartition(".")
         target = module.get_submodule(owner) if owner else module
         setattr(target, attr, nn.Parameter(p.detach().to("meta"), requires_grad=p.requires_grad))
+
+
+def trim_host_memory() -> None:
+    """Hand the host memory freed so far back to the system (glibc's ``malloc_trim``; nothing elsewhere). A layer's
+    tensors, once freed, otherwise stay with the process as heap the allocator keeps for later (glibc raises its
+    threshold for separately mapped blocks to the size of the largest one freed, so layer-sized blocks come from the
+    heap after the first), and the peak of a run that reads one layer at a time would grow with the layers read."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
 
 
 def on_meta(module: nn.Module) -> bool:
