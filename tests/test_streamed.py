@@ -54,6 +54,21 @@ def test_layerwise_statistics_equal_the_whole_model_backward(family, method, gra
     assert_same(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("granularity", ["expert", "expert_neuron"])
+def test_taylor_on_3d_experts_reads_each_layer_per_calibration_tensor(granularity, dtype):
+    """Taylor on stacked 3-D expert weights (not Linears: only the summed gradient, read from ``.grad``): each layer's
+    gradient is read into the fp32 sums after every calibration tensor's backward through it, as the whole-model
+    pass reads it after every backward, so the counts match and bf16 gradients are not summed in bf16 first."""
+    model = tiny_model("qwen3_moe", layers=2, seed=0).to(dtype)
+    pruner = Pruner(model, PruneOptions(method="taylor", granularity=granularity, sparsity=0.5))
+    got, want = both(model, pruner.gradient_collector)
+    assert any("experts" in k for k in want) and all(v["count"] == 6 for v in want.values())
+    assert {k: v["count"] for k, v in got.items()} == {k: v["count"] for k, v in want.items()}
+    for k, v in want.items():
+        torch.testing.assert_close(got[k]["sums"]["sum"], v["sums"]["sum"], rtol=0, atol=0, msg=k)
+
+
 def test_sdm_second_stage_distils_from_the_lifted_streamed_weights():
     """SDMPrune's stage 2: KL + CE against the teacher that is the same weights with the masks lifted (streamed
     twice: the teacher's sweep lifts them); the first stage pruned with keep_original."""

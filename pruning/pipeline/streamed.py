@@ -162,9 +162,10 @@ def _top(stream, ids, hidden, teacher_hidden, loss_args, masks, teacher, begin, 
     return h.grad
 
 
-def _walk_back(stream: LayerStream, per_layer: list[Inputs], grads: list, begin, end, after_layer) -> list:
+def _walk_back(stream: LayerStream, per_layer: list[Inputs], grads: list, begin, end, after_layer, read=None) -> list:
     """From the last layer down: each layer's forward recomputed from its stored input, the incoming gradient
-    backpropagated through it; returns the gradients of the first layer's inputs."""
+    backpropagated through it; returns the gradients of the first layer's inputs. ``read(i, sequences)``: called
+    after each calibration tensor's backward through layer ``i`` (its ``.grad`` read, then cleared)."""
     for i in reversed(range(stream.structure.num_layers)):
         inputs = per_layer[i]
         with stream.visiting(i) as layer:
@@ -175,7 +176,10 @@ def _walk_back(stream: LayerStream, per_layer: list[Inputs], grads: list, begin,
                     out = layer_output(layer(x, **to_device(kw, stream.device)))
                     out.backward(grads[b].to(stream.device))
                 end()
+                if read is not None:
+                    read(i, x.shape[0])
                 grads[b] = x.grad.to(stream.store)
+                del out, x  # the graph holds the layer's parameters: freed with the layer, not one layer later
             after_layer(i)
         per_layer[i] = []  # this layer's inputs are no longer needed
     return grads
@@ -212,7 +216,8 @@ def _stream_pass(
 ) -> None:
     """One forward sweep, top and walk back over ``batches`` (``batched``: the collector's per-sequence function
     folds each layer's statistics in its backward, around each (layer, calibration tensor) call; otherwise ``.grad``
-    is read by ``read(i)`` after layer ``i``'s walk back, the layer still visited, or by the caller after the pass)."""
+    is read by ``read(i, sequences)`` after each calibration tensor's backward through layer ``i``, the layer still
+    visited, or by the caller after the pass)."""
     home = stream.home
 
     def begin(n: int) -> None:
@@ -226,8 +231,6 @@ def _stream_pass(
     def after_layer(i: int) -> None:
         if not batched and read is None:
             return  # .grad is read after the pass
-        if read is not None:
-            read(i)
         for p in stream.structure.layers[i].parameters():
             p.grad = None
         _statistics_home(collector, home)
@@ -241,18 +244,24 @@ def _stream_pass(
         th = None if teacher_hidden is None else teacher_hidden[b]
         grads.append(_top(stream, ids, final[b], th, loss_args, masks, teacher, begin, end).to(stream.store))
     del final, teacher_hidden
-    grads = _walk_back(stream, per_layer, grads, begin, end, after_layer)
+    grads = _walk_back(stream, per_layer, grads, begin, end, after_layer, read)
     if embeddings:
         _bottom(stream, batches, grads)
 
 
 def _read_layer(stream: LayerStream, collector: GradientCollector, i: int, samples: int) -> None:
-    """Layer ``i``'s ``.grad`` (``samples`` sequences' sum) into the collector, read after its walk back (complete:
-    nothing above it adds to it later) while it is visited, so from its parameters as they are now (a layer
-    materialised from disk holds new ones)."""
+    """Layer ``i``'s ``.grad`` (``samples`` sequences' sum) into the collector's fp32 sums, then cleared: read after a
+    calibration tensor's backward through it (complete for that tensor: nothing above adds to it later) while it is
+    visited, so from its parameters as they are now (a layer materialised from disk holds new ones)."""
     prefix = f"{stream.structure.family.layers}.{i}"
-    live = {f"{prefix}.{n}": p for n, p in stream.structure.layers[i].named_parameters(remove_duplicate=False)}
+    layer = stream.structure.layers[i]
+    live = {f"{prefix}.{n}": p for n, p in layer.named_parameters(remove_duplicate=False)}
+    lost = [n for n in collector.params if n.startswith(prefix + ".") and n not in live]
+    if lost:
+        raise RuntimeError(f"layer {i} has no parameters named {lost[:3]}: their gradient statistics would be lost")
     collector.update(samples=samples, live=live)
+    for p in layer.parameters():
+        p.grad = None
 
 
 def _read_grads(model: nn.Module, collector: GradientCollector, samples: int) -> None:
@@ -322,7 +331,7 @@ def collect_gradients_layerwise(
             else:
                 for group in tqdm([batches] if sums else [[b] for b in batches], "gradients", disable=not progress):
                     n = sum(b.shape[0] for b in group)
-                    read = (lambda i, n=n: _read_layer(stream, collector, i, n)) if sums else None
+                    read = (lambda i, k: _read_layer(stream, collector, i, k)) if sums else None
                     _stream_pass(
                         stream, group, collector, loss_args, masks, teacher, False, bool(wanted & embedding), done, read
                     )

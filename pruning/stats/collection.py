@@ -173,6 +173,8 @@ class GradientCollector:
                 f"a backward of {samples} samples' summed losses gives sum statistics only. HINT: attach() the "
                 "collector for per-sequence statistics from batched backwards"
             )
+        if live is not None and self.group_stats:
+            raise ValueError("update(live=...) reads element statistics only: group statistics need every member")
         read = self.params if live is None else {n: p for n, p in live.items() if n in self.params}
         live = live or {}
         for n, p in read.items():

@@ -239,14 +239,16 @@ def _glibc():
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
+    for name in ("libc.so.6", ctypes.util.find_library("c")):  # glibc's soname first: find_library may find nothing
+        if name is None:
+            continue
+        try:
+            libc = ctypes.CDLL(name)
+        except OSError:
+            continue
+        if hasattr(libc, "malloc_trim"):
+            return libc
+    return None
 
 
 def on_meta(module: nn.Module) -> bool:
