@@ -176,17 +176,15 @@ class GradientCollector:
         if live is not None and self.group_stats:
             raise ValueError("update(live=...) reads element statistics only: group statistics need every member")
         read = self.params if live is None else {n: p for n, p in live.items() if n in self.params}
-        live = live or {}
         for n, p in read.items():
             if p.grad is not None:
                 self.stats[n].update(p.grad, p, samples=samples)
         if self.group_stats:
-            params = {n: live.get(n, p) for n, p in self._group_params.items()}
-            grads = {n: p.grad for n, p in params.items()}
+            grads = {n: p.grad for n, p in self._group_params.items()}
             missing = [n for n, g in grads.items() if g is None]
             if missing:
                 raise RuntimeError(f"no gradient for {missing[:3]}: are these parameters trainable?")
-            weights = {n: p.detach() for n, p in params.items()}
+            weights = {n: p.detach() for n, p in self._group_params.items()}
             for s in self.group_stats.values():
                 s.update(grads, weights)
 
